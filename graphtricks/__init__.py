@@ -1,0 +1,31 @@
+"""graphtricks: apply classic training techniques to an existing PyTorch model with torch.fx.
+
+Example:
+    >>> import graphtricks as gt
+    >>> result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], example_inputs=(x,))
+    >>> result.model, result.report
+"""
+
+from graphtricks.capture import Region, RegionTree, capture
+from graphtricks.errors import GraphtricksError
+from graphtricks.passes import PASSES, GraphtricksPass, InsertDropout, NoChangeWarning, insert_dropout
+from graphtricks.report import Change, Report
+from graphtricks.rewrite import RewriteResult, rewrite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GraphtricksError",
+    "GraphtricksPass",
+    "InsertDropout",
+    "NoChangeWarning",
+    "PASSES",
+    "Change",
+    "Region",
+    "RegionTree",
+    "Report",
+    "RewriteResult",
+    "capture",
+    "insert_dropout",
+    "rewrite",
+]

@@ -1,0 +1,142 @@
+"""Rewrite: capture a model, run a list of passes over every region, report what changed."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from graphtricks.capture import RegionTree, capture
+from graphtricks.errors import GraphtricksError, InputShapeError, PassError
+from graphtricks.modes import ModeSnapshot, adopt_parent_modes
+from graphtricks.passes.base import GraphtricksPass, NoChangeWarning
+from graphtricks.report import Report
+from graphtricks.shapes import propagate_shapes
+
+__all__ = ["rewrite", "RewriteResult"]
+
+
+@dataclass
+class RewriteResult:
+    """The rewritten model, what was done to it, and its region tree.
+
+    Attributes:
+        model: the rewritten ``nn.Module`` (an ordinary module: train it, save it, export it).
+        report: every change, warning and the region tree.
+        tree: the region tree of ``model`` (traced graphs and opaque modules).
+        passes: the passes that were run, in order (their configs form the recipe).
+        example_inputs: the inputs used for capture and shapes.
+    """
+
+    model: nn.Module
+    report: Report
+    tree: RegionTree
+    passes: list[GraphtricksPass]
+    example_inputs: tuple
+
+    def recipe(self) -> list[dict[str, Any]]:
+        """The pass list as recipe entries (``[{"pass": "dropout", "p": 0.1, ...}]``)."""
+        return [p.config() for p in self.passes]
+
+
+def _as_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        raise InputShapeError("example_inputs must be a tensor or a non-empty tuple of the model's positional inputs")
+    return example_inputs
+
+
+def rewrite(
+    model: nn.Module,
+    passes: Sequence[GraphtricksPass],
+    example_inputs: Any,
+    *,
+    inplace: bool = False,
+) -> RewriteResult:
+    """Capture ``model``, apply ``passes`` in order to every region, and report each edit.
+
+    The caller's model is not modified unless ``inplace=True``, and its train/eval mode is
+    restored even when a pass fails. A pass that matches nothing warns (``NoChangeWarning``)
+    and the rewrite still returns the (unchanged) model.
+
+    Args:
+        model: the model to rewrite.
+        passes: pass instances, e.g. ``[InsertDropout(p=0.1)]``.
+        example_inputs: a tensor or tuple of the model's positional inputs (shapes come from it).
+        inplace: edit ``model``'s modules instead of a deep copy (no memory for a copy).
+
+    Returns:
+        A :class:`RewriteResult`.
+
+    Raises:
+        InputShapeError: the model rejects the example inputs.
+        PassError: a pass is misconfigured or fails on this model (names the region).
+
+    Example:
+        >>> result = rewrite(model, [InsertDropout(p=0.1)], example_inputs=(torch.randn(8, 3, 32, 32),))
+        >>> result.model, result.report.changes
+    """
+    started = time.perf_counter()
+    inputs = _as_inputs(example_inputs)
+    for p in passes:
+        if not isinstance(p, GraphtricksPass):
+            raise PassError(f"not a graphtricks pass: {p!r} (build passes like InsertDropout(p=0.1))")
+    snapshot = ModeSnapshot(model)
+    try:
+        try:
+            work = model if inplace else copy.deepcopy(model)
+        except Exception as e:
+            raise GraphtricksError(f"cannot copy the model ({e}); pass inplace=True to rewrite it without a copy") from e
+        tree = capture(work, inputs)
+        propagate_shapes(tree, inputs)
+        known = {id(m) for m in tree.model.modules()}
+        report = Report(passes=[p.config() for p in passes])
+        for p in passes:
+            _run_pass(p, tree, report)
+            if p.changes and p.invalidates_shapes:
+                propagate_shapes(tree, inputs)
+    finally:
+        snapshot.restore()
+    adopt_parent_modes(tree.model, known)
+    report.regions = tree.root.to_dict()
+    report.traced_fraction = tree.traced_fraction()
+    report.seconds = time.perf_counter() - started
+    return RewriteResult(tree.model, report, tree, list(passes), inputs)
+
+
+def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report) -> None:
+    """Run one pass over every region that exists now (regions it adds are not revisited)."""
+    p.changes, p.notes = [], []
+    reason = p.skip_reason()
+    if reason:
+        warnings.warn(reason, NoChangeWarning, stacklevel=3)
+        report.warnings.append(reason)
+        return
+    for region in tree.regions():
+        p.region = region
+        try:
+            if region.kind == "traced":
+                p(region.graph_module)
+            else:
+                p.call_opaque(region)
+        except GraphtricksError:
+            raise
+        except Exception as e:
+            where = region.path or "<root>"
+            raise PassError(f"pass {p.name!r} failed in region {where}: {type(e).__name__}: {e}") from e
+        finally:
+            p.region = None
+    report.changes.extend(p.changes)
+    report.warnings.extend(f"{p.name}: {note}" for note in p.notes)
+    if not p.changes:
+        message = f"pass {p.name!r} matched nothing in this model; it changed nothing"
+        warnings.warn(message, NoChangeWarning, stacklevel=3)
+        report.warnings.append(message)

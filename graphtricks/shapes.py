@@ -1,0 +1,169 @@
+"""Example inputs and shapes: parse ``--input-shape``, and record shapes on every region.
+
+Shapes are computed once, by one eval-mode forward of the captured model in which every
+traced region runs under fx's ``ShapeProp``; passes read them from ``node.meta``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
+
+from graphtricks.capture import RegionTree, is_builtin_module
+from graphtricks.errors import InputShapeError
+from graphtricks.modes import ModeSnapshot
+
+__all__ = ["parse_input_shapes", "make_example_inputs", "propagate_shapes", "tensor_meta", "DTYPES"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+
+
+def parse_input_shapes(text: str) -> list[tuple[int, ...]]:
+    """Parse ``"8,3,32,32"`` or ``"8,16;8,16"`` (one shape per model input).
+
+    Raises:
+        InputShapeError: a dimension is not a positive integer, or a shape is empty.
+    """
+    shapes = []
+    for part in text.split(";"):
+        dims = [d.strip() for d in part.replace("x", ",").split(",")]
+        if not part.strip() or any(not d.isdigit() or int(d) <= 0 for d in dims):
+            raise InputShapeError(
+                f"input shape {part.strip()!r} is not a shape: give positive integers separated by"
+                " commas, e.g. 8,3,32,32 (several inputs separated by ';')"
+            )
+        shapes.append(tuple(int(d) for d in dims))
+    return shapes
+
+
+def make_example_inputs(
+    shapes: list[tuple[int, ...]], dtype: str = "float32", seed: int = 0, device: str = "cpu", high: int = 100
+) -> tuple[torch.Tensor, ...]:
+    """Seeded random inputs: normal floats, or integers in ``[0, high)`` for token ids."""
+    if dtype not in DTYPES:
+        raise InputShapeError(f"unknown input dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        if torch_dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(torch_dtype)
+        else:
+            t = torch.randint(0, high, shape, generator=gen, dtype=torch_dtype)
+        out.append(t.to(device))
+    return tuple(out)
+
+
+def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[Any]:
+    """Arrange a call's arguments in placeholder order (an Interpreter takes positional args)."""
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def _model_rejected(example_inputs: tuple, e: BaseException) -> InputShapeError:
+    cause = e
+    while cause.__cause__ is not None:  # ShapeProp wraps the model's own error
+        cause = cause.__cause__
+    shapes = "; ".join(",".join(map(str, t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return InputShapeError(f"the model rejects inputs of shape {shapes}: {message}")
+
+
+def propagate_shapes(tree: RegionTree, example_inputs: tuple) -> Any:
+    """Record shapes and dtypes on every node of every traced region; return the model output.
+
+    Also marks nodes whose value is a model output (``node.meta["gt_model_output"]``) and
+    records, for built-in children of opaque regions, their output shape and whether it is
+    a model output (``region.leaf_info``).
+
+    Raises:
+        InputShapeError: the model rejects the example inputs (quoting its message).
+    """
+    regions = tree.regions()
+    traced = [r for r in regions if r.kind == "traced"]
+    produced: list[tuple[fx.Node, weakref.ref]] = []
+    leaf_outputs: list[tuple[dict, weakref.ref]] = []
+
+    def make_forward(gm: fx.GraphModule):
+        sig = inspect.signature(gm.forward)
+
+        def forward(*args, **kwargs):
+            result = ShapeProp(gm).propagate(*_bind(sig, args, kwargs))
+            out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+            nodes, _ = tree_flatten(out_node.args[0])
+            values, _ = tree_flatten(result)
+            if len(nodes) == len(values):
+                for node, value in zip(nodes, values):
+                    if isinstance(node, fx.Node) and isinstance(value, torch.Tensor):
+                        produced.append((node, weakref.ref(value)))
+            return result
+
+        return forward
+
+    def leaf_hook(info: dict):
+        def hook(_module, _args, output):
+            if isinstance(output, torch.Tensor) and "shape" not in info:
+                info.update(shape=list(output.shape), dtype=str(output.dtype).replace("torch.", ""))
+                leaf_outputs.append((info, weakref.ref(output)))
+
+        return hook
+
+    handles = []
+    for region in regions:
+        if region.kind != "opaque":
+            continue
+        for name, child in region.module.named_children():
+            if is_builtin_module(child):
+                info = region.leaf_info.setdefault(name, {})
+                info.clear()
+                handles.append(child.register_forward_hook(leaf_hook(info)))
+
+    snapshot = ModeSnapshot(tree.model)
+    for region in traced:
+        region.graph_module.forward = make_forward(region.graph_module)
+    try:
+        tree.model.eval()
+        with torch.no_grad():
+            output = tree.model(*example_inputs)
+    except Exception as e:  # the model's own error, whatever its type
+        raise _model_rejected(example_inputs, e) from e
+    finally:
+        snapshot.restore()
+        for region in traced:
+            del region.graph_module.forward  # back to the class's generated forward
+        for h in handles:
+            h.remove()
+
+    outputs = {id(v) for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)}
+    for region in traced:
+        for node in region.graph_module.graph.nodes:
+            node.meta.pop("gt_model_output", None)
+    for node, ref in produced:
+        value = ref()
+        if value is not None and id(value) in outputs:
+            node.meta["gt_model_output"] = True
+    for info, ref in leaf_outputs:
+        value = ref()
+        info["is_model_output"] = value is not None and id(value) in outputs
+    return output
+
+
+def tensor_meta(node: fx.Node):
+    """The recorded ``TensorMetadata`` of a node, or None (not a tensor, or never run)."""
+    meta = node.meta.get("tensor_meta")
+    return meta if hasattr(meta, "shape") else None
+

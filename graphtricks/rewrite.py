@@ -100,7 +100,7 @@ def rewrite(
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
         for p in passes:
-            _run_pass(p, tree, report)
+            _run_pass(p, tree, report, inputs)
             if p.changes and p.invalidates_shapes:
                 propagate_shapes(tree, inputs)
     finally:
@@ -112,9 +112,10 @@ def rewrite(
     return RewriteResult(tree.model, report, tree, list(passes), inputs)
 
 
-def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report) -> None:
+def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report, inputs: tuple) -> None:
     """Run one pass over every region that exists now (regions it adds are not revisited)."""
     p.changes, p.notes = [], []
+    p.tree, p.example_inputs = tree, inputs
     reason = p.skip_reason()
     if reason:
         warnings.warn(reason, NoChangeWarning, stacklevel=3)
@@ -134,6 +135,7 @@ def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report) -> None:
             raise PassError(f"pass {p.name!r} failed in region {where}: {type(e).__name__}: {e}") from e
         finally:
             p.region = None
+    p.tree, p.example_inputs = None, ()
     report.changes.extend(p.changes)
     report.warnings.extend(f"{p.name}: {note}" for note in p.notes)
     if not p.changes:

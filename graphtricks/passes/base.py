@@ -61,6 +61,10 @@ class GraphtricksPass(PassBase):
         self.changes: list[Change] = []
         self.notes: list[str] = []
         self.region: Region | None = None
+        # Set by ``rewrite`` while the pass runs: the whole tree and the example inputs, for
+        # passes that measure something on the model (e.g. output drift of a swap).
+        self.tree = None
+        self.example_inputs: tuple = ()
 
     # -- configuration -------------------------------------------------------------------
     def options(self) -> dict[str, Any]:

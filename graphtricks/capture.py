@@ -20,11 +20,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.errors import CaptureError
+from graphtricks.errors import CaptureError, InputShapeError
 from graphtricks.graph import owner_path
 from graphtricks.modes import ModeSnapshot
 
-__all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "CONTAINERS"]
+__all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_rejected", "CONTAINERS"]
 
 # A trace that keeps failing on new culprits ends as opaque rather than looping for ever.
 _MAX_RETRACES = 256
@@ -170,10 +170,13 @@ def record_calls(model: nn.Module, example_inputs: tuple, modules: list[nn.Modul
             seen.consistent = seen.consistent and keys[id(mod)] == key
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    snapshot = ModeSnapshot(model)
     try:
+        model.eval()  # eval: a train-mode BatchNorm would update its running statistics
         with torch.no_grad():
             model(*example_inputs)
     finally:
+        snapshot.restore()
         for h in handles:
             h.remove()
     return calls
@@ -260,6 +263,17 @@ def _trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: b
     return graph, None
 
 
+def model_rejected(example_inputs: tuple, e: BaseException) -> InputShapeError:
+    """The one-line error for a model that rejects its example inputs, quoting its message."""
+    cause = e
+    while cause.__cause__ is not None:  # ShapeProp wraps the model's own error
+        cause = cause.__cause__
+    shapes = "; ".join(",".join(map(str, t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+    text = str(cause).strip()
+    message = text.splitlines()[0] if text else type(cause).__name__
+    return InputShapeError(f"the model rejects inputs of shape {shapes}: {message}")
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
@@ -280,7 +294,10 @@ class _Capturer:
         # Recorded lazily: a fully traceable model never needs this extra forward.
         if self.calls is None:
             modules = [m for m in self.model.modules() if not is_builtin_module(m)]
-            self.calls = record_calls(self.model, self.example_inputs, modules)
+            try:
+                self.calls = record_calls(self.model, self.example_inputs, modules)
+            except Exception as e:  # the model's own error, whatever its type
+                raise model_rejected(self.example_inputs, e) from e
         return self.calls
 
     def capture(self, module: nn.Module, path: str, args: tuple, kwargs: dict) -> tuple[nn.Module, Region]:

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
-from graphtricks.capture import RegionTree, is_builtin_module
+from graphtricks.capture import RegionTree, is_builtin_module, model_rejected
 from graphtricks.errors import InputShapeError
 from graphtricks.modes import ModeSnapshot
 
@@ -72,15 +72,6 @@ def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[Any]:
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
     return list(bound.arguments.values())
-
-
-def _model_rejected(example_inputs: tuple, e: BaseException) -> InputShapeError:
-    cause = e
-    while cause.__cause__ is not None:  # ShapeProp wraps the model's own error
-        cause = cause.__cause__
-    shapes = "; ".join(",".join(map(str, t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
-    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return InputShapeError(f"the model rejects inputs of shape {shapes}: {message}")
 
 
 def propagate_shapes(tree: RegionTree, example_inputs: tuple) -> Any:
@@ -140,7 +131,7 @@ def propagate_shapes(tree: RegionTree, example_inputs: tuple) -> Any:
         with torch.no_grad():
             output = tree.model(*example_inputs)
     except Exception as e:  # the model's own error, whatever its type
-        raise _model_rejected(example_inputs, e) from e
+        raise model_rejected(example_inputs, e) from e
     finally:
         snapshot.restore()
         for region in traced:

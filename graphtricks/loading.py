@@ -1,0 +1,219 @@
+"""Load: turn a model spec into an ``nn.Module``.
+
+Specs:
+    ``path/to/file.py:Name``   a class or zero-argument factory in a Python file
+    ``package.module:Name``    the same, from an importable module
+    ``tv:NAME``                ``torchvision.models.get_model(NAME, weights=None)`` (extra ``zoo``)
+    ``timm:NAME``              ``timm.create_model(NAME, pretrained=False)`` (extra ``zoo``)
+    ``hf:MODEL_TYPE``          a Hugging Face model built from its config (extra ``zoo``)
+    ``model.pt``               a whole pickled model: only with ``trust_pickle=True``
+
+Nothing is downloaded: zoo models are architectures with random weights.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphtricks.errors import SpecError
+
+__all__ = ["load_model", "parse_model_args", "load_weights", "file_sha256"]
+
+_ZOO_PREFIXES = ("tv:", "timm:", "hf:")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``["width=16", "act=relu", "bias=false"]`` → ``{"width": 16, "act": "relu", "bias": False}``.
+
+    Raises:
+        SpecError: an item is not ``key=value``.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SpecError(f"model argument {item!r} is not key=value (e.g. --model-arg width=16)")
+        raw = raw.strip()
+        lowered = raw.lower()
+        if lowered in ("true", "false"):
+            value: Any = lowered == "true"
+        elif lowered in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+        out[key.strip()] = value
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, to tell later whether a model's source changed."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _import_file(path: Path):
+    """Import a Python file as a module (its folder is importable while it runs)."""
+    name = f"_graphtricks_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SpecError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise SpecError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+def _build(obj: Any, where: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Instantiate a class or call a factory, checking that an ``nn.Module`` comes out."""
+    if not callable(obj):
+        raise SpecError(f"{where} is a {type(obj).__name__}, not an nn.Module class or factory")
+    try:
+        model = obj(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"cannot build {where}: {e} (pass arguments with --model-arg key=value)") from e
+    except Exception as e:
+        raise SpecError(f"building {where} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{where} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_code_spec(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise SpecError(f"model spec {spec!r} must be path/to/file.py:Name or package.module:Name")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise SpecError(f"model file {target} does not exist")
+        module = _import_file(path)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise SpecError(f"cannot import module {target!r}: {e}") from e
+        except Exception as e:
+            raise SpecError(f"importing {target} failed: {type(e).__name__}: {e}") from e
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module))
+        hint = f"; nn.Module classes there: {', '.join(public)}" if public else ""
+        raise SpecError(f"{target} has no attribute {attr!r}{hint}")
+    return _build(getattr(module, attr), spec, kwargs)
+
+
+def _load_zoo(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    prefix, _, name = spec.partition(":")
+    if not name:
+        raise SpecError(f"model spec {spec!r} names no model (e.g. tv:resnet18)")
+    package = {"tv": "torchvision", "timm": "timm", "hf": "transformers"}[prefix]
+    try:
+        lib = importlib.import_module(package)
+    except ImportError as e:
+        raise SpecError(f"{spec} needs {package}: install the extra with pip install 'graphtricks[zoo]'") from e
+    try:
+        if prefix == "tv":
+            return lib.models.get_model(name, weights=None, **kwargs)
+        if prefix == "timm":
+            return lib.create_model(name, pretrained=False, **kwargs)
+        config = lib.AutoConfig.for_model(name, **kwargs)
+        return lib.AutoModel.from_config(config)
+    except Exception as e:
+        raise SpecError(f"cannot build {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False) -> nn.Module:
+    """Build the model a spec names.
+
+    Args:
+        spec: see the module docstring.
+        model_args: keyword arguments for the class, factory or zoo constructor.
+        trust_pickle: allow unpickling a whole-model ``.pt`` file (unpickling runs arbitrary code).
+
+    Returns:
+        The model.
+
+    Raises:
+        SpecError: a missing file, module or attribute, a failing constructor, a missing zoo
+            extra, or a pickled model without ``trust_pickle``.
+
+    Example:
+        >>> model = load_model("models/plain_cnn.py:PlainCNN", {"width": 16})
+    """
+    kwargs = dict(model_args or {})
+    if spec.startswith(_ZOO_PREFIXES):
+        return _load_zoo(spec, kwargs)
+    if ":" not in spec and spec.endswith(_PICKLE_SUFFIXES):
+        path = Path(spec)
+        if not path.is_file():
+            raise SpecError(f"model file {spec} does not exist")
+        if not trust_pickle:
+            raise SpecError(
+                f"{spec} is a pickled model and unpickling runs arbitrary code; pass --trust-pickle only if you"
+                " trust its author, or give the model's class (file.py:Name) with --weights"
+            )
+        try:
+            model = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise SpecError(f"cannot unpickle {spec}: {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise SpecError(f"{spec} holds a {type(model).__name__}, not an nn.Module (a state dict? use --weights)")
+        return model
+    return _load_code_spec(spec, kwargs)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict (safetensors, or a ``.pt`` read with ``weights_only=True``) into ``model``.
+
+    Raises:
+        SpecError: the file is missing, unreadable, not a state dict, or does not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"cannot read weights {path}: {first[:300]}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SpecError(f"{path} is not a state dict of tensors")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even when strict=False
+        detail = " ".join(str(e).split())[:300]
+        raise SpecError(f"weights {path} do not fit the model: {detail}") from e
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:3])}{'…' if len(result.missing_keys) > 3 else ''}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:3])}{'…' if len(result.unexpected_keys) > 3 else ''}")
+    if problems:
+        raise SpecError(f"weights {path} do not fit the model: {'; '.join(problems)}")

@@ -1,0 +1,237 @@
+"""Reading and editing ONNX graphs: loading with clear errors, Dropout and BatchNorm surgery.
+
+Only the top-level graph is inspected and edited; Dropout or BatchNormalization inside
+control-flow subgraphs (If/Loop bodies) is not seen by these helpers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphtricks.errors import ValidationError
+
+__all__ = [
+    "TRAIN_ONLY_OPS",
+    "DropoutInfo",
+    "load_model",
+    "constant_values",
+    "dropout_infos",
+    "train_mode_batchnorms",
+    "neutralised_dropout_copy",
+    "exposed_dropout_copy",
+    "initializer_arrays",
+    "io_signature",
+    "operator_multiset",
+    "opset_of",
+]
+
+# Ops that only exist in the train graph. BatchNormalization is in both graphs (training_mode
+# 1 vs 0), so it is told apart by its attribute, not listed here.
+TRAIN_ONLY_OPS = frozenset({"Dropout"})
+
+
+@dataclass(frozen=True)
+class DropoutInfo:
+    """A Dropout node and what its constant inputs say.
+
+    Attributes:
+        name: The node name (or ``"Dropout#i"`` when unnamed).
+        index: The node's position in ``graph.node``.
+        data: The name of its data input.
+        output: The name of its main output.
+        ratio: The drop probability, ``None`` when not a constant.
+        training: The ``training_mode`` input, ``False`` when absent, ``None`` when not a constant.
+    """
+
+    name: str
+    index: int
+    data: str
+    output: str
+    ratio: float | None
+    training: bool | None
+
+
+def load_model(path: Path, role: str) -> onnx.ModelProto:
+    """Loads and checks an ONNX file.
+
+    Args:
+        path: The ``.onnx`` file.
+        role: ``"train"`` or ``"inference"``, for the error message.
+
+    Returns:
+        The parsed model.
+
+    Raises:
+        ValidationError: The file is missing, truncated or not a valid ONNX model.
+    """
+    if not path.is_file():
+        raise ValidationError(f"{role} ONNX file not found: {path}; run the export first")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # protobuf DecodeError, checker errors: any means the file is unusable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValidationError(
+            f"{role} ONNX file {path} is truncated or invalid ({first}); export it again"
+        ) from e
+    return model
+
+
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Maps the names of initializers and ``Constant`` node outputs to their values."""
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _optional_input(node: onnx.NodeProto, i: int) -> str | None:
+    """The i-th input name, or None when absent (ONNX marks skipped inputs with "")."""
+    return node.input[i] if len(node.input) > i and node.input[i] else None
+
+
+def dropout_infos(model: onnx.ModelProto) -> list[DropoutInfo]:
+    """Describes every top-level Dropout node of ``model``."""
+    consts = constant_values(model)
+    infos = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Dropout":
+            continue
+        ratio_name, mode_name = _optional_input(node, 1), _optional_input(node, 2)
+        ratio = 0.5 if ratio_name is None else consts.get(ratio_name)
+        training = False if mode_name is None else consts.get(mode_name)
+        infos.append(
+            DropoutInfo(
+                name=node.name or f"Dropout#{i}",
+                index=i,
+                data=node.input[0],
+                output=node.output[0],
+                ratio=None if ratio is None else float(np.asarray(ratio)),
+                training=None if training is None else bool(np.asarray(training)),
+            )
+        )
+    return infos
+
+
+def train_mode_batchnorms(model: onnx.ModelProto) -> list[str]:
+    """Names of BatchNormalization nodes with ``training_mode=1`` (batch statistics)."""
+    names = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "BatchNormalization":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("training_mode", 0) == 1:
+                names.append(node.name or f"BatchNormalization#{i}")
+    return names
+
+
+def _add_scalar(model: onnx.ModelProto, name: str, value: np.ndarray) -> str:
+    """Adds a scalar initializer under a name no value in the graph uses yet."""
+    taken = {i.name for i in model.graph.initializer}
+    taken.update(o for n in model.graph.node for o in n.output)
+    unique, k = name, 0
+    while unique in taken:
+        k += 1
+        unique = f"{name}_{k}"
+    model.graph.initializer.append(numpy_helper.from_array(value, unique))
+    return unique
+
+
+def neutralised_dropout_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose every Dropout has ratio 0, so the graph is deterministic.
+
+    The Dropout nodes stay (still in training mode): only their drop probability changes, the
+    ONNX-side twin of setting ``p=0`` on the PyTorch side.
+    """
+    out = copy.deepcopy(model)
+    consts = constant_values(out)
+    zeros: dict[str, str] = {}
+    for node in out.graph.node:
+        if node.op_type != "Dropout":
+            continue
+        old = _optional_input(node, 1)
+        # The ratio keeps its own dtype (T1 may differ from the data type).
+        dtype = consts[old].dtype if old is not None and old in consts else np.dtype(np.float32)
+        if dtype.str not in zeros:
+            zeros[dtype.str] = _add_scalar(out, "graphtricks_zero_ratio", np.zeros((), dtype))
+        while len(node.input) < 2:
+            node.input.append("")
+        node.input[1] = zeros[dtype.str]
+    return out
+
+
+def exposed_dropout_copy(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+    """A copy of ``model`` with each Dropout's data input and output added as graph outputs.
+
+    The Dropout nodes get ``seed`` so that one session gives the same masks run after run.
+    The added outputs carry no type: ONNX Runtime infers it.
+    """
+    out = copy.deepcopy(model)
+    present = {o.name for o in out.graph.output}
+    for node in out.graph.node:
+        if node.op_type != "Dropout":
+            continue
+        kept = [a for a in node.attribute if a.name != "seed"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("seed", int(seed))])
+        for name in (node.input[0], node.output[0]):
+            if name not in present:
+                out.graph.output.append(helper.make_empty_tensor_value_info(name))
+                present.add(name)
+    return out
+
+
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Maps initializer names to their values."""
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def _value_signature(value: onnx.ValueInfoProto) -> tuple[str, int, int | None]:
+    """(name, ONNX element type, rank or None when unknown) of a graph input or output."""
+    tensor = value.type.tensor_type
+    rank = len(tensor.shape.dim) if tensor.HasField("shape") else None
+    return value.name, tensor.elem_type, rank
+
+
+def io_signature(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
+    """The (name, element type, rank) of each real graph input and of each graph output."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [_value_signature(v) for v in model.graph.input if v.name not in inits]
+    return inputs, [_value_signature(v) for v in model.graph.output]
+
+
+def operator_multiset(model: onnx.ModelProto) -> Counter:
+    """Counts ``(domain, op_type)`` of every node except train-only ones and their constants.
+
+    ``Constant`` nodes that only feed train-only nodes (a Dropout's ratio and training_mode)
+    are left out too, so the count describes the computation both graphs share.
+    """
+    train_only = [n for n in model.graph.node if n.op_type in TRAIN_ONLY_OPS]
+    feeding = {name for n in train_only for name in n.input[1:]}
+    used_elsewhere = {
+        name for n in model.graph.node if n.op_type not in TRAIN_ONLY_OPS for name in n.input
+    }
+    used_elsewhere.update(o.name for o in model.graph.output)
+    counts: Counter = Counter()
+    for node in model.graph.node:
+        if node.op_type in TRAIN_ONLY_OPS:
+            continue
+        if node.op_type == "Constant" and node.output[0] in feeding - used_elsewhere:
+            continue
+        counts[(node.domain or "ai.onnx", node.op_type)] += 1
+    return counts
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ValidationError("ONNX model imports no default-domain opset; export it again")

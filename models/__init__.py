@@ -1,0 +1,1 @@
+"""Small example models for the README and the tests (random weights, CPU-fast)."""

@@ -68,7 +68,14 @@ def _source_with_copy(source: dict[str, Any], staging: Path) -> dict[str, Any]:
     return source
 
 
-def save(result: RewriteResult, out_dir: str | Path, source: dict[str, Any], *, force: bool = False) -> Path:
+def save(
+    result: RewriteResult,
+    out_dir: str | Path,
+    source: dict[str, Any],
+    *,
+    force: bool = False,
+    prior_passes: list[dict[str, Any]] | None = None,
+) -> Path:
     """Write a rewritten model to ``out_dir`` atomically.
 
     Args:
@@ -77,6 +84,8 @@ def save(result: RewriteResult, out_dir: str | Path, source: dict[str, Any], *, 
         source: how to rebuild the original model: ``spec`` plus optional ``model_args``,
             ``input_shapes``, ``input_dtype``, ``trust_pickle``.
         force: replace a non-empty ``out_dir``.
+        prior_passes: passes already applied to the source (when a saved model was rewritten
+            again), recorded before ``result``'s own so the recipe replays the whole chain.
 
     Returns:
         The folder written.
@@ -90,7 +99,7 @@ def save(result: RewriteResult, out_dir: str | Path, source: dict[str, Any], *, 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(result.model, str(staging / WEIGHTS))
-        recipe = Recipe(passes=result.recipe(), source=_source_with_copy(source, staging))
+        recipe = Recipe(passes=list(prior_passes or []) + result.recipe(), source=_source_with_copy(source, staging))
         write_recipe(recipe, staging / RECIPE)
         (staging / REPORT).write_text(json.dumps(result.report.to_dict(), indent=2, default=str))
         if isinstance(result.model, fx.GraphModule) and all(r.kind == "traced" for r in result.tree.regions()):

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_flatten
 
 from graphtricks.capture import RegionTree, is_builtin_module, model_rejected
@@ -67,6 +68,19 @@ def make_example_inputs(
     return tuple(out)
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a graph and stores each node's ``TensorMetadata`` (fx's ShapeProp, minus its
+    printing of tracebacks: a shape the model rejects is reported once, by the caller)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if any(isinstance(v, torch.Tensor) for v in tree_flatten(result)[0]):
+            n.meta["tensor_meta"] = map_aggregate(
+                result, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
+            )
+        return result
+
+
 def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[Any]:
     """Arrange a call's arguments in placeholder order (an Interpreter takes positional args)."""
     bound = sig.bind(*args, **kwargs)
@@ -93,7 +107,7 @@ def propagate_shapes(tree: RegionTree, example_inputs: tuple) -> Any:
         sig = inspect.signature(gm.forward)
 
         def forward(*args, **kwargs):
-            result = ShapeProp(gm).propagate(*_bind(sig, args, kwargs))
+            result = _ShapeRecorder(gm).run(*_bind(sig, args, kwargs))
             out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
             nodes, _ = tree_flatten(out_node.args[0])
             values, _ = tree_flatten(result)

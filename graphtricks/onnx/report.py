@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckResult", "ValidationReport", "Tolerance", "default_tolerance"]
+__all__ = ["CheckResult", "ValidationReport", "Tolerance", "ToleranceTable", "default_tolerance"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,19 @@ def default_tolerance(
         return Tolerance(0.0, 0.0)
     base = _FLOAT_TOLERANCES.get((device, dtype), _FLOAT_TOLERANCES[(device, torch.float32)])
     return Tolerance(base.atol if atol is None else atol, base.rtol if rtol is None else rtol)
+
+
+class ToleranceTable:
+    """Hands out tolerances by output dtype and remembers which ones were used, for the report."""
+
+    def __init__(self, device: str, atol: float | None = None, rtol: float | None = None) -> None:
+        self.device, self.atol, self.rtol = device, atol, rtol
+        self.used: dict[str, dict[str, float]] = {}
+
+    def __call__(self, dtype: torch.dtype) -> Tolerance:
+        tol = default_tolerance(dtype, self.device, self.atol, self.rtol)
+        self.used[str(dtype).removeprefix("torch.")] = {"atol": tol.atol, "rtol": tol.rtol}
+        return tol
 
 
 def _json_number(value: float | None) -> float | str | None:

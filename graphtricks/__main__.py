@@ -1,0 +1,5 @@
+"""``python -m graphtricks``."""
+
+from graphtricks.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""Inspect: what a captured model is made of (regions, activations, norms, parameters)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphtricks.activations import ACTIVATION_MODULES, activation_name
+from graphtricks.capture import RegionTree, is_builtin_module
+
+__all__ = ["summarize", "NORM_MODULES"]
+
+NORM_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, nn.RMSNorm,
+)
+_NORM_FUNCTIONS = {
+    F.batch_norm: "batch_norm", F.layer_norm: "layer_norm", F.group_norm: "group_norm",
+    F.instance_norm: "instance_norm", F.rms_norm: "rms_norm",
+}
+
+
+def _norm_name(module: nn.Module) -> str | None:
+    for cls in NORM_MODULES:
+        if isinstance(module, cls):
+            # A subclass (timm BatchNormAct2d) is reported under its own name.
+            return type(module).__name__
+    return None
+
+
+def summarize(tree: RegionTree) -> dict[str, Any]:
+    """Counts of activations, norms and parameters, and the region tree, as JSON-able data.
+
+    Activations and norms are counted where they are computed: graph nodes in traced
+    regions (module, functional and method forms) and modules inside opaque regions.
+    """
+    activations: Counter[str] = Counter()
+    norms: Counter[str] = Counter()
+    forms: Counter[str] = Counter()
+    for region in tree.regions():
+        if region.kind == "traced":
+            gm: fx.GraphModule = region.graph_module
+            for node in gm.graph.nodes:
+                act = activation_name(node, gm)
+                if act:
+                    activations[act] += 1
+                    forms[{"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]] += 1
+                if node.op == "call_module":
+                    norm = _norm_name(gm.get_submodule(node.target))
+                    if norm:
+                        norms[norm] += 1
+                elif node.op == "call_function" and node.target in _NORM_FUNCTIONS:
+                    norms[f"F.{_NORM_FUNCTIONS[node.target]}"] += 1
+        else:
+            own = _norm_name(region.module)
+            if own:
+                norms[own] += 1
+            for child in region.module.children():
+                if not is_builtin_module(child):
+                    continue
+                if type(child) in ACTIVATION_MODULES:
+                    activations[ACTIVATION_MODULES[type(child)]] += 1
+                    forms["module in opaque region"] += 1
+                norm = _norm_name(child)
+                if norm:
+                    norms[norm] += 1
+    params = list(tree.model.parameters())
+    regions = tree.regions()
+    return {
+        "model": type(tree.model).__name__,
+        "parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "traced_fraction": round(tree.traced_fraction(), 4),
+        "regions": {
+            "traced": sum(r.kind == "traced" for r in regions),
+            "opaque": sum(r.kind == "opaque" for r in regions),
+        },
+        "activations": dict(activations.most_common()),
+        "activation_forms": dict(forms.most_common()),
+        "norms": dict(norms.most_common()),
+        "tree": tree.root.to_dict(),
+    }

@@ -1,0 +1,226 @@
+"""The PyTorch side of validation: reference runs on copies, dropout interception, snapshots.
+
+The model handed to export or validation must not change, so every reference run happens on a
+deep copy; a snapshot of modes, parameters and buffers taken before and after proves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from graphtricks.errors import ValidationError
+
+__all__ = [
+    "DropoutInterceptor",
+    "ModelSnapshot",
+    "snapshot_model",
+    "reference_copy",
+    "run_reference",
+    "flatten_outputs",
+    "torch_numerics",
+]
+
+
+@dataclass(frozen=True)
+class _Site:
+    """Where a function takes its drop probability and training flag, and how to neutralise it."""
+
+    p_name: str
+    p_index: int
+    p_default: float
+    training_name: str | None = None  # None: the function always applies its dropout when p > 0
+    training_index: int = -1
+    training_default: bool = True
+    elementwise: bool = True  # True: identity when neutralised; False: call again with p=0
+
+
+def _dropout_like(training_default: bool = True) -> _Site:
+    return _Site("p", 1, 0.5, "training", 2, training_default)
+
+
+# Every entry point through which PyTorch code applies dropout, as seen by a TorchFunctionMode.
+# A mode does not see calls made inside a function it already intercepted, so composite
+# functions that drop out internally (attention) are listed themselves.
+_SITES: dict[Any, _Site] = {
+    F.dropout: _dropout_like(),
+    F.dropout1d: _dropout_like(),
+    F.dropout2d: _dropout_like(),
+    F.dropout3d: _dropout_like(),
+    F.alpha_dropout: _dropout_like(training_default=False),
+    F.feature_alpha_dropout: _dropout_like(training_default=False),
+    torch.dropout: _Site("p", 1, 0.5, "train", 2),
+    torch.alpha_dropout: _Site("p", 1, 0.5, "train", 2),
+    torch.feature_dropout: _Site("p", 1, 0.5, "train", 2),
+    torch.feature_alpha_dropout: _Site("p", 1, 0.5, "train", 2),
+    F.scaled_dot_product_attention: _Site("dropout_p", 4, 0.0, elementwise=False),
+    F.multi_head_attention_forward: _Site(
+        "dropout_p", 10, 0.0, "training", 13, True, elementwise=False
+    ),
+}
+
+
+def _argument(args: Sequence, kwargs: dict, name: str, index: int, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if 0 <= index < len(args) else default
+
+
+class DropoutInterceptor(TorchFunctionMode):
+    """Records every dropout a forward applies and, optionally, turns it into the identity.
+
+    Attributes:
+        calls: The drop probability of each dropout actually applied (p > 0, training on),
+            in call order.
+    """
+
+    def __init__(self, neutralise: bool) -> None:
+        super().__init__()
+        self.neutralise = neutralise
+        self.calls: list[float] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        site = _SITES.get(func)
+        if site is None:
+            return func(*args, **kwargs)
+        p = float(_argument(args, kwargs, site.p_name, site.p_index, site.p_default))
+        training = True
+        if site.training_name is not None:
+            training = bool(
+                _argument(
+                    args, kwargs, site.training_name, site.training_index, site.training_default
+                )
+            )
+        if not (training and p > 0):
+            return func(*args, **kwargs)
+        self.calls.append(p)
+        if not self.neutralise:
+            return func(*args, **kwargs)
+        if site.elementwise:
+            return args[0] if args else kwargs["input"]
+        args = list(args)
+        if site.p_name not in kwargs and site.p_index < len(args):
+            args[site.p_index] = 0.0
+        else:
+            kwargs[site.p_name] = 0.0
+        return func(*args, **kwargs)
+
+
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output in the order the ONNX exporter flattens them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in flatten_outputs(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in flatten_outputs(item)]
+    return []
+
+
+def reference_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
+    """A deep copy of ``model`` on ``device``, in train or eval mode, for reference runs.
+
+    Raises:
+        ValidationError: The model cannot be deep-copied.
+    """
+    try:
+        twin = copy.deepcopy(model)
+    except Exception as e:
+        raise ValidationError(
+            f"cannot deep-copy the model for reference runs ({type(e).__name__}: {e}); "
+            "make its attributes copyable"
+        ) from e
+    return twin.to(device).train(train)
+
+
+def run_reference(
+    model: nn.Module, inputs: Sequence[torch.Tensor], *, device: str, neutralise: bool
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Runs ``model`` (a reference copy) on ``inputs``.
+
+    Args:
+        model: A copy from :func:`reference_copy`; it may change (BN running stats).
+        inputs: The inputs, on any device.
+        device: Where the copy lives.
+        neutralise: Whether dropout becomes the identity during the run.
+
+    Returns:
+        The flattened outputs on CPU, and the drop probabilities of the dropouts applied.
+
+    Raises:
+        ValidationError: The model rejects the inputs.
+    """
+    interceptor = DropoutInterceptor(neutralise)
+    try:
+        with torch.no_grad(), interceptor:
+            out = model(*(t.to(device) for t in inputs))
+    except Exception as e:
+        raise ValidationError(
+            f"the model rejects the validation inputs ({type(e).__name__}: {e}); "
+            "pass example inputs of the shapes and dtypes it expects"
+        ) from e
+    return [t.detach().cpu() for t in flatten_outputs(out)], interceptor.calls
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """Per-module training flags and a digest of every parameter and buffer."""
+
+    modes: dict[str, bool]
+    tensors: dict[str, tuple[str, tuple[int, ...], str, str]]
+
+    def differences(self, other: ModelSnapshot) -> list[str]:
+        """What changed from ``self`` to ``other``, one short phrase per change."""
+        changes = [
+            f"module '{name or '<root>'}' training {flag} -> {other.modes.get(name)}"
+            for name, flag in self.modes.items()
+            if other.modes.get(name) != flag
+        ]
+        for name in sorted(set(self.tensors) | set(other.tensors)):
+            if self.tensors.get(name) != other.tensors.get(name):
+                changes.append(f"tensor '{name}' changed")
+        return changes
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    if tensor.device.type == "meta":
+        return "meta"
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def snapshot_model(model: nn.Module) -> ModelSnapshot:
+    """Takes a :class:`ModelSnapshot` of ``model`` (hashes, not copies, to spare memory)."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    tensors = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        tensors[name] = (str(t.dtype), tuple(t.shape), str(t.device), _digest(t))
+    return ModelSnapshot(modes, tensors)
+
+
+@contextlib.contextmanager
+def torch_numerics(device: str) -> Iterator[None]:
+    """Full-precision fp32 on CUDA (TF32 off) and an untouched global RNG, restored on exit."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    devices = [torch.cuda.current_device()] if device == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if device == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn

@@ -9,8 +9,11 @@ Example:
 from graphtricks.capture import Region, RegionTree, capture
 from graphtricks.errors import GraphtricksError
 from graphtricks.passes import PASSES, GraphtricksPass, InsertDropout, NoChangeWarning, insert_dropout
+from graphtricks import recipe
+from graphtricks.loading import load_model
 from graphtricks.report import Change, Report
 from graphtricks.rewrite import RewriteResult, rewrite
+from graphtricks.saving import load, save
 
 __version__ = "0.1.0"
 
@@ -27,5 +30,9 @@ __all__ = [
     "RewriteResult",
     "capture",
     "insert_dropout",
+    "load",
+    "load_model",
+    "recipe",
     "rewrite",
+    "save",
 ]

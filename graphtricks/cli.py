@@ -122,6 +122,8 @@ def _load_source(
         return saved.model, inputs, source, list(saved.recipe.passes)
     if Path(spec).is_dir():
         raise SpecError(f"{spec} is a folder but not a graphtricks model (no recipe.toml)")
+    if ":" not in spec and not Path(spec).exists() and ("/" in spec or "\\" in spec):
+        raise SpecError(f"{spec} does not exist (give a model spec file.py:Name, package.module:Name, or a saved folder)")
     if not input_shape:
         raise SpecError("give the example input shape with --input-shape, e.g. --input-shape 8,3,32,32")
     shapes = parse_input_shapes(input_shape)

@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -46,12 +47,19 @@ InitScheme = Enum(
     "InitScheme", {k: k for k in ("auto", "xavier-uniform", "xavier-normal", "he-uniform", "he-normal", "orthogonal")}, type=str
 )
 Fan = Enum("Fan", {k: k for k in ("fan_in", "fan_out")}, type=str)
+Device = Enum("Device", {k: k for k in ("cpu", "cuda", "meta")}, type=str)
 
 # -- shared options --------------------------------------------------------------------
 InputShapeOpt = Annotated[
     Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 8,3,32,32; several inputs: 8,16;8,16.")
 ]
-InputDtypeOpt = Annotated[InputDtype, typer.Option("--input-dtype", help="dtype of the random example inputs.")]
+InputDtypeOpt = Annotated[
+    Optional[InputDtype],
+    typer.Option("--input-dtype", help="dtype of the random example inputs (default float32; int64 token ids for text models)."),
+]
+DeviceOpt = Annotated[
+    Device, typer.Option("--device", help="Where to build and capture the model; meta plans without allocating weights.")
+]
 ModelArgOpt = Annotated[
     Optional[list[str]], typer.Option("--model-arg", help="key=value passed to the model's class or factory (repeatable).")
 ]
@@ -101,22 +109,31 @@ def _warn(messages: list[str], as_json: bool) -> None:
 def _load_source(
     spec: str,
     input_shape: str | None,
-    input_dtype: str,
+    input_dtype: str | None,
     model_args: list[str] | None,
     weights: Path | None,
     trust_pickle: bool,
+    device: str = "cpu",
 ):
-    """The model a SPEC or saved DIR names, its example inputs, its source record, prior passes."""
+    """The model a SPEC or saved DIR names, its example inputs, its source record, prior passes.
+
+    Text models (a Hugging Face config with a ``vocab_size``) get int64 token ids below the
+    vocabulary size unless ``--input-dtype`` says otherwise.
+    """
     from graphtricks.saving import is_saved_model, load_saved
 
     if is_saved_model(spec):
+        if device != "cpu":
+            raise SpecError("a saved folder is rebuilt on the CPU; --device applies to model specs")
         saved = load_saved(spec, trust_pickle=trust_pickle)
         source = dict(saved.recipe.source)
         inputs = saved.example_inputs
         if input_shape:
             shapes = parse_input_shapes(input_shape)
-            source.update(input_shapes=[list(s) for s in shapes], input_dtype=input_dtype)
-            inputs = make_example_inputs(shapes, input_dtype)
+            dtype = input_dtype or source.get("input_dtype", "float32")
+            high = source.get("token_high", 100)
+            source.update(input_shapes=[list(s) for s in shapes], input_dtype=dtype)
+            inputs = make_example_inputs(shapes, dtype, high=high)
         if weights:
             load_weights(saved.model, weights)
         return saved.model, inputs, source, list(saved.recipe.passes)
@@ -126,17 +143,25 @@ def _load_source(
         raise SpecError(f"{spec} does not exist (give a model spec file.py:Name, package.module:Name, or a saved folder)")
     if not input_shape:
         raise SpecError("give the example input shape with --input-shape, e.g. --input-shape 8,3,32,32")
+    if device == "meta" and weights:
+        raise SpecError("--device meta builds the model without weights; drop --weights")
     shapes = parse_input_shapes(input_shape)
     kwargs = parse_model_args(model_args)
-    model = load_model(spec, kwargs, trust_pickle=trust_pickle)
+    with torch.device(device):
+        model = load_model(spec, kwargs, trust_pickle=trust_pickle)
     if weights:
         load_weights(model, weights)
-    source: dict[str, Any] = {"spec": spec, "input_shapes": [list(s) for s in shapes], "input_dtype": input_dtype}
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    dtype = input_dtype or ("int64" if isinstance(vocab, int) else "float32")
+    high = vocab if isinstance(vocab, int) and dtype.startswith("int") else 100
+    source: dict[str, Any] = {"spec": spec, "input_shapes": [list(s) for s in shapes], "input_dtype": dtype}
+    if high != 100:
+        source["token_high"] = high
     if kwargs:
         source["model_args"] = kwargs
     if trust_pickle:
         source["trust_pickle"] = True
-    return model, make_example_inputs(shapes, input_dtype), source, []
+    return model, make_example_inputs(shapes, dtype, device=device, high=high), source, []
 
 
 def _flag_passes(
@@ -199,7 +224,8 @@ def rewrite(
     spec: Annotated[str, typer.Argument(help="Model spec (file.py:Name, pkg.module:Name, tv:/timm:/hf:NAME) or a saved DIR.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the rewritten model to.")] = None,
     input_shape: InputShapeOpt = None,
-    input_dtype: InputDtypeOpt = InputDtype.float32,
+    input_dtype: InputDtypeOpt = None,
+    device: DeviceOpt = Device.cpu,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -234,6 +260,8 @@ def rewrite(
     with _user_errors(verbose):
         if out_dir is None and not dry_run:
             raise GraphtricksError("give --out DIR to write the rewritten model, or --dry-run to only see the plan")
+        if device is Device.meta and not dry_run:
+            raise GraphtricksError("a model on the meta device has no weights to write: add --dry-run to plan the rewrite")
         if out_dir is not None and not dry_run:
             check_output_dir(out_dir, force)
         planned = read_recipe(recipe).build_passes() if recipe else []
@@ -246,7 +274,9 @@ def rewrite(
             include=include or [], exclude=exclude or [],
         )
         with _status("loading and capturing the model…", as_json):
-            model, inputs, source, prior = _load_source(spec, input_shape, input_dtype.value, model_arg, weights, trust_pickle)
+            model, inputs, source, prior = _load_source(
+                spec, input_shape, input_dtype.value if input_dtype else None, model_arg, weights, trust_pickle, device.value
+            )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = run_rewrite(model, planned, inputs, inplace=True)
@@ -285,7 +315,8 @@ def _render_region(tree: Tree, region: dict) -> None:
 def inspect(
     spec: Annotated[str, typer.Argument(help="Model spec or a saved DIR.")],
     input_shape: InputShapeOpt = None,
-    input_dtype: InputDtypeOpt = InputDtype.float32,
+    input_dtype: InputDtypeOpt = None,
+    device: DeviceOpt = Device.cpu,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -298,7 +329,9 @@ def inspect(
 
     with _user_errors(verbose):
         with _status("capturing the model…", as_json):
-            model, inputs, _, prior = _load_source(spec, input_shape, input_dtype.value, model_arg, weights, trust_pickle)
+            model, inputs, _, prior = _load_source(
+                spec, input_shape, input_dtype.value if input_dtype else None, model_arg, weights, trust_pickle, device.value
+            )
             result = run_rewrite(model, [], inputs, inplace=True)
         summary = summarize(result.tree)
         summary["candidate_blocks"] = _candidate_blocks(result.tree)

@@ -8,7 +8,15 @@ Example:
 
 from graphtricks.capture import Region, RegionTree, capture
 from graphtricks.errors import GraphtricksError
-from graphtricks.passes import PASSES, GraphtricksPass, InsertDropout, NoChangeWarning, insert_dropout
+from graphtricks.passes import (
+    PASSES,
+    BatchNormToLayerNorm,
+    GraphtricksPass,
+    InsertDropout,
+    NoChangeWarning,
+    bn_to_ln,
+    insert_dropout,
+)
 from graphtricks import recipe
 from graphtricks.loading import load_model
 from graphtricks.report import Change, Report
@@ -18,6 +26,7 @@ from graphtricks.saving import load, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormToLayerNorm",
     "GraphtricksError",
     "GraphtricksPass",
     "InsertDropout",
@@ -29,6 +38,7 @@ __all__ = [
     "Report",
     "RewriteResult",
     "capture",
+    "bn_to_ln",
     "insert_dropout",
     "load",
     "load_model",

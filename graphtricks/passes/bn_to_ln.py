@@ -1,0 +1,420 @@
+"""BatchNorm → LayerNorm: normalise each sample over its features instead of each feature over the batch.
+
+Swapped: ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` modules, functional ``F.batch_norm``
+calls in traced graphs, and BatchNorm subclasses whose extras are known (timm
+``BatchNormAct2d``: norm, then its ``drop`` and ``act``, kept as a :class:`NormAct`). The form
+follows the recorded layout: ``(N, C)`` → ``nn.LayerNorm(C)``; ``(N, C, *)`` → ``ChannelLayerNorm``
+(over C at every position) or, with ``over="chw"``, ``nn.GroupNorm(1, C)`` (over C and all
+positions). γ, β (the same parameters) and ε carry over; running statistics are dropped. Each
+change records the relative eval-mode drift ‖y_new − y_old‖ / ‖y_old‖ on the example inputs,
+measured for every swap in one forward of the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from graphtricks.capture import CONTAINERS, Region, is_builtin_module
+from graphtricks.errors import PassError
+from graphtricks.graph import node_where
+from graphtricks.layers.norm import ChannelLayerNorm, NormAct, channel_layer_norm
+from graphtricks.modes import ModeSnapshot
+from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.shapes import tensor_meta
+
+__all__ = ["BatchNormToLayerNorm", "bn_to_ln", "LN_OVER"]
+
+LN_OVER = ("c", "chw")
+_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# BatchNorm subclasses whose extra behaviour is known: children applied after the norm, in order.
+_EXTRAS = {
+    "timm.layers.norm_act.BatchNormAct2d": ("drop", "act"),
+    "timm.layers.norm_act.SyncBatchNormAct": ("drop", "act"),
+}
+# Argument order of the functional forms (torch.batch_norm is the aten signature).
+_ARGS = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
+}
+_TYPE_RANK = ((nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # when no shape was recorded
+_DEFAULTS = {"weight": None, "bias": None, "running_mean": None, "running_var": None, "eps": 1e-5}
+
+
+def _extras(module: nn.Module) -> tuple[str, ...] | None:
+    """Children a BatchNorm applies after normalising, or None when its subclass is not understood."""
+    cls = type(module)
+    if cls in _PLAIN:
+        return ()
+    known = _EXTRAS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if known is not None:
+        return tuple(n for n in known if isinstance(getattr(module, n, None), nn.Module))
+    # A subclass that only changes construction (torch's own forward, no children) is a plain BN.
+    if getattr(cls.forward, "__module__", "").startswith("torch.nn") and next(module.children(), None) is None:
+        return ()
+    return None
+
+
+def _bn_args(target, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a functional batch norm call, by name."""
+    out = dict(_DEFAULTS)
+    out.update(zip(_ARGS[target], args))
+    out.update(kwargs)
+    return out
+
+
+def _normalise(x: torch.Tensor, over: str, weight, bias, eps: float) -> torch.Tensor:
+    """What a swapped functional batch norm computes."""
+    if x.dim() == 2:
+        return F.layer_norm(x, (x.shape[1],), weight, bias, eps)
+    if over == "chw":
+        return F.group_norm(x, 1, weight, bias, eps)
+    return channel_layer_norm(x, weight, bias, eps)
+
+
+def _expand_norm_act(gm: fx.GraphModule, node: fx.Node, target: str, new: NormAct) -> None:
+    """Replace the call of ``target`` by calls of its ``norm``, ``drop`` and ``act`` children."""
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    stack[target] = (target, NormAct)
+    last, args, kwargs = node, node.args, node.kwargs
+    for child in ("norm", "drop", "act"):
+        path = f"{target}.{child}"
+        with gm.graph.inserting_after(last):
+            last = gm.graph.call_module(path, args, kwargs)
+        last.meta["nn_module_stack"] = {**stack, path: (path, type(getattr(new, child)))}
+        if "tensor_meta" in node.meta:  # shape-preserving
+            last.meta["tensor_meta"] = node.meta["tensor_meta"]
+        args, kwargs = (last,), {}
+    node.replace_all_uses_with(last)
+    gm.graph.erase_node(node)
+
+
+def _iter_children(module: nn.Module, prefix: str = ""):
+    """(relative name, child, its container) for children, looking inside ModuleList/Dict."""
+    for name, child in module.named_children():
+        if isinstance(child, CONTAINERS):
+            yield from _iter_children(child, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", child, module
+
+
+@register_pass
+class BatchNormToLayerNorm(GraphtricksPass):
+    """Replace BatchNorm (modules, subclasses, functional calls) with the matching LayerNorm.
+
+    Args:
+        over: ``"c"``: each sample and position normalised over channels (``ChannelLayerNorm``);
+            ``"chw"``: each sample over channels and all positions (``nn.GroupNorm(1, C)``).
+            Vectors ``(N, C)`` always get ``nn.LayerNorm(C)``.
+        include: qualified-name globs to edit; empty = everything.
+        exclude: qualified-name globs never edited.
+
+    Raises:
+        PassError: ``over`` is not one of ``c``, ``chw``.
+
+    Example:
+        >>> result = gt.rewrite(model, [BatchNormToLayerNorm(over="c")], example_inputs=(x,))
+    """
+
+    name = "bn_to_ln"
+    preserves_eval = False
+    invalidates_shapes = True
+
+    def __init__(self, *, over: str = "c", include=(), exclude=()):
+        super().__init__(include=include, exclude=exclude)
+        if over not in LN_OVER:
+            raise PassError(f"unknown LayerNorm layout over={over!r}; choose one of {', '.join(LN_OVER)}")
+        self.over = over
+        self._seen: dict = {}  # key → {"shape", "diff", "ref"} from the measuring forward
+        self._gone: set[int] = set()  # ids of modules replaced in this run
+
+    def options(self) -> dict:
+        return {"over": self.over}
+
+    # -- what replaces what ---------------------------------------------------------------
+    def _replacement(self, bn: _BatchNorm, rank: int) -> nn.Module:
+        c, affine = bn.num_features, bn.affine
+        if rank == 2:
+            norm = nn.LayerNorm(c, eps=bn.eps, elementwise_affine=affine)
+        elif self.over == "chw":
+            norm = nn.GroupNorm(1, c, eps=bn.eps, affine=affine)
+        else:
+            norm = ChannelLayerNorm(c, eps=bn.eps, elementwise_affine=affine)
+        if affine:  # the same parameters: γ and β carry over, optimizer references stay valid
+            norm.weight, norm.bias = bn.weight, bn.bias
+        extras = _extras(bn)
+        return NormAct(norm, **{n: getattr(bn, n) for n in extras}) if extras else norm
+
+    def _swap(self, bn: _BatchNorm, where: str, shapes: list, put) -> nn.Module | None:
+        """Build ``bn``'s replacement, install it with ``put``, record it; None when left alone.
+
+        The rank comes from the recorded input shapes, else from the measuring run, else from
+        the type. Call sites of differing ranks get the highest: the channel forms equal
+        LayerNorm on (N, C).
+        """
+        if not self.selects(where):
+            return None
+        if _extras(bn) is None:
+            self.notes.append(f"{where}: {type(bn).__module__}.{type(bn).__qualname__} is a BatchNorm subclass "
+                              "this pass does not understand (it may do more than normalise); left alone")
+            return None
+        shapes = [list(s) for s in shapes if s is not None] or [self._seen.get(id(bn), {}).get("shape")]
+        ranks = [len(s) for s in shapes if s] or [r for t, r in _TYPE_RANK if isinstance(bn, t)]
+        if not ranks:
+            self.notes.append(f"{where}: did not run on the example inputs (layout unknown); left alone")
+            return None
+        new = self._replacement(bn, max(ranks))
+        put(new)
+        norm = new.norm if isinstance(new, NormAct) else new
+        desc = f"{type(norm).__name__}({bn.num_features})"
+        if isinstance(new, NormAct):
+            desc += "".join(f" + {type(m).__name__}" for m in (new.drop, new.act) if not isinstance(m, nn.Identity))
+        self.record(
+            where,
+            "replaced",
+            f"{type(bn).__name__} -> {desc}",
+            copied_params=[f"{where}.{n}" for n, _ in new.named_parameters()],
+            details={
+                "from": type(bn).__name__,
+                "to": type(new).__name__,
+                "shape": shapes[0],
+                "over": self.over,
+                "drift": self._drift(id(bn)),
+                "dropped": [f"{where}.{n}" for n, _ in bn.named_buffers(recurse=False)],
+            },
+        )
+        return new
+
+    # -- measuring drift -----------------------------------------------------------------
+    def _accumulate(self, key, shape, new: torch.Tensor, old: torch.Tensor) -> None:
+        entry = self._seen.setdefault(key, {"shape": list(shape), "diff": 0.0, "ref": 0.0})
+        if old.is_meta:  # a model captured on the meta device: shapes, but no values to compare
+            entry["ref"] = 0.0
+            return
+        entry["diff"] += float((new.double() - old.double()).pow(2).sum())
+        entry["ref"] += float(old.double().pow(2).sum())
+
+    def _drift(self, key) -> float | None:
+        entry = self._seen.get(key)
+        if entry is None or entry["ref"] == 0:
+            return None  # not measured, or the old output was all zeros (no relative figure)
+        return (entry["diff"] / entry["ref"]) ** 0.5
+
+    def _measure(self) -> None:
+        """One eval forward of the model: every BatchNorm's input shape and the drift of its swap."""
+        self._seen, self._gone = {}, set()
+        model, handles, patched = self.tree.model, [], []
+
+        def hook(bn, args, output):
+            x = args[0]
+            if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 2:
+                self._accumulate(id(bn), x.shape, self._replacement(bn, x.dim())(x), output)
+
+        for name, m in model.named_modules():
+            if isinstance(m, _BatchNorm) and _extras(m) is not None and self.selects(name):
+                handles.append(m.register_forward_hook(hook))
+        for region in self.tree.regions():
+            gm = region.module
+            if region.kind == "traced" and any(n.op == "call_function" and n.target in _ARGS for n in gm.graph.nodes):
+                gm.forward = self._recording_forward(gm)
+                patched.append(gm)
+        if not handles and not patched:
+            return
+        snapshot = ModeSnapshot(model)
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(*self.example_inputs)
+        finally:
+            snapshot.restore()
+            for h in handles:
+                h.remove()
+            for gm in patched:
+                del gm.forward  # back to the generated forward
+
+    def _recording_forward(self, gm: fx.GraphModule):
+        """A forward for ``gm`` that also computes each functional batch norm's swap."""
+        outer, sig = self, inspect.signature(gm.forward)
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.op == "call_function" and n.target in _ARGS:
+                    a = _bn_args(n.target, *self.fetch_args_kwargs_from_env(n))
+                    x = a["input"]
+                    new = _normalise(x, outer.over, a["weight"], a["bias"], a["eps"])
+                    outer._accumulate((id(gm), n.name), x.shape, new, out)
+                return out
+
+        def forward(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return Recorder(gm).run(*bound.arguments.values())
+
+        return forward
+
+    # -- keeping the region tree right -------------------------------------------------------
+    def _replace_region(self, old: nn.Module, new_region: Region | None) -> None:
+        """Drop the region of a replaced module; its child regions go to ``new_region`` or its parent."""
+        self._gone.add(id(old))
+        top = self.tree.root if self.tree is not None else self.region
+        for parent in top.walk() if top is not None else ():
+            for i, child in enumerate(parent.children):
+                if child.module is old:
+                    if new_region is None:
+                        parent.children[i : i + 1] = child.children
+                    else:
+                        new_region.children = child.children
+                        parent.children[i] = new_region
+                    return
+
+    # -- traced regions ----------------------------------------------------------------------
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        """Swap the BatchNorm modules and functional batch norms of one traced region."""
+        gm = graph_module
+        if self.tree is not None and self.region is self.tree.root:
+            self._measure()
+        by_target: dict[str, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
+                by_target.setdefault(str(node.target), []).append(node)
+        modified = False
+        for target, nodes in by_target.items():
+            modified |= self._swap_module(gm, target, nodes)
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in _ARGS:
+                modified |= self._swap_function(gm, node)
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def _swap_module(self, gm: fx.GraphModule, target: str, nodes: list[fx.Node]) -> bool:
+        bn, (parent, _, leaf) = gm.get_submodule(target), target.rpartition(".")
+        inputs = [n.args[0] if n.args else n.kwargs.get("input") for n in nodes]
+        shapes = [getattr(tensor_meta(x), "shape", None) if isinstance(x, fx.Node) else None for x in inputs]
+        new = self._swap(bn, self.qualify(target), shapes, lambda m: setattr(gm.get_submodule(parent), leaf, m))
+        if new is None:
+            return False
+        if isinstance(new, NormAct):  # call norm, drop and act from the graph, so later passes see them
+            for node in nodes:
+                _expand_norm_act(gm, node, target, new)
+        self._replace_region(bn, None)
+        return True
+
+    def _swap_function(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        where = node_where(self.prefix, node)
+        if not self.selects(where):
+            return False
+        a = _bn_args(node.target, node.args, node.kwargs)
+        x, w, b, eps = a["input"], a["weight"], a["bias"], a["eps"]
+        meta = tensor_meta(x) if isinstance(x, fx.Node) else None
+        shape = list(meta.shape) if meta is not None else self._seen.get((id(gm), node.name), {}).get("shape")
+        if not shape or not isinstance(eps, (int, float)):
+            self.notes.append(f"{where}: batch_norm input layout or eps unknown; left alone")
+            return False
+        g, rank, c = gm.graph, len(shape), shape[1]
+        with g.inserting_before(node):
+            if rank == 2:
+                made = [g.call_function(F.layer_norm, (x, (c,), w, b, eps))]
+                desc = "layer_norm"
+            elif self.over == "chw":
+                made = [g.call_function(F.group_norm, (x, 1, w, b, eps))]
+                desc = "group_norm(1)"
+            else:  # channels last, LayerNorm over C, back: exports as LayerNormalization
+                made = [g.call_method("transpose", (x, 1, -1))]
+                made.append(g.call_function(F.layer_norm, (made[0], (c,), w, b, eps)))
+                made.append(g.call_method("transpose", (made[1], 1, -1)))
+                desc = "channel layer_norm"
+        for n in made:  # same owner as the call they replace (later passes name nodes by it)
+            if "nn_module_stack" in node.meta:
+                n.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+        if "tensor_meta" in node.meta:
+            made[-1].meta["tensor_meta"] = node.meta["tensor_meta"]
+        new = made[-1]
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        dropped = self._drop_statistics(gm, [a["running_mean"], a["running_var"]])
+        copied = [self.qualify(str(p.target)) for p in (w, b) if isinstance(p, fx.Node) and p.op == "get_attr"]
+        details = {"from": "batch_norm", "to": desc, "shape": shape, "over": self.over}
+        details.update(drift=self._drift((id(gm), node.name)), dropped=dropped)
+        self.record(where, "replaced", f"batch_norm -> {desc}", copied_params=copied, details=details)
+        return True
+
+    def _drop_statistics(self, gm: fx.GraphModule, stats: list) -> list[str]:
+        """Delete running-statistics buffers nothing reads any more; their qualified names."""
+        dropped = []
+        for n in stats:
+            if not (isinstance(n, fx.Node) and n.op == "get_attr" and not n.users):
+                continue
+            gm.graph.erase_node(n)
+            owner_path, _, attr = str(n.target).rpartition(".")
+            owner = gm.get_submodule(owner_path)
+            for name in (attr, "num_batches_tracked"):
+                target = f"{owner_path}.{name}" if owner_path else name
+                still_read = any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes)
+                if name in owner._buffers and not still_read:
+                    delattr(owner, name)
+                    dropped.append(self.qualify(target))
+        return dropped
+
+    # -- opaque regions ----------------------------------------------------------------------
+    def call_opaque(self, region: Region) -> bool:
+        """Swap BatchNorm children (built-in or known subclasses) of an opaque module."""
+        if self.tree is not None and self.region is self.tree.root:
+            self._measure()
+        if id(region.module) in self._gone:
+            return False  # replaced from its parent already
+        if isinstance(region.module, _BatchNorm) and not region.path:
+            self.notes.append("<root>: the model itself is a BatchNorm; wrap it in a module to swap it")
+        modified = False
+        for name, bn, container in list(_iter_children(region.module)):
+            if not isinstance(bn, _BatchNorm):
+                continue
+            where, leaf = region.qualify(name), name.rpartition(".")[2]
+            shape = region.leaf_info.get(name, {}).get("shape")
+            new = self._swap(bn, where, [shape], lambda m: setattr(container, leaf, m))
+            if new is None:
+                continue
+            if not is_builtin_module(new):
+                region.leaf_info.pop(name, None)  # leaf_info describes built-in children only
+            # A NormAct keeps its act reachable by later passes, as an opaque region of its own.
+            built = None
+            if isinstance(new, NormAct):
+                built = Region(where, "opaque", new, "built by bn_to_ln (norm, drop, act)")
+            self._replace_region(bn, built)
+            if built is not None and not any(r.module is new for r in region.walk()):
+                region.children.append(built)
+            modified = True
+        return modified
+
+
+def bn_to_ln(model, example_inputs, *, over: str = "c", inplace: bool = False, **kwargs):
+    """Functional twin of :class:`BatchNormToLayerNorm`: rewrite ``model`` and return the result.
+
+    Args:
+        model: the ``nn.Module`` to rewrite.
+        example_inputs: positional inputs, used for capture, shapes and the drift figures.
+        over: ``"c"`` (LayerNorm over channels) or ``"chw"`` (over channels and positions).
+        inplace: edit ``model`` itself instead of a copy.
+        **kwargs: ``include``, ``exclude``.
+
+    Returns:
+        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
+
+    Raises:
+        PassError: ``over`` is not ``c`` or ``chw``.
+
+    Example:
+        >>> result = bn_to_ln(model, (torch.randn(8, 3, 32, 32),), over="c")
+        >>> [c.details["drift"] for c in result.report.changes]
+    """
+    from graphtricks.rewrite import rewrite
+
+    return rewrite(model, [BatchNormToLayerNorm(over=over, **kwargs)], example_inputs, inplace=inplace)

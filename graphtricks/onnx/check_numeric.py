@@ -62,14 +62,16 @@ def compare_output(
         return base
     if tuple(actual.shape) != tuple(expected.shape):
         base.passed = False
-        base.message = f"{where}: shape {tuple(actual.shape)}, PyTorch gives {tuple(expected.shape)}"
+        base.message = (
+            f"{where}: shape {tuple(actual.shape)}, PyTorch gives {tuple(expected.shape)}"
+        )
         return base
     got = actual.astype(np.float64)
     ref = expected.to(torch.float64).numpy() if expected.numel() else np.zeros(expected.shape)
     if not np.isfinite(got).all():
-        bad = int((~np.isfinite(got)).sum())
+        bad, theirs = int((~np.isfinite(got)).sum()), int((~np.isfinite(ref)).sum())
         base.passed = False
-        base.message = f"{where}: {bad} NaN/Inf value(s) (PyTorch has {int((~np.isfinite(ref)).sum())})"
+        base.message = f"{where}: {bad} NaN/Inf value(s) (PyTorch has {theirs})"
         return base
     err = np.abs(got - ref)
     base.max_abs = float(err.max()) if err.size else 0.0
@@ -159,7 +161,8 @@ def check_infer_vs_eager(
             CheckResult(
                 name="eager_eval_is_deterministic", passed=False, graph=None,
                 message=f"PyTorch applies dropout in eval mode (p={sorted(set(eval_dropouts))}); "
-                "an fx graph traced in train mode bakes training=True in: trace it in eval mode too",
+                "an fx graph traced in train mode bakes training=True in: "
+                "trace it in eval mode too",
             )
         )
     return results

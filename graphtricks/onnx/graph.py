@@ -28,6 +28,7 @@ __all__ = [
     "exposed_dropout_copy",
     "initializer_arrays",
     "io_signature",
+    "train_only_feeds",
     "operator_multiset",
     "opset_of",
 ]
@@ -207,23 +208,30 @@ def io_signature(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
     return inputs, [_value_signature(v) for v in model.graph.output]
 
 
-def operator_multiset(model: onnx.ModelProto) -> Counter:
-    """Counts ``(domain, op_type)`` of every node except train-only ones and their constants.
-
-    ``Constant`` nodes that only feed train-only nodes (a Dropout's ratio and training_mode)
-    are left out too, so the count describes the computation both graphs share.
-    """
-    train_only = [n for n in model.graph.node if n.op_type in TRAIN_ONLY_OPS]
-    feeding = {name for n in train_only for name in n.input[1:]}
+def train_only_feeds(model: onnx.ModelProto) -> set[str]:
+    """Names of values that only parameterise train-only nodes (a Dropout's ratio, mode)."""
+    feeding = {
+        name for n in model.graph.node if n.op_type in TRAIN_ONLY_OPS for name in n.input[1:]
+    }
     used_elsewhere = {
         name for n in model.graph.node if n.op_type not in TRAIN_ONLY_OPS for name in n.input
     }
     used_elsewhere.update(o.name for o in model.graph.output)
+    return feeding - used_elsewhere
+
+
+def operator_multiset(model: onnx.ModelProto) -> Counter:
+    """Counts ``(domain, op_type)`` of every node except train-only ones and their constants.
+
+    ``Constant`` nodes from :func:`train_only_feeds` are left out too, so the count describes
+    the computation both graphs share.
+    """
+    skip = train_only_feeds(model)
     counts: Counter = Counter()
     for node in model.graph.node:
         if node.op_type in TRAIN_ONLY_OPS:
             continue
-        if node.op_type == "Constant" and node.output[0] in feeding - used_elsewhere:
+        if node.op_type == "Constant" and node.output[0] in skip:
             continue
         counts[(node.domain or "ai.onnx", node.op_type)] += 1
     return counts

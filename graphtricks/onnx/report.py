@@ -167,7 +167,8 @@ class ValidationReport:
         total, failed = len(self.checks), self.failures
         if not failed:
             return f"{total}/{total} ONNX checks passed"
-        return f"{total - len(failed)}/{total} ONNX checks passed; first failure: {failed[0].message}"
+        passed = total - len(failed)
+        return f"{passed}/{total} ONNX checks passed; first failure: {failed[0].message}"
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the report as JSON-able types."""

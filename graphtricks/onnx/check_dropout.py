@@ -1,0 +1,152 @@
+"""Check 2b: every train-mode dropout is in the graph and ONNX Runtime really executes it.
+
+Train outputs cannot be compared element by element (ORT has its own RNG), so each Dropout is
+measured on the node itself: a copy of the train graph exposes the node's input and output as
+graph outputs. Among non-zero inputs, the kept fraction must lie within 5 binomial standard
+deviations of 1 - p, and every survivor must be scaled by exactly 1 / (1 - p). A Dropout that
+was eliminated, or left in inference mode, keeps everything and fails.
+
+The count of Dropout nodes is checked against the dropouts PyTorch applies in one train-mode
+forward, since a Dropout missing from the graph cannot be measured at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from graphtricks.onnx.check_numeric import InputSet
+from graphtricks.onnx.graph import DropoutInfo
+from graphtricks.onnx.inputs import session_feed
+from graphtricks.onnx.report import CheckResult
+from graphtricks.onnx.runtime import RunFailure, Session
+
+__all__ = ["SIGMAS", "check_dropout_count", "check_dropout_rates"]
+
+SIGMAS = 5.0
+# Relative error allowed on a survivor's scale: a couple of ulps of the data type, since ORT
+# multiplies by a scale computed from a ratio stored in float32.
+_SCALE_RTOL = {np.dtype(np.float64): 1e-5, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 2e-3}
+_RATIO_ATOL = 1e-6  # a ratio of 0.1 stored in float32 reads back as 0.10000000149
+
+
+def _active(info: DropoutInfo) -> bool:
+    """Whether the node drops anything when run: training_mode on and ratio > 0."""
+    return info.training is not False and (info.ratio is None or info.ratio > 0)
+
+
+def check_dropout_count(infos: Sequence[DropoutInfo], eager_ps: Sequence[float]) -> CheckResult:
+    """Compares the train graph's active Dropout nodes with the dropouts PyTorch applies.
+
+    Args:
+        infos: The train graph's Dropout nodes.
+        eager_ps: The drop probability of each dropout one train-mode PyTorch forward applied.
+
+    Returns:
+        A result that fails when the counts or the sorted probabilities differ.
+    """
+    graph_ps = sorted(i.ratio if i.ratio is not None else math.nan for i in infos if _active(i))
+    torch_ps = sorted(eager_ps)
+    same = len(graph_ps) == len(torch_ps) and all(
+        abs(a - b) <= _RATIO_ATOL for a, b in zip(graph_ps, torch_ps)
+    )
+    inert = [i.name for i in infos if not _active(i)]
+    shown_graph, shown_torch = [round(p, 6) for p in graph_ps], [round(p, 6) for p in torch_ps]
+    message = (
+        f"train graph has {len(graph_ps)} active Dropout node(s) with p={shown_graph}; "
+        f"PyTorch train mode applies {len(torch_ps)} with p={shown_torch}"
+    )
+    if inert:
+        message += f"; inert Dropout node(s) (training_mode off or p=0): {inert}"
+    if not same:
+        message += "; a dropout was eliminated, added or changed by the export"
+    return CheckResult(
+        name="dropout_count", passed=same, message=message, graph="train",
+        details={"graph_p": graph_ps, "pytorch_p": torch_ps, "inert_nodes": inert},
+    )
+
+
+def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult) -> CheckResult:
+    """Fills ``base`` with the keep-rate and scaling figures of one Dropout run."""
+    where = f"train Dropout '{info.name}' on {base.inputs}"
+    if info.ratio is None:
+        base.passed, base.message = False, f"{where}: ratio is not a constant, cannot check it"
+        return base
+    p = info.ratio
+    nonzero = x != 0  # zeros in (after ReLU) stay zero whether dropped or not: leave them out
+    n = int(nonzero.sum())
+    kept = (y != 0) & nonzero
+    k = int(kept.sum())
+    sigma = math.sqrt(n * p * (1 - p))
+    bound = SIGMAS * sigma
+    rate_ok = abs(k - n * (1 - p)) <= bound if p > 0 else k == n
+    scale = 1.0 / (1.0 - p)
+    ratios = y[kept].astype(np.float64) / x[kept].astype(np.float64)
+    scale_err = float(np.abs(ratios / scale - 1).max()) if k else 0.0
+    rtol = _SCALE_RTOL.get(x.dtype, 1.6e-2)
+    # An inert dropout keeps n of n: the test can only see that when n * p exceeds the bound.
+    conclusive = p == 0 or n * p > bound
+    base.max_rel, base.rtol = scale_err, rtol
+    base.passed = bool(rate_ok and scale_err <= rtol)
+    base.details = {
+        "p": p, "nonzero_inputs": n, "kept": k, "keep_rate": k / n if n else None,
+        "expected_keep_rate": 1 - p, "allowed_kept_deviation": bound, "sigmas": SIGMAS,
+        "scale": scale, "conclusive": conclusive, "training_mode": info.training,
+    }
+    rate = f"kept {k}/{n} ({k / n if n else 0:.4f}) vs 1-p={1 - p:.4f} ± {bound:.1f} elements"
+    if not rate_ok:
+        base.message = f"{where}: {rate}: outside the {SIGMAS:g}-sigma bound"
+        if k == n and p > 0:
+            base.message += " (nothing dropped: eliminated or in inference mode)"
+    elif scale_err > rtol:
+        base.message = (
+            f"{where}: survivors scaled by up to {scale_err:.3g} relative off 1/(1-p)={scale:.6g} "
+            f"(rtol {rtol:g})"
+        )
+    else:
+        base.message = f"{where}: {rate}; survivors x{scale:.6g}"
+        if not conclusive:
+            base.message += " (too few elements to tell an inert dropout apart)"
+    return base
+
+
+def check_dropout_rates(
+    session: Session, infos: Sequence[DropoutInfo], input_sets: Sequence[InputSet]
+) -> list[CheckResult]:
+    """Measures every Dropout node of the train graph on every input set.
+
+    Args:
+        session: A session of the train graph copy from ``graph.exposed_dropout_copy``.
+        infos: The Dropout nodes of the train graph, in graph order.
+        input_sets: The inputs to run.
+
+    Returns:
+        One result per Dropout node and input set.
+
+    Raises:
+        ValidationError: The inputs do not fit the graph.
+    """
+    names = session.output_names
+    results = []
+    for input_set in input_sets:
+        feed = session_feed(session.inner, input_set.tensors, input_set.label)
+        try:
+            values = dict(zip(names, session.run(feed)))
+        except RunFailure as e:
+            results.append(
+                CheckResult(
+                    name="dropout_rate", passed=False, graph="train", provider=session.provider,
+                    seed=input_set.seed, inputs=input_set.label, message=f"{e}",
+                )
+            )
+            continue
+        for info in infos:
+            base = CheckResult(
+                name="dropout_rate", passed=False, message="", graph="train",
+                provider=session.provider, output=info.name, seed=input_set.seed,
+                inputs=input_set.label,
+            )
+            results.append(_measure(info, values[info.data], values[info.output], base))
+    return results

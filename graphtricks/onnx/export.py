@@ -1,0 +1,295 @@
+"""Export a model twice, as a train-mode and an inference ONNX graph, and write them atomically.
+
+Both graphs come from the TorchScript exporter. Only it exports train-mode BatchNorm with batch
+statistics (the default dynamo exporter ignores ``training=`` and exports running stats), and
+using it for the inference graph too keeps weights unfolded and named alike in both files
+(dynamo folds BatchNorm into the preceding Conv), so the graphs can be compared weight for
+weight and operator for operator. The exporter is deprecated: its warnings are silenced here
+only, and the train graph is checked against PyTorch before anything is written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from graphtricks.errors import ExportError, ValidationError
+from graphtricks.onnx import fixups
+from graphtricks.onnx.check_dropout import check_dropout_count
+from graphtricks.onnx.check_numeric import InputSet, check_train_deterministic
+from graphtricks.onnx.eager import reference_copy, run_reference, torch_numerics
+from graphtricks.onnx.graph import dropout_infos, neutralised_dropout_copy, train_mode_batchnorms
+from graphtricks.onnx.inputs import as_input_tuple
+from graphtricks.onnx.report import Tolerance, default_tolerance
+from graphtricks.onnx.runtime import TRAIN_BN_DISABLED_OPTIMIZERS, make_session
+from graphtricks.onnx.torchscript import export_mode
+
+__all__ = ["MIN_OPSET", "MAX_OPSET", "TRAIN_FILE", "INFER_FILE", "ExportResult", "export_pair"]
+
+TRAIN_FILE = "model.train.onnx"
+INFER_FILE = "model.infer.onnx"
+MIN_OPSET = 14  # BatchNormalization got its training_mode attribute in opset 14
+try:
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
+except ImportError:  # private constant; 20 is its value from torch 2.1 to 2.14
+    MAX_OPSET = 20
+
+# Export verification looks for wrong semantics (0.1-scale errors), not for the last ulp.
+_VERIFY_SLACK = 10.0
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_pair` wrote.
+
+    Attributes:
+        train_path: The train-mode graph (Dropout and batch-statistics BatchNorm kept).
+        infer_path: The inference graph.
+        opset: The ONNX opset of both graphs.
+        exporter: Which torch exporter produced them.
+        input_names: The graph inputs, in order.
+        output_names: The graph outputs, in order.
+        dynamic_batch: Whether dimension 0 of inputs and outputs is symbolic.
+        repairs: Every edit made to the exported graphs, one phrase each.
+        notes: What a user of the files must know (e.g. ONNX Runtime settings they need).
+        warnings: Exporter warnings worth a reader's attention (known noise is dropped).
+        seconds: Wall time of the export, verification included.
+    """
+
+    train_path: Path
+    infer_path: Path
+    opset: int
+    exporter: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_batch: bool
+    repairs: tuple[str, ...]
+    notes: tuple[str, ...]
+    warnings: tuple[str, ...]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the result as JSON-able types."""
+        return {
+            "train_path": str(self.train_path),
+            "infer_path": str(self.infer_path),
+            "opset": self.opset,
+            "exporter": self.exporter,
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "dynamic_batch": self.dynamic_batch,
+            "repairs": list(self.repairs),
+            "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _names(given: Any, count: int, default: list[str], what: str) -> list[str]:
+    if given is None:
+        return default
+    names = list(given)
+    distinct = len(set(names)) == len(names) and all(isinstance(n, str) for n in names)
+    if len(names) != count or not distinct:
+        raise ExportError(f"{what} must be {count} distinct strings, got {names!r}")
+    return names
+
+
+def _default_input_names(model: nn.Module, count: int) -> list[str]:
+    """The forward's parameter names when they fit, else input_0, input_1, ..."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional[:count] if len(positional) >= count else [f"input_{i}" for i in range(count)]
+
+
+def _repair(model: nn.Module, train: onnx.ModelProto, infer: onnx.ModelProto) -> list[str]:
+    """Applies every fixup, and raises if the inference graph still trains."""
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    reset = fixups.restore_weights(train, state)
+    repairs = [
+        f"train: reset {len(reset)} initializer(s) the export trace had updated to the model's "
+        f"values ({', '.join(reset[:3])}{', ...' if len(reset) > 3 else ''})"
+    ] if reset else []
+    repairs += [
+        f"train: Dropout '{n}' had no training_mode; set it on"
+        for n in fixups.activate_untagged_dropouts(train)
+    ]
+    removed, still_training = fixups.strip_inert_dropouts(infer)
+    if still_training:
+        raise ExportError(
+            f"the inference graph applies dropout at {still_training[:3]}: the model drops out in "
+            "eval mode (an fx graph traced in train mode bakes training=True in); "
+            "trace it in eval mode"
+        )
+    repairs += [f"infer: removed inert Dropout '{n}'" for n in removed]
+    repairs += [
+        f"infer: gave '{n}' its own initializer again"
+        for n in fixups.undo_initializer_dedup(infer)
+    ]
+    for graph, mode in ((train, "train"), (infer, "inference")):
+        try:
+            onnx.checker.check_model(graph)
+        except onnx.checker.ValidationError as e:
+            first = (str(e).strip().splitlines() or ["invalid"])[0]
+            raise ExportError(f"the exported {mode} graph is not valid ONNX: {first}") from e
+    return repairs
+
+
+def _verify_train_graph(model: nn.Module, inputs: tuple, train: onnx.ModelProto) -> None:
+    """Refuses a train graph that disagrees with PyTorch train mode on the example inputs."""
+
+    def tolerance(dtype: torch.dtype) -> Tolerance:
+        tol = default_tolerance(dtype, "cpu")
+        return Tolerance(tol.atol * _VERIFY_SLACK, tol.rtol * _VERIFY_SLACK)
+
+    disabled = TRAIN_BN_DISABLED_OPTIMIZERS if train_mode_batchnorms(train) else ()
+    try:
+        session = make_session(
+            neutralised_dropout_copy(train), "cpu", "train_deterministic", True, disabled
+        )
+        results, eager_ps = check_train_deterministic(
+            session, model, [InputSet("example inputs", None, inputs)], tolerance
+        )
+    except ValidationError as e:
+        raise ExportError(f"cannot verify the train graph: {e}") from e
+    results.append(check_dropout_count(dropout_infos(train), eager_ps))
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise ExportError(
+            f"the exported train graph disagrees with PyTorch train mode: {failed[0].message}; "
+            "nothing was written"
+        )
+
+
+def _write_atomically(out_dir: Path, graphs: dict[str, onnx.ModelProto]) -> None:
+    """Writes every graph to a temp file in ``out_dir``, then renames them all into place."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"output path {out_dir} is a file; pass a folder")
+    temps: list[str] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, proto in graphs.items():
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+            temps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(proto.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, name in zip(list(temps), graphs):
+            os.replace(tmp, out_dir / name)
+            temps.remove(tmp)
+    except (OSError, ValueError) as e:  # ValueError: protobuf refuses models over 2 GiB
+        raise ExportError(f"cannot write ONNX files to {out_dir}: {e}") from e
+    finally:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def export_pair(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    out_dir: Path | str,
+    *,
+    opset: int = 18,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_batch: bool = False,
+    verify: bool = True,
+) -> ExportResult:
+    """Exports ``model`` as ``model.train.onnx`` and ``model.infer.onnx`` in ``out_dir``.
+
+    The model is not changed: each mode is exported from a deep copy. Both graphs share input
+    and output names and carry the model's exact weights.
+
+    Args:
+        model: Any ``nn.Module`` (an fx ``GraphModule`` included), on CPU.
+        example_inputs: One tensor per forward argument.
+        out_dir: The folder to write into (created if missing). Files appear only when both
+            graphs were exported, repaired and verified.
+        opset: The ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET``.
+        input_names: Graph input names; defaults to the forward's parameter names.
+        output_names: Graph output names; defaults to ``output`` or ``output_0, output_1, ...``.
+        dynamic_batch: Makes dimension 0 of every input and output symbolic (``batch``).
+        verify: Checks the train graph against PyTorch train mode (dropout neutralised)
+            before writing.
+
+    Returns:
+        The paths, names, repairs and warnings of the export.
+
+    Raises:
+        ExportError: Unsupported opset, bad names, the exporter failed, the inference graph
+            still drops out, the train graph disagrees with PyTorch, or the files cannot be written.
+
+    Example:
+        >>> result = export_pair(model, (torch.randn(2, 3, 32, 32),), Path("out"))
+        >>> result.train_path.name
+        'model.train.onnx'
+    """
+    start = time.perf_counter()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset {opset!r} is not supported: train-mode export needs opset {MIN_OPSET} to "
+            f"{MAX_OPSET} (TorchScript exporter); pass an opset in that range"
+        )
+    inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
+    out_dir = Path(out_dir)
+    with torch_numerics("cpu"):
+        try:
+            twin = reference_copy(model, train=False, device="cpu")
+            outputs, _ = run_reference(twin, inputs, device="cpu", neutralise=False)
+        except ValidationError as e:
+            raise ExportError(str(e)) from e
+        if not outputs:
+            raise ExportError("the model returns no tensor; nothing to export")
+        default_in = _default_input_names(model, len(inputs))
+        in_names = _names(input_names, len(inputs), default_in, "input_names")
+        default_out = [f"output_{i}" for i in range(len(outputs))]
+        if len(outputs) == 1:
+            default_out = ["output"]
+        out_names = _names(output_names, len(outputs), default_out, "output_names")
+        kwargs: dict[str, Any] = {"input_names": in_names, "output_names": out_names}
+        if dynamic_batch:
+            ranked = [n for n, t in zip(in_names, inputs) if t.dim()] + [
+                n for n, t in zip(out_names, outputs) if t.dim()
+            ]
+            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in ranked}
+        train, caught = export_mode(model, inputs, train=True, opset=opset, **kwargs)
+        infer, more = export_mode(model, inputs, train=False, opset=opset, **kwargs)
+        caught = list(dict.fromkeys(caught + more))  # most warnings come once per mode
+        for graph, mode in ((train, "train"), (infer, "eval")):
+            got = [o.name for o in graph.graph.output]
+            if got != out_names:
+                raise ExportError(
+                    f"the {mode} graph has outputs {got}, expected {out_names}: the model must "
+                    "return the same tensors in train and eval mode"
+                )
+        repairs = _repair(model, train, infer)
+        if verify:
+            _verify_train_graph(model, inputs, train)
+    _write_atomically(out_dir, {TRAIN_FILE: train, INFER_FILE: infer})
+    notes = []
+    if train_mode_batchnorms(train):
+        notes.append(
+            "run the train graph in ONNX Runtime with disabled_optimizers="
+            f"{list(TRAIN_BN_DISABLED_OPTIMIZERS)} (onnxruntime#29790), and on CPU: the CUDA "
+            "provider refuses train-mode BatchNormalization at opset >= 14 (onnxruntime#16867)"
+        )
+    return ExportResult(
+        train_path=out_dir / TRAIN_FILE, infer_path=out_dir / INFER_FILE, opset=opset,
+        exporter=f"torch.onnx TorchScript exporter (torch {torch.__version__})",
+        input_names=tuple(in_names), output_names=tuple(out_names), dynamic_batch=dynamic_batch,
+        repairs=tuple(repairs), notes=tuple(notes), warnings=tuple(caught),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,237 @@
+"""Validate an exported pair of graphs against the model and against each other.
+
+Runs the checks DESIGN.md owes its users and gathers them into one
+:class:`~graphtricks.onnx.report.ValidationReport`: inference graph vs eval mode, train graph
+vs train mode (deterministic part, dropout count and statistics), graph vs graph, provenance
+of every session, and no side effects on the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from graphtricks.errors import ValidationError
+from graphtricks.onnx.check_dropout import check_dropout_count, check_dropout_rates
+from graphtricks.onnx.check_graphs import (
+    check_infer_has_no_train_ops,
+    check_io,
+    check_operators,
+    check_weights,
+)
+from graphtricks.onnx.check_numeric import InputSet, check_infer_vs_eager, check_train_deterministic
+from graphtricks.onnx.eager import ModelSnapshot, snapshot_model, torch_numerics
+from graphtricks.onnx.export import INFER_FILE, TRAIN_FILE
+from graphtricks.onnx.graph import (
+    dropout_infos,
+    exposed_dropout_copy,
+    load_model,
+    neutralised_dropout_copy,
+    opset_of,
+    train_mode_batchnorms,
+)
+from graphtricks.onnx.inputs import as_input_tuple, random_like, session_feed
+from graphtricks.onnx.report import CheckResult, ToleranceTable, ValidationReport
+from graphtricks.onnx.runtime import (
+    TRAIN_BN_DISABLED_OPTIMIZERS,
+    Session,
+    make_session,
+    resolve_device,
+)
+
+__all__ = ["validate_pair"]
+
+
+def _dynamic_batch(infer: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> int | None:
+    """A second batch size to try when every ranked graph input has a symbolic dimension 0."""
+    inits = {i.name for i in infer.graph.initializer}
+    graph_inputs = [v for v in infer.graph.input if v.name not in inits]
+    ranked = [v for v in graph_inputs if len(v.type.tensor_type.shape.dim) >= 1]
+    if not ranked or len(graph_inputs) != len(inputs):
+        return None
+    if any(v.type.tensor_type.shape.dim[0].HasField("dim_value") for v in ranked):
+        return None
+    first = next((t for t in inputs if t.dim()), None)
+    return None if first is None else int(first.shape[0]) + 1
+
+
+def _input_sets(
+    inputs: tuple[torch.Tensor, ...],
+    seeds: Sequence[int],
+    extra: Sequence[tuple[torch.Tensor, ...]],
+    batch: int | None,
+) -> list[InputSet]:
+    sets = [InputSet(f"seed={s}", s, random_like(inputs, s)) for s in seeds]
+    sets += [InputSet(f"extra_inputs[{i}]", None, x) for i, x in enumerate(extra)]
+    if batch is not None and seeds:
+        label = f"seed={seeds[0]},batch={batch}"
+        sets.append(InputSet(label, seeds[0], random_like(inputs, seeds[0], batch)))
+    return sets
+
+
+def _provenance(sessions: Sequence[Session]) -> CheckResult:
+    """Check 4: every session ran where it was asked to (read back from get_providers())."""
+    fallen = sorted({s.role for s in sessions if s.asked != s.device})
+    by_role = {s.role: s for s in sessions}  # dropout sessions repeat per input set
+    listing = ", ".join(f"{role}: {s.providers[0]}" for role, s in by_role.items())
+    return CheckResult(
+        name="provenance", passed=not fallen, graph="both",
+        message=f"sessions fell back to CPU though CUDA was asked: {fallen} ({listing})"
+        if fallen
+        else f"every session ran where asked ({listing})",
+        details={
+            s.role: {
+                "asked": s.asked,
+                "providers": s.providers,
+                "disabled_optimizers": list(s.disabled_optimizers),
+            }
+            for s in by_role.values()
+        },
+    )
+
+
+def _side_effects(before: ModelSnapshot, model: nn.Module) -> CheckResult:
+    """Check 5: per-module modes, parameters and buffers are what they were."""
+    changes = before.differences(snapshot_model(model))
+    return CheckResult(
+        name="no_side_effects", passed=not changes,
+        message=f"the model changed: {changes[:5]}" if changes
+        else f"modes of {len(before.modes)} modules and {len(before.tensors)} tensors unchanged",
+        details={"changes": changes},
+    )
+
+
+def validate_pair(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    onnx_dir: Path | str,
+    *,
+    device: str = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    extra_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+    baseline: ModelSnapshot | None = None,
+) -> ValidationReport:
+    """Checks ``onnx_dir/model.{train,infer}.onnx`` against ``model`` and against each other.
+
+    Args:
+        model: The model the graphs were exported from; it is not changed.
+        example_inputs: The example inputs of the export: random inputs copy their shapes and
+            dtypes (integer inputs are drawn in ``[0, max(example) + 1)``).
+        onnx_dir: The folder :func:`~graphtricks.onnx.export_pair` wrote.
+        device: ``"auto"`` (CUDA when onnxruntime-gpu and a GPU are present), ``"cpu"`` or
+            ``"cuda"`` (an error when unavailable or when ONNX Runtime falls back to CPU).
+        atol: Absolute tolerance for floating-point outputs; by dtype and device when None.
+        rtol: Relative tolerance for floating-point outputs; by dtype and device when None.
+        seeds: One random input set per seed.
+        extra_inputs: More input sets to compare on, e.g. real data.
+        baseline: A snapshot taken before export, so the side-effect check covers it too.
+
+    Returns:
+        The report; ``report.passed`` tells whether every check passed.
+
+    Raises:
+        ValidationError: A file is missing or truncated, the device is unavailable, or inputs
+            do not fit the graphs (wrong number, dtype or shape).
+
+    Example:
+        >>> report = validate_pair(model, (torch.randn(2, 3, 32, 32),), Path("out"), device="cpu")
+        >>> report.passed
+        True
+    """
+    start = time.perf_counter()
+    inputs = as_input_tuple(example_inputs, "example_inputs", ValidationError)
+    extra = [
+        as_input_tuple(x, f"extra_inputs[{i}]", ValidationError)
+        for i, x in enumerate(extra_inputs or [])
+    ]
+    seeds = list(seeds)
+    integers = all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not integers or not (seeds or extra):
+        raise ValidationError(
+            f"seeds must be integers, and seeds or extra_inputs non-empty; got {seeds!r}"
+        )
+    onnx_dir = Path(onnx_dir)
+    train = load_model(onnx_dir / TRAIN_FILE, "train")
+    infer = load_model(onnx_dir / INFER_FILE, "inference")
+    asked = resolve_device(device)
+    strict = device == "cuda"
+    before = baseline if baseline is not None else snapshot_model(model)
+    report = ValidationReport(device=asked, seeds=seeds)
+    tolerance = ToleranceTable(asked, atol, rtol)
+    batch = _dynamic_batch(infer, inputs)
+    if batch is not None:
+        report.notes.append(f"dimension 0 is dynamic: also validated at batch size {batch}")
+    input_sets = _input_sets(inputs, seeds, extra, batch)
+
+    train_device, bns = asked, train_mode_batchnorms(train)
+    if asked == "cuda" and bns and opset_of(train) >= 14:
+        train_device = "cpu"
+        report.notes.append(
+            f"the train graph has {len(bns)} BatchNormalization node(s) with training_mode=1, "
+            "which ONNX Runtime's CUDA provider refuses at opset >= 14 (onnxruntime#16867): "
+            "train-graph checks ran on CPUExecutionProvider, against PyTorch train mode on CPU"
+        )
+    disabled: tuple[str, ...] = ()
+    if bns:
+        disabled = TRAIN_BN_DISABLED_OPTIMIZERS
+        report.notes.append(
+            f"train-graph sessions ran with disabled_optimizers={list(disabled)}: with it, ONNX "
+            "Runtime merges equal initializers and train-mode BatchNormalization then overwrites "
+            "its scale (onnxruntime#29790); run the train graph the same way"
+        )
+    sessions: list[Session] = []
+    with torch_numerics(asked):
+        sessions.append(make_session(infer, asked, "infer", strict))
+        for input_set in input_sets:  # wrong inputs are the user's error: say so before any run
+            session_feed(sessions[-1].inner, input_set.tensors, input_set.label)
+        report.checks += check_infer_vs_eager(sessions[-1], model, input_sets, tolerance)
+
+        neutral = neutralised_dropout_copy(train)
+        sessions.append(
+            make_session(neutral, train_device, "train_deterministic", strict, disabled)
+        )
+        deterministic, eager_ps = check_train_deterministic(
+            sessions[-1], model, input_sets, tolerance
+        )
+        report.checks += deterministic
+
+        infos = dropout_infos(train)
+        report.checks.append(check_dropout_count(infos, eager_ps))
+        rates = []
+        for i, input_set in enumerate(input_sets if infos else []):
+            # With a seed attribute ORT draws the same mask at every run, so each input set
+            # gets its own session and seed: independent masks, reproducible report. ORT seeds
+            # 0 and 1 give the same masks (an LCG maps seed 0 to 1): keep seeds >= 1.
+            base = input_set.seed if input_set.seed is not None else 1_000_003 + i
+            node_seed = 1 + base % (2**31 - 2)
+            exposed = exposed_dropout_copy(train, seed=node_seed)
+            sessions.append(make_session(exposed, train_device, "train_dropout", strict, disabled))
+            rates += check_dropout_rates(sessions[-1], infos, [input_set])
+        report.checks += rates
+        if infos:
+            weak = sorted({str(r.output) for r in rates if r.details.get("conclusive") is False})
+            if weak:
+                report.notes.append(
+                    f"Dropout node(s) {weak} see too few non-zero elements for the keep-rate test "
+                    "to tell an inert dropout apart; validate with larger inputs"
+                )
+
+    report.checks += [
+        check_io(train, infer),
+        check_weights(train, infer),
+        check_operators(train, infer),
+        check_infer_has_no_train_ops(infer),
+        _provenance(sessions),
+        _side_effects(before, model),
+    ]
+    report.providers = {s.role: s.providers for s in sessions}
+    report.tolerances = dict(tolerance.used)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,219 @@
+"""Tests of export_pair: files, names, opsets, repairs, atomicity, no side effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import nn
+
+import graphtricks.onnx.export as export_module
+from graphtricks.errors import ExportError
+from graphtricks.onnx import (
+    INFER_FILE,
+    MAX_OPSET,
+    MIN_OPSET,
+    TRAIN_FILE,
+    export_pair,
+    fixups,
+    snapshot_model,
+)
+from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
+
+
+class ConvBnNet(nn.Module):
+    """Conv-BN-ReLU-Dropout, the smallest model with both train-only behaviours."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class FeatureDropoutNet(nn.Module):
+    """Dropout2d in train mode has no TorchScript ONNX symbolic: export must fail cleanly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.drop = nn.Dropout2d(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.conv(x))
+
+
+@pytest.fixture
+def cnn() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return ConvBnNet(), (torch.randn(4, 3, 8, 8),)
+
+
+def test_export_writes_both_graphs_and_no_temp_files(tmp_path, cnn):
+    model, inputs = cnn
+    result = export_pair(model, inputs, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([TRAIN_FILE, INFER_FILE])
+    train, infer = onnx.load(result.train_path), onnx.load(result.infer_path)
+    assert train_mode_batchnorms(train) and not train_mode_batchnorms(infer)
+    assert [d.training for d in dropout_infos(train)] == [True]
+    assert dropout_infos(infer) == []
+    for graph in (train, infer):
+        assert [i.name for i in graph.graph.input] == ["x"]
+        assert [o.name for o in graph.graph.output] == ["output"]
+    assert result.to_dict()["opset"] == 18 and result.warnings == ()
+
+
+def test_export_leaves_model_modes_and_buffers_alone(tmp_path, cnn):
+    model, inputs = cnn
+    model.train()
+    model.bn.eval()  # a frozen BN inside a training model: per-module flags must survive
+    before = snapshot_model(model)
+    export_pair(model, inputs, tmp_path)
+    assert before.differences(snapshot_model(model)) == []
+    assert model.training and not model.bn.training
+    assert int(model.bn.num_batches_tracked) == 0
+
+
+def test_train_graph_carries_the_models_running_stats(tmp_path, cnn):
+    model, inputs = cnn
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+    result = export_pair(model, inputs, tmp_path)
+    for path in (result.train_path, result.infer_path):
+        inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+        assert (inits["bn.running_mean"] == 0.5).all()
+    assert any("reset" in r for r in result.repairs)
+
+
+@pytest.mark.parametrize("opset", [7, MIN_OPSET - 1, MAX_OPSET + 1, 99, "18", True])
+def test_unsupported_opset_is_a_one_line_export_error(tmp_path, cnn, opset):
+    model, inputs = cnn
+    with pytest.raises(ExportError, match="opset") as info:
+        export_pair(model, inputs, tmp_path / "out", opset=opset)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exporter_failure_writes_nothing_and_prints_nothing(tmp_path, capfd):
+    model = FeatureDropoutNet()
+    with pytest.raises(ExportError, match="feature_dropout") as info:
+        export_pair(model, (torch.randn(2, 3, 4, 4),), tmp_path / "out")
+    assert "\n" not in str(info.value) and info.value.__cause__ is not None
+    assert not (tmp_path / "out").exists()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_attention_dropout_gets_its_training_mode(tmp_path):
+    torch.manual_seed(0)
+    result = export_pair(AttentionNet(), (torch.randn(2, 5, 16),), tmp_path)
+    assert any("training_mode" in r for r in result.repairs)
+    assert [d.training for d in dropout_infos(onnx.load(result.train_path))] == [True]
+
+
+def test_model_dropping_out_in_eval_mode_is_refused(tmp_path):
+    class FunctionalDropout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(self.lin(x), 0.5, self.training)
+
+    # traced in train mode, fx bakes training=True in: eval() no longer turns the dropout off
+    traced = torch.fx.symbolic_trace(FunctionalDropout().train())
+    with pytest.raises(ExportError, match="eval mode"):
+        export_pair(traced, (torch.randn(2, 4),), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_graph_disagreeing_with_pytorch_is_not_written(tmp_path, cnn, monkeypatch):
+    real = export_module.export_mode
+
+    def inference_bn(model, inputs, *, train, opset, **kwargs):
+        graph, shown = real(model, inputs, train=train, opset=opset, **kwargs)
+        for node in graph.graph.node:  # what the dynamo exporter does: running stats in train
+            if node.op_type == "BatchNormalization":
+                node.attribute.remove(next(a for a in node.attribute if a.name == "training_mode"))
+                node.attribute.append(helper.make_attribute("training_mode", 0))
+                del node.output[1:]
+        return graph, shown
+
+    monkeypatch.setattr(export_module, "export_mode", inference_bn)
+    model, inputs = cnn
+    with pytest.raises(ExportError, match="disagrees with PyTorch train mode"):
+        export_pair(model, inputs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_and_dynamic_batch(tmp_path, cnn):
+    model, inputs = cnn
+    result = export_pair(
+        model, inputs, tmp_path, input_names=["image"], output_names=["logits"], dynamic_batch=True
+    )
+    for path in (result.train_path, result.infer_path):
+        graph = onnx.load(path).graph
+        assert graph.input[0].name == "image" and graph.output[0].name == "logits"
+        assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    with pytest.raises(ExportError, match="output_names"):
+        export_pair(model, inputs, tmp_path / "bad", output_names=["a", "b"])
+
+
+def test_bad_inputs_and_out_dir_are_export_errors(tmp_path, cnn):
+    model, inputs = cnn
+    with pytest.raises(ExportError, match="example_inputs"):
+        export_pair(model, ("not a tensor",), tmp_path / "a")
+    with pytest.raises(ExportError, match="rejects"):
+        export_pair(model, (torch.randn(4, 5, 8, 8),), tmp_path / "b")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export_pair(model, inputs, tmp_path / "file")
+
+
+def _graph(nodes, inits, outputs=("y",)) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [4]) for o in outputs],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fixups_on_hand_made_graphs():
+    # SDPA's Dropout without training_mode: switched on in the train graph
+    untagged = _graph([helper.make_node("Dropout", ["x", "r"], ["y"], name="d")],
+                      {"r": np.array(0.1, np.float32)})
+    assert fixups.activate_untagged_dropouts(untagged) == ["d"]
+    assert dropout_infos(untagged)[0].training is True
+    # an inert Dropout in the inference graph disappears, its consumers rewired
+    inert = _graph([helper.make_node("Dropout", ["x", "r"], ["h"], name="d"),
+                    helper.make_node("Neg", ["h"], ["y"])], {"r": np.array(0.1, np.float32)})
+    assert fixups.strip_inert_dropouts(inert) == (["d"], [])
+    assert [n.op_type for n in inert.graph.node] == ["Neg"] and inert.graph.node[0].input[0] == "x"
+    # a training Dropout in the inference graph is reported, not removed
+    training = _graph([helper.make_node("Dropout", ["x", "r", "t"], ["y"], name="d")],
+                      {"r": np.array(0.1, np.float32), "t": np.array(True)})
+    assert fixups.strip_inert_dropouts(training) == ([], ["d"])
+    # eval-mode initializer dedup (Identity from a shared weight) is undone
+    dedup = _graph([helper.make_node("Identity", ["w"], ["w2"]),
+                    helper.make_node("Add", ["x", "w2"], ["y"])], {"w": np.ones(4, np.float32)})
+    assert fixups.undo_initializer_dedup(dedup) == ["w2"]
+    assert [n.op_type for n in dedup.graph.node] == ["Add"]
+    onnx.checker.check_model(dedup)

@@ -2,7 +2,8 @@
 
 A new pass without an entry in ``PASS_CONFIGS`` fails here, so no pass ships untested.
 Checks: graph lint, output shape, eval equivalence where the pass claims it, idempotence,
-train-mode forward and backward, and the save/load round trip.
+train-mode forward and backward, the save/load round trip, and the ONNX round trip
+(both graphs exported and validated with ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.fx as fx
 
 import graphtricks as gt
+from graphtricks.onnx import export_pair, validate_pair
 from graphtricks.passes import PASSES
 from graphtricks.saving import load, save
 from tests.conftest import EXAMPLE_MODELS, example
@@ -75,6 +77,11 @@ def test_conformance(pass_name, spec, tmp_path):
     assert set(reloaded.state_dict()) == set(rewritten.state_dict())
     if isinstance(rewritten, fx.GraphModule):
         assert isinstance(reloaded, fx.GraphModule)
+
+    exported = export_pair(rewritten, inputs, folder)
+    report = validate_pair(rewritten, inputs, folder, device="cpu", seeds=(0,))
+    assert report.passed, report.summary()
+    assert exported.train_path.is_file()
 
 
 def _abs(spec: str) -> str:

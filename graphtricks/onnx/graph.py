@@ -171,17 +171,21 @@ def neutralised_dropout_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def exposed_dropout_copy(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     """A copy of ``model`` with each Dropout's data input and output added as graph outputs.
 
-    The Dropout nodes get ``seed`` so that one session gives the same masks run after run.
-    The added outputs carry no type: ONNX Runtime infers it.
+    The Dropout nodes get seeds derived from ``seed`` so that one session gives the same masks
+    run after run. Each node gets its own: with one shared seed, same-shaped Dropouts draw the
+    same mask, and a Dropout fed by an earlier one then only "drops" elements already zero,
+    which reads as an inert Dropout. The added outputs carry no type: ONNX Runtime infers it.
     """
     out = copy.deepcopy(model)
     present = {o.name for o in out.graph.output}
+    index = 0
     for node in out.graph.node:
         if node.op_type != "Dropout":
             continue
+        index += 1
         kept = [a for a in node.attribute if a.name != "seed"]
         del node.attribute[:]
-        node.attribute.extend(kept + [helper.make_attribute("seed", int(seed))])
+        node.attribute.extend(kept + [helper.make_attribute("seed", int(seed) * 7919 + index)])
         for name in (node.input[0], node.output[0]):
             if name not in present:
                 out.graph.output.append(helper.make_empty_tensor_value_info(name))

@@ -10,11 +10,15 @@ from graphtricks.capture import Region, RegionTree, capture
 from graphtricks.errors import GraphtricksError
 from graphtricks.passes import (
     PASSES,
+    AddResidual,
     BatchNormToLayerNorm,
     GraphtricksPass,
+    Initialize,
     InsertDropout,
     NoChangeWarning,
+    add_residual,
     bn_to_ln,
+    initialize,
     insert_dropout,
 )
 from graphtricks import recipe
@@ -26,9 +30,11 @@ from graphtricks.saving import load, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "AddResidual",
     "BatchNormToLayerNorm",
     "GraphtricksError",
     "GraphtricksPass",
+    "Initialize",
     "InsertDropout",
     "NoChangeWarning",
     "PASSES",
@@ -38,7 +44,9 @@ __all__ = [
     "Report",
     "RewriteResult",
     "capture",
+    "add_residual",
     "bn_to_ln",
+    "initialize",
     "insert_dropout",
     "load",
     "load_model",

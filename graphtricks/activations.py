@@ -19,6 +19,10 @@ __all__ = [
     "activation_name",
     "activation_kwargs",
     "normalise_activation_name",
+    "ACTIVATION_INIT",
+    "activation_init",
+    "module_activation_kwargs",
+    "node_activation_kwargs",
 ]
 
 ACTIVATION_MODULES: dict[type, str] = {
@@ -105,3 +109,62 @@ def activation_kwargs(node: fx.Node, gm: fx.GraphModule) -> dict:
         slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
         return {"negative_slope": slope} if isinstance(slope, (int, float)) else {}
     return {}
+
+
+# -- initialisation ------------------------------------------------------------------------
+# For graph-aware initializers: each activation's family ("he" for rectifiers, "xavier" for
+# saturating or gating functions) and the ``nn.init.calculate_gain`` name of its gain.
+# Rectifiers PyTorch has no gain for take ReLU's; those with a negative slope use leaky_relu's.
+ACTIVATION_INIT: dict[str, tuple[str, str]] = {
+    **{name: ("he", "relu") for name in (
+        "ReLU", "ReLU6", "ELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish", "Softplus", "Threshold")},
+    **{name: ("he", "leaky_relu") for name in ("LeakyReLU", "PReLU", "RReLU")},
+    "SELU": ("he", "selu"),
+    "Tanh": ("xavier", "tanh"),
+    **{name: ("xavier", "linear") for name in ("Hardtanh", "Softsign", "Tanhshrink", "GLU")},
+    **{name: ("xavier", "sigmoid") for name in ("Sigmoid", "Hardsigmoid", "LogSigmoid")},
+}
+
+
+def activation_init(name: str, kwargs: dict | None = None) -> tuple[str, float]:
+    """(family, gain) of an activation: ``("he", 1.414…)`` for ReLU, ``("xavier", 5/3)`` for Tanh.
+
+    Args:
+        name: an activation name from this table (``"LeakyReLU"``).
+        kwargs: its gain parameters (``{"negative_slope": 0.2}``), as from ``node_activation_kwargs``.
+
+    Example:
+        >>> activation_init("LeakyReLU", {"negative_slope": 0.2})
+        ('he', 1.3867504905630728)
+    """
+    family, gain_name = ACTIVATION_INIT.get(name, ("xavier", "linear"))
+    slope = (kwargs or {}).get("negative_slope")
+    if gain_name == "leaky_relu":
+        return family, nn.init.calculate_gain("leaky_relu", 0.01 if slope is None else slope)
+    return family, nn.init.calculate_gain(gain_name)
+
+
+def module_activation_kwargs(module: nn.Module) -> dict:
+    """The gain parameters of an activation module: LeakyReLU's slope, PReLU's mean learnt slope,
+    RReLU's mean random slope."""
+    if isinstance(module, nn.LeakyReLU):
+        return {"negative_slope": float(module.negative_slope)}
+    if isinstance(module, nn.PReLU) and module.weight.device.type != "meta":
+        return {"negative_slope": float(module.weight.detach().float().mean())}
+    if isinstance(module, nn.RReLU):
+        return {"negative_slope": (module.lower + module.upper) / 2}
+    return {}
+
+
+def node_activation_kwargs(node: fx.Node, gm: fx.GraphModule) -> dict:
+    """The gain parameters of an activation node in any form (module, functional, method)."""
+    if node.op == "call_module":
+        return module_activation_kwargs(gm.get_submodule(node.target))
+    if node.op == "call_function" and node.target in (F.rrelu, F.rrelu_):
+        args = {"lower": 1.0 / 8, "upper": 1.0 / 3, **dict(zip(("lower", "upper"), node.args[1:3])), **node.kwargs}
+        if isinstance(args["lower"], (int, float)) and isinstance(args["upper"], (int, float)):
+            return {"negative_slope": (args["lower"] + args["upper"]) / 2}
+        return {}
+    if node.target in (F.prelu, torch.prelu, "prelu"):
+        return {"negative_slope": 0.25}  # the slope is a tensor in the graph; PyTorch's default
+    return activation_kwargs(node, gm)

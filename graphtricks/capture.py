@@ -403,9 +403,12 @@ def _carry_over_state(original: nn.Module, gm: fx.GraphModule) -> None:
     state-dict entry of the original (unused heads, train-only branches, tied weights), and
     an opaque parent may read plain attributes of a child (``self.attn.num_heads``).
     """
+    preserved = gm.meta.setdefault("_user_preserved_attributes", {})
     for name, value in vars(original).items():
         if not name.startswith("_") and name != "training" and not hasattr(gm, name):
             setattr(gm, name, value)
+            # GraphModule's deepcopy keeps only attributes listed here.
+            preserved[name] = value
     have = set(gm.state_dict(keep_vars=True).keys())
     original_modules = dict(original.named_modules())
     for key, tensor in original.state_dict(keep_vars=True).items():

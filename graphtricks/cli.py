@@ -22,7 +22,7 @@ from rich.tree import Tree
 
 from graphtricks.errors import GraphtricksError, PassError, SpecError
 from graphtricks.loading import load_model, load_weights, parse_model_args
-from graphtricks.passes import PASSES, GraphtricksPass, pass_from_config
+from graphtricks.passes import PASSES, GraphtricksPass, candidate_blocks, pass_from_config
 from graphtricks.passes.dropout import DROPOUT_KINDS
 from graphtricks.recipe import read_recipe
 from graphtricks.shapes import DTYPES, make_example_inputs, parse_input_shapes
@@ -231,8 +231,8 @@ def rewrite(
     trust_pickle: TrustPickleOpt = False,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="Insert dropout with this p after activations.")] = None,
     dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", help="element or channel dropout.")] = DropoutKind.element,
-    residual: Annotated[Optional[list[str]], typer.Option("--residual", help="Wrap blocks matching this glob with a shortcut (repeatable).")] = None,
-    residual_span: Annotated[Optional[list[str]], typer.Option("--residual-span", help="Wrap a node span FIRST:LAST of a traced region.")] = None,
+    residual: Annotated[Optional[list[str]], typer.Option("--residual", help="Wrap blocks whose qualified name matches (repeatable; * and ? stop at dots, ** crosses them).")] = None,
+    residual_span: Annotated[Optional[list[str]], typer.Option("--residual-span", help="Wrap a node span FIRST:LAST (or REGION/FIRST:LAST) of a traced region.")] = None,
     shortcut: Annotated[Shortcut, typer.Option("--shortcut", help="Shortcut kind.")] = Shortcut.auto,
     shortcut_norm: Annotated[bool, typer.Option("--shortcut-norm", help="BatchNorm after a 1x1 conv shortcut.")] = False,
     post_act: Annotated[PostAct, typer.Option("--post-act", help="Activation after the sum.")] = PostAct.none,
@@ -334,7 +334,7 @@ def inspect(
             )
             result = run_rewrite(model, [], inputs, inplace=True)
         summary = summarize(result.tree)
-        summary["candidate_blocks"] = _candidate_blocks(result.tree)
+        summary["candidate_blocks"] = candidate_blocks(result.tree, result.example_inputs)
         if prior:
             summary["recipe"] = prior
         if as_json:
@@ -353,10 +353,13 @@ def inspect(
             out.print(f"{title.replace('_', ' ')}: {items}")
         if summary["candidate_blocks"]:
             table = Table(title="candidate blocks for --residual")
-            for column in ("block", "input", "output"):
+            for column in ("block", "type", "input", "output", "auto shortcut"):
                 table.add_column(column)
             for block in summary["candidate_blocks"]:
-                table.add_row(block["name"], str(block.get("input_shape")), str(block.get("output_shape")))
+                table.add_row(
+                    block["name"], block.get("type", ""), str(block.get("input_shape")), str(block.get("output_shape")),
+                    str(block.get("shortcut") or "none fits") + (" (wrapped)" if block.get("wrapped") else ""),
+                )
             out.print(table)
 
 
@@ -477,14 +480,6 @@ def validate(
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.2e}" if isinstance(value, float) else str(value)
-
-
-def _candidate_blocks(tree) -> list[dict]:
-    try:
-        from graphtricks.passes.residual import candidate_blocks
-    except ImportError:
-        return []
-    return candidate_blocks(tree)
 
 
 def main() -> None:

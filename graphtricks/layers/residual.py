@@ -15,7 +15,6 @@ from __future__ import annotations
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -126,7 +125,10 @@ class PadShortcut(nn.Module):
             x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)]
         extra = self.out_channels - self.in_channels
         if extra:
-            x = F.pad(x, [0, 0] * len(self.stride) + [0, extra])
+            # Zeros concatenated rather than F.pad: after an ONNX Pad the TorchScript exporter
+            # loses static shapes, and a later adaptive pool then cannot be exported.
+            zeros = torch.zeros_like(x[:, :1]).expand(-1, extra, *([-1] * len(self.stride)))
+            x = torch.cat([x, zeros], dim=1)
         return x
 
     def extra_repr(self) -> str:

@@ -99,7 +99,7 @@ CORPUS = [
     Entry("timm:ghostnet_050", _timm("ghostnet_050"), IMG),
     Entry("timm:resnet18d", _timm("resnet18d"), IMG),
     Entry("timm:mobilevitv2_050", _timm("mobilevitv2_050"), IMG),
-    Entry("hf:bert", _hf("BertConfig", "BertModel", **_SMALL_TEXT), (2, 12), "int64", fast=True),
+    Entry("hf:bert", _hf("BertConfig", "BertModel", **_SMALL_TEXT), (2, 12), "int64"),
     Entry("hf:gpt2", _hf("GPT2Config", "GPT2Model", n_embd=64, n_layer=2, n_head=4, vocab_size=1000), (2, 12), "int64"),
     Entry("hf:llama", _hf("LlamaConfig", "LlamaModel", **_SMALL_TEXT), (2, 12), "int64"),
     Entry("hf:t5-encoder", _hf("T5Config", "T5EncoderModel", d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=1000), (2, 12), "int64"),

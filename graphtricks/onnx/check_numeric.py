@@ -1,9 +1,11 @@
 """Checks 1 and 2a: ONNX outputs against PyTorch, output by output and input set by input set.
 
 Check 1 runs the inference graph against the model in eval mode. Check 2a runs the train graph
-with every Dropout's ratio set to 0 against the model in train mode with dropout turned into the
-identity; BatchNorm uses batch statistics on both sides, which is what tells a train-mode
-BatchNormalization from an inference-mode one.
+with every Dropout's ratio set to 0 and every random draw fixed at the lowest value of its
+distribution (``train_only.deterministic_train_copy``) against the model in train mode with
+dropout turned into the identity and the same draws fixed (``draws``): stochastic depth keeps
+every sample, scaled by ``1 / keep_prob``, on both sides. BatchNorm uses batch statistics on both
+sides, which is what tells a train-mode BatchNormalization from an inference-mode one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import reference_copy, run_reference
 from graphtricks.onnx.inputs import session_feed
 from graphtricks.onnx.report import CheckResult, Tolerance
@@ -151,10 +154,10 @@ def check_infer_vs_eager(
     reference = reference_copy(model, train=False, device=session.device)
     results, eval_dropouts = [], []
     for input_set in input_sets:
-        expected, calls = run_reference(
+        expected, seen = run_reference(
             reference, input_set.tensors, device=session.device, neutralise=False
         )
-        eval_dropouts.extend(calls)
+        eval_dropouts.extend(seen.calls)
         results += _compare_all("infer_vs_eager", "infer", session, input_set, expected, tolerance)
     if eval_dropouts:
         results.append(
@@ -173,18 +176,20 @@ def check_train_deterministic(
     model: nn.Module,
     input_sets: Sequence[InputSet],
     tolerance: Callable[[torch.dtype], Tolerance],
-) -> tuple[list[CheckResult], list[float]]:
-    """Check 2a: the train graph with dropout neutralised against the model in train mode.
+) -> tuple[list[CheckResult], list[float], list[Draw]]:
+    """Check 2a: the train graph made deterministic against the model in train mode.
 
     Args:
-        session: A session of the train graph with every Dropout ratio set to 0.
+        session: A session of the train graph's deterministic copy (Dropout ratios 0, random
+            draws fixed).
         model: The PyTorch model (not changed: a copy runs, and its running stats move).
         input_sets: The inputs to compare on.
         tolerance: Gives the tolerance of an output dtype.
 
     Returns:
-        One result per output and input set, and the drop probabilities PyTorch applied in one
-        train-mode forward (for the Dropout count check).
+        One result per output and input set, the drop probabilities PyTorch applied in one
+        train-mode forward (for the Dropout count check), and the random draws it made (for the
+        random-draw checks).
 
     Raises:
         ValidationError: The inputs do not fit the graph, or the model rejects them.
@@ -192,13 +197,14 @@ def check_train_deterministic(
     reference = reference_copy(model, train=True, device=session.device)
     results: list[CheckResult] = []
     per_forward: list[float] = []
+    draws: list[Draw] = []
     for i, input_set in enumerate(input_sets):
-        expected, calls = run_reference(
+        expected, seen = run_reference(
             reference, input_set.tensors, device=session.device, neutralise=True
         )
         if i == 0:
-            per_forward = calls
+            per_forward, draws = seen.calls, seen.draws
         results += _compare_all(
             "train_deterministic", "train", session, input_set, expected, tolerance
         )
-    return results, per_forward
+    return results, per_forward, draws

@@ -1,7 +1,9 @@
 """The PyTorch side of validation: reference runs on copies, dropout interception, snapshots.
 
 The model handed to export or validation must not change, so every reference run happens on a
-deep copy; a snapshot of modes, parameters and buffers taken before and after proves it.
+deep copy; a snapshot of modes, parameters and buffers taken before and after proves it. Export
+and reference runs call the model the same way (:func:`call_model`) and flatten its outputs the
+same way (:func:`named_outputs`), so the graph's outputs and PyTorch's line up.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from graphtricks.errors import ValidationError
+from graphtricks.onnx.draws import DRAW_FUNCTIONS, Draw, draw
 
 __all__ = [
     "DropoutInterceptor",
@@ -27,6 +31,9 @@ __all__ = [
     "reference_copy",
     "run_reference",
     "flatten_outputs",
+    "named_outputs",
+    "forward_kwargs",
+    "call_model",
     "torch_numerics",
 ]
 
@@ -76,20 +83,30 @@ def _argument(args: Sequence, kwargs: dict, name: str, index: int, default: Any)
 
 
 class DropoutInterceptor(TorchFunctionMode):
-    """Records every dropout a forward applies and, optionally, turns it into the identity.
+    """Records every dropout and random draw a forward makes and, optionally, neutralises them.
+
+    Neutralised, a dropout becomes the identity and a random draw takes the lowest value of its
+    distribution (see :mod:`graphtricks.onnx.draws`: stochastic depth then keeps every sample
+    and still scales it by ``1 / keep_prob``).
 
     Attributes:
         calls: The drop probability of each dropout actually applied (p > 0, training on),
             in call order.
+        draws: Each random draw (stochastic depth masks and the like), in call order.
     """
 
     def __init__(self, neutralise: bool) -> None:
         super().__init__()
         self.neutralise = neutralise
         self.calls: list[float] = []
+        self.draws: list[Draw] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in DRAW_FUNCTIONS:
+            record, result = draw(func, args, kwargs, self.neutralise)
+            self.draws.append(record)
+            return result
         site = _SITES.get(func)
         if site is None:
             return func(*args, **kwargs)
@@ -117,14 +134,53 @@ class DropoutInterceptor(TorchFunctionMode):
 
 
 def flatten_outputs(value: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output in the order the ONNX exporter flattens them."""
+    """The tensors of a model's output, depth first (dict values in key order)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in flatten_outputs(item)]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # Hugging Face ModelOutput is an OrderedDict
         return [t for item in value.values() for t in flatten_outputs(item)]
-    return []
+    return []  # None, a Cache object, ...: not a graph output
+
+
+def named_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of :func:`flatten_outputs` with default graph output names.
+
+    A mapping's tensors take their keys (``last_hidden_state``, ``pooler_output``), suffixed
+    ``_0, _1, ...`` when a key holds several; otherwise one tensor is ``output`` and several
+    are ``output_0, output_1, ...``.
+    """
+    if isinstance(value, Mapping):
+        named = []
+        for key, item in value.items():
+            tensors = flatten_outputs(item)
+            names = [str(key)] if len(tensors) == 1 else [f"{key}_{i}" for i in range(len(tensors))]
+            named += zip(names, tensors)
+        return named
+    tensors = flatten_outputs(value)
+    names = ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+    return list(zip(names, tensors))
+
+
+def forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments every export and reference call passes: ``use_cache=False`` if taken.
+
+    Hugging Face decoders return a key/value cache (a ``Cache`` object) when ``use_cache`` is
+    on; a graph of one forward has no use for it, and it is not a tensor output.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    named = params.get("use_cache")
+    takes = named is not None and named.kind in (named.POSITIONAL_OR_KEYWORD, named.KEYWORD_ONLY)
+    return {"use_cache": False} if takes else {}
+
+
+def call_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
+    """Calls ``model`` on ``inputs`` positionally, with :func:`forward_kwargs`."""
+    return model(*inputs, **forward_kwargs(model))
 
 
 def reference_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
@@ -145,17 +201,18 @@ def reference_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
 
 def run_reference(
     model: nn.Module, inputs: Sequence[torch.Tensor], *, device: str, neutralise: bool
-) -> tuple[list[torch.Tensor], list[float]]:
+) -> tuple[list[torch.Tensor], DropoutInterceptor]:
     """Runs ``model`` (a reference copy) on ``inputs``.
 
     Args:
         model: A copy from :func:`reference_copy`; it may change (BN running stats).
         inputs: The inputs, on any device.
         device: Where the copy lives.
-        neutralise: Whether dropout becomes the identity during the run.
+        neutralise: Whether dropout becomes the identity and random draws fixed during the run.
 
     Returns:
-        The flattened outputs on CPU, and the drop probabilities of the dropouts applied.
+        The flattened outputs on CPU, and the interceptor: the drop probabilities of the
+        dropouts applied (``.calls``) and the random draws made (``.draws``).
 
     Raises:
         ValidationError: The model rejects the inputs.
@@ -163,13 +220,13 @@ def run_reference(
     interceptor = DropoutInterceptor(neutralise)
     try:
         with torch.no_grad(), interceptor:
-            out = model(*(t.to(device) for t in inputs))
+            out = call_model(model, [t.to(device) for t in inputs])
     except Exception as e:
         raise ValidationError(
             f"the model rejects the validation inputs ({type(e).__name__}: {e}); "
             "pass example inputs of the shapes and dtypes it expects"
         ) from e
-    return [t.detach().cpu() for t in flatten_outputs(out)], interceptor.calls
+    return [t.detach().cpu() for t in flatten_outputs(out)], interceptor
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ traceback is shown only with ``--verbose``.
 from __future__ import annotations
 
 import json
+import sys
 import traceback
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -19,6 +20,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
+
+try:  # typer >= 0.25 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_exceptions
 
 from graphtricks.errors import GraphtricksError, PassError, SpecError
 from graphtricks.loading import load_model, load_weights, parse_model_args
@@ -483,8 +489,19 @@ def _fmt(value) -> str:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors are one line too (exit code 2)."""
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError:
+        code = 0  # typer has printed the help while building this exception
+    except click_exceptions.UsageError as e:
+        hint = f" (see `graphtricks {e.ctx.info_name} --help`)" if e.ctx and e.ctx.parent else " (see `graphtricks --help`)"
+        err.print(f"[red]error:[/red] {e.format_message()}{hint}", markup=True, highlight=False)
+        code = 2
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -181,8 +181,22 @@ def test_bad_recipe_is_one_line(tmp_path):
     assert result.exit_code == 1 and "probability" in result.output
 
 
-def test_usage_errors_exit_2():
-    assert run("rewrite", CNN, *SHAPE, "--dropout-kind", "spatial", "--dry-run").exit_code == 2
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--init", "glorot"), ("--shortcut", "diagonal"), ("--ln-over", "hw"), ("--dropout-kind", "spatial")],
+)
+def test_unknown_option_values_are_one_line_usage_errors(flag, value):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "graphtricks", "rewrite", CNN, *SHAPE, "--residual", "features.0", flag, value, "--dry-run"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and value in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
 
 
 def test_python_dash_m_runs():

@@ -1,8 +1,9 @@
 """Check 3: the train and inference graphs against each other, without running them.
 
 Both graphs must be the same model: the same inputs and outputs, identical weights, and the
-same operators once train-only ones (Dropout and what parameterises it) are set aside. The
-inference graph must hold no train-only operator at all.
+same operators once train-only ones are set aside: Dropout, the random subgraphs of stochastic
+depth with the node applying their mask, and the constants only they read
+(:mod:`graphtricks.onnx.train_only`). The inference graph must hold no train-only operator.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from graphtricks.onnx.graph import (
     TRAIN_ONLY_OPS,
     initializer_arrays,
     io_signature,
-    operator_multiset,
     train_mode_batchnorms,
-    train_only_feeds,
 )
 from graphtricks.onnx.report import CheckResult
+from graphtricks.onnx.train_only import operator_multiset, train_only_feeds
 
 __all__ = ["check_io", "check_weights", "check_operators", "check_infer_has_no_train_ops"]
 
@@ -143,7 +143,7 @@ def check_operators(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResu
 
 
 def check_infer_has_no_train_ops(infer: onnx.ModelProto) -> CheckResult:
-    """The inference graph holds no Dropout and no BatchNormalization with training_mode=1.
+    """The inference graph holds no Dropout, no random operator and no train-mode BatchNorm.
 
     Args:
         infer: The inference graph.
@@ -160,6 +160,6 @@ def check_infer_has_no_train_ops(infer: onnx.ModelProto) -> CheckResult:
         name="infer_has_no_train_ops", passed=not offenders, graph="infer",
         message=f"inference graph holds train-only nodes: {offenders[:5]}"
         if offenders
-        else "inference graph holds no Dropout and no train-mode BatchNormalization",
+        else "inference graph holds no Dropout, random operator or train-mode BatchNormalization",
         details={"offenders": offenders},
     )

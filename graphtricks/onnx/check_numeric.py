@@ -1,11 +1,11 @@
 """Checks 1 and 2a: ONNX outputs against PyTorch, output by output and input set by input set.
 
 Check 1 runs the inference graph against the model in eval mode. Check 2a runs the train graph
-with every Dropout's ratio set to 0 and every random draw fixed at the lowest value of its
-distribution (``train_only.deterministic_train_copy``) against the model in train mode with
-dropout turned into the identity and the same draws fixed (``draws``): stochastic depth keeps
-every sample, scaled by ``1 / keep_prob``, on both sides. BatchNorm uses batch statistics on both
-sides, which is what tells a train-mode BatchNormalization from an inference-mode one.
+with every Dropout's ratio set to 0 and every random draw replaced by a fixed value
+(``train_only.deterministic_train_copy``) against the model in train mode with dropout turned
+into the identity and the same draws fixed (``draws``): stochastic depth keeps every sample,
+scaled by ``1 / keep_prob``, on both sides. BatchNorm uses batch statistics on both sides,
+which is what tells a train-mode BatchNormalization from an inference-mode one.
 """
 
 from __future__ import annotations

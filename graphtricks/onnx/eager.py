@@ -2,8 +2,8 @@
 
 The model handed to export or validation must not change, so every reference run happens on a
 deep copy; a snapshot of modes, parameters and buffers taken before and after proves it. Export
-and reference runs call the model the same way (:func:`call_model`) and flatten its outputs the
-same way (:func:`named_outputs`), so the graph's outputs and PyTorch's line up.
+and reference runs flatten the model's outputs the same way (:func:`flatten_outputs`), so the
+graph's outputs and PyTorch's line up.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +31,7 @@ __all__ = [
     "run_reference",
     "flatten_outputs",
     "named_outputs",
-    "forward_kwargs",
-    "call_model",
+    "non_tensor_outputs",
     "torch_numerics",
 ]
 
@@ -85,9 +83,9 @@ def _argument(args: Sequence, kwargs: dict, name: str, index: int, default: Any)
 class DropoutInterceptor(TorchFunctionMode):
     """Records every dropout and random draw a forward makes and, optionally, neutralises them.
 
-    Neutralised, a dropout becomes the identity and a random draw takes the lowest value of its
-    distribution (see :mod:`graphtricks.onnx.draws`: stochastic depth then keeps every sample
-    and still scales it by ``1 / keep_prob``).
+    Neutralised, a dropout becomes the identity and a random draw takes a fixed value (see
+    :mod:`graphtricks.onnx.draws`: stochastic depth then keeps every sample and still scales
+    it by ``1 / keep_prob``).
 
     Attributes:
         calls: The drop probability of each dropout actually applied (p > 0, training on),
@@ -163,24 +161,18 @@ def named_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
     return list(zip(names, tensors))
 
 
-def forward_kwargs(model: nn.Module) -> dict[str, Any]:
-    """Keyword arguments every export and reference call passes: ``use_cache=False`` if taken.
+def non_tensor_outputs(value: Any) -> list[str]:
+    """``"key: Type"`` for each entry of a mapping output that holds no tensor and is not None.
 
-    Hugging Face decoders return a key/value cache (a ``Cache`` object) when ``use_cache`` is
-    on; a graph of one forward has no use for it, and it is not a tensor output.
+    Such values (a Hugging Face ``past_key_values`` ``DynamicCache``) are no graph output.
     """
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    named = params.get("use_cache")
-    takes = named is not None and named.kind in (named.POSITIONAL_OR_KEYWORD, named.KEYWORD_ONLY)
-    return {"use_cache": False} if takes else {}
-
-
-def call_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
-    """Calls ``model`` on ``inputs`` positionally, with :func:`forward_kwargs`."""
-    return model(*inputs, **forward_kwargs(model))
+    if not isinstance(value, Mapping):
+        return []
+    return [
+        f"{key}: {type(item).__name__}"
+        for key, item in value.items()
+        if item is not None and not flatten_outputs(item)
+    ]
 
 
 def reference_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
@@ -220,7 +212,7 @@ def run_reference(
     interceptor = DropoutInterceptor(neutralise)
     try:
         with torch.no_grad(), interceptor:
-            out = call_model(model, [t.to(device) for t in inputs])
+            out = model(*(t.to(device) for t in inputs))
     except Exception as e:
         raise ValidationError(
             f"the model rejects the validation inputs ({type(e).__name__}: {e}); "

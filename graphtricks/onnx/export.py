@@ -10,7 +10,7 @@ only, and the train graph is checked against PyTorch before anything is written.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
 import tempfile
 import time
@@ -26,12 +26,15 @@ from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx import fixups
 from graphtricks.onnx.check_dropout import check_dropout_count
 from graphtricks.onnx.check_numeric import InputSet, check_train_deterministic
-from graphtricks.onnx.eager import reference_copy, run_reference, torch_numerics
-from graphtricks.onnx.graph import dropout_infos, neutralised_dropout_copy, train_mode_batchnorms
+from graphtricks.onnx.check_stochastic import check_random_count
+from graphtricks.onnx.eager import torch_numerics
+from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
 from graphtricks.onnx.inputs import as_input_tuple
+from graphtricks.onnx.names import checked_names, default_input_names, eval_outputs
 from graphtricks.onnx.report import Tolerance, default_tolerance
 from graphtricks.onnx.runtime import TRAIN_BN_DISABLED_OPTIMIZERS, make_session
-from graphtricks.onnx.torchscript import export_mode
+from graphtricks.onnx.torchscript import export_mode, export_notes
+from graphtricks.onnx.train_only import deterministic_train_copy, random_subgraphs
 
 __all__ = ["MIN_OPSET", "MAX_OPSET", "TRAIN_FILE", "INFER_FILE", "ExportResult", "export_pair"]
 
@@ -79,39 +82,11 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the result as JSON-able types."""
-        return {
-            "train_path": str(self.train_path),
-            "infer_path": str(self.infer_path),
-            "opset": self.opset,
-            "exporter": self.exporter,
-            "input_names": list(self.input_names),
-            "output_names": list(self.output_names),
-            "dynamic_batch": self.dynamic_batch,
-            "repairs": list(self.repairs),
-            "notes": list(self.notes),
-            "warnings": list(self.warnings),
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def _names(given: Any, count: int, default: list[str], what: str) -> list[str]:
-    if given is None:
-        return default
-    names = list(given)
-    distinct = len(set(names)) == len(names) and all(isinstance(n, str) for n in names)
-    if len(names) != count or not distinct:
-        raise ExportError(f"{what} must be {count} distinct strings, got {names!r}")
-    return names
-
-
-def _default_input_names(model: nn.Module, count: int) -> list[str]:
-    """The forward's parameter names when they fit, else input_0, input_1, ..."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return positional[:count] if len(positional) >= count else [f"input_{i}" for i in range(count)]
+        out = dataclasses.asdict(self)
+        out.update(train_path=str(self.train_path), infer_path=str(self.infer_path))
+        out.update({k: list(v) for k, v in out.items() if isinstance(v, tuple)})
+        out["seconds"] = round(self.seconds, 3)
+        return out
 
 
 def _repair(model: nn.Module, train: onnx.ModelProto, infer: onnx.ModelProto) -> list[str]:
@@ -148,7 +123,11 @@ def _repair(model: nn.Module, train: onnx.ModelProto, infer: onnx.ModelProto) ->
 
 
 def _verify_train_graph(model: nn.Module, inputs: tuple, train: onnx.ModelProto) -> None:
-    """Refuses a train graph that disagrees with PyTorch train mode on the example inputs."""
+    """Refuses a train graph that disagrees with PyTorch train mode on the example inputs.
+
+    Dropout is neutralised and random draws (stochastic depth) fixed on both sides, and the
+    graph must hold as many Dropouts and random operators as PyTorch applies.
+    """
 
     def tolerance(dtype: torch.dtype) -> Tolerance:
         tol = default_tolerance(dtype, "cpu")
@@ -157,14 +136,15 @@ def _verify_train_graph(model: nn.Module, inputs: tuple, train: onnx.ModelProto)
     disabled = TRAIN_BN_DISABLED_OPTIMIZERS if train_mode_batchnorms(train) else ()
     try:
         session = make_session(
-            neutralised_dropout_copy(train), "cpu", "train_deterministic", True, disabled
+            deterministic_train_copy(train), "cpu", "train_deterministic", True, disabled
         )
-        results, eager_ps = check_train_deterministic(
+        results, eager_ps, draws = check_train_deterministic(
             session, model, [InputSet("example inputs", None, inputs)], tolerance
         )
     except ValidationError as e:
         raise ExportError(f"cannot verify the train graph: {e}") from e
     results.append(check_dropout_count(dropout_infos(train), eager_ps))
+    results.append(check_random_count(random_subgraphs(train), draws))
     failed = [r for r in results if not r.passed]
     if failed:
         raise ExportError(
@@ -220,10 +200,11 @@ def export_pair(
             graphs were exported, repaired and verified.
         opset: The ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET``.
         input_names: Graph input names; defaults to the forward's parameter names.
-        output_names: Graph output names; defaults to ``output`` or ``output_0, output_1, ...``.
+        output_names: Graph output names; defaults to ``output`` or ``output_0, output_1, ...``,
+            or to the keys of a mapping output (``last_hidden_state`` of a ``ModelOutput``).
         dynamic_batch: Makes dimension 0 of every input and output symbolic (``batch``).
-        verify: Checks the train graph against PyTorch train mode (dropout neutralised)
-            before writing.
+        verify: Checks the train graph against PyTorch train mode (dropout neutralised, random
+            draws such as stochastic depth fixed) before writing.
 
     Returns:
         The paths, names, repairs and warnings of the export.
@@ -246,19 +227,12 @@ def export_pair(
     inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
     out_dir = Path(out_dir)
     with torch_numerics("cpu"):
-        try:
-            twin = reference_copy(model, train=False, device="cpu")
-            outputs, _ = run_reference(twin, inputs, device="cpu", neutralise=False)
-        except ValidationError as e:
-            raise ExportError(str(e)) from e
-        if not outputs:
-            raise ExportError("the model returns no tensor; nothing to export")
-        default_in = _default_input_names(model, len(inputs))
-        in_names = _names(input_names, len(inputs), default_in, "input_names")
-        default_out = [f"output_{i}" for i in range(len(outputs))]
-        if len(outputs) == 1:
-            default_out = ["output"]
-        out_names = _names(output_names, len(outputs), default_out, "output_names")
+        named, left_out = eval_outputs(model, inputs)
+        outputs = [t for _, t in named]
+        default_in = default_input_names(model, len(inputs))
+        in_names = checked_names(input_names, len(inputs), default_in, "input_names")
+        default_out = [n for n, _ in named]
+        out_names = checked_names(output_names, len(outputs), default_out, "output_names")
         kwargs: dict[str, Any] = {"input_names": in_names, "output_names": out_names}
         if dynamic_batch:
             ranked = [n for n, t in zip(in_names, inputs) if t.dim()] + [
@@ -279,7 +253,9 @@ def export_pair(
         if verify:
             _verify_train_graph(model, inputs, train)
     _write_atomically(out_dir, {TRAIN_FILE: train, INFER_FILE: infer})
-    notes = []
+    notes = export_notes(model)
+    if left_out:
+        notes.append(f"outputs that hold no tensor are not graph outputs: {left_out}")
     if train_mode_batchnorms(train):
         notes.append(
             "run the train graph in ONNX Runtime with disabled_optimizers="

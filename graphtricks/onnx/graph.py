@@ -1,5 +1,8 @@
 """Reading and editing ONNX graphs: loading with clear errors, Dropout and BatchNorm surgery.
 
+Random subgraphs (stochastic depth) and the train-only part of a graph are in
+:mod:`graphtricks.onnx.train_only`.
+
 Only the top-level graph is inspected and edited; Dropout or BatchNormalization inside
 control-flow subgraphs (If/Loop bodies) is not seen by these helpers.
 """
@@ -7,7 +10,6 @@ control-flow subgraphs (If/Loop bodies) is not seen by these helpers.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from onnx import helper, numpy_helper
 from graphtricks.errors import ValidationError
 
 __all__ = [
+    "RANDOM_OPS",
     "TRAIN_ONLY_OPS",
     "DropoutInfo",
     "load_model",
@@ -28,14 +31,17 @@ __all__ = [
     "exposed_dropout_copy",
     "initializer_arrays",
     "io_signature",
-    "train_only_feeds",
-    "operator_multiset",
     "opset_of",
 ]
 
+# ONNX operators that draw random numbers: in a train graph, stochastic depth's masks.
+RANDOM_OPS = frozenset(
+    {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli",
+     "Multinomial"}
+)
 # Ops that only exist in the train graph. BatchNormalization is in both graphs (training_mode
 # 1 vs 0), so it is told apart by its attribute, not listed here.
-TRAIN_ONLY_OPS = frozenset({"Dropout"})
+TRAIN_ONLY_OPS = frozenset({"Dropout"}) | RANDOM_OPS
 
 
 @dataclass(frozen=True)
@@ -210,35 +216,6 @@ def io_signature(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
     inits = {i.name for i in model.graph.initializer}
     inputs = [_value_signature(v) for v in model.graph.input if v.name not in inits]
     return inputs, [_value_signature(v) for v in model.graph.output]
-
-
-def train_only_feeds(model: onnx.ModelProto) -> set[str]:
-    """Names of values that only parameterise train-only nodes (a Dropout's ratio, mode)."""
-    feeding = {
-        name for n in model.graph.node if n.op_type in TRAIN_ONLY_OPS for name in n.input[1:]
-    }
-    used_elsewhere = {
-        name for n in model.graph.node if n.op_type not in TRAIN_ONLY_OPS for name in n.input
-    }
-    used_elsewhere.update(o.name for o in model.graph.output)
-    return feeding - used_elsewhere
-
-
-def operator_multiset(model: onnx.ModelProto) -> Counter:
-    """Counts ``(domain, op_type)`` of every node except train-only ones and their constants.
-
-    ``Constant`` nodes from :func:`train_only_feeds` are left out too, so the count describes
-    the computation both graphs share.
-    """
-    skip = train_only_feeds(model)
-    counts: Counter = Counter()
-    for node in model.graph.node:
-        if node.op_type in TRAIN_ONLY_OPS:
-            continue
-        if node.op_type == "Constant" and node.output[0] in skip:
-            continue
-        counts[(node.domain or "ai.onnx", node.op_type)] += 1
-    return counts
 
 
 def opset_of(model: onnx.ModelProto) -> int:

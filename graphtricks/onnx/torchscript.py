@@ -3,6 +3,22 @@
 The exporter is deprecated but is the only one that exports train-mode BatchNorm with batch
 statistics; its deprecation warnings are dropped here and nowhere else, and the warnings that
 say something about the model are handed back to the caller.
+
+What is exported is a copy of the model made ready for tracing:
+
+- its ``forward`` takes the inputs positionally and nothing else (``forward(*inputs)``): the
+  exporter otherwise appends every defaulted parameter of the real signature to the inputs,
+  positionally (``torch.onnx.utils._decide_input_format``). That turns an fx graph's
+  ``is_causal=False`` into a traced tensor (``aten::eq(Tensor, bool)``: an internal assert in
+  alias analysis), and fills a Hugging Face model's ``use_cache`` slot with None while
+  transformers' ``merge_with_config_defaults``, which cannot see positional slots through the
+  decorators under it, adds ``use_cache`` from the config by keyword ("got multiple values").
+  The copy's real forward is called with the inputs alone, as validation calls the model, and
+  its output is flattened as validation flattens it (``eager.flatten_outputs``: a
+  ``ModelOutput``'s tensors in key order; a ``Cache`` object is no tensor and no output);
+- its fx ``GraphModule`` regions lose their guard nodes (``torch._assert``,
+  ``_assert_is_none``): they check that an eager call keeps the shapes and constant arguments
+  the graph was traced with, which a traced graph cannot express (the tracer only warns).
 """
 
 from __future__ import annotations
@@ -21,9 +37,15 @@ import torch
 from torch import nn
 
 from graphtricks.errors import ExportError, ValidationError
-from graphtricks.onnx.eager import reference_copy
+from graphtricks.onnx.eager import flatten_outputs, reference_copy
 
-__all__ = ["export_mode"]
+__all__ = ["export_mode", "export_notes", "fx_guards"]
+
+# torch._assert is what fx traces `assert` and timm's `_assert` into; _assert_is_none guards a
+# concrete_args value of None.
+_GUARDS = tuple(
+    g for g in (torch._assert, getattr(torch.fx._symbolic_trace, "_assert_is_none", None)) if g
+)
 
 
 def _is_noise(w: warnings.WarningMessage) -> bool:
@@ -71,6 +93,59 @@ def _first_line(error: BaseException) -> str:
     return line.strip()
 
 
+def fx_guards(model: nn.Module) -> list[tuple[torch.fx.GraphModule, torch.fx.Node]]:
+    """The guard nodes (``torch._assert``, ``_assert_is_none``) of every fx region of ``model``."""
+    return [
+        (module, node)
+        for module in model.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_function" and node.target in _GUARDS
+    ]
+
+
+def _strip_fx_guards(model: nn.Module) -> None:
+    """Removes every fx guard, and what only computed its condition, from ``model`` in place."""
+    edited, erased = {}, set()
+    for module, guard in fx_guards(model):
+        pending = list(guard.all_input_nodes)
+        module.graph.erase_node(guard)
+        edited[id(module)] = module
+        while pending:  # the condition's nodes (x.shape, getitem, ==) now compute for nobody
+            node = pending.pop()
+            pure = node.op in ("call_function", "call_method")
+            if pure and not node.users and node not in erased:
+                pending += node.all_input_nodes
+                module.graph.erase_node(node)
+                erased.add(node)
+    for module in edited.values():
+        module.recompile()
+
+
+def _traceable(twin: nn.Module) -> None:
+    """Gives ``twin`` (a copy) ``forward(*inputs)``, returning a flat tuple of tensors."""
+    _strip_fx_guards(twin)  # first: recompiling replaces a GraphModule's forward
+    forward = twin.forward  # the class's forward, bound
+
+    def flat_forward(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_outputs(forward(*inputs)))
+
+    twin.forward = flat_forward  # an instance attribute: Module.__call__ (hooks) still wraps it
+
+
+def export_notes(model: nn.Module) -> list[str]:
+    """What a user of the files must know about how the model was traced."""
+    notes = []
+    guards = fx_guards(model)
+    if guards:
+        notes.append(
+            f"both graphs were exported without the {len(guards)} fx guard node(s) "
+            "(torch._assert, e.g. input-size checks) of the model's traced regions: they only "
+            "check eager calls"
+        )
+    return notes
+
+
 def export_mode(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], *, train: bool, opset: int, **kwargs: Any
 ) -> tuple[onnx.ModelProto, list[str]]:
@@ -96,6 +171,7 @@ def export_mode(
         twin = reference_copy(model, train=train, device="cpu")
     except ValidationError as e:
         raise ExportError(str(e)) from e
+    _traceable(twin)
     buffer = io.BytesIO()
     training = torch.onnx.TrainingMode.TRAINING if train else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings(record=True) as recorded:

@@ -2,8 +2,8 @@
 
 Runs the checks DESIGN.md owes its users and gathers them into one
 :class:`~graphtricks.onnx.report.ValidationReport`: inference graph vs eval mode, train graph
-vs train mode (deterministic part, dropout count and statistics), graph vs graph, provenance
-of every session, and no side effects on the model.
+vs train mode (deterministic part, dropout count and statistics, stochastic depth count and
+statistics), graph vs graph, provenance of every session, and no side effects on the model.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from graphtricks.onnx.check_graphs import (
     check_weights,
 )
 from graphtricks.onnx.check_numeric import InputSet, check_infer_vs_eager, check_train_deterministic
+from graphtricks.onnx.check_stochastic import check_random_count, check_random_rates
+from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import ModelSnapshot, snapshot_model, torch_numerics
 from graphtricks.onnx.export import INFER_FILE, TRAIN_FILE
 from graphtricks.onnx.graph import (
     dropout_infos,
     exposed_dropout_copy,
     load_model,
-    neutralised_dropout_copy,
     opset_of,
     train_mode_batchnorms,
 )
@@ -43,6 +44,7 @@ from graphtricks.onnx.runtime import (
     make_session,
     resolve_device,
 )
+from graphtricks.onnx.train_only import deterministic_train_copy, random_subgraphs
 
 __all__ = ["validate_pair"]
 
@@ -104,6 +106,29 @@ def _side_effects(before: ModelSnapshot, model: nn.Module) -> CheckResult:
         else f"modes of {len(before.modes)} modules and {len(before.tensors)} tensors unchanged",
         details={"changes": changes},
     )
+
+
+def _random_checks(
+    train: onnx.ModelProto, draws: Sequence[Draw], seeds: Sequence[int], report: ValidationReport
+) -> list[CheckResult]:
+    """Check 2c: stochastic depth's random operators, counted and measured (see check_stochastic).
+
+    The probes run on CPU whatever the device: they test the graph's wiring and constants.
+    """
+    subs = random_subgraphs(train)
+    results = [check_random_count(subs, draws)]
+    if not subs:
+        return results
+    rates, skipped = check_random_rates(train, subs, draws, seed=seeds[0] if seeds else 0)
+    if skipped:
+        report.notes.append(f"random subgraph(s) not measured statistically: {skipped[:5]}")
+    weak = [r.output for r in rates if r.details.get("conclusive") is False]
+    if weak:
+        report.notes.append(
+            f"random subgraph(s) {weak[:5]} drop too rarely for the keep-rate test to tell one "
+            "that never drops apart"
+        )
+    return results + rates
 
 
 def validate_pair(
@@ -193,14 +218,15 @@ def validate_pair(
             session_feed(sessions[-1].inner, input_set.tensors, input_set.label)
         report.checks += check_infer_vs_eager(sessions[-1], model, input_sets, tolerance)
 
-        neutral = neutralised_dropout_copy(train)
+        neutral = deterministic_train_copy(train)
         sessions.append(
             make_session(neutral, train_device, "train_deterministic", strict, disabled)
         )
-        deterministic, eager_ps = check_train_deterministic(
+        deterministic, eager_ps, draws = check_train_deterministic(
             sessions[-1], model, input_sets, tolerance
         )
         report.checks += deterministic
+        report.checks += _random_checks(train, draws, seeds, report)
 
         infos = dropout_infos(train)
         report.checks.append(check_dropout_count(infos, eager_ps))

@@ -1,0 +1,233 @@
+"""What only the train graph computes: Dropout, random subgraphs, and what parameterises them.
+
+Stochastic depth (timm ``DropPath``, torchvision ``StochasticDepth``) exports, in train mode, as
+a *random subgraph*: a random operator and the nodes computing only from it and constants,
+``RandomUniformLike -> Less(u, keep_prob) -> Cast -> Div(keep_prob)``, whose result (the mask)
+meets the data in a *consumer* node (``Mul(x, mask)``). The inference graph has none of it.
+
+This module finds those nodes, so the graph comparison can set them aside, and makes the
+deterministic copy of a train graph that check 2a compares with PyTorch: every Dropout ratio 0,
+every random operator replaced by a fixed value (a uniform's lower bound, a normal's mean),
+as :mod:`graphtricks.onnx.draws` does on the PyTorch side. Only the random operator is replaced;
+the nodes after it run as exported, so their constants (the ``1 / keep_prob`` scale) are
+compared with PyTorch too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from graphtricks.errors import ValidationError
+from graphtricks.onnx.graph import RANDOM_OPS, constant_values, neutralised_dropout_copy
+
+__all__ = [
+    "RandomSubgraph",
+    "random_subgraphs",
+    "train_only_nodes",
+    "train_only_feeds",
+    "operator_multiset",
+    "deterministic_train_copy",
+]
+
+
+@dataclass(frozen=True)
+class RandomSubgraph:
+    """A random operator, the nodes computing only from it and constants, and where it ends.
+
+    Attributes:
+        name: The random node's name (or ``"<op>#i"`` when unnamed).
+        op: Its operator (``RandomUniformLike``, ``Bernoulli``, ...).
+        index: Its position in ``graph.node``.
+        nodes: Positions of the random node and of the nodes computing from it, in graph order.
+        masks: The subgraph's values read outside it (by consumers or as graph outputs).
+        consumers: Positions of the nodes that read a mask along with other data.
+    """
+
+    name: str
+    op: str
+    index: int
+    nodes: tuple[int, ...]
+    masks: tuple[str, ...]
+    consumers: tuple[int, ...]
+
+
+def _constants(model: onnx.ModelProto) -> set[str]:
+    """Values fixed before any input arrives: initializers, Constants and what they compute."""
+    fixed = set(constant_values(model)) | {i.name for i in model.graph.initializer}
+    for node in model.graph.node:  # graph order is topological
+        if node.op_type not in RANDOM_OPS and all(not i or i in fixed for i in node.input):
+            fixed.update(o for o in node.output if o)
+    return fixed
+
+
+def random_subgraphs(model: onnx.ModelProto) -> list[RandomSubgraph]:
+    """Describes every top-level random operator of ``model`` and what it feeds, in graph order."""
+    fixed, nodes = _constants(model), model.graph.node
+    graph_outputs = {o.name for o in model.graph.output}
+    found = []
+    for start, node in enumerate(nodes):
+        if node.op_type not in RANDOM_OPS:
+            continue
+        tainted, members, consumers = {o for o in node.output if o}, [start], []
+        for j in range(start + 1, len(nodes)):
+            inputs = [i for i in nodes[j].input if i]
+            if not any(i in tainted for i in inputs):
+                continue
+            if all(i in tainted or i in fixed for i in inputs):
+                members.append(j)
+                tainted.update(o for o in nodes[j].output if o)
+            else:
+                consumers.append(j)
+        read_outside = {i for j in consumers for i in nodes[j].input} | graph_outputs
+        masks = tuple(sorted(v for v in tainted if v in read_outside))
+        found.append(
+            RandomSubgraph(
+                name=node.name or f"{node.op_type}#{start}", op=node.op_type, index=start,
+                nodes=tuple(members), masks=masks, consumers=tuple(consumers),
+            )
+        )
+    return found
+
+
+def _train_only(model: onnx.ModelProto) -> tuple[set[int], set[str]]:
+    """Positions of the train-only nodes, and the values only they read as parameters."""
+    nodes, subs = model.graph.node, random_subgraphs(model)
+    params: dict[int, set[str]] = {}  # train-only node -> the inputs it reads as parameters
+    for i, node in enumerate(nodes):
+        if node.op_type == "Dropout":
+            params[i] = set(node.input[1:])  # ratio, training_mode; not the data
+    for sub in subs:
+        params.update({j: set(nodes[j].input) for j in sub.nodes})
+        params.update({j: set(nodes[j].input) & set(sub.masks) for j in sub.consumers})
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def parameter_only(value: str) -> bool:
+        read = readers.get(value, [])
+        return bool(read) and value not in graph_outputs and all(
+            i in params and value in params[i] for i in read
+        )
+
+    # Backwards (graph order is topological, so readers are decided first): a node whose every
+    # output only parameterises train-only nodes is train-only too, e.g. the Shape, Gather and
+    # Concat that size a mask like the batch, or the Constant holding a keep probability.
+    for j in range(len(nodes) - 1, -1, -1):
+        outputs = [o for o in nodes[j].output if o]
+        if j not in params and outputs and all(parameter_only(o) for o in outputs):
+            params[j] = set(nodes[j].input)
+    values = {v for i in params for v in params[i] if v and parameter_only(v)}
+    return set(params), values
+
+
+def train_only_nodes(model: onnx.ModelProto) -> set[int]:
+    """Positions of the nodes the inference graph has no counterpart for.
+
+    These are Dropout nodes, every random subgraph's nodes and their consumers (the inference
+    graph passes ``x`` on where the train graph computes ``Mul(x, mask)``), and the nodes that
+    only compute their parameters (a keep probability, the shape a mask is drawn like).
+    """
+    return _train_only(model)[0]
+
+
+def train_only_feeds(model: onnx.ModelProto) -> set[str]:
+    """Values only train-only nodes read as parameters: a Dropout's ratio and mode, a random
+    subgraph's constants. A Dropout's or a consumer's data input is not one of them.
+    """
+    return _train_only(model)[1]
+
+
+def operator_multiset(model: onnx.ModelProto) -> Counter:
+    """Counts ``(domain, op_type)`` of every node except train-only ones (:func:`train_only_nodes`),
+    so the count describes the computation both graphs share."""
+    train_only = train_only_nodes(model)
+    counts: Counter = Counter()
+    for i, node in enumerate(model.graph.node):
+        if i in train_only:
+            continue
+        counts[(node.domain or "ai.onnx", node.op_type)] += 1
+    return counts
+
+
+def _elem_type(model: onnx.ModelProto, name: str, inferred: list) -> int:
+    """The ONNX element type of a value, by shape inference when no declaration says it."""
+    consts = constant_values(model)
+    if name in consts:
+        return helper.np_dtype_to_tensor_dtype(consts[name].dtype)
+    if not inferred:
+        inferred.append(shape_inference.infer_shapes(model))
+    graph = inferred[0].graph
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.name == name and value.type.tensor_type.elem_type:
+            return value.type.tensor_type.elem_type
+    raise ValidationError(
+        f"cannot tell the element type of '{name}', the input of a random operator, to make the "
+        "train graph deterministic; export with a fixed dtype"
+    )
+
+
+def _fixed_draw(model: onnx.ModelProto, node: onnx.NodeProto, index: int, inferred: list) -> list:
+    """Nodes giving the fixed value of what ``node`` draws."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    out, prefix = node.output[0], f"graphtricks_fixed_draw_{index}"
+    if node.op_type in ("RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike"):
+        value = float(attrs.get("low" if "Uniform" in node.op_type else "mean", 0.0))
+        if "Like" in node.op_type:
+            dtype = attrs.get("dtype") or _elem_type(model, node.input[0], inferred)
+            fill = numpy_helper.from_array(
+                np.array([value], helper.tensor_dtype_to_np_dtype(dtype))
+            )
+            return [
+                helper.make_node("Shape", [node.input[0]], [f"{prefix}_shape"]),
+                helper.make_node("ConstantOfShape", [f"{prefix}_shape"], [out], value=fill),
+            ]
+        np_dtype = helper.tensor_dtype_to_np_dtype(attrs.get("dtype", onnx.TensorProto.FLOAT))
+        filled = np.full(list(attrs["shape"]), value, np_dtype)
+        return [helper.make_node("Constant", [], [out], value=numpy_helper.from_array(filled))]
+    if node.op_type == "Bernoulli":  # u = 0 gives 1 wherever the probability is above 0
+        p_type = _elem_type(model, node.input[0], inferred)
+        zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(p_type)))
+        return [
+            helper.make_node("Constant", [], [f"{prefix}_zero"], value=zero),
+            helper.make_node("Less", [f"{prefix}_zero", node.input[0]], [f"{prefix}_kept"]),
+            helper.make_node("Cast", [f"{prefix}_kept"], [out], to=attrs.get("dtype") or p_type),
+        ]
+    raise ValidationError(
+        f"random operator {node.op_type} '{node.name}' cannot be made deterministic; "
+        "the train graph cannot be compared with PyTorch"
+    )
+
+
+def deterministic_train_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a train graph with Dropout ratios 0 and every random operator fixed.
+
+    Each random operator is replaced in place by nodes giving a fixed value: ``low`` for a
+    uniform, ``mean`` for a normal, ``0 < p`` for a Bernoulli (what ``u < p`` gives at u = 0).
+
+    Args:
+        model: The train graph; it is not changed.
+
+    Returns:
+        The deterministic copy.
+
+    Raises:
+        ValidationError: A random operator cannot be fixed (Multinomial, unknown dtype).
+    """
+    out = neutralised_dropout_copy(model)
+    inferred: list = []
+    nodes = []
+    for i, node in enumerate(out.graph.node):
+        if node.op_type in RANDOM_OPS:
+            nodes += _fixed_draw(out, node, i, inferred)
+        else:
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out

@@ -24,7 +24,7 @@ from graphtricks.errors import CaptureError, InputShapeError
 from graphtricks.graph import owner_path
 from graphtricks.modes import ModeSnapshot
 
-__all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_rejected", "CONTAINERS"]
+__all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_rejected", "expand_containers", "CONTAINERS"]
 
 # A trace that keeps failing on new culprits ends as opaque rather than looping for ever.
 _MAX_RETRACES = 256
@@ -358,7 +358,7 @@ class _Capturer:
         region = Region(path, "opaque", module, reason)
         self.done[id(module)] = region
         for name, child in list(module.named_children()):
-            for sub_name, sub_child, container in _expand_containers(module, name, child):
+            for sub_name, sub_child, container in expand_containers(module, name, child):
                 qual = f"{path}.{sub_name}" if path else sub_name
                 captured = self._capture_child(sub_child, qual)
                 if captured is None:
@@ -386,11 +386,11 @@ class _Capturer:
         return self.capture(child, path, call.args, call.kwargs)
 
 
-def _expand_containers(parent: nn.Module, name: str, child: nn.Module):
+def expand_containers(parent: nn.Module, name: str, child: nn.Module):
     """Yield (relative name, module, its container) for a child, looking inside ModuleList/Dict."""
     if isinstance(child, CONTAINERS):
         for sub_name, sub in list(child.named_children()):
-            for inner in _expand_containers(child, sub_name, sub):
+            for inner in expand_containers(child, sub_name, sub):
                 yield (f"{name}.{inner[0]}", inner[1], inner[2])
     else:
         yield name, child, parent

@@ -1,23 +1,41 @@
-"""Graph helpers shared by passes, written once: names, ownership, insertion, outputs."""
+"""Graph helpers shared by passes, written once: names, module stacks, dataflow, insertion, node kinds.
+
+Everything here works on one traced region (a ``GraphModule`` and its graph) and knows no pass:
+passes phrase their own errors from what these helpers return.
+"""
 
 from __future__ import annotations
 
+import itertools
 import operator
+import re
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from graphtricks.activations import ACTIVATION_FUNCTIONS
+
 __all__ = [
     "owner_path",
     "node_where",
     "unique_attr_name",
+    "find_submodule",
+    "name_glob",
+    "stack_types",
+    "module_nodes",
+    "outer_stack",
+    "retarget",
+    "boundary",
+    "nodes_between",
+    "ancestors",
     "insert_module_after",
     "feeds_model_output",
     "DROPOUT_MODULES",
     "DROPOUT_FUNCTIONS",
     "is_dropout",
+    "mutates_input",
 ]
 
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -33,8 +51,11 @@ _PASS_THROUGH_METHODS = {
 }
 _PASS_THROUGH_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
 _PASS_THROUGH_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+# In-place operators by ``__name__`` (``x += y`` traces to ``operator.iadd``, ``x[i] = v`` to setitem).
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "setitem"}
 
 
+# -- names and ownership ----------------------------------------------------------------------
 def owner_path(node: fx.Node) -> str:
     """The module (relative to the graph's root) whose own code created ``node``; "" = root."""
     stack = list((node.meta.get("nn_module_stack") or {}).values())
@@ -55,7 +76,7 @@ def node_where(prefix: str, node: fx.Node) -> str:
 
 def unique_attr_name(gm: nn.Module, parent_path: str, base: str) -> str:
     """A submodule path ``parent_path.base`` (``_1``, ``_2`` … appended) that is free in ``gm``."""
-    parent = gm.get_submodule(parent_path) if parent_path and _has_module(gm, parent_path) else None
+    parent = find_submodule(gm, parent_path) if parent_path else None
     taken = set(dict(parent.named_children()).keys()) | set(vars(parent)) if parent is not None else set()
     if not parent_path:
         taken = set(dict(gm.named_children()).keys()) | set(vars(gm)) | set(dir(type(gm)))
@@ -66,14 +87,123 @@ def unique_attr_name(gm: nn.Module, parent_path: str, base: str) -> str:
     return f"{parent_path}.{name}" if parent_path else name
 
 
-def _has_module(gm: nn.Module, path: str) -> bool:
+def find_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at ``path``, or None when there is none."""
     try:
-        gm.get_submodule(path)
-        return True
+        return root.get_submodule(path)
     except AttributeError:
-        return False
+        return None
 
 
+def name_glob(pattern: str) -> re.Pattern:
+    """A qualified-name glob matched by segment: ``*``/``?`` stop at dots, ``**`` crosses them.
+
+    ``[abc]`` and ``[!abc]`` match one character, as in ``fnmatch``.
+
+    Example:
+        >>> bool(name_glob("stages.*").fullmatch("stages.1.0"))
+        False
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        end = pattern.find("]", i + 2) if pattern[i] == "[" else -1
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif end > 0:
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append({"*": r"[^.]*", "?": r"[^.]"}.get(pattern[i], re.escape(pattern[i])))
+            i += 1
+    return re.compile("".join(out))
+
+
+# -- module stacks: which module's code computed a node ----------------------------------------
+def stack_types(graph: fx.Graph) -> dict[str, type]:
+    """Original module types by path, from the module stacks (a trace keeps containers as plain modules)."""
+    stacks = (n.meta.get("nn_module_stack") or {} for n in graph.nodes)
+    return {v[0]: v[1] for stack in stacks for v in stack.values() if isinstance(v[1], type)}
+
+
+def module_nodes(graph: fx.Graph, path: str) -> list[fx.Node]:
+    """Nodes a module (path relative to the graph's root) computes: a leaf's call, or an inlined module's nodes."""
+    return [
+        n for n in graph.nodes
+        if n.op not in ("placeholder", "output")
+        and ((n.op == "call_module" and n.target == path)
+             or any(v[0] == path for v in (n.meta.get("nn_module_stack") or {}).values()))
+    ]
+
+
+def outer_stack(node: fx.Node, path: str) -> dict:
+    """``node``'s module stack above ``path`` (the callers of the module at ``path``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return dict(itertools.takewhile(lambda kv: kv[1][0] != path, stack.items()))
+
+
+def retarget(graph: fx.Graph, old: str, new: str, wrapper: type) -> None:
+    """Point every node at module ``old`` (and below) to ``new``, a module moved into a ``wrapper`` at ``old``.
+
+    Module stacks gain ``(old, wrapper)`` above the moved entries, so owners and names stay right.
+    """
+
+    def moved(path: str) -> str | None:
+        return new + path[len(old) :] if path == old or path.startswith(old + ".") else None
+
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and moved(str(n.target)):
+            n.target = moved(str(n.target))
+        stack = n.meta.get("nn_module_stack") or {}
+        if any(moved(v[0]) for v in stack.values()):
+            fresh = {}
+            for key, value in stack.items():
+                if moved(value[0]) is None:
+                    fresh[key] = value
+                    continue
+                fresh.setdefault(old, (old, wrapper))
+                fresh[moved(value[0])] = (moved(value[0]), *value[1:])
+            n.meta["nn_module_stack"] = fresh
+
+
+# -- dataflow ----------------------------------------------------------------------------------
+def boundary(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(entries, exits) of a set of nodes: the outside values they read (parameters aside), and
+    those of them whose values are read outside."""
+    inside = set(nodes)
+    entries = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"))
+    exits = [n for n in nodes if n.op != "get_attr" and any(u not in inside for u in n.users)]
+    return entries, exits
+
+
+def nodes_between(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """The nodes from ``first`` on that ``last`` depends on (``last`` included), in graph order.
+
+    ``first`` is among them only when ``last`` depends on it.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    seen, todo = set(), [last]
+    while todo:
+        n = todo.pop()
+        if n not in seen and order[n] >= order[first] and n.op != "placeholder":
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return [n for n in graph.nodes if n in seen]
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it depends on."""
+    seen, todo = {node}, [node]
+    while todo:
+        for arg in todo.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return seen
+
+
+# -- insertion and outputs ---------------------------------------------------------------------
 def insert_module_after(gm: fx.GraphModule, node: fx.Node, path: str, module: nn.Module) -> fx.Node:
     """Add ``module`` at ``path`` and route every user of ``node`` through it.
 
@@ -89,23 +219,9 @@ def insert_module_after(gm: fx.GraphModule, node: fx.Node, path: str, module: nn
     return new
 
 
-def is_dropout(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """True when ``node`` applies dropout in any form."""
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), DROPOUT_MODULES)
-    if node.op == "call_function":
-        return node.target in DROPOUT_FUNCTIONS
-    return False
-
-
 def _passes_through(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_method":
-        return node.target in _PASS_THROUGH_METHODS
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _PASS_THROUGH_MODULES)
-    if node.op == "call_function":
-        return node.target in _PASS_THROUGH_FUNCTIONS
-    return False
+    """True when ``node`` only moves or views its input."""
+    return _calls(node, gm, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS, _PASS_THROUGH_METHODS)
 
 
 def feeds_model_output(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -130,3 +246,31 @@ def feeds_model_output(node: fx.Node, gm: fx.GraphModule) -> bool:
             if _passes_through(user, gm):
                 todo.append(user)
     return False
+
+
+# -- node kinds ------------------------------------------------------------------------------
+def _calls(node: fx.Node, gm: fx.GraphModule, modules: tuple, functions: set, methods: frozenset | set = frozenset()) -> bool:
+    """True when ``node`` calls a module of one of the types ``modules``, one of ``functions`` or ``methods``."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), modules)
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def is_dropout(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when ``node`` applies dropout in any form."""
+    return _calls(node, gm, DROPOUT_MODULES, DROPOUT_FUNCTIONS)
+
+
+def mutates_input(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when ``node`` writes into its first input (``inplace=True``, ``relu_``, ``+=``, ``x[i] = v``)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    # A trailing positional True is ``inplace`` only for activations (``F.relu(x, True)``).
+    positional = node.target in ACTIVATION_FUNCTIONS and len(node.args) > 1 and node.args[-1] is True
+    trailing = name.endswith("_") and not name.endswith("__")
+    return trailing or name in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or positional

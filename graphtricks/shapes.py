@@ -20,7 +20,7 @@ from graphtricks.capture import RegionTree, is_builtin_module, model_rejected
 from graphtricks.errors import InputShapeError
 from graphtricks.modes import ModeSnapshot
 
-__all__ = ["parse_input_shapes", "make_example_inputs", "propagate_shapes", "tensor_meta", "DTYPES"]
+__all__ = ["parse_input_shapes", "make_example_inputs", "propagate_shapes", "tensor_meta", "bind_call", "DTYPES"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -81,7 +81,7 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[Any]:
+def bind_call(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[Any]:
     """Arrange a call's arguments in placeholder order (an Interpreter takes positional args)."""
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -107,7 +107,7 @@ def propagate_shapes(tree: RegionTree, example_inputs: tuple) -> Any:
         sig = inspect.signature(gm.forward)
 
         def forward(*args, **kwargs):
-            result = _ShapeRecorder(gm).run(*_bind(sig, args, kwargs))
+            result = _ShapeRecorder(gm).run(*bind_call(sig, args, kwargs))
             out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
             nodes, _ = tree_flatten(out_node.args[0])
             values, _ = tree_flatten(result)

@@ -3,7 +3,8 @@
 ``ChannelLayerNorm`` normalises each sample and position of an ``(N, C, *)`` tensor over its
 channels (the ConvNeXt ``LayerNorm2d`` form) and keeps the constructor of ``nn.LayerNorm``.
 It swaps channels last, runs ``F.layer_norm`` and swaps them back, so it exports to ONNX as
-``Transpose → LayerNormalization → Transpose`` (opset ≥ 17).
+``Transpose → LayerNormalization → Transpose`` (opset ≥ 17). :func:`layer_norm_for` builds the
+one that stands in for a given BatchNorm; :func:`layer_norm_like` computes the same, functionally.
 """
 
 from __future__ import annotations
@@ -12,7 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelLayerNorm", "NormAct", "channel_layer_norm"]
+__all__ = [
+    "ChannelLayerNorm",
+    "NormAct",
+    "batch_norm_extras",
+    "channel_layer_norm",
+    "layer_norm_for",
+    "layer_norm_like",
+]
+
+_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# BatchNorm subclasses whose extra behaviour is known: children applied after the norm, in order.
+_EXTRAS = {
+    "timm.layers.norm_act.BatchNormAct2d": ("drop", "act"),
+    "timm.layers.norm_act.SyncBatchNormAct": ("drop", "act"),
+}
 
 
 def channel_layer_norm(
@@ -109,3 +124,61 @@ class NormAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(self.norm(x)))
+
+
+def batch_norm_extras(module: nn.Module) -> tuple[str, ...] | None:
+    """Children a BatchNorm applies after normalising, or None when its subclass is not understood.
+
+    Example:
+        >>> batch_norm_extras(nn.BatchNorm2d(8))
+        ()
+    """
+    cls = type(module)
+    if cls in _PLAIN:
+        return ()
+    known = _EXTRAS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if known is not None:
+        return tuple(n for n in known if isinstance(getattr(module, n, None), nn.Module))
+    # A subclass that only changes construction (torch's own forward, no children) is a plain BN.
+    if getattr(cls.forward, "__module__", "").startswith("torch.nn") and next(module.children(), None) is None:
+        return ()
+    return None
+
+
+def layer_norm_for(bn: nn.Module, rank: int, over: str = "c") -> nn.Module:
+    """The LayerNorm-family module that stands in for ``bn`` on inputs of rank ``rank``.
+
+    Args:
+        bn: a BatchNorm, or a subclass :func:`batch_norm_extras` understands.
+        rank: the rank of its input: 2 gives ``nn.LayerNorm(C)``; higher ranks give
+            ``ChannelLayerNorm(C)`` or, with ``over="chw"``, ``nn.GroupNorm(1, C)``.
+        over: ``"c"`` or ``"chw"``.
+
+    Returns:
+        The norm, sharing ``bn``'s γ and β and keeping its ε, wrapped in a :class:`NormAct`
+        with ``bn``'s extras when it has any.
+
+    Example:
+        >>> layer_norm_for(nn.BatchNorm2d(8), 4)
+        ChannelLayerNorm(8, eps=1e-05, elementwise_affine=True)
+    """
+    c, affine = bn.num_features, bn.affine
+    if rank == 2:
+        norm = nn.LayerNorm(c, eps=bn.eps, elementwise_affine=affine)
+    elif over == "chw":
+        norm = nn.GroupNorm(1, c, eps=bn.eps, affine=affine)
+    else:
+        norm = ChannelLayerNorm(c, eps=bn.eps, elementwise_affine=affine)
+    if affine:  # the same parameters: γ and β carry over, optimizer references stay valid
+        norm.weight, norm.bias = bn.weight, bn.bias
+    extras = batch_norm_extras(bn)
+    return NormAct(norm, **{n: getattr(bn, n) for n in extras}) if extras else norm
+
+
+def layer_norm_like(x: torch.Tensor, over: str, weight, bias, eps: float) -> torch.Tensor:
+    """What :func:`layer_norm_for`'s module computes on ``x``, given γ, β and ε as values."""
+    if x.dim() == 2:
+        return F.layer_norm(x, (x.shape[1],), weight, bias, eps)
+    if over == "chw":
+        return F.group_norm(x, 1, weight, bias, eps)
+    return channel_layer_norm(x, weight, bias, eps)

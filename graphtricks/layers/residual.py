@@ -5,26 +5,32 @@ parameter-free :class:`PadShortcut`, or a bias-free 1×1 conv / ``nn.Linear``, o
 followed by BatchNorm), an optional learnable gate ``α`` and an optional ReLU after the sum.
 ``ResidualSpan`` holds the same parts for a shortcut around a stretch of a traced graph, which
 has no module of its own. Both carry the marker attribute ``gt_residual``, which survives
-re-capture (fx copies public attributes), so a rewrite never wraps a block twice.
+re-capture (fx copies public attributes), so a rewrite never wraps a block twice. A traced
+graph that holds wrapped blocks lists them in its attribute ``gt_residual_wrapped``
+(``REGISTRY``), since a re-traced wrapper is a plain module without the class.
 
 Layout: tensors of rank ≥ 3 are channels-first ``(N, C, *spatial)``; rank 2 is ``(N, D)``.
 """
 
 from __future__ import annotations
 
+import operator
 import zlib
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 __all__ = [
     "GATES",
     "MARKER",
     "POST_ACTS",
+    "REGISTRY",
     "SHORTCUTS",
     "PadShortcut",
     "Residual",
     "ResidualSpan",
+    "add_merge_nodes",
     "choose_shortcut",
     "make_shortcut",
 ]
@@ -33,6 +39,9 @@ SHORTCUTS = ("auto", "identity", "pad", "conv")
 POST_ACTS = ("none", "relu")
 GATES = ("none", "zero")
 MARKER = "gt_residual"
+# A re-traced region rebuilds containers as plain modules (the Residual class is gone), so
+# each graph module also lists what it wrapped, as an attribute that capture carries over.
+REGISTRY = "gt_residual_wrapped"
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORMS = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -203,11 +212,52 @@ class _ResidualParts(nn.Module):
 
     def merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``act(out + α·S(x))``: the block's output plus the shortcut of its input."""
+        # add_merge_nodes computes the same in a traced graph: keep the two in step.
         s = self.shortcut(x)
         if self.gate is not None:
             s = self.gate * s
         out = out + s
         return torch.relu(out) if self.post_act == "relu" else out
+
+
+def add_merge_nodes(gm: fx.GraphModule, entry, exit_, inside: set, path: str, parts: nn.Module, stack: dict) -> None:
+    """The graph form of ``merge``: add ``act(exit + α·S(entry))`` after ``exit`` and route users through it.
+
+    Args:
+        gm: the graph module; ``parts`` (a :class:`Residual` or :class:`ResidualSpan`) is at ``path``.
+        entry: the node whose value the shortcut reads (the block's input).
+        exit_: the node whose value the shortcut is added to (the block's output).
+        inside: the block's nodes, which keep reading ``exit_``.
+        path: where ``parts`` sits in ``gm``.
+        parts: the wrapper whose shortcut, gate and post-activation the nodes call.
+        stack: the module stack the new nodes record (``nn_module_stack``).
+    """
+    graph, new, cur = gm.graph, [], exit_
+
+    def add(op, target, args, *own):
+        nonlocal cur
+        with graph.inserting_after(cur):
+            cur = graph.create_node(op, target, args)
+        cur.meta["nn_module_stack"] = {**stack, **{p: (p, t) for p, t in own}}
+        if op != "get_attr":
+            cur.meta["tensor_meta"] = exit_.meta["tensor_meta"]
+        new.append(cur)
+        return cur
+
+    s, short = entry, f"{path}.shortcut"
+    if isinstance(parts.shortcut, nn.Sequential):  # one node per layer: later passes see the BatchNorm
+        for i, sub in enumerate(parts.shortcut):
+            s = add("call_module", f"{short}.{i}", (s,), (short, nn.Sequential), (f"{short}.{i}", type(sub)))
+    elif not isinstance(parts.shortcut, nn.Identity):
+        s = add("call_module", short, (s,), (short, type(parts.shortcut)))
+    if parts.gate is not None:
+        s = add("call_function", operator.mul, (add("get_attr", f"{path}.gate", ()), s))
+    out = add("call_function", operator.add, (exit_, s))
+    if parts.post_act == "relu":
+        out = add("call_function", torch.relu, (out,))
+    exit_.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside and user not in new)
+    if exit_.meta.pop("gt_model_output", None):
+        out.meta["gt_model_output"] = True
 
 
 class Residual(_ResidualParts):

@@ -12,8 +12,6 @@ measured for every swap in one forward of the model.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -21,23 +19,17 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from graphtricks.capture import CONTAINERS, Region, is_builtin_module
+from graphtricks.capture import Region, expand_containers, is_builtin_module
 from graphtricks.errors import PassError
 from graphtricks.graph import node_where
-from graphtricks.layers.norm import ChannelLayerNorm, NormAct, channel_layer_norm
-from graphtricks.modes import ModeSnapshot
+from graphtricks.layers.norm import NormAct, batch_norm_extras, layer_norm_for, layer_norm_like
 from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.probe import probe_forward, watched_forward
 from graphtricks.shapes import tensor_meta
 
 __all__ = ["BatchNormToLayerNorm", "bn_to_ln", "LN_OVER"]
 
 LN_OVER = ("c", "chw")
-_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-# BatchNorm subclasses whose extra behaviour is known: children applied after the norm, in order.
-_EXTRAS = {
-    "timm.layers.norm_act.BatchNormAct2d": ("drop", "act"),
-    "timm.layers.norm_act.SyncBatchNormAct": ("drop", "act"),
-}
 # Argument order of the functional forms (torch.batch_norm is the aten signature).
 _ARGS = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
@@ -47,35 +39,12 @@ _TYPE_RANK = ((nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # when no shape was rec
 _DEFAULTS = {"weight": None, "bias": None, "running_mean": None, "running_var": None, "eps": 1e-5}
 
 
-def _extras(module: nn.Module) -> tuple[str, ...] | None:
-    """Children a BatchNorm applies after normalising, or None when its subclass is not understood."""
-    cls = type(module)
-    if cls in _PLAIN:
-        return ()
-    known = _EXTRAS.get(f"{cls.__module__}.{cls.__qualname__}")
-    if known is not None:
-        return tuple(n for n in known if isinstance(getattr(module, n, None), nn.Module))
-    # A subclass that only changes construction (torch's own forward, no children) is a plain BN.
-    if getattr(cls.forward, "__module__", "").startswith("torch.nn") and next(module.children(), None) is None:
-        return ()
-    return None
-
-
 def _bn_args(target, args: tuple, kwargs: dict) -> dict:
     """The arguments of a functional batch norm call, by name."""
     out = dict(_DEFAULTS)
     out.update(zip(_ARGS[target], args))
     out.update(kwargs)
     return out
-
-
-def _normalise(x: torch.Tensor, over: str, weight, bias, eps: float) -> torch.Tensor:
-    """What a swapped functional batch norm computes."""
-    if x.dim() == 2:
-        return F.layer_norm(x, (x.shape[1],), weight, bias, eps)
-    if over == "chw":
-        return F.group_norm(x, 1, weight, bias, eps)
-    return channel_layer_norm(x, weight, bias, eps)
 
 
 def _expand_norm_act(gm: fx.GraphModule, node: fx.Node, target: str, new: NormAct) -> None:
@@ -93,15 +62,6 @@ def _expand_norm_act(gm: fx.GraphModule, node: fx.Node, target: str, new: NormAc
         args, kwargs = (last,), {}
     node.replace_all_uses_with(last)
     gm.graph.erase_node(node)
-
-
-def _iter_children(module: nn.Module, prefix: str = ""):
-    """(relative name, child, its container) for children, looking inside ModuleList/Dict."""
-    for name, child in module.named_children():
-        if isinstance(child, CONTAINERS):
-            yield from _iter_children(child, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", child, module
 
 
 @register_pass
@@ -137,20 +97,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
     def options(self) -> dict:
         return {"over": self.over}
 
-    # -- what replaces what ---------------------------------------------------------------
-    def _replacement(self, bn: _BatchNorm, rank: int) -> nn.Module:
-        c, affine = bn.num_features, bn.affine
-        if rank == 2:
-            norm = nn.LayerNorm(c, eps=bn.eps, elementwise_affine=affine)
-        elif self.over == "chw":
-            norm = nn.GroupNorm(1, c, eps=bn.eps, affine=affine)
-        else:
-            norm = ChannelLayerNorm(c, eps=bn.eps, elementwise_affine=affine)
-        if affine:  # the same parameters: γ and β carry over, optimizer references stay valid
-            norm.weight, norm.bias = bn.weight, bn.bias
-        extras = _extras(bn)
-        return NormAct(norm, **{n: getattr(bn, n) for n in extras}) if extras else norm
-
+    # -- swapping modules ------------------------------------------------------------------
     def _swap(self, bn: _BatchNorm, where: str, shapes: list, put) -> nn.Module | None:
         """Build ``bn``'s replacement, install it with ``put``, record it; None when left alone.
 
@@ -160,7 +107,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         """
         if not self.selects(where):
             return None
-        if _extras(bn) is None:
+        if batch_norm_extras(bn) is None:
             self.notes.append(f"{where}: {type(bn).__module__}.{type(bn).__qualname__} is a BatchNorm subclass "
                               "this pass does not understand (it may do more than normalise); left alone")
             return None
@@ -169,7 +116,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         if not ranks:
             self.notes.append(f"{where}: did not run on the example inputs (layout unknown); left alone")
             return None
-        new = self._replacement(bn, max(ranks))
+        new = layer_norm_for(bn, max(ranks), self.over)
         put(new)
         norm = new.norm if isinstance(new, NormAct) else new
         desc = f"{type(norm).__name__}({bn.num_features})"
@@ -209,55 +156,31 @@ class BatchNormToLayerNorm(GraphtricksPass):
     def _measure(self) -> None:
         """One eval forward of the model: every BatchNorm's input shape and the drift of its swap."""
         self._seen, self._gone = {}, set()
-        model, handles, patched = self.tree.model, [], []
 
-        def hook(bn, args, output):
+        def hook(bn, args, kwargs, output):
             x = args[0]
             if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 2:
-                self._accumulate(id(bn), x.shape, self._replacement(bn, x.dim())(x), output)
+                self._accumulate(id(bn), x.shape, layer_norm_for(bn, x.dim(), self.over)(x), output)
 
-        for name, m in model.named_modules():
-            if isinstance(m, _BatchNorm) and _extras(m) is not None and self.selects(name):
-                handles.append(m.register_forward_hook(hook))
+        def functional(gm: fx.GraphModule):  # what each functional batch norm of ``gm`` would become
+            def after(interpreter: fx.Interpreter, n: fx.Node, out) -> None:
+                if n.op == "call_function" and n.target in _ARGS:
+                    a = _bn_args(n.target, *interpreter.fetch_args_kwargs_from_env(n))
+                    x = a["input"]
+                    new = layer_norm_like(x, self.over, a["weight"], a["bias"], a["eps"])
+                    self._accumulate((id(gm), n.name), x.shape, new, out)
+
+            return after
+
+        hooks = [(m, hook) for name, m in self.tree.model.named_modules()
+                 if isinstance(m, _BatchNorm) and batch_norm_extras(m) is not None and self.selects(name)]
+        forwards = []
         for region in self.tree.regions():
             gm = region.module
             if region.kind == "traced" and any(n.op == "call_function" and n.target in _ARGS for n in gm.graph.nodes):
-                gm.forward = self._recording_forward(gm)
-                patched.append(gm)
-        if not handles and not patched:
-            return
-        snapshot = ModeSnapshot(model)
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(*self.example_inputs)
-        finally:
-            snapshot.restore()
-            for h in handles:
-                h.remove()
-            for gm in patched:
-                del gm.forward  # back to the generated forward
-
-    def _recording_forward(self, gm: fx.GraphModule):
-        """A forward for ``gm`` that also computes each functional batch norm's swap."""
-        outer, sig = self, inspect.signature(gm.forward)
-
-        class Recorder(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if n.op == "call_function" and n.target in _ARGS:
-                    a = _bn_args(n.target, *self.fetch_args_kwargs_from_env(n))
-                    x = a["input"]
-                    new = _normalise(x, outer.over, a["weight"], a["bias"], a["eps"])
-                    outer._accumulate((id(gm), n.name), x.shape, new, out)
-                return out
-
-        def forward(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return Recorder(gm).run(*bound.arguments.values())
-
-        return forward
+                forwards.append((gm, watched_forward(gm, functional(gm))))
+        if hooks or forwards:
+            probe_forward(self.tree.model, self.example_inputs, hooks=hooks, forwards=forwards)
 
     # -- keeping the region tree right -------------------------------------------------------
     def _replace_region(self, old: nn.Module, new_region: Region | None) -> None:
@@ -374,7 +297,9 @@ class BatchNormToLayerNorm(GraphtricksPass):
         if isinstance(region.module, _BatchNorm) and not region.path:
             self.notes.append("<root>: the model itself is a BatchNorm; wrap it in a module to swap it")
         modified = False
-        for name, bn, container in list(_iter_children(region.module)):
+        module = region.module
+        children = [c for name, child in module.named_children() for c in expand_containers(module, name, child)]
+        for name, bn, container in children:
             if not isinstance(bn, _BatchNorm):
                 continue
             where, leaf = region.qualify(name), name.rpartition(".")[2]

@@ -15,7 +15,15 @@ from torch.fx.passes.infra.pass_base import PassResult
 from graphtricks.activations import ACTIVATION_MODULES, activation_name, normalise_activation_name
 from graphtricks.capture import Region
 from graphtricks.errors import PassError
-from graphtricks.graph import feeds_model_output, insert_module_after, is_dropout, node_where, owner_path, unique_attr_name
+from graphtricks.graph import (
+    feeds_model_output,
+    insert_module_after,
+    is_dropout,
+    mutates_input,
+    node_where,
+    owner_path,
+    unique_attr_name,
+)
 from graphtricks.passes.base import GraphtricksPass, register_pass
 from graphtricks.shapes import tensor_meta
 
@@ -182,18 +190,9 @@ def _dropout_path(node: fx.Node) -> tuple[str, str]:
     return owner_path(node), f"{node.name}_dropout"
 
 
-def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    name = getattr(node.target, "__name__", "")
-    return name.endswith("_") or node.kwargs.get("inplace") is True or (len(node.args) > 1 and node.args[-1] is True)
-
-
 def _later_alias_users(node: fx.Node, gm: fx.GraphModule, order: dict) -> list[fx.Node]:
     """Users of an in-place activation's input that run after it (they read the activated value)."""
-    if not node.args or not isinstance(node.args[0], fx.Node) or not _is_inplace(node, gm):
+    if not node.args or not isinstance(node.args[0], fx.Node) or not mutates_input(node, gm):
         return []
     src = node.args[0]
     return [u for u in src.users if u is not node and order.get(u, -1) > order[node]]

@@ -19,58 +19,53 @@ opaque module is replaced by the wrapper itself. A span ``FIRST:LAST`` (node nam
 from __future__ import annotations
 
 import itertools
-import operator
-import re
 import weakref
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.activations import ACTIVATION_FUNCTIONS
-from graphtricks.capture import CONTAINERS, Region, RegionTree
+from graphtricks.blocks import (
+    SPAN,
+    Block,
+    candidate_blocks,
+    measure_blocks,
+    opaque_child,
+    register_wrapped,
+    single_io,
+    span_block,
+    span_nodes,
+    traced_block,
+    wrapped_names,
+)
+from graphtricks.capture import Region, RegionTree
 from graphtricks.errors import PassError
-from graphtricks.graph import unique_attr_name
+from graphtricks.graph import (
+    find_submodule,
+    module_nodes,
+    name_glob,
+    outer_stack,
+    retarget,
+    stack_types,
+    unique_attr_name,
+)
 from graphtricks.layers.residual import (
     GATES,
-    MARKER,
     POST_ACTS,
+    REGISTRY,
     SHORTCUTS,
     Residual,
     ResidualSpan,
+    add_merge_nodes,
     choose_shortcut,
     make_shortcut,
 )
-from graphtricks.modes import ModeSnapshot
 from graphtricks.passes.base import GraphtricksPass, register_pass
-from graphtricks.shapes import tensor_meta
 
+# REGISTRY (layers.residual) and candidate_blocks (blocks) are re-exported: callers import them from here.
 __all__ = ["REGISTRY", "AddResidual", "add_residual", "candidate_blocks"]
-
-_SPAN = re.compile(r"(?:(?P<region>[^/:]+)/)?(?P<first>[^/:]+):(?P<last>[^/:]+)")
-# A re-traced region rebuilds containers as plain modules (the Residual class is gone), so
-# each graph module also lists what it wrapped, as an attribute that capture carries over.
-REGISTRY = "gt_residual_wrapped"
-_PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "setitem"}
-_BLOCK_RULE = "a residual block must take one tensor and return one"
-
-
-@dataclass
-class _Item:
-    """One planned wrap: a block (by qualified name) or a span, with its shapes and shortcut."""
-
-    where: str
-    local: str  # the block's path inside its host region, or "FIRST:LAST"
-    module: nn.Module | None = None
-    in_shape: tuple = ()
-    out_shape: tuple = ()
-    dtypes: tuple = (None, None)
-    nodes: set = field(default_factory=set)
-    kind: str = ""
-    stride: tuple = ()
 
 
 @register_pass
@@ -107,7 +102,7 @@ class AddResidual(GraphtricksPass):
             if not isinstance(pattern, str) or not pattern.strip():
                 raise PassError(f"residual: block patterns must be non-empty strings, got {pattern!r}")
         for span in self.spans:
-            if not isinstance(span, str) or not _SPAN.fullmatch(span):
+            if not isinstance(span, str) or not SPAN.fullmatch(span):
                 raise PassError(f"residual: span {span!r} is not FIRST:LAST (graph node names, or REGION/FIRST:LAST)")
         for option, value, allowed in (("shortcut", shortcut, SHORTCUTS), ("post_act", post_act, POST_ACTS),
                                        ("gate", gate, GATES)):
@@ -130,7 +125,7 @@ class AddResidual(GraphtricksPass):
         return None if self.blocks or self.spans else "residual: no blocks or spans named; nothing to wrap"
 
     # -- planning: everything is validated before the first edit ------------------------
-    def _planned(self, module: nn.Module) -> list[_Item]:
+    def _planned(self, module: nn.Module) -> list[Block]:
         """The wraps planned for the region whose module is ``module`` (planned once per tree)."""
         if self.tree is None:  # called on one graph module, outside ``rewrite``
             return self._make_plan(RegionTree(module, Region("", "traced", module))).get(id(module), [])
@@ -138,30 +133,30 @@ class AddResidual(GraphtricksPass):
             self._plan = (weakref.ref(self.tree), self._make_plan(self.tree))
         return self._plan[1].pop(id(module), [])
 
-    def _make_plan(self, tree: RegionTree) -> dict[int, list[_Item]]:
+    def _make_plan(self, tree: RegionTree) -> dict[int, list[Block]]:
         regions = tree.regions()
         for region in regions:
             if region.kind == "traced":
-                _register(region.graph_module)  # a re-captured graph has the list, but not deepcopy-safe
-        plan: dict[int, list[_Item]] = {}
-        measured: list[_Item] = []
+                register_wrapped(region.graph_module)  # a re-captured graph has the list, but not deepcopy-safe
+        plan: dict[int, list[Block]] = {}
+        measured: list[Block] = []
         for q in self._select(tree.model, regions):
             host = max((r for r in regions if r.path != q and (not r.path or q.startswith(r.path + "."))),
                        key=lambda r: len(r.path))
             local = q[len(host.path) + 1 :] if host.path else q
-            if host.kind == "traced":
-                item = _traced_block(host.module, local, q)
-            else:
-                item = _Item(q, local, _opaque_child(host, local, q))
-                measured.append(item)
+            with _refusal():
+                if host.kind == "traced":
+                    item = traced_block(host.module, local, q)
+                else:
+                    item = Block(q, local, opaque_child(host, local, q))
+                    measured.append(item)
             plan.setdefault(id(host.module), []).append(item)
-        seen = _measure(tree.model, self.example_inputs, [i.module for i in measured]) if measured else {}
-        for item in measured:
-            reason = _apply_measured(item, seen.get(id(item.module)))
+        for item, reason in zip(measured, measure_blocks(tree.model, self.example_inputs, measured)):
             if reason:
                 raise PassError(f"residual: {item.where} {reason}")
         for span in self.spans:
-            found = _span_item(regions, span)
+            with _refusal():
+                found = span_block(regions, span)
             if found is None:
                 self.notes.append(f"span {span}: already has a residual shortcut; left alone")
                 continue
@@ -184,16 +179,16 @@ class AddResidual(GraphtricksPass):
         names = [name for name, _ in model.named_modules() if name]
         for region in (r for r in regions if r.kind == "traced"):
             # Parameter-free blocks inlined in a trace exist only as paths in the module stacks.
-            names += map(region.qualify, _stack_types(region.graph_module.graph))
+            names += map(region.qualify, stack_types(region.graph_module.graph))
         names = list(dict.fromkeys(names))
         chosen: dict[str, None] = {}
         for pattern in self.blocks:
-            regex = _glob(pattern)
+            regex = name_glob(pattern)
             hits = [name for name in names if regex.fullmatch(name)]
             if not hits:
                 self.notes.append(f"block pattern {pattern!r} matched no module")
             chosen.update(dict.fromkeys(hits))
-        wrapped, own = _wrapped_names(model)
+        wrapped, own = wrapped_names(model)
         out = []
         for name in chosen:
             above = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)]
@@ -221,31 +216,33 @@ class AddResidual(GraphtricksPass):
             gm.recompile()
         return PassResult(gm, bool(items))
 
-    def _wrap_traced(self, gm: fx.GraphModule, item: _Item) -> None:
+    def _wrap_traced(self, gm: fx.GraphModule, item: Block) -> None:
         local = item.local
-        nodes = _block_nodes(gm.graph, local)  # found again: an earlier wrap may now feed its input
-        entry, exit_ = _single_io(nodes, item.where)
-        outer = _outer_stack(exit_, local)
-        block = _submodule(gm, local) or nn.Module()  # a parameter-free inlined block has no module left
+        nodes = module_nodes(gm.graph, local)  # found again: an earlier wrap may now feed its input
+        with _refusal():
+            entry, exit_ = single_io(nodes, item.where)
+        outer = outer_stack(exit_, local)
+        block = find_submodule(gm, local) or nn.Module()  # a parameter-free inlined block has no module left
         wrapper = self._wrapper(item, block)
         gm.add_submodule(local, wrapper)  # replaces the block at the same position in its parent
-        _retarget(gm.graph, local, f"{local}.body")
-        _register(gm, local, "block")
+        retarget(gm.graph, local, f"{local}.body", Residual)
+        register_wrapped(gm, local, "block")
         self._rename_regions(item.where, f"{item.where}.body")
-        _emit(gm, entry, exit_, set(nodes), local, wrapper, {**outer, local: (local, Residual)})
+        add_merge_nodes(gm, entry, exit_, set(nodes), local, wrapper, {**outer, local: (local, Residual)})
         self._record(item, wrapper, block, item.where)
 
-    def _wrap_span(self, gm: fx.GraphModule, item: _Item) -> None:
+    def _wrap_span(self, gm: fx.GraphModule, item: Block) -> None:
         first, last = item.local.split(":")
-        nodes = _span_nodes(gm.graph, first, last, item.where)
-        entry, exit_ = _single_io(nodes, item.where)
+        with _refusal():
+            nodes = span_nodes(gm.graph, first, last, item.where)
+            entry, exit_ = single_io(nodes, item.where)
         device = _device(gm, self.example_inputs)
         parts = ResidualSpan(self._shortcut(item, device), span=item.local, gate=self.gate, post_act=self.post_act,
                              dtype=_float(item.dtypes[0]), device=device)
         path = unique_attr_name(gm, "", f"residual_{first}_{last}")
         gm.add_submodule(path, parts)
-        _register(gm, path, parts.gt_residual)
-        _emit(gm, entry, exit_, set(nodes), path, parts, {path: (path, ResidualSpan)})
+        register_wrapped(gm, path, parts.gt_residual)
+        add_merge_nodes(gm, entry, exit_, set(nodes), path, parts, {path: (path, ResidualSpan)})
         self._record(item, parts, None, self.qualify(path))
 
     def call_opaque(self, region: Region) -> bool:
@@ -267,11 +264,11 @@ class AddResidual(GraphtricksPass):
             self._record(item, wrapper, child, item.where)
         return bool(items)
 
-    def _shortcut(self, item: _Item, device: torch.device) -> nn.Module:
+    def _shortcut(self, item: Block, device: torch.device) -> nn.Module:
         return make_shortcut(item.kind, item.in_shape, item.out_shape, item.stride, norm=self.shortcut_norm,
                              dtype=item.dtypes[0], device=device, seed_name=item.where)
 
-    def _wrapper(self, item: _Item, block: nn.Module) -> Residual:
+    def _wrapper(self, item: Block, block: nn.Module) -> Residual:
         device = _device(block, self.example_inputs)
         wrapper = Residual(block, self._shortcut(item, device), gate=self.gate, post_act=self.post_act,
                            dtype=_float(item.dtypes[0]), device=device)
@@ -283,7 +280,7 @@ class AddResidual(GraphtricksPass):
             if region.path == old or region.path.startswith(old + "."):
                 region.path = new + region.path[len(old) :]
 
-    def _record(self, item: _Item, parts: nn.Module, block: nn.Module | None, at: str) -> None:
+    def _record(self, item: Block, parts: nn.Module, block: nn.Module | None, at: str) -> None:
         desc = {"identity": "identity", "pad": "zero-pad", "conv": "1x1 conv" if len(item.in_shape) > 2 else "linear"}
         what = desc[item.kind] + (" + BatchNorm" if item.kind == "conv" and self.shortcut_norm else "")
         what += f" /{'x'.join(map(str, item.stride))}" if any(s > 1 for s in item.stride) else ""
@@ -303,223 +300,18 @@ class AddResidual(GraphtricksPass):
         )
 
 
-# -- selection and markers -------------------------------------------------------------
-def _glob(pattern: str) -> re.Pattern:
-    """A qualified-name glob matched by segment: ``*``/``?`` stop at dots, ``**`` crosses them."""
-    out, i = [], 0
-    while i < len(pattern):
-        end = pattern.find("]", i + 2) if pattern[i] == "[" else -1
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif end > 0:
-            body = pattern[i + 1 : end]
-            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
-            i = end + 1
-        else:
-            out.append({"*": r"[^.]*", "?": r"[^.]"}.get(pattern[i], re.escape(pattern[i])))
-            i += 1
-    return re.compile("".join(out))
-
-
-def _wrapped_names(model: nn.Module) -> tuple[set[str], set[str]]:
-    """Model-level names of wrapped blocks, and of the span parts graphtricks added."""
-    blocks, own = set(), set()
-    for path, module in model.named_modules():
-        marker = getattr(module, MARKER, None)
-        if marker is None and isinstance(module, fx.GraphModule) and type(module).__name__ == "Residual":
-            marker = "block" if "body" in module._modules else None  # a captured wrapper a deepcopy stripped
-        if marker:
-            (blocks if marker == "block" else own).add(path)
-        for local, kind in (getattr(module, REGISTRY, None) or {}).items():
-            (blocks if kind == "block" else own).add(f"{path}.{local}" if path else local)
-    return blocks, own
-
-
-def _register(gm: fx.GraphModule, local: str | None = None, kind: str = "block") -> None:
-    """List ``local`` as wrapped on ``gm`` (entries below it move under ``body``).
-
-    The list, and a captured wrapper's marker, are also put in ``gm.meta[_PRESERVED]``: the
-    only attributes ``copy.deepcopy`` of a GraphModule keeps (``rewrite`` copies its model).
-    """
-    listed = getattr(gm, REGISTRY, None) or {}
-    if local is not None:
-        listed = {(f"{local}.body{k[len(local):]}" if k.startswith(local + ".") else k): v for k, v in listed.items()}
-        setattr(gm, REGISTRY, {**listed, local: kind})  # a new dict: a re-captured copy may share the old one
-    for attr in (REGISTRY, MARKER):
-        if getattr(gm, attr, None):
-            gm.meta.setdefault(_PRESERVED, {})[attr] = getattr(gm, attr)
-
-
-# -- graph helpers ---------------------------------------------------------------------
-def _stack_types(graph: fx.Graph) -> dict[str, type]:
-    """Original module types by path, from the module stacks (a trace keeps containers as plain modules)."""
-    stacks = (n.meta.get("nn_module_stack") or {} for n in graph.nodes)
-    return {v[0]: v[1] for stack in stacks for v in stack.values() if isinstance(v[1], type)}
-
-
-def _block_nodes(graph: fx.Graph, path: str) -> list[fx.Node]:
-    """Nodes a block (relative path) computes: a leaf's call, or an inlined block's nodes."""
-    return [
-        n for n in graph.nodes
-        if n.op not in ("placeholder", "output")
-        and ((n.op == "call_module" and n.target == path)
-             or any(v[0] == path for v in (n.meta.get("nn_module_stack") or {}).values()))
-    ]
-
-
-def _single_io(nodes: list[fx.Node], where: str) -> tuple[fx.Node, fx.Node]:
-    """The one outside value the nodes read and the one value read outside them, or PassError."""
-    inside = set(nodes)
-    entries = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"))
-    exits = [n for n in nodes if n.op != "get_attr" and any(u not in inside for u in n.users)]
-    if len(entries) != 1 or len(exits) != 1:
-        got = f"takes {len(entries)} inputs" if len(entries) != 1 else f"returns {len(exits)} values"
-        raise PassError(f"residual: {where} {got}; {_BLOCK_RULE}")
-    for node, role in ((entries[0], "input"), (exits[0], "output")):
-        if tensor_meta(node) is None:
-            raise PassError(f"residual: {where} has no recorded tensor {role} ({node.name}); {_BLOCK_RULE}")
-    return entries[0], exits[0]
-
-
-def _mutates(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """True when ``node`` writes into its first input (``inplace=True``, ``relu_``, ``+=``, ``x[i] = v``)."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-    positional = node.target in ACTIVATION_FUNCTIONS and len(node.args) > 1 and node.args[-1] is True
-    trailing = name.endswith("_") and not name.endswith("__")
-    return trailing or name in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or positional
-
-
-def _check_inplace(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, where: str) -> None:
-    for n in nodes:
-        if entry in n.all_input_nodes and _mutates(n, gm):
-            raise PassError(f"residual: {where} modifies its input in place ({n.format_node()}); the shortcut needs"
-                            " the unmodified input: make that step out-of-place (e.g. inplace=False)")
-
-
-def _traced_block(gm: fx.GraphModule, local: str, where: str) -> _Item:
-    nodes = _block_nodes(gm.graph, local)
-    if not nodes:
-        raise PassError(f"residual: {where} does not run as a step of its traced graph (inside a built-in layer,"
-                        " or not called on the example inputs); name its parent or a --residual-span")
-    calls = sum(n.op == "call_module" and n.target == local for n in nodes)
-    if calls > 1:
-        raise PassError(f"residual: {where} is called {calls} times; a shared module cannot be wrapped")
-    entry, exit_ = _single_io(nodes, where)
-    _check_inplace(gm, nodes, entry, where)
-    a, b = tensor_meta(entry), tensor_meta(exit_)
-    return _Item(where, local, _submodule(gm, local), tuple(a.shape), tuple(b.shape), (a.dtype, b.dtype), set(nodes))
-
-
-def _span_nodes(graph: fx.Graph, first: str, last: str, where: str) -> list[fx.Node]:
-    """The nodes from ``first`` to ``last`` that ``last`` depends on, in graph order."""
-    by_name = {n.name: n for n in graph.nodes}
-    f, l = by_name[first], by_name[last]
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    if any(n.op in ("placeholder", "output", "get_attr") for n in (f, l)) or order[f] > order[l]:
-        raise PassError(f"residual: span {where} must run from an operation to a later one")
-    seen, todo = set(), [l]
-    while todo:
-        n = todo.pop()
-        if n not in seen and order[n] >= order[f] and n.op != "placeholder":
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    if f not in seen:
-        raise PassError(f"residual: span {where}: {last} does not depend on {first}")
-    return [n for n in graph.nodes if n in seen]
-
-
-def _span_item(regions: list[Region], span: str) -> tuple[Region, _Item] | None:
-    """Resolve a span to its region and nodes (None when it is already wrapped)."""
-    m = _SPAN.fullmatch(span)
-    first, last, want = m["first"], m["last"], m["region"]
-    traced = [r for r in regions if r.kind == "traced" and (want is None or r.path == want)]
-    if any(f"span {first}:{last}" in (getattr(r.module, REGISTRY, None) or {}).values() for r in traced):
-        return None
-    hosts = [r for r in traced if {first, last} <= {n.name for n in r.module.graph.nodes}]
-    if len(hosts) != 1:
-        paths = ", ".join(r.path or "<root>" for r in hosts)
-        where = f"several traced regions ({paths}); write REGION/FIRST:LAST" if hosts else "no traced region"
-        raise PassError(f"residual: span {span}: nodes {first} and {last} are in {where}")
-    gm, label = hosts[0].module, f"{hosts[0].path}/{first}:{last}" if hosts[0].path else f"{first}:{last}"
-    nodes = _span_nodes(gm.graph, first, last, label)
-    entry, exit_ = _single_io(nodes, f"span {label}")
-    if exit_.name != last:
-        raise PassError(f"residual: span {label}: {exit_.name} is used after the span; end the span there")
-    _check_inplace(gm, nodes, entry, f"span {label}")
-    a, b = tensor_meta(entry), tensor_meta(exit_)
-    item = _Item(label, f"{first}:{last}", None, tuple(a.shape), tuple(b.shape), (a.dtype, b.dtype), set(nodes))
-    return hosts[0], item
-
-
-def _outer_stack(node: fx.Node, path: str) -> dict:
-    """``node``'s module stack above ``path`` (the callers of the block)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return dict(itertools.takewhile(lambda kv: kv[1][0] != path, stack.items()))
-
-
-def _retarget(graph: fx.Graph, old: str, new: str) -> None:
-    """Point every node at ``old`` (and below) to ``new``; module stacks gain the wrapper."""
-
-    def moved(path: str) -> str | None:
-        return new + path[len(old) :] if path == old or path.startswith(old + ".") else None
-
-    for n in graph.nodes:
-        if n.op in ("call_module", "get_attr") and moved(str(n.target)):
-            n.target = moved(str(n.target))
-        stack = n.meta.get("nn_module_stack") or {}
-        if any(moved(v[0]) for v in stack.values()):
-            fresh = {}
-            for key, value in stack.items():
-                if moved(value[0]) is None:
-                    fresh[key] = value
-                    continue
-                fresh.setdefault(old, (old, Residual))
-                fresh[moved(value[0])] = (moved(value[0]), *value[1:])
-            n.meta["nn_module_stack"] = fresh
-
-
-def _emit(gm: fx.GraphModule, entry, exit_, inside: set, path: str, parts: nn.Module, stack: dict) -> None:
-    """Add ``act(exit + α·S(entry))`` after ``exit`` and route the block's users through it."""
-    graph, new, cur = gm.graph, [], exit_
-
-    def add(op, target, args, *own):
-        nonlocal cur
-        with graph.inserting_after(cur):
-            cur = graph.create_node(op, target, args)
-        cur.meta["nn_module_stack"] = {**stack, **{p: (p, t) for p, t in own}}
-        if op != "get_attr":
-            cur.meta["tensor_meta"] = exit_.meta["tensor_meta"]
-        new.append(cur)
-        return cur
-
-    s, short = entry, f"{path}.shortcut"
-    if isinstance(parts.shortcut, nn.Sequential):  # one node per layer: later passes see the BatchNorm
-        for i, sub in enumerate(parts.shortcut):
-            s = add("call_module", f"{short}.{i}", (s,), (short, nn.Sequential), (f"{short}.{i}", type(sub)))
-    elif not isinstance(parts.shortcut, nn.Identity):
-        s = add("call_module", short, (s,), (short, type(parts.shortcut)))
-    if parts.gate is not None:
-        s = add("call_function", operator.mul, (add("get_attr", f"{path}.gate", ()), s))
-    out = add("call_function", operator.add, (exit_, s))
-    if parts.post_act == "relu":
-        out = add("call_function", torch.relu, (out,))
-    exit_.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside and user not in new)
-    if exit_.meta.pop("gt_model_output", None):
-        out.meta["gt_model_output"] = True
-
-
-# -- small helpers and opaque children --------------------------------------------------
-def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+# -- small helpers -----------------------------------------------------------------------------
+@contextmanager
+def _refusal():
+    """Block helpers refuse a block with a ValueError naming it: report it as this pass's error."""
     try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
+        yield
+    except ValueError as e:
+        raise PassError(f"residual: {e}") from None
 
 
 def _fmt(shape, dtype: torch.dtype | None = None) -> str:
+    """``2x8x4x4``, with `` float32`` appended when a dtype is given."""
     text = "x".join(str(int(d)) for d in shape)
     return f"{text} {str(dtype).replace('torch.', '')}" if dtype is not None else text
 
@@ -530,118 +322,9 @@ def _float(dtype: torch.dtype | None) -> torch.dtype | None:
 
 
 def _device(module: nn.Module, inputs: tuple = ()) -> torch.device:
+    """Where new parts go: the block's parameters or buffers, else the inputs, else the CPU."""
     tensors = itertools.chain(module.parameters(), module.buffers(), (i for i in inputs if isinstance(i, torch.Tensor)))
     return next((t.device for t in tensors), torch.device("cpu"))
-
-
-def _opaque_child(host: Region, local: str, where: str) -> nn.Module:
-    """The child ``local`` of an opaque module (through ModuleList/ModuleDict), or PassError."""
-    module, parts = host.module, local.split(".")
-    for i, part in enumerate(parts[:-1]):
-        module = module._modules[part]
-        if not isinstance(module, CONTAINERS):
-            inside = host.qualify(".".join(parts[: i + 1]))
-            raise PassError(f"residual: {where} sits inside {type(module).__name__} {inside}, which graphtricks"
-                            " does not open; name that module instead")
-    return module._modules[parts[-1]]
-
-
-def _measure(model: nn.Module, inputs: tuple, modules: list[nn.Module]) -> dict[int, dict]:
-    """Run the model once (eval, no grad); per module: its first call's shapes, or why it is no block."""
-    seen: dict[int, dict] = {}
-
-    def pre(mod, args, kwargs):
-        if id(mod) not in seen:
-            x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
-            seen[id(mod)] = {"x": x, "n": len(args) + len(kwargs), "version": x._version if x is not None else 0}
-
-    def post(mod, args, kwargs, output):
-        info = seen[id(mod)]
-        if "error" in info:
-            return
-        x = info.pop("x")
-        if x is None or not isinstance(output, torch.Tensor):
-            got = f"takes {info['n']} arguments" if x is None else f"returns a {type(output).__name__}"
-            info["error"] = f"{got}; {_BLOCK_RULE}"
-        elif x._version != info["version"]:  # the version counter moves on every in-place write, views too
-            info["error"] = "modifies its input in place; the shortcut needs the unmodified input: make it out-of-place"
-        else:
-            info.update(error="", shapes=(tuple(x.shape), tuple(output.shape)), dtypes=(x.dtype, output.dtype))
-
-    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
-    handles += [m.register_forward_hook(post, with_kwargs=True) for m in modules]
-    snapshot = ModeSnapshot(model)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        snapshot.restore()
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _apply_measured(item: _Item, info: dict | None) -> str:
-    """Fill an item's shapes from :func:`_measure`; returns why it cannot be wrapped, or ""."""
-    if info is None:
-        return "did not run on the example inputs; it cannot be measured or wrapped"
-    if not info.get("error"):
-        (item.in_shape, item.out_shape), item.dtypes = info["shapes"], info["dtypes"]
-    return info.get("error", "")
-
-
-def candidate_blocks(tree: RegionTree, example_inputs: tuple = ()) -> list[dict]:
-    """Children of ``nn.Sequential`` containers that take one tensor and return one, with shapes.
-
-    Reads the shapes recorded by the rewrite; children of a Sequential kept opaque are listed
-    only when ``example_inputs`` are given (they are measured by one eval forward).
-
-    Args:
-        tree: a captured region tree with shapes (``rewrite(model, [], x).tree``).
-        example_inputs: the model's inputs, to measure Sequentials inside opaque modules.
-
-    Returns:
-        ``[{"name", "type", "input_shape", "output_shape", "dtype", "shortcut", "wrapped"}]``;
-        ``shortcut`` is what ``auto`` would choose, or None when no shortcut fits.
-
-    Example:
-        >>> [b["name"] for b in candidate_blocks(gt.rewrite(PlainVGG(), [], x).tree)][:4]
-        ['stem.0', 'stem.1', 'stem.2', 'stages.0']
-    """
-    found: list[tuple[_Item, str]] = []
-    measured: list[_Item] = []
-    for region in tree.regions():
-        if region.kind == "traced":
-            gm = region.graph_module
-            types = _stack_types(gm.graph)
-            seqs = {p for p, t in types.items() if issubclass(t, nn.Sequential)}
-            seqs |= {""} if type(gm).__name__ == "Sequential" else set()
-            for local in (p for p in types if p.rpartition(".")[0] in seqs):
-                nodes = _block_nodes(gm.graph, local)
-                try:
-                    entry, exit_ = _single_io(nodes, local)
-                    _check_inplace(gm, nodes, entry, local)
-                except PassError:
-                    continue
-                a, b = tensor_meta(entry), tensor_meta(exit_)
-                item = _Item(region.qualify(local), local, None, tuple(a.shape), tuple(b.shape), (a.dtype, b.dtype))
-                found.append((item, types[local].__name__))
-        elif isinstance(region.module, nn.Sequential) and example_inputs:
-            measured += [_Item(region.qualify(n), n, c) for n, c in region.module.named_children()]
-    seen = _measure(tree.model, tuple(example_inputs), [i.module for i in measured]) if measured else {}
-    found += [(i, type(i.module).__name__) for i in measured if not _apply_measured(i, seen.get(id(i.module)))]
-    wrapped, _ = _wrapped_names(tree.model)
-    out = []
-    for item, type_name in found:
-        try:
-            kind = choose_shortcut("auto", item.in_shape, item.out_shape, *item.dtypes)[0]
-        except ValueError:
-            kind = None
-        out.append({"name": item.where, "type": type_name, "input_shape": list(item.in_shape),
-                    "output_shape": list(item.out_shape), "dtype": str(item.dtypes[1]).replace("torch.", ""),
-                    "shortcut": kind, "wrapped": item.where in wrapped})
-    return out
 
 
 def add_residual(model, example_inputs, blocks=(), *, inplace: bool = False, **kwargs):

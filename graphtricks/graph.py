@@ -76,12 +76,16 @@ def node_where(prefix: str, node: fx.Node) -> str:
 
 def unique_attr_name(gm: nn.Module, parent_path: str, base: str) -> str:
     """A submodule path ``parent_path.base`` (``_1``, ``_2`` … appended) that is free in ``gm``."""
-    parent = find_submodule(gm, parent_path) if parent_path else None
-    taken = set(dict(parent.named_children()).keys()) | set(vars(parent)) if parent is not None else set()
-    if not parent_path:
-        taken = set(dict(gm.named_children()).keys()) | set(vars(gm)) | set(dir(type(gm)))
+    parent = find_submodule(gm, parent_path) if parent_path else gm
+
+    def taken(name: str) -> bool:
+        # Checked name by name: collecting every child name per call made naming quadratic.
+        if parent is None:
+            return False
+        return name in parent._modules or name in vars(parent) or hasattr(type(parent), name)
+
     name, i = base, 0
-    while name in taken:
+    while taken(name):
         i += 1
         name = f"{base}_{i}"
     return f"{parent_path}.{name}" if parent_path else name

@@ -99,10 +99,12 @@ def rewrite(
         propagate_shapes(tree, inputs)
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
+        stale = False
         for p in passes:
-            _run_pass(p, tree, report, inputs)
-            if p.changes and p.invalidates_shapes:
+            if stale:  # recomputed only when a later pass will read them
                 propagate_shapes(tree, inputs)
+            _run_pass(p, tree, report, inputs)
+            stale = bool(p.changes) and p.invalidates_shapes
     finally:
         snapshot.restore()
     adopt_parent_modes(tree.model, known)

@@ -88,7 +88,7 @@ CORPUS = [
     # 224x224: the TorchScript exporter needs the 7x7 adaptive pool to divide its input.
     Entry("tv:vgg11_bn", _tv("vgg11_bn"), IMG224, residual=["features.4", "features.11"]),
     Entry("tv:alexnet", _tv("alexnet"), IMG224),
-    Entry("timm:tf_efficientnetv2_b0", _timm("tf_efficientnetv2_b0", drop_path_rate=0.1), IMG),
+    Entry("timm:tf_efficientnetv2_b0", _timm("tf_efficientnetv2_b0", drop_path_rate=0.1), IMG, fast=True),
     Entry("timm:efficientnet_b0", _timm("efficientnet_b0"), IMG, fast=True),
     Entry("timm:convnext_atto", _timm("convnext_atto", drop_path_rate=0.1), IMG),
     Entry("timm:vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, drop_path_rate=0.1), (2, 3, 32, 32)),
@@ -99,7 +99,7 @@ CORPUS = [
     Entry("timm:ghostnet_050", _timm("ghostnet_050"), IMG),
     Entry("timm:resnet18d", _timm("resnet18d"), IMG),
     Entry("timm:mobilevitv2_050", _timm("mobilevitv2_050"), IMG),
-    Entry("hf:bert", _hf("BertConfig", "BertModel", **_SMALL_TEXT), (2, 12), "int64"),
+    Entry("hf:bert", _hf("BertConfig", "BertModel", **_SMALL_TEXT), (2, 12), "int64", fast=True),
     Entry("hf:gpt2", _hf("GPT2Config", "GPT2Model", n_embd=64, n_layer=2, n_head=4, vocab_size=1000), (2, 12), "int64"),
     Entry("hf:llama", _hf("LlamaConfig", "LlamaModel", **_SMALL_TEXT), (2, 12), "int64"),
     Entry("hf:t5-encoder", _hf("T5Config", "T5EncoderModel", d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=1000), (2, 12), "int64"),

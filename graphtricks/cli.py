@@ -74,6 +74,7 @@ TrustPickleOpt = Annotated[
     bool, typer.Option("--trust-pickle", help="Allow unpickling a whole-model .pt (unpickling runs arbitrary code).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")]
 
 
@@ -255,7 +256,7 @@ def rewrite(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never edit places matching this glob (repeatable).")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with [[passes]] to apply (before flag passes).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -383,7 +384,7 @@ def export(
     trust_pickle: TrustPickleOpt = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (14-20).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:

@@ -39,10 +39,10 @@ ACTIVATION_FUNCTIONS: dict[object, str] = {
     F.relu6: "ReLU6",
     F.leaky_relu: "LeakyReLU", F.leaky_relu_: "LeakyReLU",
     F.prelu: "PReLU", torch.prelu: "PReLU",
-    F.rrelu: "RReLU", F.rrelu_: "RReLU",
+    F.rrelu: "RReLU", F.rrelu_: "RReLU", torch.rrelu: "RReLU", torch.rrelu_: "RReLU",
     F.elu: "ELU", F.elu_: "ELU",
     F.selu: "SELU", torch.selu: "SELU", torch.selu_: "SELU",
-    F.celu: "CELU", torch.celu: "CELU",
+    F.celu: "CELU", F.celu_: "CELU", torch.celu: "CELU", torch.celu_: "CELU",
     F.gelu: "GELU",
     F.silu: "SiLU",
     F.mish: "Mish",
@@ -56,7 +56,7 @@ ACTIVATION_FUNCTIONS: dict[object, str] = {
     F.tanhshrink: "Tanhshrink",
     F.logsigmoid: "LogSigmoid",
     F.glu: "GLU",
-    F.threshold: "Threshold",
+    F.threshold: "Threshold", F.threshold_: "Threshold", torch.threshold: "Threshold", torch.threshold_: "Threshold",
 }
 
 ACTIVATION_METHODS: dict[str, str] = {

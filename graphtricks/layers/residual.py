@@ -232,7 +232,13 @@ def add_merge_nodes(gm: fx.GraphModule, entry, exit_, inside: set, path: str, pa
         parts: the wrapper whose shortcut, gate and post-activation the nodes call.
         stack: the module stack the new nodes record (``nn_module_stack``).
     """
-    graph, new, cur = gm.graph, [], exit_
+    graph, new = gm.graph, []
+    # Add after the block's last node, not right after ``exit_``: an in-place statement that ends the
+    # block (``y = fc(x); y.relu_(); return y``) must run before the sum reads ``y``.
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max((n for n in inside if n in order), key=order.__getitem__, default=exit_)
+    early_reader = any(u not in inside and order.get(u, -1) <= order[last] for u in exit_.users)
+    cur = last if order[last] > order[exit_] and not early_reader else exit_
 
     def add(op, target, args, *own):
         nonlocal cur

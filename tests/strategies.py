@@ -58,8 +58,7 @@ ACTS: dict[str, dict[str, tuple[bool, ...]]] = {
     "relu6": {"module": (False, True), "functional": (False, True)},
     "hardswish": {"module": (False, True), "functional": (False, True)},
     "selu": {"module": (False, True), "functional": (False, True), "torch": (False, True)},
-    # torch.celu_ is left out: the activation table misses it (test_properties.py records it).
-    "celu": {"module": (False, True), "functional": (False, True), "torch": (False,)},
+    "celu": {"module": (False, True), "functional": (False, True), "torch": (False, True)},
     "prelu": {"module": (False,)},
 }
 # Output activations of the head (the model output: no dropout may follow them).

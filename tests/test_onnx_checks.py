@@ -24,18 +24,7 @@ from graphtricks.onnx.check_graphs import check_infer_has_no_train_ops
 from graphtricks.onnx.check_numeric import compare_output
 from graphtricks.onnx.graph import DropoutInfo
 from graphtricks.onnx.report import CheckResult, Tolerance, ValidationReport, default_tolerance
-
-
-class ConvBnNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
+from tests.test_onnx_export import ConvBnNet
 
 
 class TwoOutputs(nn.Module):

@@ -32,12 +32,13 @@ from graphtricks.graph import (
     node_where,
     owner_path,
 )
+from graphtricks.layers.norm import ChannelLayerNorm
 from graphtricks.layers.residual import REGISTRY, Residual, ResidualSpan
 
 __all__ = ["NORM_TYPES", "NORM_FUNCTIONS", "consumer_map", "merge_reach", "residual_norms", "last_norm"]
 
 # Norms with a learnable scale γ: what initializers reset and residual branches end in.
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, ChannelLayerNorm)
 NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, F.local_response_norm}
 
 # Ops a value passes through on its way to the nonlinearity that consumes it.

@@ -22,6 +22,7 @@ from torch import nn
 
 from graphtricks.errors import CaptureError, InputShapeError
 from graphtricks.graph import owner_path
+from graphtricks.layers.norm import ChannelLayerNorm
 from graphtricks.modes import ModeSnapshot
 
 __all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_rejected", "expand_containers", "CONTAINERS"]
@@ -30,12 +31,17 @@ __all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_reject
 _MAX_RETRACES = 256
 CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
+# graphtricks' own layers that passes treat like PyTorch's: leaves of every trace, so that a
+# model rewritten in one run and one re-captured later have the same graph.
+KNOWN_LEAVES = (ChannelLayerNorm,)
 
 
 def is_builtin_module(module: nn.Module) -> bool:
-    """True for PyTorch's own layers (fx's default leaves), False for containers like Sequential."""
+    """True for PyTorch's own layers (fx's default leaves) and ``KNOWN_LEAVES``; False for containers."""
     if isinstance(module, (nn.Sequential, fx.GraphModule)) or isinstance(module, CONTAINERS):
         return False
+    if isinstance(module, KNOWN_LEAVES):
+        return True
     name = type(module).__module__
     return name.startswith("torch.nn") or name.startswith("torch.ao.nn")
 
@@ -128,7 +134,7 @@ class _RegionTracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
+        return id(m) in self.leaves or isinstance(m, KNOWN_LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass

@@ -10,14 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphtricks.activations import ACTIVATION_MODULES, activation_name
+from graphtricks.analysis import NORM_TYPES
 from graphtricks.capture import RegionTree, is_builtin_module
 
 __all__ = ["summarize", "NORM_MODULES"]
 
-NORM_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, nn.RMSNorm,
-)
+# The norms passes know (with a learnable scale), plus LocalResponseNorm, which has none.
+NORM_MODULES = (*NORM_TYPES, nn.LocalResponseNorm)
 _NORM_FUNCTIONS = {
     F.batch_norm: "batch_norm", F.layer_norm: "layer_norm", F.group_norm: "group_norm",
     F.instance_norm: "instance_norm", F.rms_norm: "rms_norm",

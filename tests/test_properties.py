@@ -651,13 +651,6 @@ def test_init_is_idempotent_when_a_branch_depends_on_the_weights():
     assert again.report.changes == [], [(c.where, c.details["source"]) for c in again.report.changes]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="init run after bn_to_ln in the same rewrite sees the ChannelLayerNorm that bn_to_ln inserted as an"
-    " opaque module ('module type: feeds opaque ChannelLayerNorm', so He/ReLU is assumed for the conv), but on"
-    " the re-captured model it traces through it ('graph: feeds no nonlinearity', gain 1): the weights depend"
-    " on whether the passes ran in one rewrite or two, and a second init changes them",
-)
 def test_init_after_bn_to_ln_in_one_rewrite_matches_two_rewrites():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 2, 1, bias=False), nn.BatchNorm1d(2), nn.Flatten(1), nn.Linear(6, 1)).eval()

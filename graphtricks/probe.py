@@ -2,16 +2,16 @@
 
 A probe runs the model in eval mode (a BatchNorm must not update its running statistics) and
 without autograd, and leaves it as it found it: hooks removed, replaced forwards deleted, every
-module's train/eval flag restored. Passes use probes where shapes recorded on graph nodes are
-not enough: children of opaque modules (residual blocks) and what a swap would change
-(BatchNorm → LayerNorm drift).
+module's train/eval flag restored. The shape forward of a rewrite is a probe; passes add
+:class:`Observers` to it (what a BatchNorm → LayerNorm swap would change), or run a probe of
+their own where the model has changed since (children of opaque modules, residual blocks).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,11 +19,33 @@ import torch.fx as fx
 from torch import nn
 
 from graphtricks.modes import ModeSnapshot
-from graphtricks.shapes import bind_call
 
-__all__ = ["probe_forward", "watched_forward", "FirstCall", "first_calls"]
+__all__ = ["probe_forward", "watched_forward", "bind_call", "Observers", "FirstCall", "first_calls"]
 
 Hook = Callable[..., Any]
+# after(interpreter, node, value): called once a graph node has run.
+NodeCallback = Callable[[fx.Interpreter, fx.Node, Any], None]
+
+
+@dataclass
+class Observers:
+    """What a pass wants to see during a probe: module hooks and graph-node callbacks.
+
+    Attributes:
+        hooks: ``(module, hook)`` forward hooks, called ``hook(module, args, kwargs, output)``.
+        after_node: ``(graph module, after)``: ``after(interpreter, node, value)`` runs after
+            each node of that graph module's graph.
+    """
+
+    hooks: list[tuple[nn.Module, Hook]] = field(default_factory=list)
+    after_node: list[tuple[fx.GraphModule, NodeCallback]] = field(default_factory=list)
+
+
+def bind_call(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[Any]:
+    """Arrange a call's arguments in placeholder order (an Interpreter takes positional args)."""
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
 
 
 def probe_forward(
@@ -71,28 +93,33 @@ def probe_forward(
 
 
 class _Watcher(fx.Interpreter):
-    """Runs a graph node by node, calling ``after(interpreter, node, value)`` after each."""
+    """Runs a graph node by node, calling each ``after(interpreter, node, value)`` after each node."""
 
-    def __init__(self, gm: fx.GraphModule, after: Callable[[fx.Interpreter, fx.Node, Any], None]):
+    def __init__(self, gm: fx.GraphModule, afters: list[NodeCallback]):
         super().__init__(gm)
-        self.after = after
+        self.afters = afters
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        self.after(self, n, out)
+        for after in self.afters:
+            after(self, n, out)
         return out
 
 
-def watched_forward(gm: fx.GraphModule, after: Callable[[fx.Interpreter, fx.Node, Any], None]) -> Callable:
-    """A forward for ``gm`` that runs its graph node by node and calls ``after(interpreter, node, value)``.
+def watched_forward(gm: fx.GraphModule, *afters: NodeCallback, returned: Callable | None = None) -> Callable:
+    """A forward for ``gm`` that runs its graph node by node and calls each ``after(interpreter, node, value)``.
 
     The interpreter lets ``after`` read a node's arguments (``fetch_args_kwargs_from_env``).
-    Install it with :func:`probe_forward`'s ``forwards``.
+    ``returned(result)``, when given, sees each call's result. Install the forward with
+    :func:`probe_forward`'s ``forwards``.
     """
     sig = inspect.signature(gm.forward)
 
     def forward(*args, **kwargs):
-        return _Watcher(gm, after).run(*bind_call(sig, args, kwargs))
+        result = _Watcher(gm, list(afters)).run(*bind_call(sig, args, kwargs))
+        if returned is not None:
+            returned(result)
+        return result
 
     return forward
 

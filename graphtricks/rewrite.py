@@ -6,7 +6,8 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,15 +97,24 @@ def rewrite(
         except Exception as e:
             raise GraphtricksError(f"cannot copy the model ({e}); pass inplace=True to rewrite it without a copy") from e
         tree = capture(work, inputs)
-        propagate_shapes(tree, inputs)
+        # One forward records shapes, and what passes measure, for as long as the model's eval
+        # outputs stay as they are: passes record shapes on what they add.
+        observers = []
+        for p in passes:
+            found = p.observers(tree)
+            if found is not None:
+                observers.append(found)
+            if not p.preserves_eval:
+                break
+        propagate_shapes(tree, inputs, observers)
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
         stale = False
         for p in passes:
-            if stale:  # recomputed only when a later pass will read them
+            if stale:  # a pass built something no forward has measured yet
                 propagate_shapes(tree, inputs)
             _run_pass(p, tree, report, inputs)
-            stale = bool(p.changes) and p.invalidates_shapes
+            stale = p.stale_shapes
     finally:
         snapshot.restore()
     adopt_parent_modes(tree.model, known)
@@ -116,7 +126,7 @@ def rewrite(
 
 def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report, inputs: tuple) -> None:
     """Run one pass over every region that exists now (regions it adds are not revisited)."""
-    p.changes, p.notes = [], []
+    p.changes, p.notes, p.stale_shapes = [], [], False
     p.tree, p.example_inputs = tree, inputs
     reason = p.skip_reason()
     if reason:

@@ -15,6 +15,7 @@ from torch.fx.passes.infra.pass_base import PassBase
 
 from graphtricks.capture import Region
 from graphtricks.errors import PassError
+from graphtricks.probe import Observers
 from graphtricks.report import Change
 
 __all__ = ["GraphtricksPass", "NoChangeWarning", "PASSES", "register_pass", "pass_from_config"]
@@ -48,8 +49,6 @@ class GraphtricksPass(PassBase):
 
     name: ClassVar[str] = ""
     preserves_eval: ClassVar[bool] = False
-    # True when the pass adds nodes whose shapes later passes need recomputed.
-    invalidates_shapes: ClassVar[bool] = False
 
     def __init__(self, *, include: tuple[str, ...] | list[str] = (), exclude: tuple[str, ...] | list[str] = ()):
         super().__init__()
@@ -60,6 +59,9 @@ class GraphtricksPass(PassBase):
         self.exclude = tuple(exclude)
         self.changes: list[Change] = []
         self.notes: list[str] = []
+        # Passes record shapes on the nodes they add; one that builds something whose shapes it
+        # cannot know (a new opaque region) sets this, and shapes are recomputed before the next pass.
+        self.stale_shapes = False
         self.region: Region | None = None
         # Set by ``rewrite`` while the pass runs: the whole tree and the example inputs, for
         # passes that measure something on the model (e.g. output drift of a swap).
@@ -115,6 +117,14 @@ class GraphtricksPass(PassBase):
 
     def skip_reason(self) -> str | None:
         """Why this pass will change nothing whatever the model (e.g. p=0), or None."""
+        return None
+
+    def observers(self, tree) -> Observers | None:
+        """What this pass wants to measure during the rewrite's shape forward, or None.
+
+        ``rewrite`` asks only when every earlier pass keeps eval outputs (``preserves_eval``),
+        so what the observers see then is what the pass would see when it runs.
+        """
         return None
 
 

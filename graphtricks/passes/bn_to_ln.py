@@ -24,8 +24,8 @@ from graphtricks.errors import PassError
 from graphtricks.graph import node_where
 from graphtricks.layers.norm import NormAct, batch_norm_extras, layer_norm_for, layer_norm_like
 from graphtricks.passes.base import GraphtricksPass, register_pass
-from graphtricks.probe import probe_forward, watched_forward
-from graphtricks.shapes import tensor_meta
+from graphtricks.probe import Observers, probe_forward, watched_forward
+from graphtricks.shapes import copy_output_meta, tensor_meta, transposed_meta
 
 __all__ = ["BatchNormToLayerNorm", "bn_to_ln", "LN_OVER"]
 
@@ -57,8 +57,7 @@ def _expand_norm_act(gm: fx.GraphModule, node: fx.Node, target: str, new: NormAc
         with gm.graph.inserting_after(last):
             last = gm.graph.call_module(path, args, kwargs)
         last.meta["nn_module_stack"] = {**stack, path: (path, type(getattr(new, child)))}
-        if "tensor_meta" in node.meta:  # shape-preserving
-            last.meta["tensor_meta"] = node.meta["tensor_meta"]
+        copy_output_meta(node, last)  # shape-preserving
         args, kwargs = (last,), {}
     node.replace_all_uses_with(last)
     gm.graph.erase_node(node)
@@ -84,7 +83,6 @@ class BatchNormToLayerNorm(GraphtricksPass):
 
     name = "bn_to_ln"
     preserves_eval = False
-    invalidates_shapes = True
 
     def __init__(self, *, over: str = "c", include=(), exclude=()):
         super().__init__(include=include, exclude=exclude)
@@ -92,6 +90,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
             raise PassError(f"unknown LayerNorm layout over={over!r}; choose one of {', '.join(LN_OVER)}")
         self.over = over
         self._seen: dict = {}  # key → {"shape", "diff", "ref"} from the measuring forward
+        self._measured = False  # _seen was filled by the rewrite's shape forward
         self._gone: set[int] = set()  # ids of modules replaced in this run
 
     def options(self) -> dict:
@@ -144,8 +143,9 @@ class BatchNormToLayerNorm(GraphtricksPass):
         if old.is_meta:  # a model captured on the meta device: shapes, but no values to compare
             entry["ref"] = 0.0
             return
-        entry["diff"] += float((new.double() - old.double()).pow(2).sum())
-        entry["ref"] += float(old.double().pow(2).sum())
+        # Differences in the tensors' dtype, sums of squares in float64: no float64 copies.
+        entry["diff"] += float((new - old).square().sum(dtype=torch.float64))
+        entry["ref"] += float(old.square().sum(dtype=torch.float64))
 
     def _drift(self, key) -> float | None:
         entry = self._seen.get(key)
@@ -153,12 +153,17 @@ class BatchNormToLayerNorm(GraphtricksPass):
             return None  # not measured, or the old output was all zeros (no relative figure)
         return (entry["diff"] / entry["ref"]) ** 0.5
 
-    def _measure(self) -> None:
-        """One eval forward of the model: every BatchNorm's input shape and the drift of its swap."""
-        self._seen, self._gone = {}, set()
+    def observers(self, tree) -> Observers:
+        """Hooks that record every BatchNorm's input shape and the drift of its swap.
+
+        ``rewrite`` adds them to its shape forward when every earlier pass kept eval outputs
+        (so each BatchNorm sees then what it would see now); otherwise the pass runs one
+        forward of its own (:meth:`_measure`).
+        """
+        self._seen, self._measured = {}, True
 
         def hook(bn, args, kwargs, output):
-            x = args[0]
+            x = args[0] if args else None
             if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 2:
                 self._accumulate(id(bn), x.shape, layer_norm_for(bn, x.dim(), self.over)(x), output)
 
@@ -172,15 +177,29 @@ class BatchNormToLayerNorm(GraphtricksPass):
 
             return after
 
-        hooks = [(m, hook) for name, m in self.tree.model.named_modules()
-                 if isinstance(m, _BatchNorm) and batch_norm_extras(m) is not None and self.selects(name)]
-        forwards = []
-        for region in self.tree.regions():
+        found = Observers()
+        found.hooks = [(m, hook) for name, m in tree.model.named_modules()
+                       if isinstance(m, _BatchNorm) and batch_norm_extras(m) is not None and self.selects(name)]
+        for region in tree.regions():
             gm = region.module
             if region.kind == "traced" and any(n.op == "call_function" and n.target in _ARGS for n in gm.graph.nodes):
-                forwards.append((gm, watched_forward(gm, functional(gm))))
-        if hooks or forwards:
-            probe_forward(self.tree.model, self.example_inputs, hooks=hooks, forwards=forwards)
+                found.after_node.append((gm, functional(gm)))
+        return found
+
+    def _measure(self) -> None:
+        """One eval forward of the model, with :meth:`observers` attached."""
+        found = self.observers(self.tree)
+        if found.hooks or found.after_node:
+            forwards = [(gm, watched_forward(gm, after)) for gm, after in found.after_node]
+            probe_forward(self.tree.model, self.example_inputs, hooks=found.hooks, forwards=forwards)
+
+    def _begin(self) -> None:
+        """At the root region (a new run): measure, unless the rewrite's shape forward did."""
+        if self.tree is not None and self.region is self.tree.root:
+            self._gone = set()
+            if not self._measured:
+                self._measure()
+            self._measured = False  # a later run measures again
 
     # -- keeping the region tree right -------------------------------------------------------
     def _replace_region(self, old: nn.Module, new_region: Region | None) -> None:
@@ -201,8 +220,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         """Swap the BatchNorm modules and functional batch norms of one traced region."""
         gm = graph_module
-        if self.tree is not None and self.region is self.tree.root:
-            self._measure()
+        self._begin()
         by_target: dict[str, list[fx.Node]] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
@@ -258,8 +276,9 @@ class BatchNormToLayerNorm(GraphtricksPass):
         for n in made:  # same owner as the call they replace (later passes name nodes by it)
             if "nn_module_stack" in node.meta:
                 n.meta["nn_module_stack"] = node.meta["nn_module_stack"]
-        if "tensor_meta" in node.meta:
-            made[-1].meta["tensor_meta"] = node.meta["tensor_meta"]
+        if len(made) == 3 and meta is not None:  # channels last in between
+            made[0].meta["tensor_meta"] = made[1].meta["tensor_meta"] = transposed_meta(meta, 1, -1)
+        copy_output_meta(node, made[-1])
         new = made[-1]
         node.replace_all_uses_with(new)
         g.erase_node(node)
@@ -290,8 +309,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
     # -- opaque regions ----------------------------------------------------------------------
     def call_opaque(self, region: Region) -> bool:
         """Swap BatchNorm children (built-in or known subclasses) of an opaque module."""
-        if self.tree is not None and self.region is self.tree.root:
-            self._measure()
+        self._begin()
         if id(region.module) in self._gone:
             return False  # replaced from its parent already
         if isinstance(region.module, _BatchNorm) and not region.path:
@@ -313,6 +331,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
             built = None
             if isinstance(new, NormAct):
                 built = Region(where, "opaque", new, "built by bn_to_ln (norm, drop, act)")
+                self.stale_shapes = True  # nothing recorded what its parts see
             self._replace_region(bn, built)
             if built is not None and not any(r.module is new for r in region.walk()):
                 region.children.append(built)

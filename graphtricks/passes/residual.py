@@ -91,7 +91,6 @@ class AddResidual(GraphtricksPass):
 
     name = "residual"
     preserves_eval = False
-    invalidates_shapes = True
 
     def __init__(self, blocks=(), *, spans=(), shortcut="auto", shortcut_norm=False, post_act="none", gate="none",
                  include=(), exclude=()):
@@ -262,6 +261,7 @@ class AddResidual(GraphtricksPass):
             at = next((i for i, r in enumerate(region.children) if r.module is child), len(region.children))
             region.children[at : at + 1] = [Region(item.where, "opaque", wrapper, "residual wrapper", below)]
             self._record(item, wrapper, child, item.where)
+            self.stale_shapes = True  # the wrapper's children have no recorded shapes yet
         return bool(items)
 
     def _shortcut(self, item: Block, device: torch.device) -> nn.Module:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch

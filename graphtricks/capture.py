@@ -23,6 +23,7 @@ from torch import nn
 from graphtricks.errors import CaptureError, InputShapeError
 from graphtricks.graph import owner_path
 from graphtricks.layers.norm import ChannelLayerNorm
+from graphtricks.mode_reads import module_reads_training
 from graphtricks.modes import ModeSnapshot
 
 __all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_rejected", "expand_containers", "CONTAINERS"]
@@ -127,14 +128,26 @@ class RegionTree:
 
 
 class _RegionTracer(fx.Tracer):
-    """An fx tracer that keeps the given module objects as leaves."""
+    """An fx tracer that keeps the given module objects as leaves and notes whether any module
+    whose code it runs may read a ``training`` flag (else an eval trace would be the same)."""
 
     def __init__(self, leaves: set[int]):
         super().__init__()
         self.leaves = leaves
+        self.reads_training = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.leaves or isinstance(m, KNOWN_LEAVES) or super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        if isinstance(root, nn.Module):
+            self.reads_training = module_reads_training(root)
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if not self.reads_training and not self.is_leaf_module(m, ""):
+            self.reads_training = module_reads_training(m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 @dataclass
@@ -258,15 +271,19 @@ def _mode_dependent_owners(train: fx.Graph, infer: fx.Graph) -> set[str]:
 
 
 def _trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bool):
-    """Trace ``module`` in one mode; returns (graph, None) or (None, (culprit_path, error))."""
+    """Trace ``module`` in one mode.
+
+    Returns:
+        ``(graph, None, reads_training)``, or ``(None, (culprit_path, error), True)`` on failure.
+    """
     module.train(training)
     tracer = _RegionTracer(leaves)
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())
-        return None, (stack[-1][0] if stack else "", e)
-    return graph, None
+        return None, (stack[-1][0] if stack else "", e), True
+    return graph, None, tracer.reads_training
 
 
 def model_rejected(example_inputs: tuple, e: BaseException) -> InputShapeError:
@@ -318,10 +335,13 @@ class _Capturer:
             graphs = []
             failure = None
             for training in (True, False):
-                graph, failure = _trace_once(module, leaves, concrete, training)
+                graph, failure, reads_training = _trace_once(module, leaves, concrete, training)
                 if failure:
                     break
                 graphs.append(graph)
+                if not reads_training:  # no traced code reads the mode: the eval trace is the same
+                    graphs.append(graph)
+                    break
             if failure:
                 culprit, err = failure
                 sub = module.get_submodule(culprit) if culprit else module

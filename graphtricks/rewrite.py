@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import time
 import warnings
 from collections.abc import Sequence
@@ -90,6 +92,29 @@ def rewrite(
     for p in passes:
         if not isinstance(p, GraphtricksPass):
             raise PassError(f"not a graphtricks pass: {p!r} (build passes like InsertDropout(p=0.1))")
+    with _collector_paused():
+        return _rewrite(model, list(passes), inputs, inplace, started)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Pause Python's cyclic garbage collector while a rewrite builds its graphs.
+
+    A rewrite allocates many small objects that live until it ends (nodes, proxies, copies of
+    modules); each collection the allocations trigger walks all of them again, which made a
+    rewrite grow faster than the model (25 % of a 4096-layer rewrite). Reference counting
+    still frees everything that is not in a cycle; cycles are collected once it is back on.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, started: float) -> RewriteResult:
     snapshot = ModeSnapshot(model)
     try:
         try:
@@ -130,7 +155,7 @@ def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report, inputs: tupl
     p.tree, p.example_inputs = tree, inputs
     reason = p.skip_reason()
     if reason:
-        warnings.warn(reason, NoChangeWarning, stacklevel=3)
+        warnings.warn(reason, NoChangeWarning, stacklevel=4)
         report.warnings.append(reason)
         return
     for region in tree.regions():
@@ -152,5 +177,5 @@ def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report, inputs: tupl
     report.warnings.extend(f"{p.name}: {note}" for note in p.notes)
     if not p.changes:
         message = f"pass {p.name!r} matched nothing in this model; it changed nothing"
-        warnings.warn(message, NoChangeWarning, stacklevel=3)
+        warnings.warn(message, NoChangeWarning, stacklevel=4)
         report.warnings.append(message)

@@ -350,7 +350,7 @@ class _Capturer:
                 leaves.add(id(sub))
                 reasons[id(sub)] = f"not traceable: {_one_line(err)}"
                 continue
-            owners = _mode_dependent_owners(*graphs)
+            owners = _mode_dependent_owners(*graphs) if graphs[0] is not graphs[1] else set()
             if not owners:
                 break
             if "" in owners:

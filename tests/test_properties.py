@@ -531,12 +531,6 @@ def test_onnx_round_trip(data, config, pass_name):
 
 
 # -- counterexamples found by the properties above (known bugs, recorded) --------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="residual: make_shortcut builds the conv/linear shortcut with nn.Conv2d/nn.Linear's default"
-    " constructor, whose reset_parameters draws from the global RNG before the seeded kaiming_normal_;"
-    " its docstring promises to leave the global RNG alone",
-)
 def test_residual_conv_shortcut_leaves_global_rng_alone():
     model = nn.Sequential(nn.Linear(3, 2)).eval()
     x = torch.randn(2, 3)

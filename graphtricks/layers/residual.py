@@ -20,6 +20,7 @@ import zlib
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import skip_init
 
 __all__ = [
     "GATES",
@@ -183,10 +184,11 @@ def make_shortcut(
     if kind == "pad":
         return PadShortcut(c_in, c_out, stride)
     spatial = len(in_shape) - 2
+    # skip_init: the layer's own reset_parameters would draw from the global RNG first.
     if spatial == 0:
-        proj = nn.Linear(c_in, c_out, bias=False)
+        proj = skip_init(nn.Linear, c_in, c_out, bias=False)
     else:
-        proj = _CONVS[spatial](c_in, c_out, 1, stride=stride, bias=False)
+        proj = skip_init(_CONVS[spatial], c_in, c_out, 1, stride=stride, bias=False)
     gen = torch.Generator().manual_seed(zlib.crc32(seed_name.encode()))
     with torch.no_grad():
         nn.init.kaiming_normal_(proj.weight, mode="fan_out", nonlinearity="relu", generator=gen)

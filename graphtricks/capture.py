@@ -12,7 +12,6 @@ descendant is made a leaf of its parent's trace, and the parent is traced again.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,30 +20,23 @@ import torch.fx as fx
 from torch import nn
 
 from graphtricks.errors import CaptureError, InputShapeError
-from graphtricks.graph import owner_path
-from graphtricks.layers.norm import ChannelLayerNorm
-from graphtricks.mode_reads import module_reads_training
 from graphtricks.modes import ModeSnapshot
+from graphtricks.tracing import (
+    CONTAINERS,
+    Call,
+    concrete_args,
+    is_builtin_module,
+    mode_dependent_owners,
+    one_line,
+    record_calls,
+    restore_placeholder_names,
+    trace_once,
+)
 
 __all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_rejected", "expand_containers", "CONTAINERS"]
 
 # A trace that keeps failing on new culprits ends as opaque rather than looping for ever.
 _MAX_RETRACES = 256
-CONTAINERS = (nn.ModuleList, nn.ModuleDict)
-_CONCRETE_TYPES = (type(None), bool, int, float, str)
-# graphtricks' own layers that passes treat like PyTorch's: leaves of every trace, so that a
-# model rewritten in one run and one re-captured later have the same graph.
-KNOWN_LEAVES = (ChannelLayerNorm,)
-
-
-def is_builtin_module(module: nn.Module) -> bool:
-    """True for PyTorch's own layers (fx's default leaves) and ``KNOWN_LEAVES``; False for containers."""
-    if isinstance(module, (nn.Sequential, fx.GraphModule)) or isinstance(module, CONTAINERS):
-        return False
-    if isinstance(module, KNOWN_LEAVES):
-        return True
-    name = type(module).__module__
-    return name.startswith("torch.nn") or name.startswith("torch.ao.nn")
 
 
 @dataclass
@@ -127,165 +119,6 @@ class RegionTree:
         return max(0.0, 1.0 - opaque_owned / total)
 
 
-class _RegionTracer(fx.Tracer):
-    """An fx tracer that keeps the given module objects as leaves and notes whether any module
-    whose code it runs may read a ``training`` flag (else an eval trace would be the same)."""
-
-    def __init__(self, leaves: set[int]):
-        super().__init__()
-        self.leaves = leaves
-        self.reads_training = False
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or isinstance(m, KNOWN_LEAVES) or super().is_leaf_module(m, module_qualified_name)
-
-    def trace(self, root, concrete_args=None):
-        if isinstance(root, nn.Module):
-            self.reads_training = module_reads_training(root)
-        return super().trace(root, concrete_args)
-
-    def call_module(self, m: nn.Module, forward, args, kwargs):
-        if not self.reads_training and not self.is_leaf_module(m, ""):
-            self.reads_training = module_reads_training(m)
-        return super().call_module(m, forward, args, kwargs)
-
-
-@dataclass
-class _Call:
-    """What a module received on its first call during the recording run."""
-
-    args: tuple
-    kwargs: dict
-    count: int = 1
-    consistent: bool = True
-
-
-def _call_key(args: tuple, kwargs: dict) -> tuple:
-    """A hashable summary of the non-tensor values of a call (tensors reduced to a marker)."""
-
-    def one(v):
-        if isinstance(v, torch.Tensor):
-            return "<tensor>"
-        if isinstance(v, _CONCRETE_TYPES):
-            return (type(v).__name__, v)
-        return f"<{type(v).__name__}>"
-
-    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
-
-
-def record_calls(model: nn.Module, example_inputs: tuple, modules: list[nn.Module]) -> dict[int, _Call]:
-    """Run ``model`` once and record how each of ``modules`` is called (first call, count)."""
-    calls: dict[int, _Call] = {}
-    keys: dict[int, tuple] = {}
-
-    def hook(mod, args, kwargs):
-        key = _call_key(args, kwargs)
-        seen = calls.get(id(mod))
-        if seen is None:
-            calls[id(mod)] = _Call(args, dict(kwargs))
-            keys[id(mod)] = key
-        else:
-            seen.count += 1
-            seen.consistent = seen.consistent and keys[id(mod)] == key
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-    snapshot = ModeSnapshot(model)
-    try:
-        model.eval()  # eval: a train-mode BatchNorm would update its running statistics
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        snapshot.restore()
-        for h in handles:
-            h.remove()
-    return calls
-
-
-def _concrete_args(module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], str]:
-    """Concrete (non-tensor) arguments to specialise a trace on, and a note of them.
-
-    Raises:
-        CaptureError: an argument is neither a tensor nor a plain constant (fx cannot trace it).
-    """
-    sig = inspect.signature(module.forward)
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as e:
-        raise CaptureError(f"cannot bind call arguments: {e}") from e
-    bound.apply_defaults()
-    concrete: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            if value:
-                raise CaptureError(f"takes *args/**kwargs ({name})")
-            continue
-        if isinstance(value, torch.Tensor):
-            continue
-        if not isinstance(value, _CONCRETE_TYPES):
-            raise CaptureError(f"argument {name!r} is a {type(value).__name__}, not a tensor or constant")
-        concrete[name] = value
-    note = ", ".join(f"{k}={v!r}" for k, v in concrete.items() if v is not None)
-    return concrete, (f"specialised on {note}" if note else "")
-
-
-def _restore_placeholder_names(graph: fx.Graph, module: nn.Module) -> None:
-    """Give placeholders the parameter names of ``forward`` (concrete args get renamed ``x_1``)."""
-    params = [
-        p.name
-        for p in inspect.signature(module.forward).parameters.values()
-        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) == len(params):
-        for node, name in zip(placeholders, params):
-            node.target = name
-
-
-def _node_signature(node: fx.Node) -> tuple:
-    """What a node does, independent of node names (which shift when nodes are added)."""
-
-    def norm(v):
-        if isinstance(v, fx.Node):
-            return "%"
-        if isinstance(v, (tuple, list)):
-            return tuple(norm(x) for x in v)
-        if isinstance(v, dict):
-            return tuple((k, norm(x)) for k, x in v.items())
-        return repr(v)
-
-    return (node.op, str(node.target), norm(node.args), norm(node.kwargs))
-
-
-def _mode_dependent_owners(train: fx.Graph, infer: fx.Graph) -> set[str]:
-    """Owners (module paths) whose own nodes differ between the train and eval traces."""
-
-    def by_owner(graph):
-        out: dict[str, list] = {}
-        for n in graph.nodes:
-            out.setdefault(owner_path(n), []).append(_node_signature(n))
-        return out
-
-    a, b = by_owner(train), by_owner(infer)
-    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
-
-
-def _trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bool):
-    """Trace ``module`` in one mode.
-
-    Returns:
-        ``(graph, None, reads_training)``, or ``(None, (culprit_path, error), True)`` on failure.
-    """
-    module.train(training)
-    tracer = _RegionTracer(leaves)
-    try:
-        graph = tracer.trace(module, concrete_args=concrete or None)
-    except Exception as e:  # any failure of user code under tracing makes something opaque
-        stack = list(tracer.module_stack.values())
-        return None, (stack[-1][0] if stack else "", e), True
-    return graph, None, tracer.reads_training
-
-
 def model_rejected(example_inputs: tuple, e: BaseException) -> InputShapeError:
     """The one-line error for a model that rejects its example inputs, quoting its message."""
     cause = e
@@ -297,23 +130,17 @@ def model_rejected(example_inputs: tuple, e: BaseException) -> InputShapeError:
     return InputShapeError(f"the model rejects inputs of shape {shapes}: {message}")
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(e).__name__}: {first}"[:200]
-
-
 @dataclass
 class _Capturer:
     """Holds the state of one capture: calls seen, opaque reasons, regions by module."""
 
     model: nn.Module
     example_inputs: tuple
-    calls: dict[int, _Call] | None = None
+    calls: dict[int, Call] | None = None
     done: dict[int, Region] = field(default_factory=dict)
     traced: list[tuple[nn.Module, fx.GraphModule]] = field(default_factory=list)
 
-    def _calls(self) -> dict[int, _Call]:
+    def _calls(self) -> dict[int, Call]:
         # Recorded lazily: a fully traceable model never needs this extra forward.
         if self.calls is None:
             modules = [m for m in self.model.modules() if not is_builtin_module(m)]
@@ -326,7 +153,7 @@ class _Capturer:
     def capture(self, module: nn.Module, path: str, args: tuple, kwargs: dict) -> tuple[nn.Module, Region]:
         """Capture ``module`` (called as ``module(*args, **kwargs)``) as a region at ``path``."""
         try:
-            concrete, note = _concrete_args(module, args, kwargs)
+            concrete, note = concrete_args(module, args, kwargs)
         except CaptureError as e:
             return module, self._opaque(module, path, f"not traceable: {e}")
         leaves: set[int] = set()
@@ -335,7 +162,7 @@ class _Capturer:
             graphs = []
             failure = None
             for training in (True, False):
-                graph, failure, reads_training = _trace_once(module, leaves, concrete, training)
+                graph, failure, reads_training = trace_once(module, leaves, concrete, training)
                 if failure:
                     break
                 graphs.append(graph)
@@ -346,11 +173,11 @@ class _Capturer:
                 culprit, err = failure
                 sub = module.get_submodule(culprit) if culprit else module
                 if sub is module or id(sub) in leaves or is_builtin_module(sub):
-                    return module, self._opaque(module, path, f"not traceable: {_one_line(err)}")
+                    return module, self._opaque(module, path, f"not traceable: {one_line(err)}")
                 leaves.add(id(sub))
-                reasons[id(sub)] = f"not traceable: {_one_line(err)}"
+                reasons[id(sub)] = f"not traceable: {one_line(err)}"
                 continue
-            owners = _mode_dependent_owners(*graphs) if graphs[0] is not graphs[1] else set()
+            owners = mode_dependent_owners(*graphs) if graphs[0] is not graphs[1] else set()
             if not owners:
                 break
             if "" in owners:
@@ -363,7 +190,7 @@ class _Capturer:
             return module, self._opaque(module, path, "too many untraceable parts")
 
         graph = graphs[0]
-        _restore_placeholder_names(graph, module)
+        restore_placeholder_names(graph, module)
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
         _carry_over_state(module, gm)
         region = Region(path, "traced", gm, note)

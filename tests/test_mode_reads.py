@@ -122,13 +122,13 @@ class _Outer(nn.Module):
 
 def _count_traces(monkeypatch) -> list:
     modes = []
-    original = capture_module._trace_once
+    original = capture_module.trace_once
 
     def counting(module, leaves, concrete, training):
         modes.append(training)
         return original(module, leaves, concrete, training)
 
-    monkeypatch.setattr(capture_module, "_trace_once", counting)
+    monkeypatch.setattr(capture_module, "trace_once", counting)
     return modes
 
 

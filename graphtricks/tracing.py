@@ -1,0 +1,210 @@
+"""Tracing one region: fx in train and eval mode, the modules that make the two differ, and calls.
+
+:func:`trace_once` traces a module with the leaves capture chose; :func:`mode_dependent_owners`
+compares the two modes' graphs owner by owner (``nn_module_stack``); :func:`record_calls`
+records, in one eval forward, how the children of opaque modules are called, so that each can
+be traced specialised on its non-tensor arguments (:func:`concrete_args`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphtricks.errors import CaptureError
+from graphtricks.graph import owner_path
+from graphtricks.layers.norm import ChannelLayerNorm
+from graphtricks.mode_reads import module_reads_training
+from graphtricks.probe import probe_forward
+
+__all__ = [
+    "CONTAINERS",
+    "KNOWN_LEAVES",
+    "Call",
+    "concrete_args",
+    "is_builtin_module",
+    "mode_dependent_owners",
+    "one_line",
+    "record_calls",
+    "restore_placeholder_names",
+    "trace_once",
+]
+
+CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+_CONCRETE_TYPES = (type(None), bool, int, float, str)
+# graphtricks' own layers that passes treat like PyTorch's: leaves of every trace, so that a
+# model rewritten in one run and one re-captured later have the same graph.
+KNOWN_LEAVES = (ChannelLayerNorm,)
+
+
+def is_builtin_module(module: nn.Module) -> bool:
+    """True for PyTorch's own layers (fx's default leaves) and ``KNOWN_LEAVES``; False for containers."""
+    if isinstance(module, (nn.Sequential, fx.GraphModule)) or isinstance(module, CONTAINERS):
+        return False
+    if isinstance(module, KNOWN_LEAVES):
+        return True
+    name = type(module).__module__
+    return name.startswith("torch.nn") or name.startswith("torch.ao.nn")
+
+
+class RegionTracer(fx.Tracer):
+    """An fx tracer that keeps the given module objects as leaves and notes whether any module
+    whose code it runs may read a ``training`` flag (else an eval trace would be the same)."""
+
+    def __init__(self, leaves: set[int]):
+        super().__init__()
+        self.leaves = leaves
+        self.reads_training = False
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.leaves or isinstance(m, KNOWN_LEAVES) or super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        if isinstance(root, nn.Module):
+            self.reads_training = module_reads_training(root)
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if not self.reads_training and not self.is_leaf_module(m, ""):
+            self.reads_training = module_reads_training(m)
+        return super().call_module(m, forward, args, kwargs)
+
+
+@dataclass
+class Call:
+    """What a module received on its first call during the recording run."""
+
+    args: tuple
+    kwargs: dict
+    count: int = 1
+    consistent: bool = True
+
+
+def call_key(args: tuple, kwargs: dict) -> tuple:
+    """A hashable summary of the non-tensor values of a call (tensors reduced to a marker)."""
+
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return "<tensor>"
+        if isinstance(v, _CONCRETE_TYPES):
+            return (type(v).__name__, v)
+        return f"<{type(v).__name__}>"
+
+    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+
+
+def record_calls(model: nn.Module, example_inputs: tuple, modules: list[nn.Module]) -> dict[int, Call]:
+    """Run ``model`` once and record how each of ``modules`` is called (first call, count)."""
+    calls: dict[int, Call] = {}
+    keys: dict[int, tuple] = {}
+
+    def hook(mod, args, kwargs):
+        key = call_key(args, kwargs)
+        seen = calls.get(id(mod))
+        if seen is None:
+            calls[id(mod)] = Call(args, dict(kwargs))
+            keys[id(mod)] = key
+        else:
+            seen.count += 1
+            seen.consistent = seen.consistent and keys[id(mod)] == key
+
+    # eval (in probe_forward): a train-mode BatchNorm would update its running statistics
+    probe_forward(model, example_inputs, pre_hooks=[(m, hook) for m in modules])
+    return calls
+
+
+def concrete_args(module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], str]:
+    """Concrete (non-tensor) arguments to specialise a trace on, and a note of them.
+
+    Raises:
+        CaptureError: an argument is neither a tensor nor a plain constant (fx cannot trace it).
+    """
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"cannot bind call arguments: {e}") from e
+    bound.apply_defaults()
+    concrete: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            if value:
+                raise CaptureError(f"takes *args/**kwargs ({name})")
+            continue
+        if isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(value, _CONCRETE_TYPES):
+            raise CaptureError(f"argument {name!r} is a {type(value).__name__}, not a tensor or constant")
+        concrete[name] = value
+    note = ", ".join(f"{k}={v!r}" for k, v in concrete.items() if v is not None)
+    return concrete, (f"specialised on {note}" if note else "")
+
+
+def restore_placeholder_names(graph: fx.Graph, module: nn.Module) -> None:
+    """Give placeholders the parameter names of ``forward`` (concrete args get renamed ``x_1``)."""
+    params = [
+        p.name
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) == len(params):
+        for node, name in zip(placeholders, params):
+            node.target = name
+
+
+def node_signature(node: fx.Node) -> tuple:
+    """What a node does, independent of node names (which shift when nodes are added)."""
+
+    def norm(v):
+        if isinstance(v, fx.Node):
+            return "%"
+        if isinstance(v, (tuple, list)):
+            return tuple(norm(x) for x in v)
+        if isinstance(v, dict):
+            return tuple((k, norm(x)) for k, x in v.items())
+        return repr(v)
+
+    return (node.op, str(node.target), norm(node.args), norm(node.kwargs))
+
+
+def mode_dependent_owners(train: fx.Graph, infer: fx.Graph) -> set[str]:
+    """Owners (module paths) whose own nodes differ between the train and eval traces."""
+
+    def by_owner(graph):
+        out: dict[str, list] = {}
+        for n in graph.nodes:
+            out.setdefault(owner_path(n), []).append(node_signature(n))
+        return out
+
+    a, b = by_owner(train), by_owner(infer)
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bool):
+    """Trace ``module`` in one mode.
+
+    Returns:
+        ``(graph, None, reads_training)``, or ``(None, (culprit_path, error), True)`` on failure.
+    """
+    module.train(training)
+    tracer = RegionTracer(leaves)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete or None)
+    except Exception as e:  # any failure of user code under tracing makes something opaque
+        stack = list(tracer.module_stack.values())
+        return None, (stack[-1][0] if stack else "", e), True
+    return graph, None, tracer.reads_training
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first}"[:200]

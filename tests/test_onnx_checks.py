@@ -20,10 +20,20 @@ from torch import nn
 
 from graphtricks.onnx import INFER_FILE, TRAIN_FILE, export_pair, validate_pair
 from graphtricks.onnx.check_dropout import _measure, check_dropout_count
-from graphtricks.onnx.check_graphs import check_infer_has_no_train_ops
+from graphtricks.onnx.check_graphs import (
+    check_infer_has_no_train_ops,
+    check_operators,
+    eager_mode_difference,
+)
 from graphtricks.onnx.check_numeric import compare_output
-from graphtricks.onnx.graph import DropoutInfo
-from graphtricks.onnx.report import CheckResult, Tolerance, ValidationReport, default_tolerance
+from graphtricks.onnx.graph import DropoutInfo, folded_operator_counts
+from graphtricks.onnx.report import (
+    CheckResult,
+    Tolerance,
+    ValidationReport,
+    default_tolerance,
+)
+from graphtricks.onnx.train_only import mask_dropouts, operator_multiset
 from tests.test_onnx_export import ConvBnNet
 
 
@@ -212,3 +222,185 @@ def test_default_tolerances_by_dtype_and_device():
     assert default_tolerance(torch.float32, "cuda").atol >= 1e-5
     assert default_tolerance(torch.int64, "cpu", atol=1.0) == Tolerance(0.0, 0.0)
     assert default_tolerance(torch.float32, "cpu", atol=1e-3) == Tolerance(1e-3, 1e-4)
+
+
+# -- graph-vs-graph checks that must pass correct exports and still fail defects ---------------
+class Transpose(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+class TransposedLinear(nn.Module):
+    """``x.t()`` through a Dropout into a Linear: the inference graph folds it into the Gemm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.drop = nn.Linear(3, 2), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.t()))
+
+
+class ScaleInTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        return x * 0.5 if self.training else x
+
+
+class InPlaceDropPath(nn.Module):
+    """Stochastic depth drawn into ``new_empty`` and applied in place: only dropout-like calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.training:
+            h.mul_(h.new_empty(h.shape[0], 1).bernoulli_(0.8).div_(0.8))
+        return F.relu(h) + x
+
+
+def _export(model: nn.Module, inputs: tuple, out: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    result = export_pair(model, inputs, out)
+    return onnx.load(result.train_path), onnx.load(result.infer_path)
+
+
+CANCELLING = (nn.Conv1d(3, 3, 1), Transpose(0, 2, 1), nn.Dropout(0.1), Transpose(0, 2, 1))
+FUSING = (nn.Conv1d(3, 3, 1), Transpose(2, 0, 1), nn.Dropout(0.1), Transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize(
+    ("model", "x"),
+    [(nn.Sequential(*CANCELLING, nn.Flatten(1), nn.Linear(12, 1)), torch.randn(2, 3, 4)),
+     (nn.Sequential(*FUSING, nn.Flatten(1)), torch.randn(2, 3, 4)),
+     (TransposedLinear(), torch.randn(3, 5))],
+    ids=["cancelling", "fusing", "into-gemm"],
+)
+def test_transposes_folded_in_the_inference_graph_pass(tmp_path, model, x):
+    torch.manual_seed(0)
+    train, infer = _export(model.eval(), (x,), tmp_path)
+    transposes = [sum(n.op_type == "Transpose" for n in g.graph.node) for g in (train, infer)]
+    assert transposes[0] > transposes[1]  # what the exporter folded in the inference graph only
+    report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,))
+    assert report.passed, report.summary()
+
+
+def test_operator_check_still_fails_a_lost_transpose(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4)
+    train, infer = _export(nn.Sequential(*FUSING, nn.Flatten(1)), (x,), tmp_path)
+    (fused,) = [n for n in infer.graph.node if n.op_type == "Transpose"]  # two fused into one
+    for node in infer.graph.node:
+        node.input[:] = [fused.input[0] if i == fused.output[0] else i for i in node.input]
+    infer.graph.node.remove(fused)
+    result = check_operators(train, infer)
+    assert not result.passed and "Transpose=(1, 0)" in result.message
+
+
+def test_folded_operator_counts_on_hand_made_nodes():
+    def t(src: str, dst: str, perm: list[int]) -> onnx.NodeProto:
+        return helper.make_node("Transpose", [src], [dst], perm=perm)
+
+    cancel = [t("x", "a", [0, 2, 1]), t("a", "b", [0, 2, 1]), helper.make_node("Relu", ["b"], ["y"])]
+    assert folded_operator_counts(cancel, {}, ["y"]) == {("ai.onnx", "Relu"): 1}
+    # through a removed node (rename d -> a), the pair meets and cancels too
+    around = [t("x", "a", [1, 0]), t("d", "b", [1, 0]), helper.make_node("Neg", ["b"], ["y"])]
+    assert folded_operator_counts(around, {"d": "a"}, ["y"]) == {("ai.onnx", "Neg"): 1}
+    fuse = [t("x", "a", [1, 2, 0]), t("a", "y", [1, 2, 0])]  # composes to (2, 0, 1): one is left
+    assert folded_operator_counts(fuse, {}, ["y"]) == {("ai.onnx", "Transpose"): 1}
+    gemm = [t("x", "a", [1, 0]), helper.make_node("Gemm", ["a", "w"], ["y"])]
+    assert folded_operator_counts(gemm, {}, ["y"]) == {("ai.onnx", "Gemm"): 1}
+    read_twice = [t("x", "a", [1, 0]), helper.make_node("Gemm", ["a", "w"], ["g"]),
+                  helper.make_node("Add", ["g", "a"], ["y"])]  # still read by Add: it stays
+    assert folded_operator_counts(read_twice, {}, ["y"])[("ai.onnx", "Transpose")] == 1
+    assert folded_operator_counts([t("x", "y", [1, 0])], {}, ["y"]) == {("ai.onnx", "Transpose"): 1}
+
+
+def test_eager_mode_difference_sees_only_the_models_own_mode_dependence():
+    torch.manual_seed(0)
+    assert eager_mode_difference(ScaleInTraining(), (torch.randn(2, 2),)) == {"mul": (1, 0)}
+    assert eager_mode_difference(ConvBnNet(), INPUTS) == {}  # Dropout and BatchNorm aside
+    assert eager_mode_difference(InPlaceDropPath(), (torch.randn(4, 4),)) == {}
+
+
+def test_operator_check_accepts_the_models_own_mode_difference_only(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(ScaleInTraining(), nn.Linear(2, 1)).eval(), torch.randn(2, 2)
+    train, infer = _export(model, (x,), tmp_path)
+    own = lambda: eager_mode_difference(model, (x,))
+    assert not check_operators(train, infer).passed  # without the model: the graphs must match
+    explained = check_operators(train, infer, own)
+    assert explained.passed and "as the model's own forward" in explained.message
+    assert explained.details["eager_differing"] == {"mul": [1, 0]}
+    # an operator only the inference graph has is not what the model's train-only Mul explains
+    last = infer.graph.node[-1]
+    last.output[0], name = "pre", last.output[0]
+    infer.graph.node.append(helper.make_node("Neg", ["pre"], [name]))
+    wrong = check_operators(train, infer, own)
+    assert not wrong.passed and "Neg=(0, 1)" in wrong.message and "not as" in wrong.message
+
+
+def test_operator_check_asks_for_the_models_mode_difference_only_when_counts_differ(exported):
+    _, out = exported
+    train, infer = onnx.load(out / TRAIN_FILE), onnx.load(out / INFER_FILE)
+
+    def never() -> dict:
+        raise AssertionError("called although both graphs have the same operators")
+
+    assert check_operators(train, infer, never).passed
+
+
+def test_untracked_batchnorm_is_no_train_op_but_a_tracked_one_in_train_mode_is(exported, tmp_path):
+    torch.manual_seed(0)
+    untracked = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False))
+    _, infer = _export(untracked, (torch.randn(4, 2),), tmp_path)
+    result = check_infer_has_no_train_ops(infer)
+    assert result.passed and result.details["batch_statistics_batchnorms"] == ["/1/BatchNormalization"]
+    _, out = exported  # ConvBnNet's inference graph with its BatchNorm turned to train mode
+    tracked = onnx.load(out / INFER_FILE)
+    (bn,) = [n for n in tracked.graph.node if n.op_type == "BatchNormalization"]
+    bn.attribute.remove(next(a for a in bn.attribute if a.name == "training_mode"))
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    flagged = check_infer_has_no_train_ops(tracked)
+    assert not flagged.passed and flagged.details["offenders"] == [bn.name]
+
+
+def test_channel_dropout_mask_that_reaches_no_data_fails(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout2d(0.2)).eval(), torch.randn(2, 3, 4, 4)
+    export_pair(model, (x,), tmp_path / "pair")
+    assert validate_pair(model, (x,), tmp_path / "pair", device="cpu", seeds=(0,)).passed
+
+    def unapplied(graph: onnx.ModelProto) -> None:  # Mul(x, mask) -> Identity(x)
+        mul = next(n for n in graph.graph.node if n.op_type == "Mul")
+        mul.CopyFrom(helper.make_node("Identity", [mul.input[0]], [mul.output[0]], name=mul.name))
+
+    broken = tampered(tmp_path / "pair", tmp_path / "t", "train", unapplied)
+    (ops,) = by_name(validate_pair(model, (x,), broken, device="cpu", seeds=(0,)), "graphs_same_operators")
+    assert not ops.passed and "ConstantOfShape=(2, 0)" in ops.message and "Identity=(1, 0)" in ops.message
+
+
+def test_dropout_of_a_weight_is_no_mask_dropout():
+    nodes = [helper.make_node("ConstantOfShape", ["s"], ["ones"], value=numpy_helper.from_array(
+                 np.ones(1, np.float32))),
+             helper.make_node("Dropout", ["w", "r", "t"], ["dw"]), helper.make_node("Add", ["x", "dw"], ["y"]),
+             helper.make_node("Dropout", ["ones", "r", "t"], ["m"]), helper.make_node("Mul", ["y", "m"], ["z"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(v, k) for k, v in
+         {"w": np.ones(2, np.float32), "s": np.array([2]), "r": np.array(0.1, np.float32),
+          "t": np.array(True)}.items()],
+    )
+    model = helper.make_model(graph)
+    assert [sub.index for sub in mask_dropouts(model)] == [3]  # not the Dropout of w
+    assert operator_multiset(model) == {("ai.onnx", "Add"): 1}  # the mask's Mul is train-only

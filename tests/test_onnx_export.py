@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import pytest
@@ -21,8 +23,11 @@ from graphtricks.onnx import (
     export_pair,
     fixups,
     snapshot_model,
+    validate_pair,
 )
 from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
+from graphtricks.onnx.runtime import make_session
+from graphtricks.onnx.train_only import mask_dropouts
 
 
 class ConvBnNet(nn.Module):
@@ -48,13 +53,13 @@ class AttentionNet(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
-class FeatureDropoutNet(nn.Module):
-    """Dropout2d in train mode has no TorchScript ONNX symbolic: export must fail cleanly."""
+class AlphaDropoutNet(nn.Module):
+    """AlphaDropout in train mode has no TorchScript ONNX symbolic: export must fail cleanly."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
-        self.drop = nn.Dropout2d(0.2)
+        self.drop = nn.AlphaDropout(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.conv(x))
@@ -112,13 +117,75 @@ def test_unsupported_opset_is_a_one_line_export_error(tmp_path, cnn, opset):
 
 
 def test_exporter_failure_writes_nothing_and_prints_nothing(tmp_path, capfd):
-    model = FeatureDropoutNet()
-    with pytest.raises(ExportError, match="feature_dropout") as info:
+    model = AlphaDropoutNet()
+    with pytest.raises(ExportError, match="alpha_dropout") as info:
         export_pair(model, (torch.randn(2, 3, 4, 4),), tmp_path / "out")
     assert "\n" not in str(info.value) and info.value.__cause__ is not None
     assert not (tmp_path / "out").exists()
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+@pytest.mark.parametrize(
+    ("drop", "shape"),
+    [(nn.Dropout1d(0.3), (2, 4, 5)), (nn.Dropout2d(0.3, inplace=True), (2, 4, 3, 3)),
+     (nn.Dropout3d(0.3), (2, 4, 2, 2, 2))],
+    ids=["Dropout1d", "Dropout2d-inplace", "Dropout3d"],
+)
+def test_channel_dropout_exports_as_a_mask_dropout_and_validates(tmp_path, drop, shape):
+    torch.manual_seed(0)
+    conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(shape)](4, 4, 1)
+    model = nn.Sequential(conv, nn.ReLU(), drop).eval()
+    x = torch.randn(*shape)
+    result = export_pair(model, (x,), tmp_path, dynamic_batch=True)
+    train, infer = onnx.load(result.train_path), onnx.load(result.infer_path)
+    (mask,) = mask_dropouts(train)  # Dropout(ones(N, C, 1, ...)) read by one Mul(x, mask)
+    assert [train.graph.node[j].op_type for j in mask.consumers] == ["Mul"]
+    assert [d.ratio for d in dropout_infos(train)] == [pytest.approx(0.3)]
+    assert [n.op_type for n in infer.graph.node] == [conv.__class__.__name__[:4], "Relu"]
+    report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,))
+    assert report.passed, report.summary()
+    assert [c.name for c in report.checks].count("dropout_rate") == 2  # batch 2, and 3 (dynamic)
+
+
+def test_channel_dropout_zeroes_whole_channels_at_rate_p(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Dropout2d(0.25))
+    result = export_pair(model, (torch.randn(2, 3, 4, 4),), tmp_path, dynamic_batch=True)
+    assert any("EliminateDropout" in note for note in result.notes)
+    # as the note says: ORT's optimizer would remove the Dropout, and nothing would drop
+    session = make_session(onnx.load(result.train_path), "cpu", "train", True, ("EliminateDropout",))
+    x = np.random.default_rng(0).normal(size=(200, 3, 4, 4)).astype(np.float32)
+    (y,) = session.run({"input": x})
+    expected = model.eval()(torch.from_numpy(x)).detach().numpy()
+    kept = (y != 0).reshape(200, 64, 16)
+    assert (kept.all(-1) | ~kept.any(-1)).all()  # each (sample, channel) is kept or dropped whole
+    whole = kept.all(-1)
+    np.testing.assert_allclose(y[whole] * 0.75, expected[whole], rtol=1e-5, atol=1e-6)
+    rate, n = whole.mean(), whole.size  # 12800 channels: the keep rate within 5 sigma of 0.75
+    assert abs(rate - 0.75) < 5 * (0.75 * 0.25 / n) ** 0.5
+
+
+def test_note_on_onnx_runtime_removing_train_dropouts_holds(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.5), nn.Linear(64, 64))
+    result = export_pair(model, (torch.randn(2, 64),), tmp_path)
+    assert any("disabled_optimizers=['EliminateDropout']" in note for note in result.notes)
+    x = {"input": np.random.default_rng(0).normal(size=(2, 64)).astype(np.float32)}
+    train = onnx.load(result.train_path)
+    for disabled, drops in (((), False), (("EliminateDropout",), True)):
+        session = make_session(train, "cpu", "train", True, disabled)
+        first, second = session.run(x)[0], session.run(x)[0]
+        assert (not np.array_equal(first, second)) == drops, disabled
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_channel_dropout_symbolic_is_registered_only_during_export(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout2d(0.2)).train()
+    export_pair(model, (torch.randn(2, 3, 4, 4),), tmp_path)
+    with pytest.raises(Exception, match="feature_dropout"):  # torch's own exporter, as shipped
+        torch.onnx.export(model, (torch.randn(2, 3, 4, 4),), io.BytesIO(), dynamo=False,
+                          training=torch.onnx.TrainingMode.TRAINING)
 
 
 def test_attention_dropout_gets_its_training_mode(tmp_path):

@@ -88,10 +88,7 @@ def _settings(examples: int):
 
 # -- pass configs drawn per architecture ---------------------------------------------------
 def _dropout(config, onnx: bool = False):
-    # Excluded from ONNX runs: channel dropout (nn.Dropout1d/2d) cannot be exported in train mode
-    # (aten::feature_dropout; test_channel_dropout_exports_to_onnx records it).
-    kinds = ["element"] if onnx else ["element", "channel"]
-    return st.fixed_dictionaries({"p": st.sampled_from([0.1, 0.3]), "kind": st.sampled_from(kinds)})
+    return st.fixed_dictionaries({"p": st.sampled_from([0.1, 0.3]), "kind": st.sampled_from(["element", "channel"])})
 
 
 def _bn_to_ln(config, onnx: bool = False):
@@ -345,10 +342,7 @@ def test_pass_invariants(pass_name, data, config, mode):
     if result is None:
         assert torch.equal(torch.get_rng_state(), rng), "a refused rewrite used the global RNG"
         return
-    # Excluded: a residual conv/linear shortcut is built with the layer's default constructor,
-    # which draws from the global RNG (known bug, test_residual_conv_shortcut_leaves_global_rng_alone).
-    if not any(c.details.get("shortcut") == "conv" for c in result.report.changes if c.pass_name == "residual"):
-        assert torch.equal(torch.get_rng_state(), rng), "the rewrite used the global RNG"
+    assert torch.equal(torch.get_rng_state(), rng), "the rewrite used the global RNG"
     rewritten = result.model
     assert rewritten.training == model.training
     for region in result.tree.regions():
@@ -501,11 +495,9 @@ def test_pass_chains(data, config, mode, names):
 # Left out of ONNX runs: branches an ONNX trace cannot follow (the condition must hold on every
 # input), train-mode noise (no deterministic counterpart to compare with), and mode-dependent
 # arithmetic other than dropout (test_mode_dependent_scale_passes_onnx_validation records why),
-# BatchNorm without running statistics (test_untracked_batchnorm_passes_onnx_validation), and norms
-# over fewer than 4 values (ill-conditioned: e.g. GroupNorm with one value per group outputs a
-# constant, and a LayerNorm after it amplifies ~1e-7 differences to 1e-3).
-ONNX_ARCHITECTURES = architectures(branches="always", mode_variants=("dropout",), untracked_bn=False, min_norm=4,
-                                   max_blocks=4)
+# and norms over fewer than 4 values (ill-conditioned: e.g. GroupNorm with one value per group
+# outputs a constant, and a LayerNorm after it amplifies ~1e-7 differences to 1e-3).
+ONNX_ARCHITECTURES = architectures(branches="always", mode_variants=("dropout",), min_norm=4, max_blocks=4)
 
 
 @_settings(8)
@@ -521,13 +513,7 @@ def test_onnx_round_trip(data, config, pass_name):
         exported = export_pair(rewritten, inputs, tmp)
         report = validate_pair(rewritten, inputs, tmp, device="cpu", seeds=(0,))
         assert exported.train_path.is_file() and exported.infer_path.is_file()
-    # Excluded: the operator check fails exports where a Dropout sat between two Transposes, which
-    # the exporter cancels in the inference graph only (known bug, test_transposes_around_dropout_...).
-    failed = [c for c in report.checks if not c.passed]
-    transposes_only = bool(failed) and all(
-        c.name == "graphs_same_operators" and set(c.details.get("differing", {})) == {"Transpose"} for c in failed
-    )
-    assert report.passed or transposes_only, report.summary()
+    assert report.passed, report.summary()
 
 
 # -- counterexamples found by the properties above (known bugs, recorded) --------------------
@@ -540,11 +526,6 @@ def test_residual_conv_shortcut_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state), "the residual rewrite used the global RNG"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dropout(kind='channel') inserts nn.Dropout1d/2d, which the TorchScript exporter cannot export in"
-    " train mode (aten::feature_dropout): export_pair raises ExportError on every channel-dropout rewrite",
-)
 def test_channel_dropout_exports_to_onnx():
     model = nn.Sequential(nn.Conv1d(2, 2, 1), nn.ReLU(), nn.Flatten(1), nn.Linear(6, 1)).eval()
     x = torch.randn(2, 2, 3)
@@ -582,12 +563,6 @@ def test_mode_dependent_scale_passes_onnx_validation():
     assert report.passed, report.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate_pair: a BatchNorm with track_running_stats=False uses batch statistics in eval mode too, so"
-    " its inference graph rightly keeps training_mode=1 BatchNormalization (infer_vs_eager passes), yet the"
-    " check 'inference graph holds train-only nodes' fails it; with or without any pass",
-)
 def test_untracked_batchnorm_passes_onnx_validation():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False), nn.Linear(2, 1)).eval()
     x = torch.randn(2, 2)
@@ -685,13 +660,6 @@ class _Transpose(nn.Module):
         return x.transpose(1, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate_pair's graph-vs-graph operator check fails a correct export: two Transposes around a"
-    " Dropout cancel out in the inference graph (the Dropout is gone there) but not in the train graph"
-    " ('operator counts differ (train, infer): Transpose=(2, 0)'); bn_to_ln's ChannelLayerNorm makes such"
-    " pairs whenever a dropout sits between two swapped BatchNorms",
-)
 def test_transposes_around_dropout_pass_onnx_validation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(3, 3, 1), _Transpose(), nn.Dropout(0.1), _Transpose(), nn.Flatten(1),

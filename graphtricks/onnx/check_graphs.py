@@ -4,17 +4,31 @@ Both graphs must be the same model: the same inputs and outputs, identical weigh
 same operators once train-only ones are set aside: Dropout, the random subgraphs of stochastic
 depth with the node applying their mask, and the constants only they read
 (:mod:`graphtricks.onnx.train_only`). The inference graph must hold no train-only operator.
+
+A model whose own forward differs between modes by more than dropout (``x * 0.5 if
+self.training``) has graphs that rightly differ: :func:`eager_mode_difference` runs it in both
+modes and counts the torch calls on its data, so the operator check can tell that apart.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
+from graphtricks.errors import ValidationError
+from graphtricks.graph import DROPOUT_FUNCTIONS
+from graphtricks.onnx.draws import DRAW_FUNCTIONS
+from graphtricks.onnx.eager import reference_copy, torch_numerics
 from graphtricks.onnx.graph import (
     TRAIN_ONLY_OPS,
     initializer_arrays,
@@ -22,9 +36,19 @@ from graphtricks.onnx.graph import (
     train_mode_batchnorms,
 )
 from graphtricks.onnx.report import CheckResult
-from graphtricks.onnx.train_only import operator_multiset, train_only_feeds
+from graphtricks.onnx.train_only import (
+    fixed_values,
+    operator_multiset,
+    train_only_feeds,
+)
 
-__all__ = ["check_io", "check_weights", "check_operators", "check_infer_has_no_train_ops"]
+__all__ = [
+    "check_infer_has_no_train_ops",
+    "check_io",
+    "check_operators",
+    "check_weights",
+    "eager_mode_difference",
+]
 
 
 def _describe(signature: list[tuple]) -> list[str]:
@@ -114,15 +138,111 @@ def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult
     )
 
 
-def check_operators(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
+# Calls whose result does not depend on their tensor argument's values (a stochastic-depth
+# mask is drawn into x.new_empty(...)).
+_VALUE_FREE = frozenset(
+    {"new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like",
+     "full_like"}
+)
+
+
+class _CallCounter(TorchFunctionMode):
+    """Counts the torch calls computing on data: the inputs, the weights, what comes from them.
+
+    Dropout and random draws, and what computes from a draw (a stochastic-depth mask and the
+    ``Mul`` applying it), are not counted: both differ between modes by design.
+    """
+
+    def __init__(self, data: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+        self._data = {id(t): t for t in data}  # holding the tensors keeps their ids unique
+        self._random: dict[int, torch.Tensor] = {}
+
+    def _mark(self, marks: dict[int, torch.Tensor], value: Any) -> list[torch.Tensor]:
+        tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+        marks.update((id(t), t) for t in tensors)
+        return tensors
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        random = any(id(t) in self._random for t in read)
+        data = any(id(t) in self._data for t in read)
+        if func in DRAW_FUNCTIONS or (random and not data):  # a mask: Tensor.bernoulli_ fills self
+            self._mark(self._random, (out, args[:1] if func in DRAW_FUNCTIONS else ()))
+        elif data and getattr(func, "__name__", "") not in _VALUE_FREE:
+            # data * mask applies a mask: its result is data, the call is not counted
+            counted = not random and func not in DROPOUT_FUNCTIONS
+            if self._mark(self._data, out) and counted:
+                self.calls[getattr(func, "__name__", repr(func))] += 1
+        return out
+
+
+def eager_mode_difference(
+    model: nn.Module, inputs: Sequence[torch.Tensor], device: str = "cpu"
+) -> dict[str, tuple[int, int]]:
+    """The torch calls on data whose counts differ between a train- and an eval-mode forward.
+
+    Dropout, random draws and what computes from them are not counted; empty when the model's
+    own forward does the same computation in both modes.
+
+    Args:
+        model: The model (not changed: a copy runs, eval mode first).
+        inputs: The example inputs.
+        device: Where the copy runs.
+
+    Returns:
+        ``{function name: (train count, eval count)}`` for each count that differs.
+
+    Raises:
+        ValidationError: The model cannot be copied or rejects the inputs.
+    """
+    twin, counts = reference_copy(model, train=False, device=device), []
+    with torch_numerics(device), torch.no_grad():
+        for train in (False, True):
+            twin.train(train)
+            moved = [t.to(device) for t in inputs]
+            counter = _CallCounter(moved + list(twin.parameters()))
+            try:
+                with counter:
+                    twin(*moved)
+            except Exception as e:
+                raise ValidationError(
+                    f"the model rejects the validation inputs ({type(e).__name__}: {e}); "
+                    "pass example inputs of the shapes and dtypes it expects"
+                ) from e
+            counts.append(counter.calls)
+    evals, trains = counts
+    return {
+        name: (trains[name], evals[name])
+        for name in sorted(set(trains) | set(evals))
+        if trains[name] != evals[name]
+    }
+
+
+def check_operators(
+    train: onnx.ModelProto,
+    infer: onnx.ModelProto,
+    mode_difference: Callable[[], Mapping[str, tuple[int, int]]] | None = None,
+) -> CheckResult:
     """The same operator multiset in both graphs, train-only operators aside.
+
+    Counts that differ fail the check unless the model's own forward differs between modes
+    the same way: ``mode_difference`` (called only then, e.g. :func:`eager_mode_difference`)
+    must show calls made more often in train mode for operators the train graph has more of,
+    and calls made more often in eval mode for operators the inference graph has more of.
 
     Args:
         train: The train graph.
         infer: The inference graph.
+        mode_difference: Gives the model's own difference between modes,
+            ``{name: (train count, eval count)}``; None: the graphs must match.
 
     Returns:
-        The result; on failure the message lists the operators whose counts differ.
+        The result; the message lists the operators whose counts differ, and the model's
+        calls that explain them.
     """
     tc, ic = operator_multiset(train), operator_multiset(infer)
     diff = {
@@ -130,20 +250,59 @@ def check_operators(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResu
         for domain, op in sorted(set(tc) | set(ic))
         if tc[(domain, op)] != ic[(domain, op)]
     }
+    eager = dict(mode_difference()) if diff and mode_difference is not None else {}
+    train_more = any(t > i for t, i in diff.values())
+    infer_more = any(i > t for t, i in diff.values())
+    explained = bool(eager) and (not train_more or any(t > e for t, e in eager.values())) and (
+        not infer_more or any(e > t for t, e in eager.values())
+    )
     message = (
         "operator counts differ (train, infer): "
         + ", ".join(f"{op}={counts}" for op, counts in diff.items())
         if diff
         else f"same {sum(tc.values())} operators besides train-only ones"
     )
+    if eager:
+        calls = ", ".join(f"{name}={counts}" for name, counts in eager.items())
+        message += (
+            f"; {'as' if explained else 'not as'} the model's own forward differs between "
+            f"modes (torch calls on data (train, eval): {calls})"
+        )
     return CheckResult(
-        name="graphs_same_operators", passed=not diff, message=message, graph="both",
-        details={"differing": {k: list(v) for k, v in diff.items()}},
+        name="graphs_same_operators", passed=not diff or explained, message=message,
+        graph="both",
+        details={
+            "differing": {k: list(v) for k, v in diff.items()},
+            "eager_differing": {k: list(v) for k, v in eager.items()},
+        },
     )
+
+
+def _batch_statistics_only(model: onnx.ModelProto) -> list[str]:
+    """Train-mode BatchNormalization nodes fed statistics the graph computes from data.
+
+    A BatchNorm without running statistics (``track_running_stats=False``) normalises with
+    batch statistics in eval mode too; the exporter then computes the batch mean and variance
+    itself (``ReduceMean``) and feeds them to a ``training_mode=1`` node. A BatchNorm that has
+    running statistics, exported in train mode, is fed them as fixed values instead.
+    """
+    fixed, names = fixed_values(model), []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "BatchNormalization" or len(node.input) < 5:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        computed = not ({node.input[3], node.input[4]} & fixed)
+        if attrs.get("training_mode", 0) == 1 and computed:
+            names.append(node.name or f"BatchNormalization#{i}")
+    return names
 
 
 def check_infer_has_no_train_ops(infer: onnx.ModelProto) -> CheckResult:
     """The inference graph holds no Dropout, no random operator and no train-mode BatchNorm.
+
+    A train-mode BatchNormalization fed batch statistics the graph computes (a BatchNorm
+    without running statistics, which uses batch statistics in eval mode too) is no offender;
+    one fed fixed running statistics is (a BatchNorm exported in train mode).
 
     Args:
         infer: The inference graph.
@@ -151,15 +310,23 @@ def check_infer_has_no_train_ops(infer: onnx.ModelProto) -> CheckResult:
     Returns:
         The result, naming the offending nodes.
     """
+    untracked = _batch_statistics_only(infer)
     offenders = [
         n.name or f"{n.op_type}#{i}"
         for i, n in enumerate(infer.graph.node)
         if n.op_type in TRAIN_ONLY_OPS
-    ] + train_mode_batchnorms(infer)
-    return CheckResult(
-        name="infer_has_no_train_ops", passed=not offenders, graph="infer",
-        message=f"inference graph holds train-only nodes: {offenders[:5]}"
+    ] + [name for name in train_mode_batchnorms(infer) if name not in untracked]
+    message = (
+        f"inference graph holds train-only nodes: {offenders[:5]}"
         if offenders
-        else "inference graph holds no Dropout, random operator or train-mode BatchNormalization",
-        details={"offenders": offenders},
+        else "inference graph holds no Dropout, random operator or train-mode BatchNormalization"
+    )
+    if untracked:
+        message += (
+            f"; {len(untracked)} train-mode BatchNormalization node(s) {untracked[:3]} normalise "
+            "with batch statistics the graph computes (BatchNorm without running statistics)"
+        )
+    return CheckResult(
+        name="infer_has_no_train_ops", passed=not offenders, graph="infer", message=message,
+        details={"offenders": offenders, "batch_statistics_batchnorms": untracked},
     )

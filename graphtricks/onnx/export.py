@@ -262,6 +262,13 @@ def export_pair(
             f"{list(TRAIN_BN_DISABLED_OPTIMIZERS)} (onnxruntime#29790), and on CPU: the CUDA "
             "provider refuses train-mode BatchNormalization at opset >= 14 (onnxruntime#16867)"
         )
+    if dropout_infos(train):
+        # ORT's inference build removes a Dropout whatever its training_mode (EliminateDropout
+        # only keeps one whose output is a graph output or whose mask is read).
+        notes.append(
+            "run the train graph in ONNX Runtime with disabled_optimizers=['EliminateDropout']: "
+            "otherwise ONNX Runtime removes its Dropout nodes and the graph never drops out"
+        )
     return ExportResult(
         train_path=out_dir / TRAIN_FILE, infer_path=out_dir / INFER_FILE, opset=opset,
         exporter=f"torch.onnx TorchScript exporter (torch {torch.__version__})",

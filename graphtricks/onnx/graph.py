@@ -10,6 +10,8 @@ control-flow subgraphs (If/Loop bodies) is not seen by these helpers.
 from __future__ import annotations
 
 import copy
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +25,16 @@ __all__ = [
     "RANDOM_OPS",
     "TRAIN_ONLY_OPS",
     "DropoutInfo",
-    "load_model",
     "constant_values",
     "dropout_infos",
-    "train_mode_batchnorms",
-    "neutralised_dropout_copy",
     "exposed_dropout_copy",
+    "folded_operator_counts",
     "initializer_arrays",
     "io_signature",
+    "load_model",
+    "neutralised_dropout_copy",
     "opset_of",
+    "train_mode_batchnorms",
 ]
 
 # ONNX operators that draw random numbers: in a train graph, stochastic depth's masks.
@@ -224,3 +227,65 @@ def opset_of(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     raise ValidationError("ONNX model imports no default-domain opset; export it again")
+
+
+@dataclass
+class _Op:
+    """What operator counting needs of a node: its kind, wiring and Transpose permutation."""
+
+    kind: tuple[str, str]
+    inputs: list[str]
+    output: str
+    perm: tuple[int, ...] | None
+    live: bool = True
+
+
+def folded_operator_counts(
+    nodes: Iterable[onnx.NodeProto], rename: Mapping[str, str], graph_outputs: Iterable[str]
+) -> Counter:
+    """Counts ``(domain, op_type)`` of ``nodes`` once Transposes are folded as the exporter folds them.
+
+    The TorchScript exporter's peephole pass merges consecutive Transposes (dropping those that
+    cancel out) and folds a 2-D Transpose into the Gemm reading it. It does so in the inference
+    graph where an eval-mode Dropout, gone there, separated them in the train graph. Folding
+    both graphs alike makes their counts comparable; a graph that is already folded counts the same.
+
+    Args:
+        nodes: The nodes to count, in graph order.
+        rename: Values to read in place of others (a removed node's output -> its input).
+        graph_outputs: The graph's outputs, which keep the Transposes producing them.
+
+    Returns:
+        The operator counts.
+    """
+    rename, ops, producer = dict(rename), [], {}
+
+    def resolve(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        perm = tuple(attrs["perm"]) if node.op_type == "Transpose" and "perm" in attrs else None
+        op = _Op((node.domain or "ai.onnx", node.op_type), [resolve(i) for i in node.input],
+                 node.output[0] if node.output else "", perm)
+        source = producer.get(op.inputs[0]) if op.inputs else None
+        if op.perm is not None and source is not None and source.perm is not None:
+            op.perm, op.inputs[0] = tuple(source.perm[j] for j in op.perm), source.inputs[0]
+        if op.perm is not None and op.perm == tuple(range(len(op.perm))):  # cancels out
+            rename[op.output], op.live = op.inputs[0], False
+        if op.kind == ("ai.onnx", "Gemm"):
+            for k, name in enumerate(op.inputs[:2]):
+                folded = producer.get(name)
+                if folded is not None and folded.perm == (1, 0):
+                    op.inputs[k] = folded.inputs[0]
+        ops.append(op)
+        producer.update((o, op) for o in node.output if o)
+    read = {resolve(o) for o in graph_outputs}
+    for op in reversed(ops):  # a Transpose nothing reads any more was folded into its readers
+        if op.perm is not None and op.live and op.output not in read:
+            op.live = False
+        if op.live:
+            read.update(op.inputs)
+    return Counter(op.kind for op in ops if op.live)

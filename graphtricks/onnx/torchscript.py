@@ -19,6 +19,9 @@ What is exported is a copy of the model made ready for tracing:
 - its fx ``GraphModule`` regions lose their guard nodes (``torch._assert``,
   ``_assert_is_none``): they check that an eager call keeps the shapes and constant arguments
   the graph was traced with, which a traced graph cannot express (the tracer only warns).
+
+Channel dropout (``nn.Dropout1d/2d/3d``, ``aten::feature_dropout``) has no train-mode symbolic
+in the exporter; one is registered for the duration of each export (:func:`feature_dropout`).
 """
 
 from __future__ import annotations
@@ -35,17 +38,67 @@ from typing import Any
 import onnx
 import torch
 from torch import nn
+from torch.onnx.symbolic_helper import parse_args
 
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx.eager import flatten_outputs, reference_copy
 
-__all__ = ["export_mode", "export_notes", "fx_guards"]
+__all__ = ["export_mode", "export_notes", "feature_dropout", "fx_guards"]
 
 # torch._assert is what fx traces `assert` and timm's `_assert` into; _assert_is_none guards a
 # concrete_args value of None.
 _GUARDS = tuple(
     g for g in (torch._assert, getattr(torch.fx._symbolic_trace, "_assert_is_none", None)) if g
 )
+
+
+_FEATURE_DROPOUT_OPS = ("aten::feature_dropout", "aten::feature_dropout_")
+
+
+@parse_args("v", "f", "b")
+def feature_dropout(g: Any, data: Any, p: float, train: bool) -> Any:
+    """The ONNX form of channel dropout: ``data * Dropout(ones(N, C, 1, ..., 1), p)``.
+
+    A Dropout on a tensor of ones shaped like one value per (sample, channel) gives the mask
+    already scaled by ``1 / (1 - p)``; broadcast over the other dimensions it zeroes whole
+    channels, as ``aten::feature_dropout`` does. Keeping an ONNX Dropout (rather than drawing the
+    mask with RandomUniformLike) lets validation count it, neutralise it (ratio 0 gives ones)
+    and measure its keep rate on the mask itself (:mod:`graphtricks.onnx.train_only` tells
+    this *mask Dropout* from a Dropout of data).
+    """
+    if not train:
+        return data  # eval mode: the identity, as the exporter's own symbolic does
+
+    def const(value: Any, dtype: torch.dtype) -> Any:
+        return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+    shape = g.op("Shape", data)
+    batch_channels = g.op("Slice", shape, const([0], torch.int64), const([2], torch.int64))
+    other_dims = g.op("Sub", g.op("Shape", shape), const([2], torch.int64))  # rank - 2
+    ones_tail = g.op("ConstantOfShape", other_dims, value_t=torch.ones(1, dtype=torch.int64))
+    mask_shape = g.op("Concat", batch_channels, ones_tail, axis_i=0)
+    dtype = data.type().dtype() or torch.float32
+    ones = g.op("ConstantOfShape", mask_shape, value_t=torch.ones(1, dtype=dtype))
+    mask, _ = g.op(
+        "Dropout", ones, const(p, torch.float32), const(True, torch.bool), outputs=2
+    )
+    return g.op("Mul", data, mask)
+
+
+@contextlib.contextmanager
+def _channel_dropout_exportable(opset: int) -> Iterator[None]:
+    """Registers :func:`feature_dropout` for ``opset`` while the block runs.
+
+    Registration is global to torch, so it is undone on exit: the exporter's behaviour outside
+    graphtricks stays as torch ships it.
+    """
+    for name in _FEATURE_DROPOUT_OPS:
+        torch.onnx.register_custom_op_symbolic(name, feature_dropout, opset)
+    try:
+        yield
+    finally:
+        for name in _FEATURE_DROPOUT_OPS:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 def _is_noise(w: warnings.WarningMessage) -> bool:
@@ -177,7 +230,7 @@ def export_mode(
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         try:
-            with _silenced_output():
+            with _silenced_output(), _channel_dropout_exportable(opset):
                 torch.onnx.export(
                     twin, inputs, buffer, dynamo=False, training=training, opset_version=opset,
                     do_constant_folding=False,  # folding would merge weights differently per mode

@@ -4,6 +4,8 @@ Stochastic depth (timm ``DropPath``, torchvision ``StochasticDepth``) exports, i
 a *random subgraph*: a random operator and the nodes computing only from it and constants,
 ``RandomUniformLike -> Less(u, keep_prob) -> Cast -> Div(keep_prob)``, whose result (the mask)
 meets the data in a *consumer* node (``Mul(x, mask)``). The inference graph has none of it.
+Channel dropout exports the same way around a *mask Dropout*, a Dropout of a tensor of ones
+(``x * Dropout(ones(N, C, 1, ..., 1))``, see :func:`mask_dropouts`).
 
 This module finds those nodes, so the graph comparison can set them aside, and makes the
 deterministic copy of a train graph that check 2a compares with PyTorch: every Dropout ratio 0,
@@ -16,6 +18,7 @@ compared with PyTorch too.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,21 +26,30 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from graphtricks.errors import ValidationError
-from graphtricks.onnx.graph import RANDOM_OPS, constant_values, neutralised_dropout_copy
+from graphtricks.onnx.graph import (
+    RANDOM_OPS,
+    TRAIN_ONLY_OPS,
+    constant_values,
+    folded_operator_counts,
+    neutralised_dropout_copy,
+)
 
 __all__ = [
     "RandomSubgraph",
-    "random_subgraphs",
-    "train_only_nodes",
-    "train_only_feeds",
-    "operator_multiset",
     "deterministic_train_copy",
+    "fixed_values",
+    "mask_dropouts",
+    "operator_multiset",
+    "random_subgraphs",
+    "train_only_feeds",
+    "train_only_nodes",
 ]
 
 
 @dataclass(frozen=True)
 class RandomSubgraph:
-    """A random operator, the nodes computing only from it and constants, and where it ends.
+    """A random operator (or a mask Dropout), the nodes computing only from it and constants,
+    and where it ends.
 
     Attributes:
         name: The random node's name (or ``"<op>#i"`` when unnamed).
@@ -56,35 +68,44 @@ class RandomSubgraph:
     consumers: tuple[int, ...]
 
 
-def _constants(model: onnx.ModelProto) -> set[str]:
-    """Values fixed before any input arrives: initializers, Constants and what they compute."""
+def fixed_values(model: onnx.ModelProto) -> set[str]:
+    """Values fixed before any input arrives: initializers, Constants and what they compute
+    (a Dropout or a random operator draws: its output is not fixed)."""
     fixed = set(constant_values(model)) | {i.name for i in model.graph.initializer}
     for node in model.graph.node:  # graph order is topological
-        if node.op_type not in RANDOM_OPS and all(not i or i in fixed for i in node.input):
+        if node.op_type not in TRAIN_ONLY_OPS and all(not i or i in fixed for i in node.input):
             fixed.update(o for o in node.output if o)
     return fixed
 
 
-def random_subgraphs(model: onnx.ModelProto) -> list[RandomSubgraph]:
-    """Describes every top-level random operator of ``model`` and what it feeds, in graph order."""
-    fixed, nodes = _constants(model), model.graph.node
+def _spread(
+    nodes: Sequence[onnx.NodeProto], start: int, fixed: set[str], graph_outputs: set[str]
+) -> tuple[list[int], list[int], tuple[str, ...]]:
+    """From node ``start``: the nodes computing only from it and constants, the nodes reading
+    its values along with other data (consumers), and the values read outside (masks)."""
+    tainted, members, consumers = {o for o in nodes[start].output if o}, [start], []
+    for j in range(start + 1, len(nodes)):
+        inputs = [i for i in nodes[j].input if i]
+        if not any(i in tainted for i in inputs):
+            continue
+        if all(i in tainted or i in fixed for i in inputs):
+            members.append(j)
+            tainted.update(o for o in nodes[j].output if o)
+        else:
+            consumers.append(j)
+    read_outside = {i for j in consumers for i in nodes[j].input} | graph_outputs
+    return members, consumers, tuple(sorted(v for v in tainted if v in read_outside))
+
+
+def _subgraphs(model: onnx.ModelProto, starts: Sequence[int]) -> list[RandomSubgraph]:
+    if not starts:
+        return []
+    fixed, nodes = fixed_values(model), model.graph.node
     graph_outputs = {o.name for o in model.graph.output}
     found = []
-    for start, node in enumerate(nodes):
-        if node.op_type not in RANDOM_OPS:
-            continue
-        tainted, members, consumers = {o for o in node.output if o}, [start], []
-        for j in range(start + 1, len(nodes)):
-            inputs = [i for i in nodes[j].input if i]
-            if not any(i in tainted for i in inputs):
-                continue
-            if all(i in tainted or i in fixed for i in inputs):
-                members.append(j)
-                tainted.update(o for o in nodes[j].output if o)
-            else:
-                consumers.append(j)
-        read_outside = {i for j in consumers for i in nodes[j].input} | graph_outputs
-        masks = tuple(sorted(v for v in tainted if v in read_outside))
+    for start in starts:
+        members, consumers, masks = _spread(nodes, start, fixed, graph_outputs)
+        node = nodes[start]
         found.append(
             RandomSubgraph(
                 name=node.name or f"{node.op_type}#{start}", op=node.op_type, index=start,
@@ -94,14 +115,42 @@ def random_subgraphs(model: onnx.ModelProto) -> list[RandomSubgraph]:
     return found
 
 
+def random_subgraphs(model: onnx.ModelProto) -> list[RandomSubgraph]:
+    """Describes every top-level random operator of ``model`` and what it feeds, in graph order."""
+    nodes = model.graph.node
+    return _subgraphs(model, [i for i, n in enumerate(nodes) if n.op_type in RANDOM_OPS])
+
+
+def _is_ones(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is a ConstantOfShape filled with 1."""
+    if node.op_type != "ConstantOfShape":
+        return False
+    value = next((a.t for a in node.attribute if a.name == "value"), None)
+    return value is not None and bool((numpy_helper.to_array(value) == 1).all())
+
+
+def mask_dropouts(model: onnx.ModelProto) -> list[RandomSubgraph]:
+    """Every Dropout of a tensor of ones (channel dropout's mask), and what its mask feeds.
+
+    ``torchscript.feature_dropout`` exports channel dropout as ``x * Dropout(ones(N, C, 1..))``:
+    such a Dropout draws a mask, like a random operator, and its consumer (the ``Mul``) has no
+    counterpart in the inference graph. A Dropout of data (or of a weight) is not one, nor is
+    one whose mask reaches no data: it is left a Dropout of ones, which the inference graph lacks.
+    """
+    nodes = model.graph.node
+    ones = {n.output[0] for n in nodes if _is_ones(n)}
+    starts = [i for i, n in enumerate(nodes) if n.op_type == "Dropout" and n.input[0] in ones]
+    return [sub for sub in _subgraphs(model, starts) if sub.consumers]
+
+
 def _train_only(model: onnx.ModelProto) -> tuple[set[int], set[str]]:
     """Positions of the train-only nodes, and the values only they read as parameters."""
-    nodes, subs = model.graph.node, random_subgraphs(model)
+    nodes, subs = model.graph.node, random_subgraphs(model) + mask_dropouts(model)
     params: dict[int, set[str]] = {}  # train-only node -> the inputs it reads as parameters
     for i, node in enumerate(nodes):
         if node.op_type == "Dropout":
             params[i] = set(node.input[1:])  # ratio, training_mode; not the data
-    for sub in subs:
+    for sub in subs:  # a mask Dropout is in sub.nodes: its ones are a parameter too
         params.update({j: set(nodes[j].input) for j in sub.nodes})
         params.update({j: set(nodes[j].input) & set(sub.masks) for j in sub.consumers})
     readers: dict[str, list[int]] = {}
@@ -144,16 +193,36 @@ def train_only_feeds(model: onnx.ModelProto) -> set[str]:
     return _train_only(model)[1]
 
 
+def _passed_on(model: onnx.ModelProto) -> dict[str, str]:
+    """What each train-only node that passes data on passes on: its output -> its data input.
+
+    A Dropout passes on its data; a random subgraph's consumer (``Mul(x, mask)``) its one input
+    that is not a mask. In the inference graph, the readers of those outputs read that data.
+    """
+    nodes, passed = model.graph.node, {}
+    for node in nodes:
+        if node.op_type == "Dropout" and node.output:
+            passed[node.output[0]] = node.input[0]
+    for sub in random_subgraphs(model) + mask_dropouts(model):
+        for j in sub.consumers:
+            data = {i for i in nodes[j].input if i and i not in sub.masks}
+            if len(data) == 1 and len(nodes[j].output) == 1:
+                passed[nodes[j].output[0]] = data.pop()
+    return passed
+
+
 def operator_multiset(model: onnx.ModelProto) -> Counter:
-    """Counts ``(domain, op_type)`` of every node except train-only ones (:func:`train_only_nodes`),
-    so the count describes the computation both graphs share."""
+    """Counts ``(domain, op_type)`` of the computation both graphs share.
+
+    Train-only nodes (:func:`train_only_nodes`) are left out, their readers reading the data
+    they pass on, and Transposes are folded as the exporter folds them
+    (:func:`~graphtricks.onnx.graph.folded_operator_counts`): two Transposes around a Dropout
+    cancel out in the inference graph only.
+    """
     train_only = train_only_nodes(model)
-    counts: Counter = Counter()
-    for i, node in enumerate(model.graph.node):
-        if i in train_only:
-            continue
-        counts[(node.domain or "ai.onnx", node.op_type)] += 1
-    return counts
+    shared = [n for i, n in enumerate(model.graph.node) if i not in train_only]
+    outputs = [o.name for o in model.graph.output]
+    return folded_operator_counts(shared, _passed_on(model), outputs)
 
 
 def _elem_type(model: onnx.ModelProto, name: str, inferred: list) -> int:

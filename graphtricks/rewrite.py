@@ -16,6 +16,7 @@ from torch import nn
 
 from graphtricks.capture import RegionTree, capture
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
+from graphtricks.fastpath import speed_up
 from graphtricks.modes import ModeSnapshot, adopt_parent_modes
 from graphtricks.passes.base import GraphtricksPass, NoChangeWarning
 from graphtricks.report import Report
@@ -143,6 +144,9 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, start
     finally:
         snapshot.restore()
     adopt_parent_modes(tree.model, known)
+    for region in tree.regions():  # fx's forward minus its per-call overhead (fastpath.py)
+        if region.kind == "traced":
+            speed_up(region.graph_module)
     report.regions = tree.root.to_dict()
     report.traced_fraction = tree.traced_fraction()
     report.seconds = time.perf_counter() - started

@@ -57,9 +57,10 @@ class RegionTracer(fx.Tracer):
     """An fx tracer that keeps the given module objects as leaves and notes whether any module
     whose code it runs may read a ``training`` flag (else an eval trace would be the same)."""
 
-    def __init__(self, leaves: set[int]):
+    def __init__(self, leaves: set[int] | None = None):
         super().__init__()
-        self.leaves = leaves
+        # A default, because pickling a GraphModule re-creates its tracer class with no arguments.
+        self.leaves = leaves if leaves is not None else set()
         self.reads_training = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

@@ -1,0 +1,51 @@
+"""The ``graphtricks`` command line: a thin typer layer over the library.
+
+User errors print one red line on stderr and exit 1 (typer's usage errors exit 2); a
+traceback is shown only with ``--verbose``. Each command lives in its own module; this one
+builds the app from them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+try:  # typer >= 0.25 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_exceptions
+
+from graphtricks.cli.common import err
+from graphtricks.cli.inspect_cmd import inspect
+from graphtricks.cli.onnx_cmd import export, validate
+from graphtricks.cli.rewrite_cmd import rewrite
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="graphtricks",
+    help="Apply classic training techniques to an existing PyTorch model with torch.fx, and prove it deploys.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# registration order is the order `graphtricks --help` lists them in
+for command in (rewrite, inspect, export, validate):
+    app.command()(command)
+
+
+def main() -> None:
+    """Console-script entry point: usage errors are one line too (exit code 2)."""
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError:
+        code = 0  # typer has printed the help while building this exception
+    except click_exceptions.UsageError as e:
+        hint = f" (see `graphtricks {e.ctx.info_name} --help`)" if e.ctx and e.ctx.parent else " (see `graphtricks --help`)"
+        err.print(f"[red]error:[/red] {e.format_message()}{hint}", markup=True, highlight=False)
+        code = 2
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,149 @@
+"""What the ``graphtricks`` commands share: consoles, option types, error handling, model loading."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable
+from contextlib import contextmanager, nullcontext
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+
+from graphtricks.errors import GraphtricksError, SpecError
+from graphtricks.loading import load_model, load_weights, parse_model_args
+from graphtricks.shapes import DTYPES, make_example_inputs, parse_input_shapes
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+InputDtype = Enum("InputDtype", {k: k for k in DTYPES}, type=str)
+Device = Enum("Device", {k: k for k in ("cpu", "cuda", "meta")}, type=str)
+
+# -- shared options --------------------------------------------------------------------
+InputShapeOpt = Annotated[
+    str | None, typer.Option("--input-shape", help="Example input shape, e.g. 8,3,32,32; several inputs: 8,16;8,16.")
+]
+InputDtypeOpt = Annotated[
+    InputDtype | None,
+    typer.Option("--input-dtype", help="dtype of the random example inputs (default float32; int64 token ids for text models)."),
+]
+DeviceOpt = Annotated[
+    Device, typer.Option("--device", help="Where to build and capture the model; meta plans without allocating weights.")
+]
+ModelArgOpt = Annotated[
+    list[str] | None, typer.Option("--model-arg", help="key=value passed to the model's class or factory (repeatable).")
+]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="State dict to load: .safetensors, or .pt read weights-only.")]
+TrustPickleOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow unpickling a whole-model .pt (unpickling runs arbitrary code).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")]
+
+
+@contextmanager
+def user_errors(verbose: bool):
+    """Turn library errors into one red line and exit code 1."""
+    try:
+        yield
+    except GraphtricksError as e:
+        if verbose:
+            traceback.print_exc()
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(code=1) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - last resort: any other failure is still one line, not a traceback
+        if verbose:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        err.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
+            markup=True,
+            highlight=False,
+        )
+        raise typer.Exit(code=1) from None
+
+
+def status(message: str, quiet: bool):
+    """A spinner on stderr for long work, only where a person is watching."""
+    return err.status(message) if not quiet and err.is_terminal else nullcontext()
+
+
+def warn(messages: list[str], as_json: bool) -> None:
+    """Each distinct warning once, as a yellow line on stderr (none in JSON mode)."""
+    if not as_json:
+        for m in dict.fromkeys(messages):
+            err.print(f"[yellow]warning:[/yellow] {m}", markup=True, highlight=False)
+
+
+def note(messages: Iterable[str]) -> None:
+    """Informational lines on stderr, dimmed."""
+    for m in messages:
+        err.print(f"[dim]note:[/dim] {m}", markup=True, highlight=False)
+
+
+def load_source(
+    spec: str,
+    input_shape: str | None,
+    input_dtype: InputDtype | None,
+    model_args: list[str] | None,
+    weights: Path | None,
+    trust_pickle: bool,
+    device: Device = Device.cpu,
+):
+    """The model a SPEC or saved DIR names, its example inputs, its source record, prior passes.
+
+    Text models (a Hugging Face config with a ``vocab_size``) get int64 token ids below the
+    vocabulary size unless ``--input-dtype`` says otherwise.
+    """
+    from graphtricks.saving import is_saved_model, load_saved
+
+    # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
+    dtype_name = input_dtype.value if input_dtype else None
+    device_name = device.value
+    if is_saved_model(spec):
+        if device_name != "cpu":
+            raise SpecError("a saved folder is rebuilt on the CPU; --device applies to model specs")
+        saved = load_saved(spec, trust_pickle=trust_pickle)
+        source = dict(saved.recipe.source)
+        inputs = saved.example_inputs
+        if input_shape:
+            shapes = parse_input_shapes(input_shape)
+            dtype = dtype_name or source.get("input_dtype", "float32")
+            high = source.get("token_high", 100)
+            source.update(input_shapes=[list(s) for s in shapes], input_dtype=dtype)
+            inputs = make_example_inputs(shapes, dtype, high=high)
+        if weights:
+            load_weights(saved.model, weights)
+        return saved.model, inputs, source, list(saved.recipe.passes)
+    if Path(spec).is_dir():
+        raise SpecError(f"{spec} is a folder but not a graphtricks model (no recipe.toml)")
+    if ":" not in spec and not Path(spec).exists() and ("/" in spec or "\\" in spec):
+        raise SpecError(f"{spec} does not exist (give a model spec file.py:Name, package.module:Name, or a saved folder)")
+    if not input_shape:
+        raise SpecError("give the example input shape with --input-shape, e.g. --input-shape 8,3,32,32")
+    if device_name == "meta" and weights:
+        raise SpecError("--device meta builds the model without weights; drop --weights")
+    shapes = parse_input_shapes(input_shape)
+    kwargs = parse_model_args(model_args)
+    with torch.device(device_name):
+        model = load_model(spec, kwargs, trust_pickle=trust_pickle)
+    if weights:
+        load_weights(model, weights)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    dtype = dtype_name or ("int64" if isinstance(vocab, int) else "float32")
+    high = vocab if isinstance(vocab, int) and dtype.startswith("int") else 100
+    source: dict[str, Any] = {"spec": spec, "input_shapes": [list(s) for s in shapes], "input_dtype": dtype}
+    if high != 100:
+        source["token_high"] = high
+    if kwargs:
+        source["model_args"] = kwargs
+    if trust_pickle:
+        source["trust_pickle"] = True
+    return model, make_example_inputs(shapes, dtype, device=device_name, high=high), source, []

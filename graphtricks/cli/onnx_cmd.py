@@ -1,0 +1,145 @@
+"""``graphtricks export`` and ``graphtricks validate``: the train-mode and inference ONNX graphs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from graphtricks.cli.common import (
+    ForceOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    ModelArgOpt,
+    TrustPickleOpt,
+    VerboseOpt,
+    WeightsOpt,
+    err,
+    load_source,
+    note,
+    out,
+    status,
+    user_errors,
+    warn,
+)
+from graphtricks.errors import GraphtricksError
+
+OnnxDevice = Enum("OnnxDevice", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
+
+
+def export(
+    spec: Annotated[str, typer.Argument(help="A saved DIR (files go into it), or a model spec (with --out).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="For a SPEC: folder receiving the saved model and ONNX files.")] = None,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
+    model_arg: ModelArgOpt = None,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (14-20).")] = 18,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs)."""
+    from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
+    from graphtricks.rewrite import rewrite as run_rewrite
+    from graphtricks.saving import check_output_dir, is_saved_model, save
+
+    with user_errors(verbose):
+        if not MIN_OPSET <= opset <= MAX_OPSET:
+            raise GraphtricksError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+        saved = is_saved_model(spec)
+        if not saved and out_dir is None:
+            raise GraphtricksError("exporting a model spec needs --out DIR (it receives the saved model and the ONNX files)")
+        if out_dir is not None and not (saved and Path(out_dir).resolve() == Path(spec).resolve()):
+            check_output_dir(out_dir, force)
+        with status("loading the model…", as_json):
+            model, inputs, source, prior = load_source(spec, input_shape, input_dtype, model_arg, weights, trust_pickle)
+        target = Path(spec) if saved and out_dir is None else Path(out_dir)
+        if target != Path(spec) or not saved:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = run_rewrite(model, [], inputs, inplace=True)
+            save(result, target, source, force=force, prior_passes=prior)
+            model = result.model
+        with status(f"exporting to {target}…", as_json):
+            exported = export_pair(model, inputs, target, opset=opset, dynamic_batch=dynamic_batch)
+        if as_json:
+            print(json.dumps(exported.to_dict(), indent=2, default=str))
+            return
+        warn(list(exported.warnings), as_json)
+        note(exported.notes)
+        out.print(f"wrote {exported.train_path} and {exported.infer_path} (opset {exported.opset}, {exported.seconds:.1f}s)")
+
+
+def _read_npz(path: Path) -> list[tuple]:
+    """One input set from an ``.npz`` (arrays in file order), refusing pickled objects."""
+    import numpy as np
+
+    from graphtricks.errors import ValidationError
+
+    if not path.is_file():
+        raise ValidationError(f"inputs file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = [torch.from_numpy(np.array(data[name])) for name in data.files]
+    except Exception as e:
+        raise ValidationError(f"cannot read {path} as .npz arrays: {e}") from e
+    if not arrays:
+        raise ValidationError(f"{path} holds no arrays")
+    return [tuple(arrays)]
+
+
+def validate(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `graphtricks export`.")],
+    device: Annotated[OnnxDevice, typer.Option("--device", help="auto: CUDA when onnxruntime-gpu and a GPU are present.")] = OnnxDevice.auto,
+    atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default by dtype and device).")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (default by dtype and device).")] = None,
+    inputs_file: Annotated[Path | None, typer.Option("--inputs", help="Extra inputs: an .npz with one array per model input.")] = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check both ONNX graphs against PyTorch and each other; exit 1 when a check fails."""
+    from graphtricks.onnx import snapshot_model, validate_pair
+    from graphtricks.saving import load_saved
+
+    with user_errors(verbose):
+        extra = _read_npz(inputs_file) if inputs_file else None
+        with status("rebuilding the model…", as_json):
+            saved = load_saved(folder)
+        with status("running ONNX Runtime and PyTorch…", as_json):
+            report = validate_pair(
+                saved.model, saved.example_inputs, folder, device=device.value, atol=atol, rtol=rtol,
+                extra_inputs=extra, baseline=snapshot_model(saved.model),
+            )
+        if as_json:
+            print(json.dumps(report.to_dict(), indent=2, default=str))
+        else:
+            table = Table(title=f"ONNX validation of {folder}")
+            for column in ("check", "graph", "provider", "output", "seed", "max abs", "max rel", "ok"):
+                table.add_column(column, overflow="fold")
+            for c in report.checks:
+                table.add_row(
+                    c.name, c.graph or "", c.provider or "", c.output or "", "" if c.seed is None else str(c.seed),
+                    _fmt(c.max_abs), _fmt(c.max_rel), "[green]yes[/green]" if c.passed else "[red]NO[/red]",
+                )
+            out.print(table)
+            note(report.notes)
+            for c in report.failures:
+                err.print(f"[red]failed:[/red] {c.name}: {c.message}", markup=True, highlight=False)
+            out.print(report.summary())
+        if not report.passed:
+            raise typer.Exit(code=1)
+
+
+def _fmt(value) -> str:
+    """A table cell: blank for None, floats in short scientific notation."""
+    return "" if value is None else f"{value:.2e}" if isinstance(value, float) else str(value)

@@ -1,0 +1,179 @@
+"""``graphtricks rewrite``: apply passes named by flags or a recipe, and save the result."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from graphtricks.cli.common import (
+    Device,
+    DeviceOpt,
+    ForceOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    ModelArgOpt,
+    TrustPickleOpt,
+    VerboseOpt,
+    WeightsOpt,
+    load_source,
+    out,
+    status,
+    user_errors,
+    warn,
+)
+from graphtricks.errors import GraphtricksError, PassError
+from graphtricks.passes import PASSES, GraphtricksPass, pass_from_config
+from graphtricks.passes.dropout import DROPOUT_KINDS
+from graphtricks.recipe import read_recipe
+
+DropoutKind = Enum("DropoutKind", {k: k for k in DROPOUT_KINDS}, type=str)
+Shortcut = Enum("Shortcut", {k: k for k in ("auto", "identity", "pad", "conv")}, type=str)
+PostAct = Enum("PostAct", {k: k for k in ("none", "relu")}, type=str)
+Gate = Enum("Gate", {k: k for k in ("none", "zero")}, type=str)
+LnOver = Enum("LnOver", {k: k for k in ("c", "chw")}, type=str)
+InitScheme = Enum(
+    "InitScheme", {k: k for k in ("auto", "xavier-uniform", "xavier-normal", "he-uniform", "he-normal", "orthogonal")}, type=str
+)
+Fan = Enum("Fan", {k: k for k in ("fan_in", "fan_out")}, type=str)
+
+
+def _flag_passes(
+    *,
+    residual: list[str],
+    residual_span: list[str],
+    shortcut: str,
+    shortcut_norm: bool,
+    post_act: str,
+    gate: str,
+    bn_to_ln: bool,
+    ln_over: str,
+    dropout: float | None,
+    dropout_kind: str,
+    init: str | None,
+    seed: int,
+    keep_bias: bool,
+    fan: str,
+    zero_init_residual: bool,
+    include_frozen: bool,
+    include: list[str],
+    exclude: list[str],
+) -> list[GraphtricksPass]:
+    """Passes named by flags, in the order that composes well: structure, norms, dropout, init."""
+    select = {"include": tuple(include), "exclude": tuple(exclude)}
+    configs: list[dict[str, Any]] = []
+    if residual or residual_span:
+        configs.append(
+            {"pass": "residual", "blocks": list(residual), "spans": list(residual_span), "shortcut": shortcut,
+             "shortcut_norm": shortcut_norm, "post_act": post_act, "gate": gate}
+        )
+    if bn_to_ln:
+        configs.append({"pass": "bn_to_ln", "over": ln_over})
+    if dropout is not None:
+        configs.append({"pass": "dropout", "p": dropout, "kind": dropout_kind})
+    if init is not None:
+        configs.append(
+            {"pass": "init", "scheme": init, "seed": seed, "keep_bias": keep_bias, "fan": fan,
+             "zero_init_residual": zero_init_residual, "include_frozen": include_frozen}
+        )
+    passes = []
+    for config in configs:
+        if config["pass"] not in PASSES:
+            raise PassError(f"pass {config['pass']!r} is not available in this build of graphtricks")
+        passes.append(pass_from_config({**config, **{k: v for k, v in select.items() if v}}))
+    return passes
+
+
+def _changes_table(report) -> Table:
+    """The report's changes, one row each."""
+    table = Table(title="changes", show_lines=False)
+    for column in ("pass", "where", "action", "what"):
+        table.add_column(column, overflow="fold")
+    for c in report.changes:
+        table.add_row(c.pass_name, c.where, c.action, c.what)
+    return table
+
+
+def rewrite(
+    spec: Annotated[str, typer.Argument(help="Model spec (file.py:Name, pkg.module:Name, tv:/timm:/hf:NAME) or a saved DIR.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder to write the rewritten model to.")] = None,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
+    device: DeviceOpt = Device.cpu,
+    model_arg: ModelArgOpt = None,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    dropout: Annotated[float | None, typer.Option("--dropout", help="Insert dropout with this p after activations.")] = None,
+    dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", help="element or channel dropout.")] = DropoutKind.element,
+    residual: Annotated[list[str] | None, typer.Option("--residual", help="Wrap blocks whose qualified name matches (repeatable; * and ? stop at dots, ** crosses them).")] = None,
+    residual_span: Annotated[list[str] | None, typer.Option("--residual-span", help="Wrap a node span FIRST:LAST (or REGION/FIRST:LAST) of a traced region.")] = None,
+    shortcut: Annotated[Shortcut, typer.Option("--shortcut", help="Shortcut kind.")] = Shortcut.auto,
+    shortcut_norm: Annotated[bool, typer.Option("--shortcut-norm", help="BatchNorm after a 1x1 conv shortcut.")] = False,
+    post_act: Annotated[PostAct, typer.Option("--post-act", help="Activation after the sum.")] = PostAct.none,
+    gate: Annotated[Gate, typer.Option("--gate", help="zero: a learnable scalar gate on the shortcut, starting at 0.")] = Gate.none,
+    bn_to_ln: Annotated[bool, typer.Option("--bn-to-ln", help="Replace BatchNorm with LayerNorm.")] = False,
+    ln_over: Annotated[LnOver, typer.Option("--ln-over", help="c: over channels per position; chw: over C,H,W.")] = LnOver.c,
+    init: Annotated[InitScheme | None, typer.Option("--init", help="Re-initialise weights with this scheme.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --init.")] = 0,
+    keep_bias: Annotated[bool, typer.Option("--keep-bias", help="--init keeps biases instead of zeroing them.")] = False,
+    fan: Annotated[Fan, typer.Option("--fan", help="Fan mode for He initialisation.")] = Fan.fan_in,
+    zero_init_residual: Annotated[bool, typer.Option("--zero-init-residual", help="Last norm of each residual block starts at 0.")] = False,
+    include_frozen: Annotated[bool, typer.Option("--include-frozen", help="--init also re-initialises frozen parameters.")] = False,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Only edit places whose qualified name matches (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Never edit places matching this glob (repeatable).")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe with [[passes]] to apply (before flag passes).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Rewrite a model with passes and save it (weights, recipe, report, code)."""
+    from graphtricks.rewrite import rewrite as run_rewrite
+    from graphtricks.saving import check_output_dir, save
+
+    with user_errors(verbose):
+        if out_dir is None and not dry_run:
+            raise GraphtricksError("give --out DIR to write the rewritten model, or --dry-run to only see the plan")
+        if device is Device.meta and not dry_run:
+            raise GraphtricksError("a model on the meta device has no weights to write: add --dry-run to plan the rewrite")
+        if out_dir is not None and not dry_run:
+            check_output_dir(out_dir, force)
+        planned = read_recipe(recipe).build_passes() if recipe else []
+        planned += _flag_passes(
+            residual=residual or [], residual_span=residual_span or [], shortcut=shortcut.value,
+            shortcut_norm=shortcut_norm, post_act=post_act.value, gate=gate.value, bn_to_ln=bn_to_ln,
+            ln_over=ln_over.value, dropout=dropout, dropout_kind=dropout_kind.value,
+            init=init.value if init else None, seed=seed, keep_bias=keep_bias, fan=fan.value,
+            zero_init_residual=zero_init_residual, include_frozen=include_frozen,
+            include=include or [], exclude=exclude or [],
+        )
+        with status("loading and capturing the model…", as_json):
+            model, inputs, source, prior = load_source(spec, input_shape, input_dtype, model_arg, weights, trust_pickle, device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = run_rewrite(model, planned, inputs, inplace=True)
+        messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        if not planned:
+            messages.insert(0, "no pass requested (see --help); the model is written unchanged")
+        written = None
+        if not dry_run:
+            with status(f"writing {out_dir}…", as_json):
+                written = save(result, out_dir, source, force=force, prior_passes=prior)
+        if as_json:
+            payload = {"out": str(written) if written else None, "dry_run": dry_run, "warnings": messages,
+                       "recipe": prior + result.recipe(), "report": result.report.to_dict()}
+            print(json.dumps(payload, indent=2, default=str))
+            return
+        warn(messages, as_json)
+        if result.report.changes:
+            out.print(_changes_table(result.report))
+        counts = ", ".join(f"{k}: {v}" for k, v in result.report.changes_by_pass().items()) or "no passes"
+        action = "would write" if dry_run else "wrote"
+        target = f" {action} {out_dir}" if out_dir is not None and not dry_run else (" (dry run: nothing written)" if dry_run else "")
+        out.print(f"{len(result.report.changes)} changes ({counts}); traced {result.report.traced_fraction:.0%};{target}")

@@ -5,23 +5,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import nn
 
+import graphtricks.onnx.validate as validate_module
 from graphtricks.errors import ValidationError
 from graphtricks.onnx import (
     INFER_FILE,
     TRAIN_FILE,
     cuda_available,
     export_pair,
+    runtime,
     snapshot_model,
     validate_pair,
 )
 from graphtricks.onnx.eager import DropoutInterceptor
+from graphtricks.onnx.graph import dropout_infos, exposed_dropout_copy
 from graphtricks.onnx.inputs import random_like
+from graphtricks.onnx.runtime import make_session, prepare_graph
+from graphtricks.onnx.train_only import deterministic_train_copy
 
 CUDA = cuda_available()
 needs_cuda = pytest.mark.skipif(
@@ -243,3 +252,65 @@ def test_random_inputs_are_reproducible_and_valid():
     assert a[0].dtype == torch.int64 and 0 <= int(a[0].min()) and int(a[0].max()) <= 9
     assert a[1].dtype == torch.float16 and a[1].shape == (2, 3)
     assert random_like((ids,), 4, batch_size=5)[0].shape == (5, 2)
+
+
+def test_prepared_graph_keeps_large_weights_out_and_runs_the_same(mlp_pair):
+    _, inputs, out = mlp_pair
+    model = onnx.load(str(out / INFER_FILE))
+    before = model.SerializeToString()
+    prepared = prepare_graph(model)
+    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
+    assert set(prepared.names) == {name for name, size in sizes.items() if size >= 1024}
+    assert prepared.names and len(prepared.structure) < len(before) // 4
+    assert model.SerializeToString() == before  # the model is not changed
+    feed = {"x": inputs[0].numpy()}
+    plain = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
+    (expected,) = plain.run(None, feed)
+    (got,) = make_session(prepared, "cpu", "infer").run(feed)
+    assert np.array_equal(got, expected)
+
+
+def test_one_seeded_dropout_session_draws_new_masks_at_every_run(mlp_pair):
+    _, inputs, out = mlp_pair
+    exposed = exposed_dropout_copy(onnx.load(str(out / TRAIN_FILE)), seed=1)
+    (info,) = dropout_infos(exposed)
+    feed = {"x": inputs[0].numpy()}
+
+    def masks(session) -> list[np.ndarray]:
+        index = session.output_names.index(info.output)
+        return [session.run(feed)[index] != 0 for _ in range(3)]
+
+    first, again = masks(make_session(exposed, "cpu", "d")), masks(make_session(exposed, "cpu", "d"))
+    assert not any(np.array_equal(first[i], first[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))  # reproducible
+
+
+def test_validation_builds_one_session_per_graph(mlp_pair, monkeypatch):
+    model, inputs, out = mlp_pair
+    roles: list[str] = []
+
+    def counted(graph, device, role, *args, **kwargs):
+        roles.append(role)
+        return make_session(graph, device, role, *args, **kwargs)
+
+    monkeypatch.setattr(validate_module, "make_session", counted)
+    report = validate_pair(model, inputs, out, device="cpu", seeds=(0, 1, 2))
+    assert report.passed, report.summary()
+    assert sorted(roles) == ["infer", "train_deterministic", "train_dropout"]
+    rates = [c for c in report.checks if c.name == "dropout_rate"]
+    assert sorted(c.seed for c in rates) == [0, 1, 2]
+
+
+def test_sessions_only_read_the_prepared_arrays(tmp_path, monkeypatch):
+    # ONNX Runtime uses them in place on CPU; train-mode BatchNorm must not write its stats there.
+    torch.manual_seed(0)
+    model, x = cnn_with_dropout(), torch.randn(4, 3, 8, 8)
+    export_pair(model, (x,), tmp_path)
+    monkeypatch.setattr(runtime, "_INLINE_BYTES", 1)  # every initializer as an array
+    prepared = prepare_graph(deterministic_train_copy(onnx.load(str(tmp_path / TRAIN_FILE))))
+    before = [a.copy() for a in prepared.arrays]
+    session = make_session(prepared, "cpu", "train", True, runtime.TRAIN_BN_DISABLED_OPTIMIZERS)
+    runs = [session.run({"x": x.numpy()})[0] for _ in range(3)]
+    assert any("running_var" in name for name in prepared.names)
+    assert all(np.array_equal(a, b) for a, b in zip(prepared.arrays, before))
+    assert all(np.array_equal(runs[0], run) for run in runs[1:])

@@ -76,9 +76,9 @@ def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult)
         return base
     p = info.ratio
     nonzero = x != 0  # zeros in (after ReLU) stay zero whether dropped or not: leave them out
-    n = int(nonzero.sum())
+    n = int(np.count_nonzero(nonzero))
     kept = (y != 0) & nonzero
-    k = int(kept.sum())
+    k = int(np.count_nonzero(kept))
     sigma = math.sqrt(n * p * (1 - p))
     bound = SIGMAS * sigma
     rate_ok = abs(k - n * (1 - p)) <= bound if p > 0 else k == n

@@ -23,7 +23,7 @@ from graphtricks.onnx.inputs import session_feed
 from graphtricks.onnx.report import CheckResult, Tolerance
 from graphtricks.onnx.runtime import RunFailure, Session
 
-__all__ = ["InputSet", "compare_output", "check_infer_vs_eager", "check_train_deterministic"]
+__all__ = ["InputSet", "check_infer_vs_eager", "check_train_deterministic", "compare_output"]
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,19 @@ def _compare_all(
     ]
 
 
+def _reference(model: nn.Module, copy: nn.Module | None, train: bool, device: str) -> nn.Module:
+    """``copy`` switched to the mode, else a new reference copy of ``model``."""
+    if copy is None:
+        return reference_copy(model, train=train, device=device)
+    return copy.to(device).train(train)
+
+
 def check_infer_vs_eager(
     session: Session,
     model: nn.Module,
     input_sets: Sequence[InputSet],
     tolerance: Callable[[torch.dtype], Tolerance],
+    reference: nn.Module | None = None,
 ) -> list[CheckResult]:
     """Check 1: the inference graph against a copy of ``model`` in eval mode.
 
@@ -144,6 +152,8 @@ def check_infer_vs_eager(
         model: The PyTorch model (not changed: a copy runs).
         input_sets: The inputs to compare on.
         tolerance: Gives the tolerance of an output dtype.
+        reference: A copy of ``model`` from :func:`~graphtricks.onnx.eager.reference_copy` to
+            run (set to eval mode here), so that several checks share one copy; None: a new one.
 
     Returns:
         One result per output and input set, plus a failure if PyTorch drops out in eval mode.
@@ -151,7 +161,7 @@ def check_infer_vs_eager(
     Raises:
         ValidationError: The inputs do not fit the graph, or the model rejects them.
     """
-    reference = reference_copy(model, train=False, device=session.device)
+    reference = _reference(model, reference, train=False, device=session.device)
     results, eval_dropouts = [], []
     for input_set in input_sets:
         expected, seen = run_reference(
@@ -176,6 +186,7 @@ def check_train_deterministic(
     model: nn.Module,
     input_sets: Sequence[InputSet],
     tolerance: Callable[[torch.dtype], Tolerance],
+    reference: nn.Module | None = None,
 ) -> tuple[list[CheckResult], list[float], list[Draw]]:
     """Check 2a: the train graph made deterministic against the model in train mode.
 
@@ -185,6 +196,7 @@ def check_train_deterministic(
         model: The PyTorch model (not changed: a copy runs, and its running stats move).
         input_sets: The inputs to compare on.
         tolerance: Gives the tolerance of an output dtype.
+        reference: A copy of ``model`` to run (set to train mode here); None: a new one.
 
     Returns:
         One result per output and input set, the drop probabilities PyTorch applied in one
@@ -194,7 +206,7 @@ def check_train_deterministic(
     Raises:
         ValidationError: The inputs do not fit the graph, or the model rejects them.
     """
-    reference = reference_copy(model, train=True, device=session.device)
+    reference = _reference(model, reference, train=True, device=session.device)
     results: list[CheckResult] = []
     per_forward: list[float] = []
     draws: list[Draw] = []

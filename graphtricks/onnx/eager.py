@@ -26,12 +26,12 @@ from graphtricks.onnx.draws import DRAW_FUNCTIONS, Draw, draw
 __all__ = [
     "DropoutInterceptor",
     "ModelSnapshot",
-    "snapshot_model",
-    "reference_copy",
-    "run_reference",
     "flatten_outputs",
     "named_outputs",
     "non_tensor_outputs",
+    "reference_copy",
+    "run_reference",
+    "snapshot_model",
     "torch_numerics",
 ]
 
@@ -245,7 +245,9 @@ def _digest(tensor: torch.Tensor) -> str:
     if tensor.device.type == "meta":
         return "meta"
     raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).hexdigest()
+    # Hashed in place (no bytes copy); SHA-256 runs on the SHA extensions of current x86 and
+    # ARM CPUs, twice as fast as BLAKE2 there.
+    return hashlib.sha256(raw.numpy()).hexdigest()
 
 
 def snapshot_model(model: nn.Module) -> ModelSnapshot:

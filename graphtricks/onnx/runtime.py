@@ -2,28 +2,35 @@
 
 A session silently falls back to CPU when the CUDA provider cannot load, so what ran is read
 back from ``session.get_providers()`` rather than assumed from what was asked.
+
+A graph reaches ONNX Runtime as a :class:`PreparedGraph`: its structure serialized without the
+large initializers, which go in as arrays (``add_external_initializers``). Serializing a
+ResNet's weights and having ONNX Runtime parse them back cost more than building the session.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import helper, numpy_helper
 
 from graphtricks.errors import ValidationError
 
 __all__ = [
     "DEVICES",
     "TRAIN_BN_DISABLED_OPTIMIZERS",
+    "PreparedGraph",
     "RunFailure",
     "Session",
     "cuda_available",
-    "resolve_device",
     "make_session",
+    "prepare_graph",
+    "resolve_device",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,6 +47,15 @@ TRAIN_BN_DISABLED_OPTIMIZERS = ("ConstantSharing",)
 # ORT's CUDA provider uses TF32 for fp32 matmul/conv by default, which alone exceeds fp32
 # tolerances; PyTorch's side is switched off in eager.torch_numerics.
 _CUDA_OPTIONS = {"device_id": "0", "use_tf32": "0"}
+
+# Initializers at least this large go to ONNX Runtime as arrays; smaller ones (shapes, scalars)
+# stay in the serialized graph, where they cost nothing.
+_INLINE_BYTES = 1024
+# Element types ONNX Runtime takes from numpy without conversion.
+_ARRAY_TYPES = frozenset(
+    np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                          np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)
+)
 
 
 class RunFailure(Exception):
@@ -81,6 +97,93 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@dataclass(frozen=True)
+class PreparedGraph:
+    """A graph ready for any number of sessions.
+
+    On CPU, ONNX Runtime uses the arrays in place (a CUDA session copies them to the device),
+    so sessions of one prepared graph share them.
+
+    Attributes:
+        structure: The serialized graph, large initializers marked external.
+        names: The names of the initializers kept out of ``structure``.
+        arrays: Their values, in the order of ``names``.
+    """
+
+    structure: bytes
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+
+
+def _stub(init: onnx.TensorProto, index: int) -> onnx.TensorProto:
+    """An initializer with no data, marked external: its value comes from session options."""
+    stub = onnx.TensorProto(
+        name=init.name, data_type=init.data_type, dims=init.dims,
+        data_location=onnx.TensorProto.EXTERNAL,
+    )
+    # Never opened: ONNX Runtime matches external initializers by name.
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", f"graphtricks_in_memory_{index}"
+    return stub
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copies every set field of one protobuf message into another, but ``skip``."""
+    for descriptor, value in source.ListFields():
+        name = descriptor.name
+        if name == skip:
+            continue
+        # protobuf 7 has ``is_repeated`` only, protobuf < 5 ``label`` only
+        repeated = getattr(descriptor, "is_repeated", None)
+        if repeated is None:
+            repeated = descriptor.label == descriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, name).CopyFrom(value)
+        else:
+            setattr(target, name, value)
+
+
+def _as_array(init: onnx.TensorProto) -> np.ndarray | None:
+    """The value of a large in-file initializer that numpy can carry, else None."""
+    if init.data_location == onnx.TensorProto.EXTERNAL or not init.data_type:
+        return None
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if dtype not in _ARRAY_TYPES or int(np.prod(init.dims)) * dtype.itemsize < _INLINE_BYTES:
+        return None
+    # Often a read-only view of the protobuf's bytes, not copied: ONNX Runtime only reads
+    # initializers (train-mode BatchNorm updates its running stats in buffers of its own).
+    return np.asarray(numpy_helper.to_array(init), order="C")  # keeps 0-d arrays 0-d
+
+
+def prepare_graph(model: onnx.ModelProto) -> PreparedGraph:
+    """Serializes ``model`` once, keeping its large initializers out as arrays.
+
+    Args:
+        model: The graph; it is not changed.
+
+    Returns:
+        What :func:`make_session` builds sessions from, as many as needed.
+    """
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    names, arrays = [], []
+    for init in model.graph.initializer:
+        array = _as_array(init)
+        if array is None:
+            light.graph.initializer.append(init)
+        else:
+            light.graph.initializer.append(_stub(init, len(names)))
+            names.append(init.name)
+            arrays.append(array)
+    return PreparedGraph(light.SerializeToString(), tuple(names), tuple(arrays))
+
+
 @dataclass
 class Session:
     """An ONNX Runtime session with what it is and where it really runs.
@@ -92,6 +195,7 @@ class Session:
         inner: The ``onnxruntime.InferenceSession``.
         asked: The device that was asked for: differs from ``device`` after a fallback.
         disabled_optimizers: The ORT graph optimizers turned off for this session.
+        graph: What the session was built from: ONNX Runtime reads its arrays in place.
     """
 
     role: str
@@ -100,6 +204,7 @@ class Session:
     inner: Any
     asked: str = "cpu"
     disabled_optimizers: tuple[str, ...] = ()
+    graph: PreparedGraph | None = field(default=None, repr=False)
 
     @property
     def provider(self) -> str:
@@ -124,7 +229,7 @@ class Session:
 
 
 def make_session(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | PreparedGraph,
     device: str,
     role: str,
     strict: bool = True,
@@ -133,7 +238,8 @@ def make_session(
     """Creates a session for ``model`` on ``device`` and checks where it landed.
 
     Args:
-        model: The graph to run.
+        model: The graph to run; prepare it first (:func:`prepare_graph`) to build several
+            sessions of it.
         device: ``"cuda"`` or ``"cpu"`` (already resolved).
         role: Names the graph in messages and in the report.
         strict: Raise when CUDA was asked and the session fell back to CPU; otherwise the
@@ -148,14 +254,22 @@ def make_session(
         ValidationError: ONNX Runtime cannot load the graph (e.g. an opset it does not
             support), or (``strict``) CUDA was asked and the session fell back to CPU.
     """
+    graph = model if isinstance(model, PreparedGraph) else prepare_graph(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the library never prints; ORT warns on unused initializers
+    # ORT's pool threads spin for a while after each run, taking the cores from the PyTorch
+    # reference runs between ORT runs (twice the time on a busy 2-core machine). Spinning
+    # changes no result.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if graph.names:
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in graph.arrays]
+        options.add_external_initializers(list(graph.names), values)
     providers: list[Any] = [CPU_PROVIDER]
     if device == "cuda":
         providers = [(CUDA_PROVIDER, dict(_CUDA_OPTIONS)), CPU_PROVIDER]
     try:
         inner = ort.InferenceSession(
-            model.SerializeToString(), options, providers=providers,
+            graph.structure, options, providers=providers,
             disabled_optimizers=list(disabled_optimizers) or None,
         )
     except Exception as e:
@@ -170,5 +284,5 @@ def make_session(
         )
     return Session(
         role=role, device="cuda" if on_cuda else "cpu", providers=used, inner=inner,
-        asked=device, disabled_optimizers=tuple(disabled_optimizers),
+        asked=device, disabled_optimizers=tuple(disabled_optimizers), graph=graph,
     )

@@ -24,10 +24,19 @@ from graphtricks.onnx.check_graphs import (
     check_operators,
     check_weights,
 )
-from graphtricks.onnx.check_numeric import InputSet, check_infer_vs_eager, check_train_deterministic
+from graphtricks.onnx.check_numeric import (
+    InputSet,
+    check_infer_vs_eager,
+    check_train_deterministic,
+)
 from graphtricks.onnx.check_stochastic import check_random_count, check_random_rates
 from graphtricks.onnx.draws import Draw
-from graphtricks.onnx.eager import ModelSnapshot, snapshot_model, torch_numerics
+from graphtricks.onnx.eager import (
+    ModelSnapshot,
+    reference_copy,
+    snapshot_model,
+    torch_numerics,
+)
 from graphtricks.onnx.export import INFER_FILE, TRAIN_FILE
 from graphtricks.onnx.graph import (
     dropout_infos,
@@ -79,7 +88,7 @@ def _input_sets(
 def _provenance(sessions: Sequence[Session]) -> CheckResult:
     """Check 4: every session ran where it was asked to (read back from get_providers())."""
     fallen = sorted({s.role for s in sessions if s.asked != s.device})
-    by_role = {s.role: s for s in sessions}  # dropout sessions repeat per input set
+    by_role = {s.role: s for s in sessions}
     listing = ", ".join(f"{role}: {s.providers[0]}" for role, s in by_role.items())
     return CheckResult(
         name="provenance", passed=not fallen, graph="both",
@@ -216,14 +225,18 @@ def validate_pair(
         sessions.append(make_session(infer, asked, "infer", strict))
         for input_set in input_sets:  # wrong inputs are the user's error: say so before any run
             session_feed(sessions[-1].inner, input_set.tensors, input_set.label)
-        report.checks += check_infer_vs_eager(sessions[-1], model, input_sets, tolerance)
+        # One copy serves both modes: eval-mode runs leave it as it was.
+        reference = reference_copy(model, train=False, device=sessions[-1].device)
+        report.checks += check_infer_vs_eager(
+            sessions[-1], model, input_sets, tolerance, reference
+        )
 
         neutral = deterministic_train_copy(train)
         sessions.append(
             make_session(neutral, train_device, "train_deterministic", strict, disabled)
         )
         deterministic, eager_ps, draws = check_train_deterministic(
-            sessions[-1], model, input_sets, tolerance
+            sessions[-1], model, input_sets, tolerance, reference
         )
         report.checks += deterministic
         report.checks += _random_checks(train, draws, seeds, report)
@@ -231,15 +244,16 @@ def validate_pair(
         infos = dropout_infos(train)
         report.checks.append(check_dropout_count(infos, eager_ps))
         rates = []
-        for i, input_set in enumerate(input_sets if infos else []):
-            # With a seed attribute ORT draws the same mask at every run, so each input set
-            # gets its own session and seed: independent masks, reproducible report. ORT seeds
-            # 0 and 1 give the same masks (an LCG maps seed 0 to 1): keep seeds >= 1.
-            base = input_set.seed if input_set.seed is not None else 1_000_003 + i
-            node_seed = 1 + base % (2**31 - 2)
+        if infos:
+            # One session for every input set: a seeded Dropout moves its generator on at every
+            # run (on CPU the run after seed s draws with s + 1), so each input set gets new
+            # masks and the report is reproducible. ORT seeds 0 and 1 give the same masks (an
+            # LCG maps seed 0 to 1): keep seeds >= 1.
+            first = input_sets[0].seed
+            node_seed = 1 + (first if first is not None else 1_000_003) % (2**31 - 2)
             exposed = exposed_dropout_copy(train, seed=node_seed)
             sessions.append(make_session(exposed, train_device, "train_dropout", strict, disabled))
-            rates += check_dropout_rates(sessions[-1], infos, [input_set])
+            rates = check_dropout_rates(sessions[-1], infos, input_sets)
         report.checks += rates
         if infos:
             weak = sorted({str(r.output) for r in rates if r.details.get("conclusive") is False})

@@ -26,7 +26,7 @@ from torch import nn
 
 from graphtricks.errors import SpecError
 
-__all__ = ["load_model", "parse_model_args", "load_weights", "file_sha256"]
+__all__ = ["load_model", "parse_model_args", "load_weights", "load_matching_weights", "file_sha256"]
 
 _ZOO_PREFIXES = ("tv:", "timm:", "hf:")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
@@ -217,3 +217,40 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:3])}{'…' if len(result.unexpected_keys) > 3 else ''}")
     if problems:
         raise SpecError(f"weights {path} do not fit the model: {'; '.join(problems)}")
+
+
+def load_matching_weights(model: nn.Module, path: str | Path, renamed: dict[str, str] | None = None) -> list[str]:
+    """Copy the tensors of a safetensors file that ``model`` has, by key and shape, into it.
+
+    Unlike :func:`load_weights` this loads a part: what a model that passes then rewrite
+    shares with the rewritten one (only the tensors needed are read).
+
+    Args:
+        renamed: file key -> the model's key, for tensors stored under another name; such a
+            tensor wins over one stored under the model's key itself.
+
+    Returns:
+        The model's keys that were loaded.
+
+    Raises:
+        SpecError: the file is missing, truncated or not safetensors.
+    """
+    from safetensors import safe_open
+
+    renamed = renamed or {}
+    own = model.state_dict(keep_vars=True)
+    chosen: dict[str, str] = {}  # the model's key -> the file's key
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in sorted(f.keys(), key=lambda k: k in renamed):  # renamed ones last: they win
+                target = renamed.get(key, key)
+                t = own.get(target)
+                lazy = isinstance(t, nn.parameter.UninitializedTensorMixin)  # no shape yet
+                if t is not None and not lazy and list(f.get_slice(key).get_shape()) == list(t.shape):
+                    chosen[target] = key
+            state = {target: f.get_tensor(key) for target, key in chosen.items()}
+    except Exception as e:
+        first = " ".join(str(e).split())[:300]
+        raise SpecError(f"cannot read weights {path}: {first}") from e
+    model.load_state_dict(state, strict=False)
+    return sorted(state)

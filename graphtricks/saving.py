@@ -2,8 +2,15 @@
 
 A folder holds ``model.safetensors`` (every weight), ``recipe.toml`` (the source model and
 the passes, so the structure can be rebuilt without unpickling anything), ``report.json``,
-``model_code.py`` (readable generated code, when the whole model traced) and, for a model
-from a file, a copy of that file under ``source/``. Writing is atomic: a failure leaves no folder.
+``example_inputs.safetensors`` (the inputs the rewrite ran on), ``structure.json`` (what the
+passes edited and the type of every leaf module, to check a rebuild against), ``model_code.py``
+(readable generated code, when the whole model traced) and, for a model from a file, a copy
+of that file under ``source/``. Writing is atomic: a failure leaves no folder.
+
+Rebuilding replays the recipe on the source model holding the saved weights that belong to
+it, on the saved inputs, so that a branch that depends on the weights or the data goes the
+way it went when the model was rewritten; the rebuilt structure is then checked against
+``structure.json``, and a difference is an error, never a silently different model.
 """
 
 from __future__ import annotations
@@ -12,15 +19,17 @@ import json
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.errors import GraphtricksError, OutputError, SavedModelError
-from graphtricks.loading import file_sha256, load_model
+from graphtricks.errors import GraphtricksError, OutputError, SavedModelError, SpecError
+from graphtricks.loading import file_sha256, load_matching_weights, load_model
 from graphtricks.recipe import Recipe, read_recipe, write_recipe
 from graphtricks.report import Report
 from graphtricks.rewrite import RewriteResult, rewrite
@@ -32,6 +41,11 @@ WEIGHTS = "model.safetensors"
 RECIPE = "recipe.toml"
 REPORT = "report.json"
 CODE = "model_code.py"
+INPUTS = "example_inputs.safetensors"
+STRUCTURE = "structure.json"
+# Change actions that set values without changing the structure: a replay onto the saved
+# weights need not repeat them (init finds its own draws there and leaves them).
+VALUE_ACTIONS = {"initialized"}
 
 
 def is_saved_model(path: str | Path) -> bool:
@@ -99,6 +113,9 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(result.model, str(staging / WEIGHTS))
+        _save_inputs(result.example_inputs, staging / INPUTS)
+        structure = _structure(result, chained=bool(prior_passes))
+        (staging / STRUCTURE).write_text(json.dumps(structure, indent=1))
         recipe = Recipe(passes=list(prior_passes or []) + result.recipe(), source=_source_with_copy(source, staging))
         write_recipe(recipe, staging / RECIPE)
         (staging / REPORT).write_text(json.dumps(result.report.to_dict(), indent=2, default=str))
@@ -128,9 +145,14 @@ class SavedModel:
 def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
     """Rebuild a saved model: build the source, replay the recipe, load the weights.
 
+    The replay runs on the saved example inputs, with the saved weights that belong to the
+    source model loaded into it first (by name, or by where the replay moves them), and what it
+    builds is checked against ``structure.json``.
+
     Raises:
-        SavedModelError: not a graphtricks folder, missing/truncated files, or weights that do
-            not fit the rebuilt structure (e.g. the model's source changed).
+        SavedModelError: not a graphtricks folder, missing/truncated files, weights that do not
+            fit the rebuilt structure, or a replay that built another structure than the saved
+            one (e.g. the model's source changed).
     """
     from safetensors.torch import load_model as load_safetensors
 
@@ -143,16 +165,21 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
         raise SavedModelError(f"{folder} holds no weights ({WEIGHTS} is missing)")
     recipe = read_recipe(folder / RECIPE)
     source = recipe.source
-    if "spec" not in source or "input_shapes" not in source:
-        raise SavedModelError(f"{folder / RECIPE} has no [source] spec and input_shapes; cannot rebuild the model")
+    if "spec" not in source:
+        raise SavedModelError(f"{folder / RECIPE} has no [source] spec; cannot rebuild the model")
+    inputs = _saved_inputs(folder, source)
     spec = _resolve_source_spec(folder, source)
-    model = load_model(spec, source.get("model_args"), trust_pickle=trust_pickle or bool(source.get("trust_pickle")))
-    inputs = make_example_inputs(
-        [tuple(s) for s in source["input_shapes"]], source.get("input_dtype", "float32"), high=source.get("token_high", 100)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = rewrite(model, recipe.build_passes(), inputs, inplace=True)
+    structure = _read_structure(folder)
+    trust = trust_pickle or bool(source.get("trust_pickle"))
+    result, moved = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, inputs, folder, {})
+    problem = _difference(structure, result)
+    if moved and (problem or _went_another_way(structure, result)):
+        # The weights of modules the passes moved were missed: again, knowing where they go.
+        result, _ = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, inputs, folder, moved)
+        problem = _difference(structure, result)
+    if problem:
+        raise SavedModelError(f"rebuilding {folder} did not give the saved model: {problem} (a branch that depends on"
+                              " values the folder does not hold, e.g. weights a pass reset, or the model's source changed)")
     try:
         load_safetensors(result.model, str(folder / WEIGHTS), strict=True)
     except Exception as e:
@@ -164,6 +191,115 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
     except (ValueError, TypeError) as e:
         raise SavedModelError(f"{report_path} is not valid JSON: {e}") from e
     return SavedModel(result.model, recipe, report, inputs, result)
+
+
+# -- what a replay needs, and what it is checked against --------------------------------------
+def _save_inputs(inputs: tuple, path: Path) -> None:
+    """Keep the example inputs (a rebuild replays on them); inputs without values are not kept."""
+    from safetensors.torch import save_file
+
+    if inputs and all(isinstance(x, torch.Tensor) and x.device.type != "meta" for x in inputs):
+        save_file({f"input{i}": x.detach().cpu().contiguous() for i, x in enumerate(inputs)}, str(path))
+
+
+def _saved_inputs(folder: Path, source: dict[str, Any]) -> tuple:
+    """The inputs the rewrite ran on, else (older folders) seeded ones of the recorded shapes."""
+    from safetensors.torch import load_file
+
+    path = folder / INPUTS
+    if path.is_file():
+        try:
+            data = load_file(str(path))
+            return tuple(data[f"input{i}"] for i in range(len(data)))
+        except Exception as e:
+            raise SavedModelError(f"cannot read {path} (truncated?): {' '.join(str(e).split())[:200]}") from e
+    if "input_shapes" not in source:
+        raise SavedModelError(f"{folder / RECIPE} has no [source] input_shapes and {INPUTS} is missing; cannot rebuild the model")
+    shapes = [tuple(s) for s in source["input_shapes"]]
+    return make_example_inputs(shapes, source.get("input_dtype", "float32"), high=source.get("token_high", 100))
+
+
+def _replay(model: nn.Module, recipe: Recipe, inputs: tuple, folder: Path, moved: dict[str, str]):
+    """Load the saved weights that belong to ``model`` into it, replay the recipe on it.
+
+    Args:
+        moved: saved key -> the source model's key, for weights the passes moved.
+
+    Returns:
+        ``(result, moved)``: the rewrite, and where this replay moved the source's tensors.
+    """
+    try:
+        load_matching_weights(model, folder / WEIGHTS, moved)
+    except SpecError as e:
+        raise SavedModelError(f"{e} (truncated?)") from e
+    # Tensors held (not only their ids) so that an id is not reused while the passes run.
+    origin = {id(t): (key, t) for key, t in model.state_dict(keep_vars=True).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = rewrite(model, recipe.build_passes(), inputs, inplace=True)
+    found = {key: origin[id(t)][0] for key, t in result.model.state_dict(keep_vars=True).items() if id(t) in origin}
+    return result, {new: old for new, old in found.items() if new != old}
+
+
+def _edits(result: RewriteResult) -> list[list] | None:
+    """``[pass number, pass, action, where]`` of each structural edit; None when not attributable."""
+    passes = result.passes
+    if len({id(p) for p in passes}) != len(passes) or sum(len(p.changes) for p in passes) != len(result.report.changes):
+        return None  # a pass instance run twice holds only its last run's changes
+    return [[i, c.pass_name, c.action, c.where] for i, p in enumerate(passes, 1) for c in p.changes
+            if c.action not in VALUE_ACTIONS]
+
+
+def _leaves(model: nn.Module) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_modules() if next(m.children(), None) is None}
+
+
+def _structure(result: RewriteResult, chained: bool) -> dict[str, Any]:
+    """What a rebuild must reproduce: the leaf modules' types and the passes' structural edits;
+    and which regions were traced (another set hints at values the replay missed).
+
+    The edits of a chain of rewrites are not recorded: one replay of the whole recipe names
+    graph nodes otherwise than the rewrite of a rebuilt model did (the leaves are still checked).
+    """
+    return {"leaves": _leaves(result.model), "edits": None if chained else _edits(result),
+            "regions": {r.path: r.kind for r in result.tree.regions()}}
+
+
+def _read_structure(folder: Path) -> dict[str, Any] | None:
+    path = folder / STRUCTURE
+    if not path.is_file():
+        return None  # written before structure records: the weights' keys are still checked
+    try:
+        structure = json.loads(path.read_text())
+    except ValueError as e:
+        raise SavedModelError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(structure, dict):
+        raise SavedModelError(f"{path} is not a structure record (a JSON object)")
+    return structure
+
+
+def _went_another_way(structure: dict[str, Any] | None, result: RewriteResult) -> bool:
+    """True when other modules ran (were traced) on the example inputs than when saved."""
+    saved = (structure or {}).get("regions")
+    return saved is not None and saved != {r.path: r.kind for r in result.tree.regions()}
+
+
+def _difference(structure: dict[str, Any] | None, result: RewriteResult) -> str | None:
+    """The first way the rebuilt model differs from the saved structure, in words, or None."""
+    if structure is None:
+        return None
+    saved = structure.get("leaves") or {}
+    for name, kind in _leaves(result.model).items():
+        if name in saved and saved[name] != kind:  # names on one side only: the keys are checked
+            return f"{name or '<root>'} is a {kind}, saved as a {saved[name]}"
+    saved_edits, edits = structure.get("edits"), _edits(result)
+    if saved_edits is None or edits is None:
+        return None
+    want, got = Counter(tuple(e) for e in saved_edits), Counter(tuple(e) for e in edits)
+    for only, side, other in ((want - got, "saved", "rebuilt"), (got - want, "rebuilt", "saved")):
+        for number, name, action, where in only:
+            return f"pass #{number} ({name}) {action} {where or '<root>'} in the {side} model, not in the {other} one"
+    return None
 
 
 def _resolve_source_spec(folder: Path, source: dict[str, Any]) -> str:

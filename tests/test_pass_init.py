@@ -399,3 +399,76 @@ def test_configuration_errors_and_recipe_round_trip():
     assert PASSES["init"] is Initialize
     p = Initialize("he-uniform", seed=7, keep_bias=True, fan="fan_out", zero_init_residual=True, types=["Conv2d"])
     assert pass_from_config(p.config()).config() == p.config()
+
+
+class Activated(nn.Module):
+    """A Linear and its activation: traced (a graph, so a gain) when it runs."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), act
+
+    def forward(self, h):
+        return self.act(self.fc(h))
+
+
+class SignBranch(nn.Module):
+    """Opaque: runs ``inner`` (ReLU) when its input's mean is positive, else ``other`` (Tanh)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.other = Activated(nn.ReLU()), Activated(nn.Tanh())
+
+    def forward(self, h):
+        return self.inner(h) if h.mean() > 0 else self.other(h)
+
+
+BRANCH_X = torch.linspace(-1, 2, 8).reshape(2, 4)
+
+
+def _branchy(dtype=torch.float32):
+    """A model whose branch goes inner before init (seed 1) and other after it."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 4), SignBranch(), nn.Linear(4, 1)).to(dtype)
+
+
+def _way(model, x=BRANCH_X) -> bool:
+    return bool(model.get_submodule("0")(x.to(model.get_submodule("0").weight.dtype)).mean() > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_second_run_keeps_its_draws_where_a_branch_on_the_weights_goes_the_other_way(dtype):
+    """Run 1 sets inner by its graph (He, ReLU) and other by module type (it did not run); with the
+    new weights the branch goes other: run 2 sees inner without a graph and other with one. Both
+    already hold this seed's draws, at other gains: they are kept, and the notes say so."""
+    model, x = _branchy(dtype), BRANCH_X.to(dtype)
+    once = _run(model, x, seed=1)
+    assert _way(model) and not _way(once.model), "premise: init sends the example inputs the other way"
+    assert _changes(once)["1.inner.fc"].details["initializer"] == "he-normal"
+    again = _run(once.model, x, seed=1)
+    assert again.report.changes == [], [(c.where, c.details["source"]) for c in again.report.changes]
+    a, b = once.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    notes = [w for w in again.report.warnings if "already holds this seed's" in w]
+    assert [n.split(":")[1].strip() for n in notes] == ["1.inner.fc.weight", "1.other.fc.weight"], notes
+
+
+def test_another_seed_or_other_values_are_drawn_again_in_a_branch():
+    once = _run(_branchy(), BRANCH_X, seed=1).model
+    assert "1.inner.fc" in _changes(_run(once, BRANCH_X, seed=2))
+    with torch.no_grad():
+        once.get_submodule("1.inner.fc").weight.add_(1e-3)  # trained a little: no longer this seed's draw
+    assert "1.inner.fc" in _changes(_run(once, BRANCH_X, seed=1))
+
+
+def test_layers_judged_by_their_graph_are_drawn_again_when_the_graph_changes():
+    """Only a layer whose judgement depends on the way a branch went keeps an earlier draw: where
+    the graph decides, a changed graph gives the layer its new gain, as on a fresh model."""
+    x = torch.randn(2, 64)
+    linear = _run(nn.Sequential(nn.Linear(64, 64), nn.Identity(), nn.Linear(64, 4)), x, seed=0).model
+    relu = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    relu.load_state_dict(linear.state_dict())
+    redrawn = _run(relu, x, seed=0)
+    assert _changes(redrawn)["0"].details["initializer"] == "he-normal"
+    fresh = _run(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)), x, seed=0).model
+    assert torch.equal(redrawn.model.get_submodule("0").weight, fresh.get_submodule("0").weight)

@@ -9,11 +9,18 @@ opaque modules, layers inside a built-in leaf) the gain falls back by module typ
 change record says so. Values are drawn (:func:`~graphtricks.initializers.draw`) from a
 generator seeded by ``seed`` and the parameter's name, so they do not depend on the order of
 the walk or on the global RNG. Parameters are edited in place: ``new_params`` stays empty.
+
+A second run with the same seed changes nothing. Where the judgement of a layer can differ
+between runs on the same model (it has no graph, or opaque code runs its region only on some
+inputs, so a branch that depends on the weights may have skipped it last time), a weight that
+already holds this seed's draw for it, at any gain and with any method of the scheme, is kept
+with a note: it was set by this pass knowing as much or more. Another seed draws it again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.fx as fx
@@ -101,6 +108,7 @@ class Initialize(GraphtricksPass):
         self._zero: set[int] = set()  # norms to start at γ = 0, found by a parent region's graph
         self._done: set[int] = set()  # parameters already set (shared modules)
         self._regions: set[int] = set()  # modules that are regions of their own
+        self._conditional: set[int] = set()  # regions run by an opaque module's own code
 
     def options(self) -> dict:
         out = {"scheme": self.scheme, "seed": self.seed, "keep_bias": self.keep_bias, "fan": self.fan,
@@ -152,7 +160,10 @@ class Initialize(GraphtricksPass):
         # A rewrite visits the root region first: a new run starts there (or at each direct call).
         if self.region is None or (self.tree is not None and self.region is self.tree.root):
             self._zero, self._done = set(), set()
-            self._regions = {id(r.module) for r in self.tree.regions()} if self.tree is not None else set()
+            regions = self.tree.regions() if self.tree is not None else []
+            self._regions = {id(r.module) for r in regions}
+            # Opaque code may run these only on some inputs: another run may have judged them otherwise.
+            self._conditional = {id(r.module) for o in regions if o.kind == "opaque" for r in o.walk() if r is not o}
 
     def _zero_branch(self, norm: nn.Module | None, wrapper: nn.Module | None, where: str) -> None:
         """Mark ``norm`` for γ = 0, unless a zero gate already makes its block start as the body."""
@@ -205,12 +216,17 @@ class Initialize(GraphtricksPass):
                 what += "" if self.keep_bias else ", β = 0"
             else:
                 family, gain, nonlinearity, source = self._decide(module, reach, why)
+                # Recurrent cells and attention are judged by their structure: always the same way.
+                fixed = isinstance(module, (*RECURRENT_TYPES, nn.MultiheadAttention))
+                guessed = source.startswith("module type") or (
+                    self.region is not None and id(self.region.module) in self._conditional)
                 weights = {}
                 for pname, fan_in, fan_out, blocks, recurrent in specs:
                     if self._settable(own.get(pname), frozen, pname, where):
                         method, g = self._method(family, gain, recurrent)
                         qual = self.qualify(f"{local}.{pname}" if local else pname)
-                        info = self._fill(own[pname], qual, method, g, fan_in, fan_out, blocks)
+                        kept = () if fixed or not guessed else (method, *self._other_methods(method))
+                        info = self._fill(own[pname], qual, method, g, fan_in, fan_out, blocks, kept)
                         if info.pop("changed"):
                             weights[pname] = info
                             params.append(pname)
@@ -279,17 +295,60 @@ class Initialize(GraphtricksPass):
         # Recurrent cells (gain 1): orthogonal hidden-to-hidden keeps the state's norm.
         return ("orthogonal" if recurrent else _AUTO[family]), gain
 
-    def _fill(self, p: torch.Tensor, qual: str, method: str, gain: float, fan_in: int, fan_out: int, blocks: int) -> dict:
-        """Draw ``p`` in float32 on its own device, copy it in, and describe what was drawn."""
+    def _other_methods(self, method: str) -> tuple[str, ...]:
+        """The other methods this scheme draws a (non-recurrent) weight with, as the gain's family varies."""
+        if self.scheme != "auto":
+            return ()
+        return tuple(m for m in _AUTO.values() if m != method)
+
+    def _generator(self, qual: str, device: torch.device) -> torch.Generator:
         # Seeded by the parameter's name: values do not depend on the order of the walk.
         digest = hashlib.blake2b(f"{self.seed}/{qual}".encode(), digest_size=8).digest()
-        gen = torch.Generator(device=p.device).manual_seed(int.from_bytes(digest, "little") >> 1)
-        w, info = draw(p.shape, method, gain, fan_in, fan_out, blocks=blocks, mode=self.fan, generator=gen, device=p.device)
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+    def _fill(self, p: torch.Tensor, qual: str, method: str, gain: float, fan_in: int, fan_out: int, blocks: int,
+              kept: tuple[str, ...] = ()) -> dict:
+        """Draw ``p`` in float32 on its own device, copy it in, and describe what was drawn.
+
+        ``kept``: for a layer whose judgement may have been another in an earlier run (no graph
+        now, or run by opaque code that may have skipped it), the methods of this scheme whose
+        draw for it, at any gain, is kept when ``p`` already holds it: this pass set it before,
+        knowing as much or more, so a second run changes nothing.
+        """
+
+        def drawn(how: str, g: float) -> tuple[torch.Tensor, dict]:
+            return draw(p.shape, how, g, fan_in, fan_out, blocks=blocks, mode=self.fan,
+                        generator=self._generator(qual, p.device), device=p.device)
+
+        w, info = drawn(method, gain)
         value = w.to(p.dtype)
-        changed = not torch.equal(p, value)
-        if changed:
-            p.copy_(value)
-        return {"changed": changed, **info}
+        if torch.equal(p, value):
+            return {"changed": False, **info}
+        for other in kept:
+            ref = w if other == method else drawn(other, 1.0)[0]
+            scale = _scale_of_draw(p, ref)
+            if scale is not None:
+                held = scale * (gain if other == method else 1.0)
+                if other != method or abs(held - gain) > 1e-3 * gain:
+                    self.notes.append(f"{qual}: already holds this seed's {other} draw (gain {held:.4g}); left as it is"
+                                      f" instead of {method} with gain {gain:.4g} (another seed draws it again)")
+                return {"changed": False, **info}
+        p.copy_(value)
+        return {"changed": True, **info}
+
+
+def _scale_of_draw(p: torch.Tensor, ref: torch.Tensor) -> float | None:
+    """The factor ``s > 0`` with ``p == s * ref`` up to rounding, or None (also for a single value,
+    which any draw of the right sign would match)."""
+    if p.numel() < 2 or p.shape != ref.shape:
+        return None
+    x, r = p.detach().float().reshape(-1), ref.reshape(-1)
+    rr = float(r.dot(r))
+    scale = float(x.dot(r)) / rr if rr > 0 else 0.0
+    if not (scale > 0 and math.isfinite(scale)):
+        return None
+    eps = max(torch.finfo(torch.float32).eps, torch.finfo(p.dtype).eps if p.dtype.is_floating_point else 0.0)
+    return scale if float((x - scale * r).abs().max()) <= 8 * eps * float(x.abs().max()) else None
 
 
 def _layer_call(weight: fx.Node) -> fx.Node | None:

@@ -481,11 +481,10 @@ def test_pass_chains(data, config, mode, names):
 
 
 # Left out of ONNX runs: branches an ONNX trace cannot follow (the condition must hold on every
-# input), train-mode noise (no deterministic counterpart to compare with), and mode-dependent
-# arithmetic other than dropout (test_mode_dependent_scale_passes_onnx_validation records why),
-# and norms over fewer than 4 values (ill-conditioned: e.g. GroupNorm with one value per group
+# input), train-mode noise (no deterministic counterpart to compare with), and norms over fewer
+# than 4 values (ill-conditioned: e.g. GroupNorm with one value per group
 # outputs a constant, and a LayerNorm after it amplifies ~1e-7 differences to 1e-3).
-ONNX_ARCHITECTURES = architectures(branches="always", mode_variants=("dropout",), min_norm=4, max_blocks=4)
+ONNX_ARCHITECTURES = architectures(branches="always", mode_variants=("scale", "dropout"), min_norm=4, max_blocks=4)
 
 
 @_settings(8)
@@ -535,12 +534,6 @@ class _ScaleInTraining(nn.Module):
         return x * 0.5 if self.training else x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate_pair's graph-vs-graph check fails a model whose own forward differs between modes by"
-    " more than dropout/BatchNorm ('operator counts differ (train, infer): Constant=(1, 0), Mul=(1, 0)'),"
-    " although each graph matches PyTorch in its mode; with or without any pass",
-)
 def test_mode_dependent_scale_passes_onnx_validation():
     model = nn.Sequential(_ScaleInTraining(), nn.Linear(2, 1)).eval()
     x = torch.randn(2, 2)

@@ -83,9 +83,14 @@ def check_io(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
     )
 
 
+def _raw_bytes(array: np.ndarray) -> np.ndarray:
+    """The array's bytes as a flat uint8 view (no copy when it is contiguous already)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
 def _content_key(array: np.ndarray) -> tuple:
     """Identifies an array by dtype, shape and bytes, to match weights stored under other names."""
-    digest = hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(_raw_bytes(array), digest_size=16).hexdigest()
     return str(array.dtype), array.shape, digest
 
 
@@ -114,7 +119,7 @@ def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult
     differing, max_abs = [], 0.0
     for name in sorted(set(tw) & set(iw)):
         a, b = tw[name], iw[name]
-        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+        if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(_raw_bytes(a), _raw_bytes(b)):
             differing.append(name)
             if a.shape == b.shape and a.dtype.kind in "fiu":
                 max_abs = max(max_abs, float(np.abs(a.astype(np.float64) - b).max(initial=0)))

@@ -85,7 +85,7 @@ def load_model(path: Path, role: str) -> onnx.ModelProto:
         raise ValidationError(f"{role} ONNX file not found: {path}; run the export first")
     try:
         model = onnx.load(str(path))
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # from the file: no second serialization of the proto
     except Exception as e:  # protobuf DecodeError, checker errors: any means the file is unusable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValidationError(

@@ -229,29 +229,30 @@ class BatchNormToLayerNorm(GraphtricksPass):
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
                 by_target.setdefault(str(node.target), []).append(node)
-        modified = False
-        for target, nodes in by_target.items():
-            modified |= self._swap_module(gm, target, nodes)
+        swapped = [self._swap_module(gm, target, nodes) for target, nodes in by_target.items()]
+        # A module swapped in place leaves the graph (and its code) as it was: no recompile.
+        edited = any(isinstance(new, NormAct) for new in swapped)
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target in _ARGS:
-                modified |= self._swap_function(gm, node)
-        if modified:
+                edited |= self._swap_function(gm, node)
+        if edited:
             gm.graph.lint()
             gm.recompile()
-        return PassResult(gm, modified)
+        return PassResult(gm, edited or any(new is not None for new in swapped))
 
-    def _swap_module(self, gm: fx.GraphModule, target: str, nodes: list[fx.Node]) -> bool:
+    def _swap_module(self, gm: fx.GraphModule, target: str, nodes: list[fx.Node]) -> nn.Module | None:
+        """Swap the BatchNorm module at ``target``; its replacement, or None when left alone."""
         bn, (parent, _, leaf) = gm.get_submodule(target), target.rpartition(".")
         inputs = [n.args[0] if n.args else n.kwargs.get("input") for n in nodes]
         shapes = [getattr(tensor_meta(x), "shape", None) if isinstance(x, fx.Node) else None for x in inputs]
         new = self._swap(bn, self.qualify(target), shapes, lambda m: setattr(gm.get_submodule(parent), leaf, m))
         if new is None:
-            return False
+            return None
         if isinstance(new, NormAct):  # call norm, drop and act from the graph, so later passes see them
             for node in nodes:
                 _expand_norm_act(gm, node, target, new)
         self._replace_region(bn, None)
-        return True
+        return new
 
     def _swap_function(self, gm: fx.GraphModule, node: fx.Node) -> bool:
         where = node_where(self.prefix, node)

@@ -175,7 +175,8 @@ PRESETS = {
         overhead_models=("resnet50", "mobilenet_v3_large", "vit_b_16", "plain_vgg"),
         scaling_depths=(512, 4096), scaling_reps=3,
         train_cases=(("plain_vgg", (32, 3, 32, 32), 1, 6), ("mlp", (32, 32), 1, 100)),
-        infer_cases=(("resnet50", 1, 6), ("plain_cnn", 1, 100)),
+        # Twice the alternations of --quick: a 1 % goal sits inside a single rep's noise (±2 %).
+        infer_cases=(("resnet50", 1, 12), ("plain_cnn", 1, 200)),
         onnx_models=("plain_vgg", "resnet18"), onnx_reps=3,
         rss_width=2048, rss_depth=16, rss_reps=3,
     ),

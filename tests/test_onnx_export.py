@@ -284,3 +284,19 @@ def test_fixups_on_hand_made_graphs():
     assert fixups.undo_initializer_dedup(dedup) == ["w2"]
     assert [n.op_type for n in dedup.graph.node] == ["Add"]
     onnx.checker.check_model(dedup)
+
+
+def test_graph_the_onnx_checker_rejects_is_not_written(tmp_path, cnn, monkeypatch):
+    real = export_module.export_mode
+
+    def invalid_infer(model, inputs, *, train, opset, **kwargs):
+        graph, shown = real(model, inputs, train=train, opset=opset, **kwargs)
+        if not train:  # a node reading a value nothing produces: checked on the written file
+            graph.graph.node[0].input[0] = "nowhere"
+        return graph, shown
+
+    monkeypatch.setattr(export_module, "export_mode", invalid_infer)
+    model, inputs = cnn
+    with pytest.raises(ExportError, match="not valid ONNX"):
+        export_pair(model, inputs, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*")), "a graph or a temporary file was left behind"

@@ -113,12 +113,6 @@ def _repair(model: nn.Module, train: onnx.ModelProto, infer: onnx.ModelProto) ->
         f"infer: gave '{n}' its own initializer again"
         for n in fixups.undo_initializer_dedup(infer)
     ]
-    for graph, mode in ((train, "train"), (infer, "inference")):
-        try:
-            onnx.checker.check_model(graph)
-        except onnx.checker.ValidationError as e:
-            first = (str(e).strip().splitlines() or ["invalid"])[0]
-            raise ExportError(f"the exported {mode} graph is not valid ONNX: {first}") from e
     return repairs
 
 
@@ -153,6 +147,15 @@ def _verify_train_graph(model: nn.Module, inputs: tuple, train: onnx.ModelProto)
         )
 
 
+def _check_written(path: str, name: str) -> None:
+    """Runs the ONNX checker on a graph just written (from the file: no second serialization)."""
+    try:
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as e:
+        first = (str(e).strip().splitlines() or ["invalid"])[0]
+        raise ExportError(f"the exported graph {name} is not valid ONNX: {first}; nothing was written") from e
+
+
 def _write_atomically(out_dir: Path, graphs: dict[str, onnx.ModelProto]) -> None:
     """Writes every graph to a temp file in ``out_dir``, then renames them all into place."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -167,6 +170,7 @@ def _write_atomically(out_dir: Path, graphs: dict[str, onnx.ModelProto]) -> None
                 f.write(proto.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+            _check_written(tmp, name)
         for tmp, name in zip(list(temps), graphs):
             os.replace(tmp, out_dir / name)
             temps.remove(tmp)

@@ -94,13 +94,38 @@ def load_model(path: Path, role: str) -> onnx.ModelProto:
     return model
 
 
-def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Maps the names of initializers and ``Constant`` node outputs to their values."""
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+class _Constants(Mapping):
+    """Initializer and ``Constant`` values by name, each converted to numpy when first read.
+
+    Most callers ask only which names are constant, or for a few small values (a Dropout's
+    ratio): converting every weight up front cost a validation more than its checks.
+    """
+
+    def __init__(self, model: onnx.ModelProto, nodes: bool = True):
+        self._protos = {init.name: init for init in model.graph.initializer}
+        for node in model.graph.node if nodes else ():
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self._protos[node.output[0]] = node.attribute[0].t
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self._protos[name])
+        return self._arrays[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._protos
+
+    def __iter__(self):
+        return iter(self._protos)
+
+    def __len__(self) -> int:
+        return len(self._protos)
+
+
+def constant_values(model: onnx.ModelProto) -> Mapping[str, np.ndarray]:
+    """Maps the names of initializers and ``Constant`` node outputs to their values (read lazily)."""
+    return _Constants(model)
 
 
 def _optional_input(node: onnx.NodeProto, i: int) -> str | None:
@@ -202,9 +227,9 @@ def exposed_dropout_copy(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     return out
 
 
-def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Maps initializer names to their values."""
-    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+def initializer_arrays(model: onnx.ModelProto) -> Mapping[str, np.ndarray]:
+    """Maps initializer names to their values (read lazily)."""
+    return _Constants(model, nodes=False)
 
 
 def _value_signature(value: onnx.ValueInfoProto) -> tuple[str, int, int | None]:

@@ -355,3 +355,36 @@ def test_efficientnet_b0_keeps_every_activation():
     drifts = [c.details["drift"] for c in result.report.changes]
     assert all(d is not None and math.isfinite(d) and d > 0 for d in drifts)
     assert torch.equal(m.train()(x), m.eval()(x))
+
+
+class _SignBranch(nn.Module):
+    """Opaque (data-dependent branch): its BatchNorm1d runs only on inputs with a positive mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.norm(x) if x.mean() > 0 else x
+
+
+def test_batchnorm_that_did_not_run_gets_the_form_that_fits_every_layout():
+    model = nn.Sequential(nn.Linear(3, 3), _SignBranch()).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(-torch.eye(3))
+        model[0].bias.zero_()
+    x = torch.ones(4, 3)  # mean of the Linear's output < 0: the norm does not run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = rewrite(model, [BatchNormToLayerNorm()], (x,))
+    norm = result.model.get_submodule("1.norm")
+    assert isinstance(norm, ChannelLayerNorm)
+    assert any("did not run" in w for w in result.report.warnings)
+    for shape in ((4, 3), (4, 3, 5)):  # both layouts a BatchNorm1d takes
+        y = torch.randn(shape)
+        expected = F.layer_norm(y.transpose(1, -1), (3,), norm.weight, norm.bias, norm.eps).transpose(1, -1)
+        assert torch.allclose(norm(y), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = rewrite(result.model, [BatchNormToLayerNorm()], (-x,))  # now the branch runs
+    assert again.report.changes == []

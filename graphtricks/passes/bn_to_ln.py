@@ -107,7 +107,8 @@ class BatchNormToLayerNorm(GraphtricksPass):
 
         The rank comes from the recorded input shapes, else from the measuring run, else from
         the type. Call sites of differing ranks get the highest: the channel forms equal
-        LayerNorm on (N, C).
+        LayerNorm on (N, C). A BatchNorm1d that did not run gets the channel form too, as it
+        fits both of its layouts (and a second run, where it may run, then finds nothing to do).
         """
         if not self.selects(where):
             return None
@@ -118,8 +119,9 @@ class BatchNormToLayerNorm(GraphtricksPass):
         shapes = [list(s) for s in shapes if s is not None] or [self._seen.get(id(bn), {}).get("shape")]
         ranks = [len(s) for s in shapes if s] or [r for t, r in _TYPE_RANK if isinstance(bn, t)]
         if not ranks:
-            self.notes.append(f"{where}: did not run on the example inputs (layout unknown); left alone")
-            return None
+            ranks = [3]
+            self.notes.append(f"{where}: did not run on the example inputs; given the channel form, which fits"
+                              " (N, C) and (N, C, L) inputs alike (no drift figure)")
         new = layer_norm_for(bn, max(ranks), self.over)
         put(new)
         norm = new.norm if isinstance(new, NormAct) else new

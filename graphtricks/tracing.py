@@ -19,7 +19,7 @@ from torch import nn
 from graphtricks.errors import CaptureError
 from graphtricks.graph import owner_path
 from graphtricks.layers.norm import ChannelLayerNorm
-from graphtricks.mode_reads import module_reads_training
+from graphtricks.mode_reads import TrainingReads, overrides_train
 from graphtricks.probe import probe_forward
 
 __all__ = [
@@ -54,27 +54,15 @@ def is_builtin_module(module: nn.Module) -> bool:
 
 
 class RegionTracer(fx.Tracer):
-    """An fx tracer that keeps the given module objects as leaves and notes whether any module
-    whose code it runs may read a ``training`` flag (else an eval trace would be the same)."""
+    """An fx tracer that keeps the given module objects as leaves."""
 
     def __init__(self, leaves: set[int] | None = None):
         super().__init__()
         # A default, because pickling a GraphModule re-creates its tracer class with no arguments.
         self.leaves = leaves if leaves is not None else set()
-        self.reads_training = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.leaves or isinstance(m, KNOWN_LEAVES) or super().is_leaf_module(m, module_qualified_name)
-
-    def trace(self, root, concrete_args=None):
-        if isinstance(root, nn.Module):
-            self.reads_training = module_reads_training(root)
-        return super().trace(root, concrete_args)
-
-    def call_module(self, m: nn.Module, forward, args, kwargs):
-        if not self.reads_training and not self.is_leaf_module(m, ""):
-            self.reads_training = module_reads_training(m)
-        return super().call_module(m, forward, args, kwargs)
 
 
 @dataclass
@@ -198,11 +186,12 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
     module.train(training)
     tracer = RegionTracer(leaves)
     try:
-        graph = tracer.trace(module, concrete_args=concrete or None)
+        with TrainingReads() as reads:
+            graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())
         return None, (stack[-1][0] if stack else "", e), True
-    return graph, None, tracer.reads_training
+    return graph, None, reads.count > 0 or overrides_train(module)
 
 
 def one_line(e: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""Which modules may read a ``training`` flag, and capture skipping the eval trace when none does."""
+"""Capture traces once only when no traced code read a ``training`` flag; every way of reading one is seen."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import functools
 import importlib
 import types
 
+import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import graphtricks as gt
-from graphtricks.mode_reads import module_reads_training
+from graphtricks.mode_reads import TrainingReads, overrides_train
 from graphtricks.passes import PASSES
 
 capture_module = importlib.import_module("graphtricks.capture")  # the package exports a function of that name
 
 
-def _flag_of(module):
-    return module.training
+def _scale(module: nn.Module, x):
+    return x * 2 if module.training else x
 
 
 class Direct(nn.Module):
@@ -45,17 +45,15 @@ class ViaProperty(nn.Module):
 
 class ViaGlobalFunction(nn.Module):
     def forward(self, x):
-        return x * 2 if _flag_of(self) else x
+        return _scale(self, x)
 
 
-# A helper reached through a module object (``helpers.flag(self)``), as a real package would.
-helpers = types.ModuleType("helpers")
-helpers.flag = _flag_of
+helpers = types.SimpleNamespace(utils=types.SimpleNamespace(scale=_scale))  # ``pkg.utils.scale(self, x)``
 
 
-class ViaModuleAttribute(nn.Module):
+class ViaDottedPath(nn.Module):
     def forward(self, x):
-        return x * 2 if helpers.flag(self) else x
+        return helpers.utils.scale(self, x)
 
 
 class ViaGetattr(nn.Module):
@@ -63,51 +61,56 @@ class ViaGetattr(nn.Module):
         return x * 2 if getattr(self, "training") else x  # noqa: B009 - the string form is the point
 
 
-class ViaLambda(nn.Module):
-    def forward(self, x):
-        pick = lambda: self.training  # noqa: E731
-        return x * 2 if pick() else x
-
-
-class ViaSuper(nn.BatchNorm1d):
-    def forward(self, x):
-        return super().forward(x) + 1
-
-
-def _decorate(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-class ViaDecoratedForward(nn.Module):
-    @_decorate
-    def forward(self, x):
-        return F.dropout(x, 0.5, self.training)
-
-
-class Plain(nn.Module):
+class ViaStoredFunction(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.drop = nn.Dropout(0.5)  # a leaf: its own mode is read inside, not traced
+        self.fn = functools.partial(_scale, self)
 
     def forward(self, x):
-        return self.drop(torch.relu(self.fc(x)))
+        return self.fn(x)
 
 
-def test_every_way_of_reading_training_is_found():
-    for cls in (Direct, ViaMethod, ViaProperty, ViaGlobalFunction, ViaModuleAttribute, ViaGetattr, ViaLambda,
-                ViaDecoratedForward):
-        assert module_reads_training(cls()), cls.__name__
-    assert module_reads_training(ViaSuper(4))
+class _Head(nn.Module):
+    def head(self, x):  # called as a method, not through __call__ (timm's forward_head)
+        return x * 2 if self.training else x
 
 
-def test_code_that_never_reads_it_is_cleared():
-    assert not module_reads_training(Plain())
-    assert not module_reads_training(nn.Sequential(nn.Linear(2, 2)))
+class ViaSubmoduleMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Head()
+
+    def forward(self, x):
+        return self.inner.head(x)
+
+
+class ViaChildHook(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Identity())  # not a leaf: its hook runs inside the trace
+        self.inner.register_forward_hook(lambda m, args, out: out * 2 if m.training else out)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class ViaOwnTrain(nn.Module):
+    """Overrides train() to set a flag of another name, which its forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.noisy = True
+
+    def train(self, mode: bool = True):
+        self.noisy = mode
+        return super().train(mode)
+
+    def forward(self, x):
+        return x * 2 if self.noisy else x
+
+
+READERS = [Direct, ViaMethod, ViaProperty, ViaGlobalFunction, ViaDottedPath, ViaGetattr, ViaStoredFunction,
+           ViaSubmoduleMethod, ViaChildHook, ViaOwnTrain]
 
 
 class _Outer(nn.Module):
@@ -117,7 +120,7 @@ class _Outer(nn.Module):
         self.inner = inner
 
     def forward(self, x):
-        return self.inner(self.fc(x))
+        return self.inner(torch.relu(self.fc(x)))
 
 
 def _count_traces(monkeypatch) -> list:
@@ -132,22 +135,50 @@ def _count_traces(monkeypatch) -> list:
     return modes
 
 
+@pytest.mark.parametrize("reader", READERS, ids=lambda c: c.__name__)
+def test_every_way_of_reading_the_mode_keeps_both_modes(monkeypatch, reader):
+    modes = _count_traces(monkeypatch)
+    model = _Outer(reader()).eval()
+    x = torch.randn(2, 4)
+    result = gt.rewrite(model, [], x)
+    assert modes[:2] == [True, False], "the eval trace was skipped"
+    for mode in (False, True):
+        model.train(mode)
+        result.model.train(mode)
+        with torch.no_grad():
+            assert torch.equal(result.model(x), model(x)), f"differs in {'train' if mode else 'eval'} mode"
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)  # a leaf: its own flag is read inside it, which is not traced
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.fc(x)))
+
+
 def test_capture_traces_once_when_nothing_reads_the_mode(monkeypatch):
     modes = _count_traces(monkeypatch)
     gt.rewrite(_Outer(Plain()), [PASSES["dropout"](p=0.1)], torch.randn(2, 4))
     assert modes == [True]
 
 
-def test_a_helper_reading_the_mode_still_makes_its_module_a_leaf(monkeypatch):
-    modes = _count_traces(monkeypatch)
-    model = _Outer(ViaModuleAttribute()).eval()
-    x = torch.randn(2, 4)
-    result = gt.rewrite(model, [PASSES["dropout"](p=0.1)], x)
-    assert modes[:2] == [True, False]
-    inner = [r for r in result.tree.regions() if r.path == "inner"]
-    assert inner and inner[0].kind == "opaque" and "training" in inner[0].reason
-    for mode in (True, False):  # the rewritten model keeps the helper's behaviour in both modes
-        model.train(mode)
-        result.model.train(mode)
-        with torch.no_grad():
-            assert torch.equal(result.model.inner(x), model.inner(x))
+def test_counting_property_is_removed_afterwards_even_on_errors():
+    module = nn.Linear(2, 2)
+    with TrainingReads() as outer:
+        with pytest.raises(RuntimeError):
+            with TrainingReads() as inner:
+                assert module.training
+                raise RuntimeError("trace failed")
+        module.eval()
+        assert not module.training
+    assert (outer.count, inner.count) == (2, 1)
+    assert "training" not in nn.Module.__dict__
+    assert module.__dict__["training"] is False
+
+
+def test_overrides_train_sees_descendants():
+    assert overrides_train(nn.Sequential(nn.Linear(2, 2), ViaOwnTrain()))
+    assert not overrides_train(nn.Sequential(nn.Linear(2, 2), nn.Dropout()))

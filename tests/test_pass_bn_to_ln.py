@@ -388,3 +388,36 @@ def test_batchnorm_that_did_not_run_gets_the_form_that_fits_every_layout():
         warnings.simplefilter("ignore")
         again = rewrite(result.model, [BatchNormToLayerNorm()], (-x,))  # now the branch runs
     assert again.report.changes == []
+
+
+def _drifts(result) -> dict:
+    return {c.where: c.details["drift"] for c in result.report.changes if c.pass_name == "bn_to_ln"}
+
+
+def test_drift_is_measured_again_when_a_reused_pass_saw_a_failed_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    reused = BatchNormToLayerNorm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception):  # the model rejects the inputs after the pass observed the forward
+            rewrite(model, [InsertDropout(p=0.1), reused], (torch.randn(2, 5, 8, 8),))
+        init = pass_from_config({"pass": "init", "seed": 3})
+        later = rewrite(model, [init, reused], (x,))
+        fresh = rewrite(model, [pass_from_config({"pass": "init", "seed": 3}), BatchNormToLayerNorm()], (x,))
+    assert _drifts(later) == _drifts(fresh)
+
+
+def test_drift_of_a_batchnorm_an_earlier_pass_added_is_measured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    residual = pass_from_config({"pass": "residual", "blocks": ["2"], "shortcut": "conv", "shortcut_norm": True,
+                                 "gate": "zero"})
+    assert residual.preserves_eval  # so bn_to_ln could have measured before the shortcut existed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = rewrite(model, [residual, BatchNormToLayerNorm()], (x,))
+    drifts = _drifts(result)
+    assert drifts and all(d is not None for d in drifts.values()), drifts

@@ -140,11 +140,12 @@ def test_rebuild_traces_the_modules_that_ran_when_saved(tmp_path):
 
 def test_rebuild_that_takes_another_way_is_an_error_naming_the_difference(tmp_path):
     """init resets the weights the branch read: the folder holds only the new ones, on which the
-    replay goes inner and leaves the BatchNorm alone. That must fail, not load another model."""
+    replay goes inner and gives the BatchNorm that did not run the channel form, not the LayerNorm
+    of the saved model. That must fail, not load another model."""
     result = _rewrite(_trained(), [PASSES["bn_to_ln"](), PASSES["init"](seed=1)])
     assert result.model.get_submodule("first")(X).mean() > 0, "premise: init's weights go the other way"
     folder = gt.save(result, tmp_path / "out", _source("WeightBranch"))
-    with pytest.raises(SavedModelError, match="branch.other.norm is a BatchNorm1d, saved as a LayerNorm") as info:
+    with pytest.raises(SavedModelError, match="branch.other.norm is a ChannelLayerNorm, saved as a LayerNorm") as info:
         gt.load(folder)
     assert "\n" not in str(info.value)
 

@@ -12,6 +12,8 @@ measured for every swap in one forward of the model.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -95,7 +97,8 @@ class BatchNormToLayerNorm(GraphtricksPass):
             raise PassError(f"unknown LayerNorm layout over={over!r}; choose one of {', '.join(LN_OVER)}")
         self.over = over
         self._seen: dict = {}  # key → {"shape", "diff", "ref"} from the measuring forward
-        self._measured = False  # _seen was filled by the rewrite's shape forward
+        # (weak ref to the tree, ids of the BatchNorms watched) when the rewrite's shape forward filled _seen
+        self._measured: tuple | None = None
         self._gone: set[int] = set()  # ids of modules replaced in this run
 
     def options(self) -> dict:
@@ -166,7 +169,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         (so each BatchNorm sees then what it would see now); otherwise the pass runs one
         forward of its own (:meth:`_measure`).
         """
-        self._seen, self._measured = {}, True
+        self._seen = {}
 
         def hook(bn, args, kwargs, output):
             x = args[0] if args else None
@@ -184,13 +187,18 @@ class BatchNormToLayerNorm(GraphtricksPass):
             return after
 
         found = Observers()
-        found.hooks = [(m, hook) for name, m in tree.model.named_modules()
-                       if isinstance(m, _BatchNorm) and batch_norm_extras(m) is not None and self.selects(name)]
+        found.hooks = [(m, hook) for m in self._batch_norms(tree)]
         for region in tree.regions():
             gm = region.module
             if region.kind == "traced" and any(n.op == "call_function" and n.target in _ARGS for n in gm.graph.nodes):
                 found.after_node.append((gm, functional(gm)))
+        self._measured = (weakref.ref(tree), {id(m) for m, _ in found.hooks})
         return found
+
+    def _batch_norms(self, tree) -> list[nn.Module]:
+        """The BatchNorm modules of ``tree`` this pass would swap."""
+        return [m for name, m in tree.model.named_modules()
+                if isinstance(m, _BatchNorm) and batch_norm_extras(m) is not None and self.selects(name)]
 
     def _measure(self) -> None:
         """One eval forward of the model, with :meth:`observers` attached."""
@@ -200,12 +208,17 @@ class BatchNormToLayerNorm(GraphtricksPass):
             probe_forward(self.tree.model, self.example_inputs, hooks=found.hooks, forwards=forwards)
 
     def _begin(self) -> None:
-        """At the root region (a new run): measure, unless the rewrite's shape forward did."""
+        """At the root region (a new run): measure, unless this rewrite's shape forward did.
+
+        Measured again when an earlier pass added a BatchNorm the shape forward did not watch
+        (a residual shortcut's), or when the figures are from another run (one that failed).
+        """
         if self.tree is not None and self.region is self.tree.root:
             self._gone = set()
-            if not self._measured:
+            tree, watched = self._measured or (lambda: None, set())
+            if tree() is not self.tree or any(id(m) not in watched for m in self._batch_norms(self.tree)):
                 self._measure()
-            self._measured = False  # a later run measures again
+            self._measured = None  # a later run measures again
 
     # -- keeping the region tree right -------------------------------------------------------
     def _replace_region(self, old: nn.Module, new_region: Region | None) -> None:

@@ -23,8 +23,9 @@ Invariants checked for every pass (with a config drawn per architecture):
 - save/load round trip (the architecture is rebuilt from its JSON config by
   ``tests/strategies.py:build_from_config``) and, on fewer examples, the ONNX round trip.
 
-Counterexamples the properties found are kept at the end as ``xfail(strict=True)`` tests (each
-names the bug), and the properties leave those cases out, with a comment where they do.
+Counterexamples the properties found are kept at the end: as ``xfail(strict=True)`` tests naming
+the bug while it is open (the properties then leave those cases out, with a comment), as plain
+regression tests once it is fixed.
 
 Runs are derandomized (the same examples every run). To hunt for bugs with more and fresh
 examples: ``GT_HYPOTHESIS_SCALE=8 GT_HYPOTHESIS_RANDOM=1 python -m pytest tests/test_properties.py``.

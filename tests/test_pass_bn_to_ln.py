@@ -421,3 +421,22 @@ def test_drift_of_a_batchnorm_an_earlier_pass_added_is_measured():
         result = rewrite(model, [residual, BatchNormToLayerNorm()], (x,))
     drifts = _drifts(result)
     assert drifts and all(d is not None for d in drifts.values()), drifts
+
+
+class _UnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+        self.aux = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))  # never called by forward
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_batchnorm_the_traced_graph_never_calls_is_named_in_a_note():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = rewrite(_UnusedHead().eval(), [BatchNormToLayerNorm()], (torch.randn(4, 3),))
+    assert [c.where for c in result.report.changes] == ["body.1"]
+    assert any("aux.1: never called" in w for w in result.report.warnings), result.report.warnings
+    assert not any("body.1" in w for w in result.report.warnings)

@@ -244,6 +244,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
                 by_target.setdefault(str(node.target), []).append(node)
+        self._note_uncalled(gm, by_target)
         swapped = [self._swap_module(gm, target, nodes) for target, nodes in by_target.items()]
         # A module swapped in place leaves the graph (and its code) as it was: no recompile.
         edited = any(isinstance(new, NormAct) for new in swapped)
@@ -254,6 +255,18 @@ class BatchNormToLayerNorm(GraphtricksPass):
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, edited or any(new is not None for new in swapped))
+
+    def _note_uncalled(self, gm: fx.GraphModule, called: dict) -> None:
+        """Say which BatchNorms of this graph's own modules its graph never calls (left alone)."""
+        leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        for path, module in gm.named_modules():
+            if not isinstance(module, _BatchNorm) or path in called or not self.selects(self.qualify(path)):
+                continue
+            owner = path.rpartition(".")[0]
+            # Inside a module the graph calls as a whole: that module's own region handles it.
+            if not any(owner == leaf or owner.startswith(leaf + ".") for leaf in leaves):
+                self.notes.append(f"{self.qualify(path)}: never called by the traced graph of "
+                                  f"{self.prefix or '<root>'} on the example inputs; left alone")
 
     def _swap_module(self, gm: fx.GraphModule, target: str, nodes: list[fx.Node]) -> nn.Module | None:
         """Swap the BatchNorm module at ``target``; its replacement, or None when left alone."""

@@ -391,6 +391,19 @@ def _structure(model: nn.Module) -> list[tuple[str, str]]:
 # Save/load runs on architectures whose branches do not depend on the weights: ``load`` replays
 # the recipe on freshly initialised weights, so a weight-dependent branch may go the other way
 # and the rebuilt structure differ (known bug, test_load_rebuilds_the_saved_structure_...).
+def _assert_reloads_the_same(result, config: dict, inputs: tuple) -> nn.Module:
+    """Save ``result`` and load it back: same structure, state-dict keys, weights and eval output."""
+    rewritten = result.model
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = gt.save(result, Path(tmp) / "out", _source(config))
+        reloaded = gt.load(folder)
+    assert _structure(reloaded) == _structure(rewritten)
+    assert list(reloaded.state_dict()) == list(rewritten.state_dict())
+    _assert_same_state(_state(rewritten), reloaded, "reloaded weights")
+    assert torch.equal(_eval_out(reloaded, inputs), _eval_out(rewritten, inputs))
+    return reloaded
+
+
 SAVE_ARCHITECTURES = architectures(branches="always")
 
 
@@ -404,13 +417,7 @@ def test_save_load_round_trip(pass_name, data, config):
     if result is None:
         return
     rewritten = result.model
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = gt.save(result, Path(tmp) / "out", _source(config))
-        reloaded = gt.load(folder)
-    assert _structure(reloaded) == _structure(rewritten)
-    assert list(reloaded.state_dict()) == list(rewritten.state_dict())
-    _assert_same_state(_state(rewritten), reloaded, "reloaded weights")
-    assert torch.equal(_eval_out(reloaded, inputs), _eval_out(rewritten, inputs))
+    reloaded = _assert_reloads_the_same(result, config, inputs)
     if isinstance(rewritten, fx.GraphModule):
         assert isinstance(reloaded, fx.GraphModule)
 
@@ -472,13 +479,7 @@ def test_pass_chains(data, config, mode, names):
     assert again.report.changes == [], f"{names[-1]} is not idempotent after {names}: {again.report.changes[:3]}"
     trained = copy.deepcopy(rewritten).train()
     trained(*inputs).float().pow(2).mean().backward()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = gt.save(result, Path(tmp) / "out", _source(config))
-        reloaded = gt.load(folder)
-    assert _structure(reloaded) == _structure(rewritten)
-    assert list(reloaded.state_dict()) == list(rewritten.state_dict())
-    _assert_same_state(_state(rewritten), reloaded, "reloaded weights")
-    assert torch.equal(_eval_out(reloaded, inputs), _eval_out(rewritten, inputs))
+    _assert_reloads_the_same(result, config, inputs)
 
 
 # Left out of ONNX runs: branches an ONNX trace cannot follow (the condition must hold on every

@@ -11,11 +11,10 @@ Typical use::
 """
 
 from graphtricks.onnx.eager import ModelSnapshot, snapshot_model
+from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
 from graphtricks.onnx.export import (
-    INFER_FILE,
     MAX_OPSET,
     MIN_OPSET,
-    TRAIN_FILE,
     ExportResult,
     export_pair,
 )

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Draw", "DRAW_FUNCTIONS", "draw"]
+__all__ = ["Draw", "DRAW_FUNCTIONS", "call_argument", "draw"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Draw:
     p: float | None = None
 
 
-def _argument(args: Sequence, kwargs: dict, name: str, index: int, default: Any) -> Any:
+def call_argument(args: Sequence, kwargs: dict, name: str, index: int, default: Any) -> Any:
+    """A call's argument by keyword, else by position, else ``default``."""
     if name in kwargs:
         return kwargs[name]
     return args[index] if 0 <= index < len(args) else default
@@ -51,7 +52,7 @@ def _scalar(p: Any) -> float | None:
 
 def _bernoulli_inplace(func: Callable, args: Sequence, kwargs: dict, fixed: bool) -> tuple:
     """``Tensor.bernoulli_(p=0.5)``: fills ``self`` with ``0 < p`` when fixed."""
-    p = _argument(args, kwargs, "p", 1, 0.5)
+    p = call_argument(args, kwargs, "p", 1, 0.5)
     record = Draw("bernoulli", _scalar(p))
     if not fixed:
         return record, func(*args, **kwargs)
@@ -64,7 +65,7 @@ def _bernoulli_inplace(func: Callable, args: Sequence, kwargs: dict, fixed: bool
 def _bernoulli(func: Callable, args: Sequence, kwargs: dict, fixed: bool) -> tuple:
     """``torch.bernoulli(input)`` (probabilities in ``input``) or ``bernoulli(input, p)``."""
     source = args[0] if args else kwargs["input"]
-    p = _argument(args, kwargs, "p", 1, None)
+    p = call_argument(args, kwargs, "p", 1, None)
     record = Draw("bernoulli", _scalar(p) if p is not None else None)
     if not fixed:
         return record, func(*args, **kwargs)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from graphtricks.errors import ValidationError
-from graphtricks.onnx.draws import DRAW_FUNCTIONS, Draw, draw
+from graphtricks.onnx.draws import DRAW_FUNCTIONS, Draw, call_argument, draw
 
 __all__ = [
     "DropoutInterceptor",
@@ -74,12 +74,6 @@ _SITES: dict[Any, _Site] = {
 }
 
 
-def _argument(args: Sequence, kwargs: dict, name: str, index: int, default: Any) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if 0 <= index < len(args) else default
-
-
 class DropoutInterceptor(TorchFunctionMode):
     """Records every dropout and random draw a forward makes and, optionally, neutralises them.
 
@@ -108,11 +102,11 @@ class DropoutInterceptor(TorchFunctionMode):
         site = _SITES.get(func)
         if site is None:
             return func(*args, **kwargs)
-        p = float(_argument(args, kwargs, site.p_name, site.p_index, site.p_default))
+        p = float(call_argument(args, kwargs, site.p_name, site.p_index, site.p_default))
         training = True
         if site.training_name is not None:
             training = bool(
-                _argument(
+                call_argument(
                     args, kwargs, site.training_name, site.training_index, site.training_default
                 )
             )

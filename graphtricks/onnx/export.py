@@ -24,13 +24,13 @@ from torch import nn
 
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx import fixups
-from graphtricks.onnx.check_dropout import check_dropout_count
-from graphtricks.onnx.check_numeric import InputSet, check_train_deterministic
-from graphtricks.onnx.check_stochastic import check_random_count
+from graphtricks.onnx.checks.dropout import check_dropout_count
+from graphtricks.onnx.checks.numeric import check_train_deterministic
+from graphtricks.onnx.checks.stochastic import check_random_count
 from graphtricks.onnx.eager import torch_numerics
 from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
-from graphtricks.onnx.inputs import as_input_tuple
-from graphtricks.onnx.names import checked_names, default_input_names, eval_outputs
+from graphtricks.onnx.inputs import InputSet, as_input_tuple
+from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE, checked_names, default_input_names, eval_outputs
 from graphtricks.onnx.report import Tolerance, default_tolerance
 from graphtricks.onnx.runtime import TRAIN_BN_DISABLED_OPTIMIZERS, make_session
 from graphtricks.onnx.torchscript import export_mode, export_notes
@@ -38,8 +38,6 @@ from graphtricks.onnx.train_only import deterministic_train_copy, random_subgrap
 
 __all__ = ["MIN_OPSET", "MAX_OPSET", "TRAIN_FILE", "INFER_FILE", "ExportResult", "export_pair"]
 
-TRAIN_FILE = "model.train.onnx"
-INFER_FILE = "model.infer.onnx"
 MIN_OPSET = 14  # BatchNormalization got its training_mode attribute in opset 14
 try:
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET

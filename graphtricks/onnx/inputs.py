@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from graphtricks.errors import ValidationError
 
-__all__ = ["as_input_tuple", "random_like", "session_feed"]
+__all__ = ["InputSet", "as_input_tuple", "random_like", "session_feed"]
 
 # ONNX Runtime spells input types as strings; numpy has no bfloat16, so bf16 inputs are refused.
 _ORT_TYPES = {
@@ -24,6 +25,15 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """One set of inputs: a label for messages, the seed that drew it (None if given)."""
+
+    label: str
+    seed: int | None
+    tensors: tuple[torch.Tensor, ...]
 
 
 def as_input_tuple(inputs: Any, what: str, error: type[Exception]) -> tuple[torch.Tensor, ...]:

@@ -1,4 +1,4 @@
-"""Graph input and output names: given by the caller, or defaulted from the model.
+"""Names: the two files a folder holds, and graph input and output names (given or defaulted).
 
 Inputs default to the forward's positional parameter names (``input_ids``); outputs to the
 keys of a mapping output (a Hugging Face ``ModelOutput``: ``last_hidden_state``), else
@@ -16,7 +16,10 @@ from torch import nn
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx.eager import named_outputs, non_tensor_outputs, reference_copy
 
-__all__ = ["checked_names", "default_input_names", "eval_outputs"]
+__all__ = ["INFER_FILE", "TRAIN_FILE", "checked_names", "default_input_names", "eval_outputs"]
+
+TRAIN_FILE = "model.train.onnx"
+INFER_FILE = "model.infer.onnx"
 
 
 def checked_names(given: Any, count: int, default: list[str], what: str) -> list[str]:

@@ -17,20 +17,20 @@ import torch
 from torch import nn
 
 from graphtricks.errors import ValidationError
-from graphtricks.onnx.check_dropout import check_dropout_count, check_dropout_rates
-from graphtricks.onnx.check_graphs import (
+from graphtricks.onnx.checks.dropout import check_dropout_count, check_dropout_rates
+from graphtricks.onnx.checks.graphs import (
     check_infer_has_no_train_ops,
     check_io,
     check_operators,
     eager_mode_difference,
     check_weights,
 )
-from graphtricks.onnx.check_numeric import (
+from graphtricks.onnx.checks.numeric import (
     InputSet,
     check_infer_vs_eager,
     check_train_deterministic,
 )
-from graphtricks.onnx.check_stochastic import check_random_count, check_random_rates
+from graphtricks.onnx.checks.stochastic import check_random_count, check_random_rates
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import (
     ModelSnapshot,
@@ -38,7 +38,6 @@ from graphtricks.onnx.eager import (
     snapshot_model,
     torch_numerics,
 )
-from graphtricks.onnx.export import INFER_FILE, TRAIN_FILE
 from graphtricks.onnx.graph import (
     dropout_infos,
     exposed_dropout_copy,
@@ -46,6 +45,9 @@ from graphtricks.onnx.graph import (
     opset_of,
     train_mode_batchnorms,
 )
+from graphtricks.onnx.checks.provenance import check_provenance
+from graphtricks.onnx.checks.side_effects import check_no_side_effects
+from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
 from graphtricks.onnx.inputs import as_input_tuple, random_like, session_feed
 from graphtricks.onnx.report import CheckResult, ToleranceTable, ValidationReport
 from graphtricks.onnx.runtime import (
@@ -84,38 +86,6 @@ def _input_sets(
         label = f"seed={seeds[0]},batch={batch}"
         sets.append(InputSet(label, seeds[0], random_like(inputs, seeds[0], batch)))
     return sets
-
-
-def _provenance(sessions: Sequence[Session]) -> CheckResult:
-    """Check 4: every session ran where it was asked to (read back from get_providers())."""
-    fallen = sorted({s.role for s in sessions if s.asked != s.device})
-    by_role = {s.role: s for s in sessions}
-    listing = ", ".join(f"{role}: {s.providers[0]}" for role, s in by_role.items())
-    return CheckResult(
-        name="provenance", passed=not fallen, graph="both",
-        message=f"sessions fell back to CPU though CUDA was asked: {fallen} ({listing})"
-        if fallen
-        else f"every session ran where asked ({listing})",
-        details={
-            s.role: {
-                "asked": s.asked,
-                "providers": s.providers,
-                "disabled_optimizers": list(s.disabled_optimizers),
-            }
-            for s in by_role.values()
-        },
-    )
-
-
-def _side_effects(before: ModelSnapshot, model: nn.Module) -> CheckResult:
-    """Check 5: per-module modes, parameters and buffers are what they were."""
-    changes = before.differences(snapshot_model(model))
-    return CheckResult(
-        name="no_side_effects", passed=not changes,
-        message=f"the model changed: {changes[:5]}" if changes
-        else f"modes of {len(before.modes)} modules and {len(before.tensors)} tensors unchanged",
-        details={"changes": changes},
-    )
 
 
 def _random_checks(
@@ -271,8 +241,8 @@ def validate_pair(
         # in operator counts; its eager forward is run only when the counts differ.
         check_operators(train, infer, lambda: eager_mode_difference(model, inputs, device=asked)),
         check_infer_has_no_train_ops(infer),
-        _provenance(sessions),
-        _side_effects(before, model),
+        check_provenance(sessions),
+        check_no_side_effects(before, model),
     ]
     report.providers = {s.role: s.providers for s in sessions}
     report.tolerances = dict(tolerance.used)

@@ -26,14 +26,14 @@ from onnx import helper, numpy_helper
 from graphtricks.errors import ValidationError
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.graph import constant_values
+from graphtricks.onnx.checks import SIGMAS, binomial_bound
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.runtime import RunFailure, make_session
 from graphtricks.onnx.train_only import RandomSubgraph, deterministic_train_copy
 
-__all__ = ["SAMPLES", "SIGMAS", "check_random_count", "check_random_rates"]
+__all__ = ["SAMPLES", "check_random_count", "check_random_rates"]
 
 SAMPLES = 100_000
-SIGMAS = 5.0
 # Operators a probe may hold after its random node: each maps elements one to one, so a
 # 1-D draw of SAMPLES values goes through them as a per-sample mask would.
 _ELEMENTWISE = frozenset(
@@ -121,8 +121,7 @@ def _measure(sub: RandomSubgraph, p: float, random: list, fixed: list, base: Che
     where = f"random subgraph '{sub.name}' ({sub.op})"
     problems, figures = [], {}
     n = SAMPLES
-    sigma = math.sqrt(n * p * (1 - p))
-    bound = SIGMAS * sigma
+    bound = binomial_bound(n, p)
     for mask, y, y0 in zip(sub.masks, random, fixed):
         y, y0 = np.broadcast_arrays(np.asarray(y), np.asarray(y0))
         kept = (y == y0) & (y0 != 0)

@@ -17,15 +17,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphtricks.onnx.check_numeric import InputSet
 from graphtricks.onnx.graph import DropoutInfo
-from graphtricks.onnx.inputs import session_feed
+from graphtricks.onnx.inputs import InputSet, session_feed
+from graphtricks.onnx.checks import SIGMAS, binomial_bound
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.runtime import RunFailure, Session
 
-__all__ = ["SIGMAS", "check_dropout_count", "check_dropout_rates"]
+__all__ = ["check_dropout_count", "check_dropout_rates"]
 
-SIGMAS = 5.0
 # Relative error allowed on a survivor's scale: a couple of ulps of the data type, since ORT
 # multiplies by a scale computed from a ratio stored in float32.
 _SCALE_RTOL = {np.dtype(np.float64): 1e-5, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 2e-3}
@@ -79,8 +78,7 @@ def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult)
     n = int(np.count_nonzero(nonzero))
     kept = (y != 0) & nonzero
     k = int(np.count_nonzero(kept))
-    sigma = math.sqrt(n * p * (1 - p))
-    bound = SIGMAS * sigma
+    bound = binomial_bound(n, p)
     rate_ok = abs(k - n * (1 - p)) <= bound if p > 0 else k == n
     scale = 1.0 / (1.0 - p)
     ratios = y[kept].astype(np.float64) / x[kept].astype(np.float64)

@@ -11,7 +11,6 @@ which is what tells a train-mode BatchNormalization from an inference-mode one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,20 +18,11 @@ from torch import nn
 
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import reference_copy, run_reference
-from graphtricks.onnx.inputs import session_feed
+from graphtricks.onnx.inputs import InputSet, session_feed
 from graphtricks.onnx.report import CheckResult, Tolerance
 from graphtricks.onnx.runtime import RunFailure, Session
 
-__all__ = ["InputSet", "check_infer_vs_eager", "check_train_deterministic", "compare_output"]
-
-
-@dataclass(frozen=True)
-class InputSet:
-    """One set of inputs: a label for messages, the seed that drew it (None if given)."""
-
-    label: str
-    seed: int | None
-    tensors: tuple[torch.Tensor, ...]
+__all__ = ["check_infer_vs_eager", "check_train_deterministic", "compare_output"]
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:

@@ -55,7 +55,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import graphtricks as gt
 from graphtricks.layers.norm import ChannelLayerNorm
-from graphtricks.loading import load_model
+from graphtricks.io.specs import load_model
 from graphtricks.passes import PASSES
 
 __all__ = [

@@ -6,8 +6,15 @@ Example:
     >>> result.model, result.report
 """
 
-from graphtricks.capture import Region, RegionTree, capture
+from graphtricks import _compat
+
+_compat.install()  # old module paths (graphtricks.loading, ...) keep importing for one release
+
+from graphtricks.capture import Region, RegionTree, capture  # noqa: E402
 from graphtricks.errors import GraphtricksError
+from graphtricks.io import recipe
+from graphtricks.io.folder import load, save
+from graphtricks.io.specs import load_model
 from graphtricks.passes import (
     PASSES,
     AddResidual,
@@ -21,11 +28,8 @@ from graphtricks.passes import (
     initialize,
     insert_dropout,
 )
-from graphtricks import recipe
-from graphtricks.loading import load_model
 from graphtricks.report import Change, Report
 from graphtricks.rewrite import RewriteResult, rewrite
-from graphtricks.saving import load, save
 
 __version__ = "0.1.0"
 

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from graphtricks.capture import RegionTree, capture
+from graphtricks.capture.modes import ModeSnapshot, adopt_parent_modes
+from graphtricks.capture.shapes import propagate_shapes
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
-from graphtricks.fastpath import speed_up
-from graphtricks.modes import ModeSnapshot, adopt_parent_modes
+from graphtricks.fxgraph.fastpath import speed_up
 from graphtricks.passes.base import GraphtricksPass, NoChangeWarning
 from graphtricks.report import Report
-from graphtricks.shapes import propagate_shapes
 
 __all__ = ["rewrite", "RewriteResult"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from graphtricks.loading import load_model
-from graphtricks.shapes import make_example_inputs
+from graphtricks.io.specs import load_model
+from graphtricks.io.inputs import make_example_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 

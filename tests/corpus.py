@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import graphtricks as gt  # noqa: E402
+import graphtricks as gt
+from graphtricks.io.inputs import make_example_inputs  # noqa: E402
 from graphtricks.passes import PASSES  # noqa: E402
 
 IMG = (2, 3, 64, 64)
@@ -134,7 +135,7 @@ def run_entry(entry: Entry, *, validate: bool = True) -> dict[str, Any]:
         torch.manual_seed(0)
         model = entry.build().eval()
         high = getattr(getattr(model, "config", None), "vocab_size", 100)
-        inputs = gt.shapes.make_example_inputs([entry.shape], entry.dtype, seed=0, high=high)
+        inputs = make_example_inputs([entry.shape], entry.dtype, seed=0, high=high)
         with torch.no_grad():
             reference = _first_tensor(model(*inputs))
         with warnings.catch_warnings():

@@ -87,7 +87,7 @@ def test_model_args_and_factories(tmp_path):
 
 
 def test_weights_load_from_safetensors_and_weights_only_pt(tmp_path):
-    from graphtricks.loading import load_model
+    from graphtricks.io.specs import load_model
 
     model = load_model(CNN)
     state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -120,7 +120,7 @@ def test_pickled_model_is_never_unpickled_without_trust(tmp_path):
 
 
 def test_trusted_pickle_loads(tmp_path):
-    from graphtricks.loading import load_model
+    from graphtricks.io.specs import load_model
 
     torch.save(load_model(CNN), tmp_path / "whole.pt")
     result = run("inspect", str(tmp_path / "whole.pt"), *SHAPE, "--trust-pickle", "--json")

@@ -17,7 +17,7 @@ import torch.fx as fx
 import graphtricks as gt
 from graphtricks.onnx import export_pair, validate_pair
 from graphtricks.passes import PASSES
-from graphtricks.saving import load, save
+from graphtricks.io.folder import load, save
 from tests.conftest import EXAMPLE_MODELS, example
 
 # How each registered pass is configured for the conformance run.

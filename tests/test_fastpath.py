@@ -12,7 +12,7 @@ from torch import fx, nn
 from torch.nn.modules.module import register_module_forward_hook
 
 import graphtricks as gt
-from graphtricks.fastpath import is_sped_up, restore_fx_forward, speed_up
+from graphtricks.fxgraph.fastpath import is_sped_up, restore_fx_forward, speed_up
 from graphtricks.onnx.torchscript import export_mode
 from tests.conftest import EXAMPLE_MODELS, example
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import graphtricks as gt
-from graphtricks.mode_reads import TrainingReads, overrides_train
+from graphtricks.capture.mode_reads import TrainingReads, overrides_train
 from graphtricks.passes import PASSES
 
-capture_module = importlib.import_module("graphtricks.capture")  # the package exports a function of that name
+capture_module = importlib.import_module("graphtricks.capture.regions")  # where capture() looks trace_once up
 
 
 def _scale(module: nn.Module, x):

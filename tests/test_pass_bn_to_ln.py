@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from graphtricks.activations import ACTIVATION_MODULES
+from graphtricks.fxgraph.activations import ACTIVATION_MODULES
 from graphtricks.errors import PassError
 from graphtricks.layers import ChannelLayerNorm, NormAct, channel_layer_norm
 from graphtricks.passes import InsertDropout, NoChangeWarning, pass_from_config

@@ -56,7 +56,8 @@ import graphtricks.passes
 from graphtricks.errors import GraphtricksError
 from graphtricks.onnx import export_pair, validate_pair
 from graphtricks.passes import PASSES
-from graphtricks.shapes import make_example_inputs, propagate_shapes, tensor_meta
+from graphtricks.capture.shapes import propagate_shapes, tensor_meta
+from graphtricks.io.inputs import make_example_inputs
 from tests.strategies import (
     LayerBlock,
     activation_sites,

@@ -16,10 +16,10 @@ import torch
 from torch import fx, nn
 
 import graphtricks as gt
-from graphtricks import saving
+from graphtricks.io import folder as saving
 from graphtricks.errors import SavedModelError
 from graphtricks.passes import PASSES
-from graphtricks.shapes import make_example_inputs
+from graphtricks.io.inputs import make_example_inputs
 
 HERE = Path(__file__).resolve()
 

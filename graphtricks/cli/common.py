@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 
 from graphtricks.errors import GraphtricksError, SpecError
-from graphtricks.loading import load_model, load_weights, parse_model_args
-from graphtricks.shapes import DTYPES, make_example_inputs, parse_input_shapes
+from graphtricks.io.inputs import DTYPES, make_example_inputs, parse_input_shapes
+from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -102,7 +102,7 @@ def load_source(
     Text models (a Hugging Face config with a ``vocab_size``) get int64 token ids below the
     vocabulary size unless ``--input-dtype`` says otherwise.
     """
-    from graphtricks.saving import is_saved_model, load_saved
+    from graphtricks.io.folder import is_saved_model, load_saved
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
     dtype_name = input_dtype.value if input_dtype else None

@@ -50,7 +50,7 @@ def inspect(
     verbose: VerboseOpt = False,
 ) -> None:
     """Show the region tree (traced / opaque and why), activations, norms and parameters."""
-    from graphtricks.inspection import summarize
+    from graphtricks.capture.summary import summarize
     from graphtricks.rewrite import rewrite as run_rewrite
 
     with user_errors(verbose):

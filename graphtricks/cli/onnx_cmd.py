@@ -49,9 +49,9 @@ def export(
     verbose: VerboseOpt = False,
 ) -> None:
     """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs)."""
+    from graphtricks.io.folder import check_output_dir, is_saved_model, save
     from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
     from graphtricks.rewrite import rewrite as run_rewrite
-    from graphtricks.saving import check_output_dir, is_saved_model, save
 
     with user_errors(verbose):
         if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -108,8 +108,8 @@ def validate(
     verbose: VerboseOpt = False,
 ) -> None:
     """Check both ONNX graphs against PyTorch and each other; exit 1 when a check fails."""
+    from graphtricks.io.folder import load_saved
     from graphtricks.onnx import snapshot_model, validate_pair
-    from graphtricks.saving import load_saved
 
     with user_errors(verbose):
         extra = _read_npz(inputs_file) if inputs_file else None

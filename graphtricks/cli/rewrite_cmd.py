@@ -29,9 +29,9 @@ from graphtricks.cli.common import (
     warn,
 )
 from graphtricks.errors import GraphtricksError, PassError
+from graphtricks.io.recipe import read_recipe
 from graphtricks.passes import PASSES, GraphtricksPass, pass_from_config
 from graphtricks.passes.dropout import DROPOUT_KINDS
-from graphtricks.recipe import read_recipe
 
 DropoutKind = Enum("DropoutKind", {k: k for k in DROPOUT_KINDS}, type=str)
 Shortcut = Enum("Shortcut", {k: k for k in ("auto", "identity", "pad", "conv")}, type=str)
@@ -134,8 +134,8 @@ def rewrite(
     verbose: VerboseOpt = False,
 ) -> None:
     """Rewrite a model with passes and save it (weights, recipe, report, code)."""
+    from graphtricks.io.folder import check_output_dir, save
     from graphtricks.rewrite import rewrite as run_rewrite
-    from graphtricks.saving import check_output_dir, save
 
     with user_errors(verbose):
         if out_dir is None and not dry_run:

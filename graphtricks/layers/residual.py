@@ -14,11 +14,9 @@ Layout: tensors of rank ≥ 3 are channels-first ``(N, C, *spatial)``; rank 2 is
 
 from __future__ import annotations
 
-import operator
 import zlib
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.nn.utils import skip_init
 
@@ -31,7 +29,6 @@ __all__ = [
     "PadShortcut",
     "Residual",
     "ResidualSpan",
-    "add_merge_nodes",
     "choose_shortcut",
     "make_shortcut",
 ]
@@ -214,58 +211,12 @@ class _ResidualParts(nn.Module):
 
     def merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``act(out + α·S(x))``: the block's output plus the shortcut of its input."""
-        # add_merge_nodes computes the same in a traced graph: keep the two in step.
+        # passes/residual_graph.add_merge_nodes computes the same in a traced graph: keep the two in step.
         s = self.shortcut(x)
         if self.gate is not None:
             s = self.gate * s
         out = out + s
         return torch.relu(out) if self.post_act == "relu" else out
-
-
-def add_merge_nodes(gm: fx.GraphModule, entry, exit_, inside: set, path: str, parts: nn.Module, stack: dict) -> None:
-    """The graph form of ``merge``: add ``act(exit + α·S(entry))`` after ``exit`` and route users through it.
-
-    Args:
-        gm: the graph module; ``parts`` (a :class:`Residual` or :class:`ResidualSpan`) is at ``path``.
-        entry: the node whose value the shortcut reads (the block's input).
-        exit_: the node whose value the shortcut is added to (the block's output).
-        inside: the block's nodes, which keep reading ``exit_``.
-        path: where ``parts`` sits in ``gm``.
-        parts: the wrapper whose shortcut, gate and post-activation the nodes call.
-        stack: the module stack the new nodes record (``nn_module_stack``).
-    """
-    graph, new = gm.graph, []
-    # Add after the block's last node, not right after ``exit_``: an in-place statement that ends the
-    # block (``y = fc(x); y.relu_(); return y``) must run before the sum reads ``y``.
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    last = max((n for n in inside if n in order), key=order.__getitem__, default=exit_)
-    early_reader = any(u not in inside and order.get(u, -1) <= order[last] for u in exit_.users)
-    cur = last if order[last] > order[exit_] and not early_reader else exit_
-
-    def add(op, target, args, *own):
-        nonlocal cur
-        with graph.inserting_after(cur):
-            cur = graph.create_node(op, target, args)
-        cur.meta["nn_module_stack"] = {**stack, **{p: (p, t) for p, t in own}}
-        if op != "get_attr":
-            cur.meta["tensor_meta"] = exit_.meta["tensor_meta"]
-        new.append(cur)
-        return cur
-
-    s, short = entry, f"{path}.shortcut"
-    if isinstance(parts.shortcut, nn.Sequential):  # one node per layer: later passes see the BatchNorm
-        for i, sub in enumerate(parts.shortcut):
-            s = add("call_module", f"{short}.{i}", (s,), (short, nn.Sequential), (f"{short}.{i}", type(sub)))
-    elif not isinstance(parts.shortcut, nn.Identity):
-        s = add("call_module", short, (s,), (short, type(parts.shortcut)))
-    if parts.gate is not None:
-        s = add("call_function", operator.mul, (add("get_attr", f"{path}.gate", ()), s))
-    out = add("call_function", operator.add, (exit_, s))
-    if parts.post_act == "relu":
-        out = add("call_function", torch.relu, (out,))
-    exit_.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside and user not in new)
-    if exit_.meta.pop("gt_model_output", None):
-        out.meta["gt_model_output"] = True
 
 
 class Residual(_ResidualParts):

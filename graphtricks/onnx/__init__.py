@@ -11,14 +11,19 @@ Typical use::
 """
 
 from graphtricks.onnx.eager import ModelSnapshot, snapshot_model
-from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
 from graphtricks.onnx.export import (
     MAX_OPSET,
     MIN_OPSET,
     ExportResult,
     export_pair,
 )
-from graphtricks.onnx.report import CheckResult, Tolerance, ValidationReport, default_tolerance
+from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
+from graphtricks.onnx.report import (
+    CheckResult,
+    Tolerance,
+    ValidationReport,
+    default_tolerance,
+)
 from graphtricks.onnx.runtime import cuda_available
 from graphtricks.onnx.validate import validate_pair
 

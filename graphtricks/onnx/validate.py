@@ -22,14 +22,15 @@ from graphtricks.onnx.checks.graphs import (
     check_infer_has_no_train_ops,
     check_io,
     check_operators,
-    eager_mode_difference,
     check_weights,
+    eager_mode_difference,
 )
 from graphtricks.onnx.checks.numeric import (
-    InputSet,
     check_infer_vs_eager,
     check_train_deterministic,
 )
+from graphtricks.onnx.checks.provenance import check_provenance
+from graphtricks.onnx.checks.side_effects import check_no_side_effects
 from graphtricks.onnx.checks.stochastic import check_random_count, check_random_rates
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import (
@@ -45,10 +46,8 @@ from graphtricks.onnx.graph import (
     opset_of,
     train_mode_batchnorms,
 )
-from graphtricks.onnx.checks.provenance import check_provenance
-from graphtricks.onnx.checks.side_effects import check_no_side_effects
+from graphtricks.onnx.inputs import InputSet, as_input_tuple, random_like, session_feed
 from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
-from graphtricks.onnx.inputs import as_input_tuple, random_like, session_feed
 from graphtricks.onnx.report import CheckResult, ToleranceTable, ValidationReport
 from graphtricks.onnx.runtime import (
     TRAIN_BN_DISABLED_OPTIMIZERS,

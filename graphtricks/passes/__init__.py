@@ -1,6 +1,12 @@
 """Passes: one file each, all registered in ``PASSES`` by name."""
 
-from graphtricks.passes.base import PASSES, GraphtricksPass, NoChangeWarning, pass_from_config, register_pass
+from graphtricks.passes.base import (
+    PASSES,
+    GraphtricksPass,
+    NoChangeWarning,
+    pass_from_config,
+    register_pass,
+)
 from graphtricks.passes.bn_to_ln import BatchNormToLayerNorm, bn_to_ln
 from graphtricks.passes.dropout import InsertDropout, insert_dropout
 from graphtricks.passes.init import Initialize, initialize

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 from torch.fx.passes.infra.pass_base import PassBase
 
 from graphtricks.capture import Region
+from graphtricks.capture.probe import Observers
 from graphtricks.errors import PassError
-from graphtricks.probe import Observers
 from graphtricks.report import Change
 
 __all__ = ["GraphtricksPass", "NoChangeWarning", "PASSES", "register_pass", "pass_from_config"]

@@ -21,13 +21,19 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from graphtricks.capture import Region, expand_containers, is_builtin_module
+from graphtricks.capture import Region, expand_containers
+from graphtricks.capture.probe import Observers, probe_forward, watched_forward
+from graphtricks.capture.shapes import copy_output_meta, tensor_meta, transposed_meta
 from graphtricks.errors import PassError
-from graphtricks.graph import node_where
-from graphtricks.layers.norm import NormAct, batch_norm_extras, layer_norm_for, layer_norm_like
+from graphtricks.fxgraph.kinds import is_builtin_module
+from graphtricks.fxgraph.nodes import node_where
+from graphtricks.layers.norm import (
+    NormAct,
+    batch_norm_extras,
+    layer_norm_for,
+    layer_norm_like,
+)
 from graphtricks.passes.base import GraphtricksPass, register_pass
-from graphtricks.probe import Observers, probe_forward, watched_forward
-from graphtricks.shapes import copy_output_meta, tensor_meta, transposed_meta
 
 __all__ = ["BatchNormToLayerNorm", "bn_to_ln", "LN_OVER"]
 

@@ -12,10 +12,15 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.activations import ACTIVATION_MODULES, activation_name, normalise_activation_name
 from graphtricks.capture import Region
+from graphtricks.capture.shapes import tensor_meta
 from graphtricks.errors import PassError
-from graphtricks.graph import (
+from graphtricks.fxgraph.activations import (
+    ACTIVATION_MODULES,
+    activation_name,
+    normalise_activation_name,
+)
+from graphtricks.fxgraph.nodes import (
     feeds_model_output,
     insert_module_after,
     is_dropout,
@@ -25,7 +30,6 @@ from graphtricks.graph import (
     unique_attr_name,
 )
 from graphtricks.passes.base import GraphtricksPass, register_pass
-from graphtricks.shapes import tensor_meta
 
 __all__ = ["InsertDropout", "insert_dropout", "DROPOUT_KINDS"]
 

@@ -1,12 +1,12 @@
 """Re-initialise weights, with each layer's gain taken from the nonlinearity it feeds in the graph.
 
-One reverse pass over each traced graph (:func:`~graphtricks.analysis.consumer_map`) maps every
+One reverse pass over each traced graph (:func:`~graphtricks.fxgraph.dataflow.consumer_map`) maps every
 node to the nonlinearity its value reaches (past norms, dropout, reshapes, pooling and residual
 adds); each Linear/Conv/ConvTranspose weight then gets that nonlinearity's gain: He for the ReLU
 family, Xavier for tanh, sigmoid and layers feeding none, orthogonal for recurrent
 hidden-to-hidden weights (``scheme="auto"``). Where no graph is visible (built-in children of
 opaque modules, layers inside a built-in leaf) the gain falls back by module type, and the
-change record says so. Values are drawn (:func:`~graphtricks.initializers.draw`) from a
+change record says so. Values are drawn (:func:`~graphtricks.passes.init_draws.draw`) from a
 generator seeded by ``seed`` and the parameter's name, so they do not depend on the order of
 the walk or on the global RNG. Parameters are edited in place: ``new_params`` stays empty.
 
@@ -28,26 +28,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.activations import activation_init
-from graphtricks.analysis import (
-    NORM_FUNCTIONS,
-    NORM_TYPES,
+from graphtricks.capture import Region
+from graphtricks.errors import PassError
+from graphtricks.fxgraph.activations import activation_init
+from graphtricks.fxgraph.dataflow import (
     consumer_map,
     last_norm,
     merge_reach,
     residual_norms,
 )
-from graphtricks.capture import Region
-from graphtricks.errors import PassError
-from graphtricks.initializers import (
+from graphtricks.fxgraph.kinds import NORM_FUNCTIONS, NORM_TYPES
+from graphtricks.layers.residual import Residual
+from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.passes.init_draws import (
     CONV_TYPES,
     RECURRENT_TYPES,
     draw,
     is_bias,
     weight_specs,
 )
-from graphtricks.layers.residual import Residual
-from graphtricks.passes.base import GraphtricksPass, register_pass
 
 __all__ = ["Initialize", "initialize", "SCHEMES", "FAN_MODES", "TYPE_GROUPS"]
 

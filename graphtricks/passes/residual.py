@@ -27,7 +27,28 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.blocks import (
+from graphtricks.capture import Region, RegionTree
+from graphtricks.errors import PassError
+from graphtricks.fxgraph.nodes import (
+    find_submodule,
+    module_nodes,
+    name_glob,
+    outer_stack,
+    stack_types,
+    unique_attr_name,
+)
+from graphtricks.layers.residual import (
+    GATES,
+    POST_ACTS,
+    REGISTRY,
+    SHORTCUTS,
+    Residual,
+    ResidualSpan,
+    choose_shortcut,
+    make_shortcut,
+)
+from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.passes.residual_blocks import (
     SPAN,
     Block,
     candidate_blocks,
@@ -40,29 +61,7 @@ from graphtricks.blocks import (
     traced_block,
     wrapped_names,
 )
-from graphtricks.capture import Region, RegionTree
-from graphtricks.errors import PassError
-from graphtricks.graph import (
-    find_submodule,
-    module_nodes,
-    name_glob,
-    outer_stack,
-    retarget,
-    stack_types,
-    unique_attr_name,
-)
-from graphtricks.layers.residual import (
-    GATES,
-    POST_ACTS,
-    REGISTRY,
-    SHORTCUTS,
-    Residual,
-    ResidualSpan,
-    add_merge_nodes,
-    choose_shortcut,
-    make_shortcut,
-)
-from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.passes.residual_graph import add_merge_nodes, retarget
 
 # REGISTRY (layers.residual) and candidate_blocks (blocks) are re-exported: callers import them from here.
 __all__ = ["REGISTRY", "AddResidual", "add_residual", "candidate_blocks"]

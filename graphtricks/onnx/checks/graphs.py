@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from graphtricks.errors import ValidationError
-from graphtricks.graph import DROPOUT_FUNCTIONS
+from graphtricks.fxgraph.kinds import DROPOUT_FUNCTIONS
 from graphtricks.onnx.draws import DRAW_FUNCTIONS
 from graphtricks.onnx.eager import reference_copy, torch_numerics
 from graphtricks.onnx.graph import (

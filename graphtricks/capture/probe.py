@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.modes import ModeSnapshot
+from graphtricks.capture.modes import ModeSnapshot
 
 __all__ = ["probe_forward", "watched_forward", "bind_call", "Observers", "FirstCall", "first_calls"]
 

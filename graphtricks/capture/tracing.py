@@ -16,18 +16,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphtricks.capture.mode_reads import TrainingReads, overrides_train
+from graphtricks.capture.probe import probe_forward
 from graphtricks.errors import CaptureError
-from graphtricks.graph import owner_path
-from graphtricks.layers.norm import ChannelLayerNorm
-from graphtricks.mode_reads import TrainingReads, overrides_train
-from graphtricks.probe import probe_forward
+from graphtricks.fxgraph.nodes import owner_path
+from graphtricks.layers import LEAF_LAYERS
 
 __all__ = [
-    "CONTAINERS",
-    "KNOWN_LEAVES",
     "Call",
     "concrete_args",
-    "is_builtin_module",
     "mode_dependent_owners",
     "one_line",
     "record_calls",
@@ -35,23 +32,7 @@ __all__ = [
     "trace_once",
 ]
 
-CONTAINERS = (nn.ModuleList, nn.ModuleDict)
-
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
-# graphtricks' own layers that passes treat like PyTorch's: leaves of every trace, so that a
-# model rewritten in one run and one re-captured later have the same graph.
-KNOWN_LEAVES = (ChannelLayerNorm,)
-
-
-def is_builtin_module(module: nn.Module) -> bool:
-    """True for PyTorch's own layers (fx's default leaves) and ``KNOWN_LEAVES``; False for containers."""
-    if isinstance(module, (nn.Sequential, fx.GraphModule)) or isinstance(module, CONTAINERS):
-        return False
-    if isinstance(module, KNOWN_LEAVES):
-        return True
-    name = type(module).__module__
-    return name.startswith("torch.nn") or name.startswith("torch.ao.nn")
-
 
 class RegionTracer(fx.Tracer):
     """An fx tracer that keeps the given module objects as leaves."""
@@ -62,7 +43,7 @@ class RegionTracer(fx.Tracer):
         self.leaves = leaves if leaves is not None else set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or isinstance(m, KNOWN_LEAVES) or super().is_leaf_module(m, module_qualified_name)
+        return id(m) in self.leaves or isinstance(m, LEAF_LAYERS) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass

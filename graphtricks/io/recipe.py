@@ -14,10 +14,11 @@ A recipe is what ``rewrite`` ran, so a saved model can be rebuilt and a rewrite 
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from graphtricks.errors import RecipeError
 from graphtricks.passes.base import GraphtricksPass, pass_from_config

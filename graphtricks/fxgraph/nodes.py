@@ -1,4 +1,4 @@
-"""Graph helpers shared by passes, written once: names, module stacks, dataflow, insertion, node kinds.
+"""Graph helpers shared by passes, written once: names, module stacks, dataflow, insertion.
 
 Everything here works on one traced region (a ``GraphModule`` and its graph) and knows no pass:
 passes phrase their own errors from what these helpers return.
@@ -7,15 +7,19 @@ passes phrase their own errors from what these helpers return.
 from __future__ import annotations
 
 import itertools
-import operator
 import re
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from graphtricks.activations import ACTIVATION_FUNCTIONS
+from graphtricks.fxgraph.activations import ACTIVATION_FUNCTIONS
+from graphtricks.fxgraph.kinds import (
+    DROPOUT_FUNCTIONS,
+    DROPOUT_MODULES,
+    PASS_THROUGH_FUNCTIONS,
+    PASS_THROUGH_MODULES,
+    VIEW_METHODS,
+)
 
 __all__ = [
     "owner_path",
@@ -26,31 +30,15 @@ __all__ = [
     "stack_types",
     "module_nodes",
     "outer_stack",
-    "retarget",
     "boundary",
     "nodes_between",
     "ancestors",
     "insert_module_after",
     "feeds_model_output",
-    "DROPOUT_MODULES",
-    "DROPOUT_FUNCTIONS",
     "is_dropout",
     "mutates_input",
 ]
 
-DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-DROPOUT_FUNCTIONS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    torch.dropout, torch.feature_dropout, torch.alpha_dropout,
-}
-
-# Ops that only move or view values: a value reaching the output through them is still an output.
-_PASS_THROUGH_METHODS = {
-    "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous",
-    "expand", "to", "float", "half", "type_as", "clone", "detach",
-}
-_PASS_THROUGH_MODULES = (nn.Flatten, nn.Identity, nn.Unflatten)
-_PASS_THROUGH_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 # In-place operators by ``__name__`` (``x += y`` traces to ``operator.iadd``, ``x[i] = v`` to setitem).
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "setitem"}
 
@@ -147,30 +135,6 @@ def outer_stack(node: fx.Node, path: str) -> dict:
     return dict(itertools.takewhile(lambda kv: kv[1][0] != path, stack.items()))
 
 
-def retarget(graph: fx.Graph, old: str, new: str, wrapper: type) -> None:
-    """Point every node at module ``old`` (and below) to ``new``, a module moved into a ``wrapper`` at ``old``.
-
-    Module stacks gain ``(old, wrapper)`` above the moved entries, so owners and names stay right.
-    """
-
-    def moved(path: str) -> str | None:
-        return new + path[len(old) :] if path == old or path.startswith(old + ".") else None
-
-    for n in graph.nodes:
-        if n.op in ("call_module", "get_attr") and moved(str(n.target)):
-            n.target = moved(str(n.target))
-        stack = n.meta.get("nn_module_stack") or {}
-        if any(moved(v[0]) for v in stack.values()):
-            fresh = {}
-            for key, value in stack.items():
-                if moved(value[0]) is None:
-                    fresh[key] = value
-                    continue
-                fresh.setdefault(old, (old, wrapper))
-                fresh[moved(value[0])] = (moved(value[0]), *value[1:])
-            n.meta["nn_module_stack"] = fresh
-
-
 # -- dataflow ----------------------------------------------------------------------------------
 def boundary(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
     """(entries, exits) of a set of nodes: the outside values they read (parameters aside), and
@@ -225,7 +189,7 @@ def insert_module_after(gm: fx.GraphModule, node: fx.Node, path: str, module: nn
 
 def _passes_through(node: fx.Node, gm: fx.GraphModule) -> bool:
     """True when ``node`` only moves or views its input."""
-    return _calls(node, gm, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS, _PASS_THROUGH_METHODS)
+    return _calls(node, gm, PASS_THROUGH_MODULES, PASS_THROUGH_FUNCTIONS, VIEW_METHODS)
 
 
 def feeds_model_output(node: fx.Node, gm: fx.GraphModule) -> bool:

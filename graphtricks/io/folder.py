@@ -29,11 +29,11 @@ import torch.fx as fx
 from torch import nn
 
 from graphtricks.errors import GraphtricksError, OutputError, SavedModelError, SpecError
-from graphtricks.loading import file_sha256, load_matching_weights, load_model
-from graphtricks.recipe import Recipe, read_recipe, write_recipe
+from graphtricks.io.inputs import make_example_inputs
+from graphtricks.io.recipe import Recipe, read_recipe, write_recipe
+from graphtricks.io.specs import file_sha256, load_matching_weights, load_model
 from graphtricks.report import Report
 from graphtricks.rewrite import RewriteResult, rewrite
-from graphtricks.shapes import make_example_inputs
 
 __all__ = ["save", "load", "load_saved", "SavedModel", "is_saved_model", "check_output_dir"]
 

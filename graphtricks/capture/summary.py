@@ -1,4 +1,4 @@
-"""Inspect: what a captured model is made of (regions, activations, norms, parameters)."""
+"""Summary (``graphtricks inspect``): what a captured model is made of (regions, activations, norms, parameters)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,16 @@ from collections import Counter
 from typing import Any
 
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from graphtricks.activations import ACTIVATION_MODULES, activation_name
-from graphtricks.analysis import NORM_TYPES
-from graphtricks.capture import RegionTree, is_builtin_module
+from graphtricks.capture.regions import RegionTree
+from graphtricks.fxgraph.activations import ACTIVATION_MODULES, activation_name
+from graphtricks.fxgraph.kinds import NORM_FUNCTIONS, NORM_TYPES, is_builtin_module
 
 __all__ = ["summarize", "NORM_MODULES"]
 
 # The norms passes know (with a learnable scale), plus LocalResponseNorm, which has none.
 NORM_MODULES = (*NORM_TYPES, nn.LocalResponseNorm)
-_NORM_FUNCTIONS = {
-    F.batch_norm: "batch_norm", F.layer_norm: "layer_norm", F.group_norm: "group_norm",
-    F.instance_norm: "instance_norm", F.rms_norm: "rms_norm",
-}
 
 
 def _norm_name(module: nn.Module) -> str | None:
@@ -52,8 +47,8 @@ def summarize(tree: RegionTree) -> dict[str, Any]:
                     norm = _norm_name(gm.get_submodule(node.target))
                     if norm:
                         norms[norm] += 1
-                elif node.op == "call_function" and node.target in _NORM_FUNCTIONS:
-                    norms[f"F.{_NORM_FUNCTIONS[node.target]}"] += 1
+                elif node.op == "call_function" and node.target in NORM_FUNCTIONS:
+                    norms[f"F.{NORM_FUNCTIONS[node.target]}"] += 1
         else:
             own = _norm_name(region.module)
             if own:

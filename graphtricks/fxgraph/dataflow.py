@@ -17,29 +17,29 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphtricks.activations import (
+from graphtricks.fxgraph.activations import (
     ACTIVATION_MODULES,
     activation_name,
     module_activation_kwargs,
     node_activation_kwargs,
 )
-from graphtricks.capture import is_builtin_module
-from graphtricks.graph import (
+from graphtricks.fxgraph.kinds import (
     DROPOUT_FUNCTIONS,
     DROPOUT_MODULES,
+    NORM_FUNCTIONS,
+    NORM_TYPES,
+    VIEW_METHODS,
+    is_builtin_module,
+)
+from graphtricks.fxgraph.nodes import (
     ancestors,
     is_dropout,
     node_where,
     owner_path,
 )
-from graphtricks.layers.norm import ChannelLayerNorm
 from graphtricks.layers.residual import REGISTRY, Residual, ResidualSpan
 
-__all__ = ["NORM_TYPES", "NORM_FUNCTIONS", "consumer_map", "merge_reach", "residual_norms", "last_norm"]
-
-# Norms with a learnable scale γ: what initializers reset and residual branches end in.
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, ChannelLayerNorm)
-NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, F.local_response_norm}
+__all__ = ["consumer_map", "merge_reach", "residual_norms", "last_norm"]
 
 # Ops a value passes through on its way to the nonlinearity that consumes it.
 _THROUGH_MODULES = tuple(
@@ -49,18 +49,14 @@ _THROUGH_MODULES = tuple(
     ) for n in names if hasattr(mod, n)
 ) + (*NORM_TYPES, *DROPOUT_MODULES, nn.LocalResponseNorm, nn.Identity, nn.Flatten, nn.Unflatten, nn.Upsample,
      nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
-_THROUGH_FUNCTIONS = NORM_FUNCTIONS | DROPOUT_FUNCTIONS | {
+_THROUGH_FUNCTIONS = set(NORM_FUNCTIONS) | DROPOUT_FUNCTIONS | {
     operator.getitem, operator.add, operator.iadd, operator.sub, operator.neg, torch.add, torch.sub, torch.cat,
     torch.concat, torch.stack, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
     torch.permute, torch.chunk, torch.split, torch.mean, F.pad, F.interpolate, F.pixel_shuffle,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }
-_VIEW_METHODS = {
-    "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous", "expand", "to",
-    "float", "half", "bfloat16", "type_as", "clone", "detach", "t",
-}
-_THROUGH_METHODS = _VIEW_METHODS | {"mean", "add", "add_", "sub", "sub_", "chunk", "split", "neg"}
+_THROUGH_METHODS = VIEW_METHODS | {"mean", "add", "add_", "sub", "sub_", "chunk", "split", "neg"}
 _SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "mul_", "div", "div_"}
 _IGNORED = {getattr, "size", "dim", "numel"}  # reading a shape consumes no values
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -176,7 +172,7 @@ def _norm_behind(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
             is_dropout(node, gm)
             or (module is not None and (isinstance(module, (nn.Identity, nn.Flatten, nn.Unflatten))
                                         or (not is_builtin_module(module) and _opaque_role(module, "")[0] == "through")))
-            or (node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_method" and node.target in VIEW_METHODS)
             or (node.op != "call_module" and node.target in _SCALE)
         )
         if not steps:

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture import CONTAINERS, Region, RegionTree
-from graphtricks.graph import (
+from graphtricks.capture import Region, RegionTree
+from graphtricks.capture.probe import FirstCall, first_calls
+from graphtricks.capture.shapes import tensor_meta
+from graphtricks.fxgraph.kinds import CONTAINERS
+from graphtricks.fxgraph.nodes import (
     boundary,
     find_submodule,
     module_nodes,
@@ -32,8 +35,6 @@ from graphtricks.graph import (
     stack_types,
 )
 from graphtricks.layers.residual import MARKER, REGISTRY, choose_shortcut
-from graphtricks.probe import FirstCall, first_calls
-from graphtricks.shapes import tensor_meta
 
 __all__ = [
     "BLOCK_RULE",

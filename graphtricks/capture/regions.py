@@ -19,21 +19,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.errors import CaptureError, InputShapeError
-from graphtricks.modes import ModeSnapshot
-from graphtricks.tracing import (
-    CONTAINERS,
+from graphtricks.capture.modes import ModeSnapshot
+from graphtricks.capture.tracing import (
     Call,
     concrete_args,
-    is_builtin_module,
     mode_dependent_owners,
     one_line,
     record_calls,
     restore_placeholder_names,
     trace_once,
 )
+from graphtricks.errors import CaptureError, InputShapeError
+from graphtricks.fxgraph.kinds import CONTAINERS, is_builtin_module
 
-__all__ = ["Region", "RegionTree", "capture", "is_builtin_module", "model_rejected", "expand_containers", "CONTAINERS"]
+__all__ = ["Region", "RegionTree", "capture", "model_rejected", "expand_containers"]
 
 # A trace that keeps failing on new culprits ends as opaque rather than looping for ever.
 _MAX_RETRACES = 256

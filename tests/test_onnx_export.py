@@ -26,6 +26,7 @@ from graphtricks.onnx import (
     validate_pair,
 )
 from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
+from graphtricks.onnx.portable import portable_dropouts
 from graphtricks.onnx.runtime import make_session
 from graphtricks.onnx.train_only import mask_dropouts
 
@@ -73,7 +74,7 @@ def cnn() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def test_export_writes_both_graphs_and_no_temp_files(tmp_path, cnn):
     model, inputs = cnn
-    result = export_pair(model, inputs, tmp_path / "out")
+    result = export_pair(model, inputs, tmp_path / "out", train_graph="standard")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([TRAIN_FILE, INFER_FILE])
     train, infer = onnx.load(result.train_path), onnx.load(result.infer_path)
     assert train_mode_batchnorms(train) and not train_mode_batchnorms(infer)
@@ -83,6 +84,22 @@ def test_export_writes_both_graphs_and_no_temp_files(tmp_path, cnn):
         assert [i.name for i in graph.graph.input] == ["x"]
         assert [o.name for o in graph.graph.output] == ["output"]
     assert result.to_dict()["opset"] == 18 and result.warnings == ()
+
+
+def test_portable_train_graph_is_the_default(tmp_path, cnn):
+    model, inputs = cnn
+    result = export_pair(model, inputs, tmp_path / "out")
+    train, infer = onnx.load(result.train_path), onnx.load(result.infer_path)
+    assert not train_mode_batchnorms(train) and dropout_infos(train) == []
+    assert [d.ratio for d in portable_dropouts(train)] == [pytest.approx(0.3)]
+    assert [o.name for o in train.graph.output] == [
+        "output", "updated.bn.num_batches_tracked", "updated.bn.running_mean", "updated.bn.running_var"
+    ]
+    assert [o.name for o in infer.graph.output] == ["output"]
+    assert not any("disabled_optimizers" in note for note in result.notes)
+    assert any("updated.bn.running_mean" in note for note in result.notes)
+    with pytest.raises(ExportError, match="train_graph"):
+        export_pair(model, inputs, tmp_path / "bad", train_graph="other")
 
 
 def test_export_leaves_model_modes_and_buffers_alone(tmp_path, cnn):
@@ -137,7 +154,7 @@ def test_channel_dropout_exports_as_a_mask_dropout_and_validates(tmp_path, drop,
     conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(shape)](4, 4, 1)
     model = nn.Sequential(conv, nn.ReLU(), drop).eval()
     x = torch.randn(*shape)
-    result = export_pair(model, (x,), tmp_path, dynamic_batch=True)
+    result = export_pair(model, (x,), tmp_path, dynamic_batch=True, train_graph="standard")
     train, infer = onnx.load(result.train_path), onnx.load(result.infer_path)
     (mask,) = mask_dropouts(train)  # Dropout(ones(N, C, 1, ...)) read by one Mul(x, mask)
     assert [train.graph.node[j].op_type for j in mask.consumers] == ["Mul"]
@@ -151,7 +168,9 @@ def test_channel_dropout_exports_as_a_mask_dropout_and_validates(tmp_path, drop,
 def test_channel_dropout_zeroes_whole_channels_at_rate_p(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Dropout2d(0.25))
-    result = export_pair(model, (torch.randn(2, 3, 4, 4),), tmp_path, dynamic_batch=True)
+    result = export_pair(
+        model, (torch.randn(2, 3, 4, 4),), tmp_path, dynamic_batch=True, train_graph="standard"
+    )
     assert any("EliminateDropout" in note for note in result.notes)
     # as the note says: ORT's optimizer would remove the Dropout, and nothing would drop
     session = make_session(onnx.load(result.train_path), "cpu", "train", True, ("EliminateDropout",))
@@ -169,7 +188,7 @@ def test_channel_dropout_zeroes_whole_channels_at_rate_p(tmp_path):
 def test_note_on_onnx_runtime_removing_train_dropouts_holds(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.5), nn.Linear(64, 64))
-    result = export_pair(model, (torch.randn(2, 64),), tmp_path)
+    result = export_pair(model, (torch.randn(2, 64),), tmp_path, train_graph="standard")
     assert any("disabled_optimizers=['EliminateDropout']" in note for note in result.notes)
     x = {"input": np.random.default_rng(0).normal(size=(2, 64)).astype(np.float32)}
     train = onnx.load(result.train_path)
@@ -190,7 +209,7 @@ def test_channel_dropout_symbolic_is_registered_only_during_export(tmp_path):
 
 def test_attention_dropout_gets_its_training_mode(tmp_path):
     torch.manual_seed(0)
-    result = export_pair(AttentionNet(), (torch.randn(2, 5, 16),), tmp_path)
+    result = export_pair(AttentionNet(), (torch.randn(2, 5, 16),), tmp_path, train_graph="standard")
     assert any("training_mode" in r for r in result.repairs)
     assert [d.training for d in dropout_infos(onnx.load(result.train_path))] == [True]
 

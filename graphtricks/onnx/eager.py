@@ -27,6 +27,7 @@ __all__ = [
     "DropoutInterceptor",
     "ModelSnapshot",
     "flatten_outputs",
+    "float64_copy",
     "named_outputs",
     "non_tensor_outputs",
     "reference_copy",
@@ -185,8 +186,22 @@ def reference_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
     return twin.to(device).train(train)
 
 
+def float64_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
+    """A float64 deep copy of ``model`` on ``device``: the "truth" fp32 results are judged by.
+
+    Raises:
+        ValidationError: The model cannot be deep-copied.
+    """
+    return reference_copy(model, train=train, device=device).to(torch.float64)
+
+
 def run_reference(
-    model: nn.Module, inputs: Sequence[torch.Tensor], *, device: str, neutralise: bool
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    device: str,
+    neutralise: bool,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], DropoutInterceptor]:
     """Runs ``model`` (a reference copy) on ``inputs``.
 
@@ -195,6 +210,7 @@ def run_reference(
         inputs: The inputs, on any device.
         device: Where the copy lives.
         neutralise: Whether dropout becomes the identity and random draws fixed during the run.
+        dtype: Converts floating-point inputs to it (a float64 copy takes float64 inputs).
 
     Returns:
         The flattened outputs on CPU, and the interceptor: the drop probabilities of the
@@ -206,7 +222,10 @@ def run_reference(
     interceptor = DropoutInterceptor(neutralise)
     try:
         with torch.no_grad(), interceptor:
-            out = model(*(t.to(device) for t in inputs))
+            moved = [t.to(device) for t in inputs]
+            if dtype is not None:
+                moved = [t.to(dtype) if t.is_floating_point() else t for t in moved]
+            out = model(*moved)
     except Exception as e:
         raise ValidationError(
             f"the model rejects the validation inputs ({type(e).__name__}: {e}); "

@@ -24,19 +24,33 @@ from torch import nn
 
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx import fixups
+from graphtricks.onnx.portable import make_portable, portable_dropouts, updated_outputs
 from graphtricks.onnx.checks.dropout import check_dropout_count
 from graphtricks.onnx.checks.numeric import check_train_deterministic
 from graphtricks.onnx.checks.stochastic import check_random_count
 from graphtricks.onnx.eager import torch_numerics
 from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
 from graphtricks.onnx.inputs import InputSet, as_input_tuple
-from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE, checked_names, default_input_names, eval_outputs
+from graphtricks.onnx.names import (
+    INFER_FILE,
+    TRAIN_FILE,
+    checked_names,
+    default_input_names,
+    eval_outputs,
+)
 from graphtricks.onnx.report import Tolerance, default_tolerance
 from graphtricks.onnx.runtime import TRAIN_BN_DISABLED_OPTIMIZERS, make_session
 from graphtricks.onnx.torchscript import export_mode, export_notes
 from graphtricks.onnx.train_only import deterministic_train_copy, random_subgraphs
 
-__all__ = ["MIN_OPSET", "MAX_OPSET", "TRAIN_FILE", "INFER_FILE", "ExportResult", "export_pair"]
+__all__ = [
+    "MIN_OPSET", "MAX_OPSET", "TRAIN_FILE", "TRAIN_GRAPHS", "INFER_FILE", "ExportResult",
+    "export_pair",
+]
+
+# "portable": Dropout and train-mode BatchNorm as primitive ops (graphtricks.onnx.portable), run
+# as written by any runtime and execution provider; "standard": as the exporter writes them.
+TRAIN_GRAPHS = ("portable", "standard")
 
 MIN_OPSET = 14  # BatchNormalization got its training_mode attribute in opset 14
 try:
@@ -125,6 +139,7 @@ def _verify_train_graph(model: nn.Module, inputs: tuple, train: onnx.ModelProto)
         tol = default_tolerance(dtype, "cpu")
         return Tolerance(tol.atol * _VERIFY_SLACK, tol.rtol * _VERIFY_SLACK)
 
+    # Only a standard train graph needs an optimizer off; a portable one runs in a default session.
     disabled = TRAIN_BN_DISABLED_OPTIMIZERS if train_mode_batchnorms(train) else ()
     try:
         session = make_session(
@@ -135,7 +150,7 @@ def _verify_train_graph(model: nn.Module, inputs: tuple, train: onnx.ModelProto)
         )
     except ValidationError as e:
         raise ExportError(f"cannot verify the train graph: {e}") from e
-    results.append(check_dropout_count(dropout_infos(train), eager_ps))
+    results.append(check_dropout_count(dropout_infos(train) + portable_dropouts(train), eager_ps))
     results.append(check_random_count(random_subgraphs(train), draws))
     failed = [r for r in results if not r.passed]
     if failed:
@@ -189,6 +204,7 @@ def export_pair(
     output_names: list[str] | None = None,
     dynamic_batch: bool = False,
     verify: bool = True,
+    train_graph: str = "portable",
 ) -> ExportResult:
     """Exports ``model`` as ``model.train.onnx`` and ``model.infer.onnx`` in ``out_dir``.
 
@@ -207,6 +223,11 @@ def export_pair(
         dynamic_batch: Makes dimension 0 of every input and output symbolic (``batch``).
         verify: Checks the train graph against PyTorch train mode (dropout neutralised, random
             draws such as stochastic depth fixed) before writing.
+        train_graph: ``"portable"`` (default): train-mode dropout and BatchNorm as primitive
+            ops any runtime runs as written, BatchNorm's running statistics as extra outputs
+            ``updated.<buffer>`` (:mod:`graphtricks.onnx.portable`); ``"standard"``: ONNX
+            Dropout and train-mode BatchNormalization, as the exporter writes them (ONNX
+            Runtime needs optimizers off to run them as meant, and not on CUDA).
 
     Returns:
         The paths, names, repairs and warnings of the export.
@@ -225,6 +246,10 @@ def export_pair(
         raise ExportError(
             f"opset {opset!r} is not supported: train-mode export needs opset {MIN_OPSET} to "
             f"{MAX_OPSET} (TorchScript exporter); pass an opset in that range"
+        )
+    if train_graph not in TRAIN_GRAPHS:
+        raise ExportError(
+            f"unknown train_graph {train_graph!r}; choose one of {', '.join(TRAIN_GRAPHS)}"
         )
     inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
     out_dir = Path(out_dir)
@@ -252,12 +277,21 @@ def export_pair(
                     "return the same tensors in train and eval mode"
                 )
         repairs = _repair(model, train, infer)
+        if train_graph == "portable":
+            repairs += make_portable(train, model)
         if verify:
             _verify_train_graph(model, inputs, train)
     _write_atomically(out_dir, {TRAIN_FILE: train, INFER_FILE: infer})
     notes = export_notes(model)
     if left_out:
         notes.append(f"outputs that hold no tensor are not graph outputs: {left_out}")
+    updated = updated_outputs([o.name for o in train.graph.output])
+    if updated:
+        notes.append(
+            f"the train graph also outputs the {len(updated)} running statistic(s) PyTorch "
+            f"updates in train mode, named updated.<buffer> ({', '.join(updated[:3])}"
+            f"{', ...' if len(updated) > 3 else ''})"
+        )
     if train_mode_batchnorms(train):
         notes.append(
             "run the train graph in ONNX Runtime with disabled_optimizers="

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +58,8 @@ class DropoutInfo:
         output: The name of its main output.
         ratio: The drop probability, ``None`` when not a constant.
         training: The ``training_mode`` input, ``False`` when absent, ``None`` when not a constant.
+        mask: For a dropout of the portable train graph (``portable.portable_dropouts``), the
+            value holding its scaled mask; ``None`` for an ONNX Dropout node.
     """
 
     name: str
@@ -66,6 +68,7 @@ class DropoutInfo:
     output: str
     ratio: float | None
     training: bool | None
+    mask: str | None = None
 
 
 def load_model(path: Path, role: str) -> onnx.ModelProto:
@@ -202,28 +205,48 @@ def neutralised_dropout_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def exposed_dropout_copy(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    """A copy of ``model`` with each Dropout's data input and output added as graph outputs.
+def exposed_dropout_copy(
+    model: onnx.ModelProto, seed: int, portable: Sequence[DropoutInfo] = ()
+) -> onnx.ModelProto:
+    """A copy of ``model`` with each dropout's data input and output added as graph outputs.
 
     The Dropout nodes get seeds derived from ``seed`` so that one session gives the same masks
     run after run. Each node gets its own: with one shared seed, same-shaped Dropouts draw the
     same mask, and a Dropout fed by an earlier one then only "drops" elements already zero,
     which reads as an inert Dropout. The added outputs carry no type: ONNX Runtime infers it.
+
+    Args:
+        model: The train graph.
+        seed: Seeds every draw.
+        portable: The dropouts of a portable train graph (``portable.portable_dropouts``):
+            their draw is seeded the same way and their mask is exposed too.
     """
     out = copy.deepcopy(model)
     present = {o.name for o in out.graph.output}
+
+    def expose(name: str) -> None:
+        if name and name not in present:
+            out.graph.output.append(helper.make_empty_tensor_value_info(name))
+            present.add(name)
+
+    draws = {info.index: info for info in portable}
     index = 0
-    for node in out.graph.node:
-        if node.op_type != "Dropout":
+    for i, node in enumerate(out.graph.node):
+        if node.op_type != "Dropout" and i not in draws:
             continue
         index += 1
         kept = [a for a in node.attribute if a.name != "seed"]
+        value = int(seed) * 7919 + index
         del node.attribute[:]
-        node.attribute.extend(kept + [helper.make_attribute("seed", int(seed) * 7919 + index)])
-        for name in (node.input[0], node.output[0]):
-            if name not in present:
-                out.graph.output.append(helper.make_empty_tensor_value_info(name))
-                present.add(name)
+        node.attribute.extend(
+            kept + [helper.make_attribute("seed", value if i not in draws else float(value))]
+        )
+        info = draws.get(i)
+        names = (node.input[0], node.output[0]) if info is None else (
+            info.data, info.mask or "", info.output
+        )
+        for name in names:
+            expose(name)
     return out
 
 

@@ -33,10 +33,17 @@ from graphtricks.onnx.graph import (
     folded_operator_counts,
     neutralised_dropout_copy,
 )
+from graphtricks.onnx.portable import (
+    DROPOUT_TAG,
+    main_outputs,
+    neutralised_portable_copy,
+    portable_batchnorm_groups,
+)
 
 __all__ = [
     "RandomSubgraph",
     "deterministic_train_copy",
+    "dropout_subgraphs",
     "fixed_values",
     "mask_dropouts",
     "operator_multiset",
@@ -115,10 +122,28 @@ def _subgraphs(model: onnx.ModelProto, starts: Sequence[int]) -> list[RandomSubg
     return found
 
 
+def _is_dropout_draw(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is the draw of a portable dropout (``graphtricks.onnx.portable``)."""
+    return node.op_type in RANDOM_OPS and node.name.startswith(DROPOUT_TAG)
+
+
 def random_subgraphs(model: onnx.ModelProto) -> list[RandomSubgraph]:
-    """Describes every top-level random operator of ``model`` and what it feeds, in graph order."""
+    """Describes every top-level random operator of ``model`` and what it feeds, in graph order.
+
+    The draws of portable dropouts are left out (:func:`dropout_subgraphs`): PyTorch applies
+    them as dropout, not as a random draw of its own.
+    """
     nodes = model.graph.node
-    return _subgraphs(model, [i for i, n in enumerate(nodes) if n.op_type in RANDOM_OPS])
+    return _subgraphs(
+        model,
+        [i for i, n in enumerate(nodes) if n.op_type in RANDOM_OPS and not _is_dropout_draw(n)],
+    )
+
+
+def dropout_subgraphs(model: onnx.ModelProto) -> list[RandomSubgraph]:
+    """The draw of every portable dropout, the mask computed from it, and the ``Mul`` applying it."""
+    nodes = model.graph.node
+    return _subgraphs(model, [i for i, n in enumerate(nodes) if _is_dropout_draw(n)])
 
 
 def _is_ones(node: onnx.NodeProto) -> bool:
@@ -145,7 +170,8 @@ def mask_dropouts(model: onnx.ModelProto) -> list[RandomSubgraph]:
 
 def _train_only(model: onnx.ModelProto) -> tuple[set[int], set[str]]:
     """Positions of the train-only nodes, and the values only they read as parameters."""
-    nodes, subs = model.graph.node, random_subgraphs(model) + mask_dropouts(model)
+    nodes = model.graph.node
+    subs = random_subgraphs(model) + mask_dropouts(model) + dropout_subgraphs(model)
     params: dict[int, set[str]] = {}  # train-only node -> the inputs it reads as parameters
     for i, node in enumerate(nodes):
         if node.op_type == "Dropout":
@@ -157,7 +183,7 @@ def _train_only(model: onnx.ModelProto) -> tuple[set[int], set[str]]:
     for i, node in enumerate(nodes):
         for name in node.input:
             readers.setdefault(name, []).append(i)
-    graph_outputs = {o.name for o in model.graph.output}
+    graph_outputs = set(main_outputs([o.name for o in model.graph.output]))
 
     def parameter_only(value: str) -> bool:
         read = readers.get(value, [])
@@ -203,7 +229,7 @@ def _passed_on(model: onnx.ModelProto) -> dict[str, str]:
     for node in nodes:
         if node.op_type == "Dropout" and node.output:
             passed[node.output[0]] = node.input[0]
-    for sub in random_subgraphs(model) + mask_dropouts(model):
+    for sub in random_subgraphs(model) + mask_dropouts(model) + dropout_subgraphs(model):
         for j in sub.consumers:
             data = {i for i in nodes[j].input if i and i not in sub.masks}
             if len(data) == 1 and len(nodes[j].output) == 1:
@@ -221,8 +247,16 @@ def operator_multiset(model: onnx.ModelProto) -> Counter:
     """
     train_only = train_only_nodes(model)
     shared = [n for i, n in enumerate(model.graph.node) if i not in train_only]
-    outputs = [o.name for o in model.graph.output]
-    return folded_operator_counts(shared, _passed_on(model), outputs)
+    counts = folded_operator_counts(shared, _passed_on(model), main_outputs(
+        [o.name for o in model.graph.output]
+    ))
+    # A portable BatchNorm (batch statistics in primitive ops) is one BatchNormalization, as in
+    # the inference graph; its nodes are named graphtricks.bn.<k>.* (graphtricks.onnx.portable).
+    for positions in portable_batchnorm_groups(model).values():
+        group = Counter(("ai.onnx", model.graph.node[i].op_type) for i in positions)
+        counts.subtract(group)
+        counts[("ai.onnx", "BatchNormalization")] += 1
+    return +counts
 
 
 def _elem_type(model: onnx.ModelProto, name: str, inferred: list) -> int:
@@ -279,6 +313,7 @@ def deterministic_train_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Each random operator is replaced in place by nodes giving a fixed value: ``low`` for a
     uniform, ``mean`` for a normal, ``0 < p`` for a Bernoulli (what ``u < p`` gives at u = 0).
+    Portable dropouts get ratio 0 and scale 1 first, so their fixed draw keeps everything.
 
     Args:
         model: The train graph; it is not changed.
@@ -289,7 +324,7 @@ def deterministic_train_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     Raises:
         ValidationError: A random operator cannot be fixed (Multinomial, unknown dtype).
     """
-    out = neutralised_dropout_copy(model)
+    out = neutralised_portable_copy(neutralised_dropout_copy(model))
     inferred: list = []
     nodes = []
     for i, node in enumerate(out.graph.node):

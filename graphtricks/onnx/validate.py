@@ -26,6 +26,7 @@ from graphtricks.onnx.checks.graphs import (
     eager_mode_difference,
 )
 from graphtricks.onnx.checks.numeric import (
+    NOISE_FACTOR,
     check_infer_vs_eager,
     check_train_deterministic,
 )
@@ -35,6 +36,7 @@ from graphtricks.onnx.checks.stochastic import check_random_count, check_random_
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import (
     ModelSnapshot,
+    float64_copy,
     reference_copy,
     snapshot_model,
     torch_numerics,
@@ -48,6 +50,7 @@ from graphtricks.onnx.graph import (
 )
 from graphtricks.onnx.inputs import InputSet, as_input_tuple, random_like, session_feed
 from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
+from graphtricks.onnx.portable import portable_dropouts
 from graphtricks.onnx.report import CheckResult, ToleranceTable, ValidationReport
 from graphtricks.onnx.runtime import (
     TRAIN_BN_DISABLED_OPTIMIZERS,
@@ -108,6 +111,17 @@ def _random_checks(
             "that never drops apart"
         )
     return results + rates
+
+
+def _float64_twin(model: nn.Module, device: str, report: ValidationReport) -> nn.Module | None:
+    """A float64 copy of the model on ``device`` to judge float32 errors by, or None (noted)."""
+    try:
+        return float64_copy(model, train=False, device=device)
+    except Exception as e:  # a model that cannot be copied or converted: fixed tolerances only
+        report.notes.append(
+            f"no float64 reference ({type(e).__name__}: {e}); outputs judged by atol/rtol only"
+        )
+        return None
 
 
 def validate_pair(
@@ -197,21 +211,25 @@ def validate_pair(
             session_feed(sessions[-1].inner, input_set.tensors, input_set.label)
         # One copy serves both modes: eval-mode runs leave it as it was.
         reference = reference_copy(model, train=False, device=sessions[-1].device)
+        truth = _float64_twin(model, sessions[-1].device, report)
         report.checks += check_infer_vs_eager(
-            sessions[-1], model, input_sets, tolerance, reference
+            sessions[-1], model, input_sets, tolerance, reference, truth
         )
 
         neutral = deterministic_train_copy(train)
         sessions.append(
             make_session(neutral, train_device, "train_deterministic", strict, disabled)
         )
+        if truth is not None and train_device != sessions[0].device:
+            truth = _float64_twin(model, train_device, report)
         deterministic, eager_ps, draws = check_train_deterministic(
-            sessions[-1], model, input_sets, tolerance, reference
+            sessions[-1], model, input_sets, tolerance, reference, truth
         )
         report.checks += deterministic
         report.checks += _random_checks(train, draws, seeds, report)
 
-        infos = dropout_infos(train)
+        portable = portable_dropouts(train)
+        infos = dropout_infos(train) + portable
         report.checks.append(check_dropout_count(infos, eager_ps))
         rates = []
         if infos:
@@ -221,7 +239,7 @@ def validate_pair(
             # LCG maps seed 0 to 1): keep seeds >= 1.
             first = input_sets[0].seed
             node_seed = 1 + (first if first is not None else 1_000_003) % (2**31 - 2)
-            exposed = exposed_dropout_copy(train, seed=node_seed)
+            exposed = exposed_dropout_copy(train, seed=node_seed, portable=portable)
             sessions.append(make_session(exposed, train_device, "train_dropout", strict, disabled))
             rates = check_dropout_rates(sessions[-1], infos, input_sets)
         report.checks += rates
@@ -245,5 +263,7 @@ def validate_pair(
     ]
     report.providers = {s.role: s.providers for s in sessions}
     report.tolerances = dict(tolerance.used)
+    if truth is not None:
+        report.tolerances["float64_reference"] = {"noise_factor": NOISE_FACTOR}
     report.seconds = time.perf_counter() - start
     return report

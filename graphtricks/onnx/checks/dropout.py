@@ -6,6 +6,11 @@ graph outputs. Among non-zero inputs, the kept fraction must lie within 5 binomi
 deviations of 1 - p, and every survivor must be scaled by exactly 1 / (1 - p). A Dropout that
 was eliminated, or left in inference mode, keeps everything and fails.
 
+A dropout of the portable train graph (``graphtricks.onnx.portable``) is measured on its mask,
+one independent draw per element (per sample and channel for channel dropout): among all mask
+elements the kept fraction and the survivors' value 1 / (1 - p), and then the output must be
+exactly ``data * mask``, so a mask drawn but not applied fails too.
+
 The count of Dropout nodes is checked against the dropouts PyTorch applies in one train-mode
 forward, since a Dropout missing from the graph cannot be measured at all.
 """
@@ -17,9 +22,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from graphtricks.onnx.checks import SIGMAS, binomial_bound
 from graphtricks.onnx.graph import DropoutInfo
 from graphtricks.onnx.inputs import InputSet, session_feed
-from graphtricks.onnx.checks import SIGMAS, binomial_bound
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.runtime import RunFailure, Session
 
@@ -146,5 +151,29 @@ def check_dropout_rates(
                 provider=session.provider, output=info.name, seed=input_set.seed,
                 inputs=input_set.label,
             )
-            results.append(_measure(info, values[info.data], values[info.output], base))
+            if info.mask is None:
+                results.append(_measure(info, values[info.data], values[info.output], base))
+                continue
+            mask = values[info.mask]
+            result = _measure(info, np.ones_like(mask), mask, base)
+            applied = _applied(values.get(info.data), mask, values.get(info.output))
+            if result.passed and not applied:
+                result.passed = False
+                result.message = (
+                    f"train dropout '{info.name}' on {base.inputs}: its mask is drawn at rate "
+                    "and scale but the output is not data * mask"
+                )
+            result.details["mask_applied"] = applied
+            results.append(result)
     return results
+
+
+def _applied(data: np.ndarray | None, mask: np.ndarray, output: np.ndarray | None) -> bool:
+    """Whether ``output`` is exactly ``data * mask`` (broadcast, as the graph multiplies)."""
+    if data is None or output is None:
+        return False
+    try:
+        expected = data * mask
+    except ValueError:
+        return False
+    return expected.shape == output.shape and bool(np.array_equal(expected, output, equal_nan=True))

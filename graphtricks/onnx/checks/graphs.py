@@ -35,6 +35,7 @@ from graphtricks.onnx.graph import (
     io_signature,
     train_mode_batchnorms,
 )
+from graphtricks.onnx.portable import BN_TAG, DROPOUT_TAG, main_outputs
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.train_only import (
     fixed_values,
@@ -69,6 +70,10 @@ def check_io(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
         The result; on failure the message lists both signatures.
     """
     (t_in, t_out), (i_in, i_out) = io_signature(train), io_signature(infer)
+    # A portable train graph's running statistics (updated.<buffer>) are outputs of its own.
+    main = set(main_outputs([name for name, _, _ in t_out]))
+    extra = [name for name, _, _ in t_out if name not in main]
+    t_out = [sig for sig in t_out if sig[0] in main]
     problems = []
     if t_in != i_in:
         problems.append(f"inputs differ: train {_describe(t_in)} vs infer {_describe(i_in)}")
@@ -76,10 +81,11 @@ def check_io(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
         problems.append(f"outputs differ: train {_describe(t_out)} vs infer {_describe(i_out)}")
     message = "; ".join(problems) or (
         f"same {len(t_in)} input(s) and {len(t_out)} output(s): {', '.join(_describe(t_out))}"
+        + (f"; the train graph also outputs {len(extra)} running statistic(s)" if extra else "")
     )
     return CheckResult(
         name="graphs_same_io", passed=not problems, message=message, graph="both",
-        details={"inputs": _describe(t_in), "outputs": _describe(t_out)},
+        details={"inputs": _describe(t_in), "outputs": _describe(t_out), "train_only": extra},
     )
 
 
@@ -95,8 +101,13 @@ def _content_key(array: np.ndarray) -> tuple:
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The initializers both graphs must share: not a train-only op's parameters, nor the
+    constants of a portable train graph's dropout and batch statistics."""
     skip = train_only_feeds(model)
-    return {k: v for k, v in initializer_arrays(model).items() if k not in skip}
+    return {
+        k: v for k, v in initializer_arrays(model).items()
+        if k not in skip and not k.startswith((DROPOUT_TAG, BN_TAG))
+    }
 
 
 def _unmatched(mine: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray]) -> list[str]:

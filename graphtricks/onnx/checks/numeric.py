@@ -6,6 +6,14 @@ with every Dropout's ratio set to 0 and every random draw replaced by a fixed va
 into the identity and the same draws fixed (``draws``): stochastic depth keeps every sample,
 scaled by ``1 / keep_prob``, on both sides. BatchNorm uses batch statistics on both sides,
 which is what tells a train-mode BatchNormalization from an inference-mode one.
+
+Tolerance: float32 is not exact, so a fixed atol/rtol fails correct graphs (a reduction summed in
+another order) and can pass wrong ones. Where a float64 copy of the model is given (the *truth*,
+run on the same device), an output also passes when ONNX Runtime's largest error against the
+truth is within ``NOISE_FACTOR`` times PyTorch float32's own largest error against it: ONNX
+Runtime must be as close to the truth as PyTorch is. Whichever of the two rules is looser
+decides; the report carries both figures. A portable train graph's ``updated.<buffer>`` outputs
+are compared with the buffers of the model after one train-mode forward (:func:`check_running_stats`).
 """
 
 from __future__ import annotations
@@ -16,13 +24,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphtricks.errors import ValidationError
 from graphtricks.onnx.draws import Draw
-from graphtricks.onnx.eager import reference_copy, run_reference
+from graphtricks.onnx.eager import float64_copy, reference_copy, run_reference
+from graphtricks.onnx.portable import UPDATED_PREFIX
 from graphtricks.onnx.inputs import InputSet, session_feed
 from graphtricks.onnx.report import CheckResult, Tolerance
 from graphtricks.onnx.runtime import RunFailure, Session
 
-__all__ = ["check_infer_vs_eager", "check_train_deterministic", "compare_output"]
+__all__ = [
+    "NOISE_FACTOR",
+    "check_infer_vs_eager",
+    "check_running_stats",
+    "check_train_deterministic",
+    "compare_output",
+]
+
+# How much further from the float64 truth ONNX Runtime may be than PyTorch float32 is. Measured
+# (CPU, onnxruntime 1.32): a train-mode BatchNorm in primitive ops 2.1x PyTorch's error
+# (1.2e-6 vs 5.9e-7); timm mambaout_femto's inference graph 1.0x (3.1e-5 both).
+NOISE_FACTOR = 4.0
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
@@ -34,7 +55,11 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
 
 
 def compare_output(
-    actual: np.ndarray, expected: torch.Tensor, tol: Tolerance, base: CheckResult
+    actual: np.ndarray,
+    expected: torch.Tensor,
+    tol: Tolerance,
+    base: CheckResult,
+    truth: torch.Tensor | None = None,
 ) -> CheckResult:
     """Compares one ONNX output with its PyTorch twin: dtype, shape, finiteness, closeness.
 
@@ -43,6 +68,8 @@ def compare_output(
         expected: What PyTorch returned.
         tol: The tolerance for this dtype and device.
         base: A result carrying name, graph, provider, output, seed and inputs; it is filled in.
+        truth: The same output from a float64 copy of the model: the output then also passes
+            when ONNX Runtime is within ``NOISE_FACTOR`` of PyTorch's own error against it.
 
     Returns:
         ``base`` with the verdict, errors and tolerances set.
@@ -71,17 +98,45 @@ def compare_output(
     big = np.abs(ref) > max(tol.atol, np.finfo(np.float64).tiny)
     base.max_rel = float((err[big] / np.abs(ref[big])).max()) if big.any() else 0.0
     excess = err - (tol.atol + tol.rtol * np.abs(ref))
-    base.passed = bool((excess <= 0).all())
+    fixed_ok = bool((excess <= 0).all())
+    noise = _noise_figures(got, ref, truth) if expected.is_floating_point() else None
+    base.passed = fixed_ok or bool(noise and noise["within_noise"])
+    if noise:
+        noise["judged_by"] = "fixed tolerance" if fixed_ok else "float64 reference"
+        base.details.update(noise)
+    figures = (
+        f"; vs float64: ONNX {noise['onnx_vs_float64_max_abs']:.3g}, PyTorch float32 "
+        f"{noise['pytorch_vs_float64_max_abs']:.3g} (x{NOISE_FACTOR:g} allowed)"
+        if noise else ""
+    )
     if base.passed:
-        base.message = f"{where}: max abs {base.max_abs:.3g}, max rel {base.max_rel:.3g}"
+        base.message = f"{where}: max abs {base.max_abs:.3g}, max rel {base.max_rel:.3g}{figures}"
     else:
         worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess)), excess.shape))
         base.message = (
             f"{where}: max abs error {base.max_abs:.3g} (max rel {base.max_rel:.3g}) exceeds "
             f"atol={tol.atol:g} + rtol={tol.rtol:g}*|expected|; worst element {worst}: "
-            f"{got[worst]:.6g} vs PyTorch {ref[worst]:.6g}"
+            f"{got[worst]:.6g} vs PyTorch {ref[worst]:.6g}{figures}"
         )
     return base
+
+
+def _noise_figures(got: np.ndarray, ref: np.ndarray, truth: torch.Tensor | None) -> dict | None:
+    """ONNX's and PyTorch float32's largest errors against the float64 truth, and the verdict."""
+    if truth is None or tuple(truth.shape) != tuple(ref.shape):
+        return None
+    exact = truth.detach().cpu().to(torch.float64).numpy()
+    if not np.isfinite(exact).all():
+        return None
+    onnx_err = float(np.abs(got - exact).max()) if exact.size else 0.0
+    torch_err = float(np.abs(ref - exact).max()) if exact.size else 0.0
+    return {
+        "onnx_vs_float64_max_abs": onnx_err,
+        "pytorch_vs_float64_max_abs": torch_err,
+        "noise_factor": NOISE_FACTOR,
+        "noise_bound": NOISE_FACTOR * torch_err,
+        "within_noise": onnx_err <= NOISE_FACTOR * torch_err,
+    }
 
 
 def _compare_all(
@@ -91,8 +146,14 @@ def _compare_all(
     input_set: InputSet,
     expected: Sequence[torch.Tensor],
     tolerance: Callable[[torch.dtype], Tolerance],
+    truth: Sequence[torch.Tensor] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> list[CheckResult]:
-    """Runs ``session`` on one input set and compares every main output with ``expected``."""
+    """Runs ``session`` on one input set and compares every main output with ``expected``.
+
+    ``truth`` holds the float64 outputs when there are; the ``updated.<buffer>`` outputs of a
+    portable train graph are not compared here but put into ``extra`` when given.
+    """
 
     def result(output: str | None) -> CheckResult:
         return CheckResult(
@@ -101,13 +162,17 @@ def _compare_all(
         )
 
     feed = session_feed(session.inner, input_set.tensors, input_set.label)
-    names = session.output_names
+    every = session.output_names
     try:
-        actual = session.run(feed)
+        values = session.run(feed)
     except RunFailure as e:
         failed = result(None)
         failed.message = f"{graph} graph on {input_set.label}: {e}"
         return [failed]
+    kept = [(n, v) for n, v in zip(every, values) if not n.startswith(UPDATED_PREFIX)]
+    if extra is not None:
+        extra.update((n, v) for n, v in zip(every, values) if n.startswith(UPDATED_PREFIX))
+    names, actual = [n for n, _ in kept], [v for _, v in kept]
     if len(names) != len(expected):
         failed = result(None)
         failed.message = (
@@ -115,9 +180,10 @@ def _compare_all(
             f"PyTorch returns {len(expected)}"
         )
         return [failed]
+    truths = list(truth) if truth is not None and len(truth) == len(expected) else []
     return [
-        compare_output(got, ref, tolerance(ref.dtype), result(name))
-        for name, got, ref in zip(names, actual, expected)
+        compare_output(got, ref, tolerance(ref.dtype), result(name), truths[k] if truths else None)
+        for k, (name, got, ref) in enumerate(zip(names, actual, expected))
     ]
 
 
@@ -134,6 +200,7 @@ def check_infer_vs_eager(
     input_sets: Sequence[InputSet],
     tolerance: Callable[[torch.dtype], Tolerance],
     reference: nn.Module | None = None,
+    truth: nn.Module | None = None,
 ) -> list[CheckResult]:
     """Check 1: the inference graph against a copy of ``model`` in eval mode.
 
@@ -144,6 +211,8 @@ def check_infer_vs_eager(
         tolerance: Gives the tolerance of an output dtype.
         reference: A copy of ``model`` from :func:`~graphtricks.onnx.eager.reference_copy` to
             run (set to eval mode here), so that several checks share one copy; None: a new one.
+        truth: A float64 copy (:func:`~graphtricks.onnx.eager.float64_copy`) whose outputs
+            judge both float32 results; None: fixed tolerances only.
 
     Returns:
         One result per output and input set, plus a failure if PyTorch drops out in eval mode.
@@ -158,7 +227,10 @@ def check_infer_vs_eager(
             reference, input_set.tensors, device=session.device, neutralise=False
         )
         eval_dropouts.extend(seen.calls)
-        results += _compare_all("infer_vs_eager", "infer", session, input_set, expected, tolerance)
+        exact = _truth(truth, False, input_set, session.device, neutralise=False)
+        results += _compare_all(
+            "infer_vs_eager", "infer", session, input_set, expected, tolerance, exact
+        )
     if eval_dropouts:
         results.append(
             CheckResult(
@@ -177,6 +249,7 @@ def check_train_deterministic(
     input_sets: Sequence[InputSet],
     tolerance: Callable[[torch.dtype], Tolerance],
     reference: nn.Module | None = None,
+    truth: nn.Module | None = None,
 ) -> tuple[list[CheckResult], list[float], list[Draw]]:
     """Check 2a: the train graph made deterministic against the model in train mode.
 
@@ -186,10 +259,13 @@ def check_train_deterministic(
         model: The PyTorch model (not changed: a copy runs, and its running stats move).
         input_sets: The inputs to compare on.
         tolerance: Gives the tolerance of an output dtype.
-        reference: A copy of ``model`` to run (set to train mode here); None: a new one.
+        reference: A copy of ``model`` to run (set to train mode here); None: a new one. Its
+            buffers must be the model's: the running statistics after its first train forward
+            are what the graph's ``updated.<buffer>`` outputs are compared with.
+        truth: A float64 copy of ``model`` (see :func:`check_infer_vs_eager`); None: none.
 
     Returns:
-        One result per output and input set, the drop probabilities PyTorch applied in one
+        One result per output and input set (and per running statistic), the drop probabilities PyTorch applied in one
         train-mode forward (for the Dropout count check), and the random draws it made (for the
         random-draw checks).
 
@@ -204,9 +280,65 @@ def check_train_deterministic(
         expected, seen = run_reference(
             reference, input_set.tensors, device=session.device, neutralise=True
         )
+        exact = _truth(truth, True, input_set, session.device, neutralise=True)
+        updated: dict[str, np.ndarray] = {}
+        results += _compare_all(
+            "train_deterministic", "train", session, input_set, expected, tolerance, exact,
+            updated,
+        )
         if i == 0:
             per_forward, draws = seen.calls, seen.draws
-        results += _compare_all(
-            "train_deterministic", "train", session, input_set, expected, tolerance
-        )
+            buffers = {k: v.detach().cpu() for k, v in reference.named_buffers()}
+            results += check_running_stats(updated, buffers, tolerance, session, input_set)
     return results, per_forward, draws
+
+
+def _truth(
+    truth: nn.Module | None, train: bool, input_set: InputSet, device: str, neutralise: bool
+) -> list[torch.Tensor] | None:
+    """The float64 copy's outputs on one input set, None without a copy."""
+    if truth is None:
+        return None
+    truth.train(train)
+    try:
+        exact, _ = run_reference(
+            truth, input_set.tensors, device=device, neutralise=neutralise, dtype=torch.float64
+        )
+    except ValidationError:  # the model does not run in float64: fixed tolerances judge alone
+        return None
+    return exact
+
+
+def check_running_stats(
+    updated: dict[str, np.ndarray],
+    buffers: dict[str, torch.Tensor],
+    tolerance: Callable[[torch.dtype], Tolerance],
+    session: Session,
+    input_set: InputSet,
+) -> list[CheckResult]:
+    """The graph's ``updated.<buffer>`` outputs against the buffers after one train forward.
+
+    Args:
+        updated: The running-statistics outputs of one run of a portable train graph.
+        buffers: The model's buffers, by qualified name, after one train-mode forward on the
+            same inputs.
+        tolerance: Gives the tolerance of a buffer dtype.
+        session: The session that ran (for the provider).
+        input_set: The inputs it ran on.
+
+    Returns:
+        One result per output.
+    """
+    results = []
+    for name, value in sorted(updated.items()):
+        base = CheckResult(
+            name="running_stats", passed=False, message="", graph="train",
+            provider=session.provider, output=name, seed=input_set.seed, inputs=input_set.label,
+        )
+        buffer = buffers.get(name.removeprefix(UPDATED_PREFIX))
+        if buffer is None:
+            base.message = f"train output '{name}' names no buffer of the model"
+            results.append(base)
+            continue
+        results.append(compare_output(value, buffer, tolerance(buffer.dtype), base))
+    return results

@@ -4,57 +4,91 @@ Example:
     >>> import graphtricks as gt
     >>> result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], example_inputs=(x,))
     >>> result.model, result.report
+
+The names below are imported on first use (PEP 562), so ``import graphtricks`` and the
+command line's ``--help`` do not pay for importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 from graphtricks import _compat
 
 _compat.install()  # old module paths (graphtricks.loading, ...) keep importing for one release
 
-from graphtricks.capture import Region, RegionTree, capture  # noqa: E402
-from graphtricks.errors import GraphtricksError
-from graphtricks.io import recipe
-from graphtricks.io.folder import load, save
-from graphtricks.io.specs import load_model
-from graphtricks.passes import (
-    PASSES,
-    AddResidual,
-    BatchNormToLayerNorm,
-    GraphtricksPass,
-    Initialize,
-    InsertDropout,
-    NoChangeWarning,
-    add_residual,
-    bn_to_ln,
-    initialize,
-    insert_dropout,
-)
-from graphtricks.report import Change, Report
-from graphtricks.rewrite import RewriteResult, rewrite
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "AddResidual",
-    "BatchNormToLayerNorm",
-    "GraphtricksError",
-    "GraphtricksPass",
-    "Initialize",
-    "InsertDropout",
-    "NoChangeWarning",
-    "PASSES",
-    "Change",
-    "Region",
-    "RegionTree",
-    "Report",
-    "RewriteResult",
-    "capture",
-    "add_residual",
-    "bn_to_ln",
-    "initialize",
-    "insert_dropout",
-    "load",
-    "load_model",
-    "recipe",
-    "rewrite",
-    "save",
-]
+# public name -> the module that holds it
+_LAZY: dict[str, str] = {
+    "Region": "graphtricks.capture",
+    "RegionTree": "graphtricks.capture",
+    "capture": "graphtricks.capture",
+    "GraphtricksError": "graphtricks.errors",
+    "recipe": "graphtricks.io.recipe",
+    "load": "graphtricks.io.folder",
+    "save": "graphtricks.io.folder",
+    "load_model": "graphtricks.io.specs",
+    "export": "graphtricks.api",
+    "validate": "graphtricks.api",
+    "Change": "graphtricks.report",
+    "Report": "graphtricks.report",
+    "RewriteResult": "graphtricks.rewrite",
+    "rewrite": "graphtricks.rewrite",
+    **{
+        name: "graphtricks.passes"
+        for name in (
+            "PASSES", "AddResidual", "BatchNormToLayerNorm", "GraphtricksPass", "Initialize", "InsertDropout",
+            "NoChangeWarning", "add_residual", "bn_to_ln", "initialize", "insert_dropout",
+        )
+    },
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'graphtricks' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    # ``recipe`` is the module itself; the rest are names inside their module
+    value = module if name == "recipe" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """The package object: importing a submodule never hides the public name it shares.
+
+    ``import graphtricks.rewrite`` binds ``graphtricks.rewrite`` to the module; ``gt.rewrite``
+    is the function (as it was when this file imported everything eagerly).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("rewrite", "capture", "recipe") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from graphtricks.capture import Region, RegionTree, capture  # noqa: F401
+    from graphtricks.errors import GraphtricksError  # noqa: F401
+    from graphtricks.io import recipe  # noqa: F401
+    from graphtricks.io.folder import load, save  # noqa: F401
+    from graphtricks.io.specs import load_model  # noqa: F401
+    from graphtricks.passes import (  # noqa: F401
+        PASSES, AddResidual, BatchNormToLayerNorm, GraphtricksPass, Initialize, InsertDropout,
+        NoChangeWarning, add_residual, bn_to_ln, initialize, insert_dropout,
+    )
+    from graphtricks.report import Change, Report  # noqa: F401
+    from graphtricks.rewrite import RewriteResult, rewrite  # noqa: F401

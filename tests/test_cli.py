@@ -134,8 +134,6 @@ def test_trusted_pickle_loads(tmp_path):
         (["rewrite", "no_such_module_xyz:Model", *SHAPE, "--dry-run"], "cannot import module"),
         (["rewrite", f"{ROOT}/models/plain_cnn.py:Nope", *SHAPE, "--dry-run"], "has no attribute 'Nope'"),
         (["rewrite", "plainspec", *SHAPE, "--dry-run"], "must be path/to/file.py:Name"),
-        (["rewrite", CNN, *SHAPE, "--dropout", "1.5", "--dry-run"], "[0, 1)"),
-        (["rewrite", CNN, "--input-shape", "4,three", "--dry-run"], "is not a shape"),
         (["rewrite", CNN, "--input-shape", "4,5,32,32", "--dry-run"], "rejects inputs of shape 4,5,32,32"),
         (["rewrite", CNN, "--dry-run"], "--input-shape"),
         (["rewrite", CNN, *SHAPE, "--dropout", "0.1"], "--out"),

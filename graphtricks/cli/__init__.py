@@ -8,6 +8,7 @@ builds the app from them.
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -27,9 +28,28 @@ app = typer.Typer(
     name="graphtricks",
     help="Apply classic training techniques to an existing PyTorch model with torch.fx, and prove it deploys.",
     no_args_is_help=True,
-    add_completion=False,
+    # plain click help: metavars as written (DIR, GLOB, P; no <bool>), and help text is not
+    # read as rich markup (a recipe's [[passes]] stays visible)
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from graphtricks import __version__
+
+        typer.echo(f"graphtricks {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Apply classic training techniques to an existing PyTorch model with torch.fx, and prove it deploys."""
 # registration order is the order `graphtricks --help` lists them in
 for command in (rewrite, inspect, export, validate):
     app.command()(command)

@@ -1,4 +1,8 @@
-"""What the ``graphtricks`` commands share: consoles, option types, error handling, model loading."""
+"""What the ``graphtricks`` commands share: consoles, option types, error handling, model loading.
+
+Nothing here imports torch at module level: ``graphtricks --help`` and usage errors answer in
+well under a second, and torch is imported when a command first needs a model.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +13,62 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 
-from graphtricks.errors import GraphtricksError, SpecError
-from graphtricks.io.inputs import DTYPES, make_example_inputs, parse_input_shapes
-from graphtricks.io.specs import load_model, load_weights, parse_model_args
+from graphtricks.errors import GraphtricksError, InputShapeError, SpecError
+from graphtricks.io.inputs import DTYPE_NAMES, parse_input_shapes
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-InputDtype = Enum("InputDtype", {k: k for k in DTYPES}, type=str)
+InputDtype = Enum("InputDtype", {k: k for k in DTYPE_NAMES}, type=str)
 Device = Enum("Device", {k: k for k in ("cpu", "cuda", "meta")}, type=str)
+
+
+def choices(enum: type[Enum]) -> str:
+    """A choice option's metavar: ``cpu|cuda|meta``."""
+    return "|".join(e.value for e in enum)
+
+
+def _check_shape(value: str | None) -> str | None:
+    """``--input-shape`` is checked while parsing (exit 2), before any model loads."""
+    if value is not None:
+        try:
+            parse_input_shapes(value)
+        except InputShapeError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
 
 # -- shared options --------------------------------------------------------------------
 InputShapeOpt = Annotated[
-    str | None, typer.Option("--input-shape", help="Example input shape, e.g. 8,3,32,32; several inputs: 8,16;8,16.")
+    str | None,
+    typer.Option(
+        "--input-shape", metavar="SHAPE", callback=_check_shape,
+        help="Example input shape, dimensions separated by commas: 8,3,32,32; several inputs: 8,16;8,16.",
+    ),
 ]
 InputDtypeOpt = Annotated[
     InputDtype | None,
-    typer.Option("--input-dtype", help="dtype of the random example inputs (default float32; int64 token ids for text models)."),
+    typer.Option(
+        "--input-dtype", metavar=choices(InputDtype),
+        help="dtype of the random example inputs (default float32; int64 token ids for text models).",
+    ),
 ]
 DeviceOpt = Annotated[
-    Device, typer.Option("--device", help="Where to build and capture the model; meta plans without allocating weights.")
+    Device,
+    typer.Option(
+        "--device", metavar=choices(Device), help="Where to build and capture the model; meta plans without allocating weights."
+    ),
 ]
 ModelArgOpt = Annotated[
-    list[str] | None, typer.Option("--model-arg", help="key=value passed to the model's class or factory (repeatable).")
+    list[str] | None,
+    typer.Option("--model-arg", metavar="KEY=VALUE", help="Passed to the model's class or factory (repeatable)."),
 ]
-WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="State dict to load: .safetensors, or .pt read weights-only.")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", metavar="FILE", help="State dict to load: .safetensors, or .pt read weights-only.")
+]
 TrustPickleOpt = Annotated[
     bool, typer.Option("--trust-pickle", help="Allow unpickling a whole-model .pt (unpickling runs arbitrary code).")
 ]
@@ -102,7 +133,11 @@ def load_source(
     Text models (a Hugging Face config with a ``vocab_size``) get int64 token ids below the
     vocabulary size unless ``--input-dtype`` says otherwise.
     """
+    import torch
+
     from graphtricks.io.folder import is_saved_model, load_saved
+    from graphtricks.io.inputs import make_example_inputs
+    from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
     dtype_name = input_dtype.value if input_dtype else None

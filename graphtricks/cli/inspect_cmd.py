@@ -24,7 +24,6 @@ from graphtricks.cli.common import (
     status,
     user_errors,
 )
-from graphtricks.passes import candidate_blocks
 
 
 def _render_region(tree: Tree, region: dict) -> None:
@@ -39,7 +38,7 @@ def _render_region(tree: Tree, region: dict) -> None:
 
 
 def inspect(
-    spec: Annotated[str, typer.Argument(help="Model spec or a saved DIR.")],
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="Model spec or a saved DIR.")],
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
     device: DeviceOpt = Device.cpu,
@@ -49,8 +48,15 @@ def inspect(
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Show the region tree (traced / opaque and why), activations, norms and parameters."""
+    """Show the region tree (traced / opaque and why), activations, norms and parameters.
+
+    Example:
+
+    \b
+        graphtricks inspect models/control_flow.py:DataDependent --input-shape 2,3,16,16
+    """
     from graphtricks.capture.summary import summarize
+    from graphtricks.passes import candidate_blocks
     from graphtricks.rewrite import rewrite as run_rewrite
 
     with user_errors(verbose):

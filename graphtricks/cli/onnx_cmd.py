@@ -8,7 +8,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
@@ -35,20 +34,26 @@ OnnxDevice = Enum("OnnxDevice", {k: k for k in ("auto", "cpu", "cuda")}, type=st
 
 
 def export(
-    spec: Annotated[str, typer.Argument(help="A saved DIR (files go into it), or a model spec (with --out).")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="For a SPEC: folder receiving the saved model and ONNX files.")] = None,
+    spec: Annotated[str, typer.Argument(metavar="DIR|SPEC", help="A saved DIR (files go into it), or a model spec (with --out).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="For a SPEC: folder receiving the saved model and ONNX files.")] = None,
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (14-20).")] = 18,
+    opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset (14-20).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs)."""
+    """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs).
+
+    Example:
+
+    \b
+        graphtricks export out/cnn
+    """
     from graphtricks.io.folder import check_output_dir, is_saved_model, save
     from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
     from graphtricks.rewrite import rewrite as run_rewrite
@@ -83,6 +88,7 @@ def export(
 def _read_npz(path: Path) -> list[tuple]:
     """One input set from an ``.npz`` (arrays in file order), refusing pickled objects."""
     import numpy as np
+    import torch
 
     from graphtricks.errors import ValidationError
 
@@ -99,15 +105,21 @@ def _read_npz(path: Path) -> list[tuple]:
 
 
 def validate(
-    folder: Annotated[Path, typer.Argument(help="A folder written by `graphtricks export`.")],
-    device: Annotated[OnnxDevice, typer.Option("--device", help="auto: CUDA when onnxruntime-gpu and a GPU are present.")] = OnnxDevice.auto,
-    atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default by dtype and device).")] = None,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (default by dtype and device).")] = None,
-    inputs_file: Annotated[Path | None, typer.Option("--inputs", help="Extra inputs: an .npz with one array per model input.")] = None,
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `graphtricks export`.")],
+    device: Annotated[OnnxDevice, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when onnxruntime-gpu and a GPU are present.")] = OnnxDevice.auto,
+    atol: Annotated[float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype and device).")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", metavar="X", help="Relative tolerance (default by dtype and device).")] = None,
+    inputs_file: Annotated[Path | None, typer.Option("--inputs", metavar="FILE", help="Extra inputs: an .npz with one array per model input.")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Check both ONNX graphs against PyTorch and each other; exit 1 when a check fails."""
+    """Check both ONNX graphs against PyTorch and each other; exit 1 when a check fails.
+
+    Example:
+
+    \b
+        graphtricks validate out/cnn
+    """
     from graphtricks.io.folder import load_saved
     from graphtricks.onnx import snapshot_model, validate_pair
 

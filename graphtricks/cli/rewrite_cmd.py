@@ -14,6 +14,7 @@ from rich.table import Table
 from graphtricks.cli.common import (
     Device,
     DeviceOpt,
+    choices,
     ForceOpt,
     InputDtypeOpt,
     InputShapeOpt,
@@ -29,11 +30,10 @@ from graphtricks.cli.common import (
     warn,
 )
 from graphtricks.errors import GraphtricksError, PassError
-from graphtricks.io.recipe import read_recipe
-from graphtricks.passes import PASSES, GraphtricksPass, pass_from_config
-from graphtricks.passes.dropout import DROPOUT_KINDS
 
-DropoutKind = Enum("DropoutKind", {k: k for k in DROPOUT_KINDS}, type=str)
+# the pass's own tables (passes.dropout.DROPOUT_KINDS, ...) import torch: their names are
+# repeated here so --help stays fast; tests/cli checks that they agree
+DropoutKind = Enum("DropoutKind", {k: k for k in ("element", "channel")}, type=str)
 Shortcut = Enum("Shortcut", {k: k for k in ("auto", "identity", "pad", "conv")}, type=str)
 PostAct = Enum("PostAct", {k: k for k in ("none", "relu")}, type=str)
 Gate = Enum("Gate", {k: k for k in ("none", "zero")}, type=str)
@@ -64,8 +64,10 @@ def _flag_passes(
     include_frozen: bool,
     include: list[str],
     exclude: list[str],
-) -> list[GraphtricksPass]:
+) -> list:
     """Passes named by flags, in the order that composes well: structure, norms, dropout, init."""
+    from graphtricks.passes import PASSES, pass_from_config
+
     select = {"include": tuple(include), "exclude": tuple(exclude)}
     configs: list[dict[str, Any]] = []
     if residual or residual_span:
@@ -90,6 +92,13 @@ def _flag_passes(
     return passes
 
 
+def _check_p(value: float | None) -> float | None:
+    """``--dropout`` is checked while parsing (exit 2), before any model loads."""
+    if value is not None and not 0.0 <= value < 1.0:
+        raise typer.BadParameter(f"{value:g} is not a dropout probability: give a number in [0, 1), e.g. 0.1")
+    return value
+
+
 def _changes_table(report) -> Table:
     """The report's changes, one row each."""
     table = Table(title="changes", show_lines=False)
@@ -101,40 +110,47 @@ def _changes_table(report) -> Table:
 
 
 def rewrite(
-    spec: Annotated[str, typer.Argument(help="Model spec (file.py:Name, pkg.module:Name, tv:/timm:/hf:NAME) or a saved DIR.")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder to write the rewritten model to.")] = None,
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="Model spec (file.py:Name, pkg.module:Name, tv:/timm:/hf:NAME) or a saved DIR.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Folder to write the rewritten model to.")] = None,
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
     device: DeviceOpt = Device.cpu,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
-    dropout: Annotated[float | None, typer.Option("--dropout", help="Insert dropout with this p after activations.")] = None,
-    dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", help="element or channel dropout.")] = DropoutKind.element,
-    residual: Annotated[list[str] | None, typer.Option("--residual", help="Wrap blocks whose qualified name matches (repeatable; * and ? stop at dots, ** crosses them).")] = None,
-    residual_span: Annotated[list[str] | None, typer.Option("--residual-span", help="Wrap a node span FIRST:LAST (or REGION/FIRST:LAST) of a traced region.")] = None,
-    shortcut: Annotated[Shortcut, typer.Option("--shortcut", help="Shortcut kind.")] = Shortcut.auto,
+    dropout: Annotated[float | None, typer.Option("--dropout", metavar="P", callback=_check_p, help="Insert dropout with this p after activations.")] = None,
+    dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", metavar=choices(DropoutKind), help="element or channel dropout.")] = DropoutKind.element,
+    residual: Annotated[list[str] | None, typer.Option("--residual", metavar="GLOB", help="Wrap blocks whose qualified name matches (repeatable; * and ? stop at dots, ** crosses them).")] = None,
+    residual_span: Annotated[list[str] | None, typer.Option("--residual-span", metavar="FIRST:LAST", help="Wrap a node span FIRST:LAST (or REGION/FIRST:LAST) of a traced region.")] = None,
+    shortcut: Annotated[Shortcut, typer.Option("--shortcut", metavar=choices(Shortcut), help="Shortcut kind.")] = Shortcut.auto,
     shortcut_norm: Annotated[bool, typer.Option("--shortcut-norm", help="BatchNorm after a 1x1 conv shortcut.")] = False,
-    post_act: Annotated[PostAct, typer.Option("--post-act", help="Activation after the sum.")] = PostAct.none,
-    gate: Annotated[Gate, typer.Option("--gate", help="zero: a learnable scalar gate on the shortcut, starting at 0.")] = Gate.none,
+    post_act: Annotated[PostAct, typer.Option("--post-act", metavar=choices(PostAct), help="Activation after the sum.")] = PostAct.none,
+    gate: Annotated[Gate, typer.Option("--gate", metavar=choices(Gate), help="zero: a learnable scalar gate on the shortcut, starting at 0.")] = Gate.none,
     bn_to_ln: Annotated[bool, typer.Option("--bn-to-ln", help="Replace BatchNorm with LayerNorm.")] = False,
-    ln_over: Annotated[LnOver, typer.Option("--ln-over", help="c: over channels per position; chw: over C,H,W.")] = LnOver.c,
-    init: Annotated[InitScheme | None, typer.Option("--init", help="Re-initialise weights with this scheme.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for --init.")] = 0,
+    ln_over: Annotated[LnOver, typer.Option("--ln-over", metavar=choices(LnOver), help="c: over channels per position; chw: over C,H,W.")] = LnOver.c,
+    init: Annotated[InitScheme | None, typer.Option("--init", metavar="SCHEME", help=f"Re-initialise weights with this scheme: {', '.join(e.value for e in InitScheme)}.")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed for --init.")] = 0,
     keep_bias: Annotated[bool, typer.Option("--keep-bias", help="--init keeps biases instead of zeroing them.")] = False,
-    fan: Annotated[Fan, typer.Option("--fan", help="Fan mode for He initialisation.")] = Fan.fan_in,
+    fan: Annotated[Fan, typer.Option("--fan", metavar=choices(Fan), help="Fan mode for He initialisation.")] = Fan.fan_in,
     zero_init_residual: Annotated[bool, typer.Option("--zero-init-residual", help="Last norm of each residual block starts at 0.")] = False,
     include_frozen: Annotated[bool, typer.Option("--include-frozen", help="--init also re-initialises frozen parameters.")] = False,
-    include: Annotated[list[str] | None, typer.Option("--include", help="Only edit places whose qualified name matches (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Never edit places matching this glob (repeatable).")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe with [[passes]] to apply (before flag passes).")] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Only edit places whose qualified name matches (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Never edit places matching this glob (repeatable).")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", metavar="FILE", help="TOML recipe with [[passes]] to apply (before flag passes).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Rewrite a model with passes and save it (weights, recipe, report, code)."""
+    """Rewrite a model with passes and save it (weights, recipe, report, code).
+
+    Example:
+
+    \b
+        graphtricks rewrite models/plain_cnn.py:PlainCNN --input-shape 8,3,32,32 --dropout 0.1 --out out/cnn
+    """
     from graphtricks.io.folder import check_output_dir, save
+    from graphtricks.io.recipe import read_recipe
     from graphtricks.rewrite import rewrite as run_rewrite
 
     with user_errors(verbose):

@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphtricks.capture.modes import ModeSnapshot
+from graphtricks.capture.guards import install_input_guards
 from graphtricks.capture.tracing import (
     Call,
     concrete_args,
@@ -190,6 +191,7 @@ class _Capturer:
 
         graph = graphs[0]
         restore_placeholder_names(graph, module)
+        install_input_guards(graph)  # not fx's _assert_is_none, which breaks fx once unpickled
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
         _carry_over_state(module, gm)
         region = Region(path, "traced", gm, note)

@@ -3,7 +3,8 @@
 Specs:
     ``path/to/file.py:Name``   a class or zero-argument factory in a Python file
     ``package.module:Name``    the same, from an importable module
-    ``tv:NAME``                ``torchvision.models.get_model(NAME, weights=None)`` (extra ``zoo``)
+    ``tv:NAME``                ``torchvision.models.get_model(NAME, weights=None)`` (and
+                               ``weights_backbone=None`` where the builder has a backbone; extra ``zoo``)
     ``timm:NAME``              ``timm.create_model(NAME, pretrained=False)`` (extra ``zoo``)
     ``hf:MODEL_TYPE``          a Hugging Face model built from its config (extra ``zoo``)
     ``model.pt``               a whole pickled model: only with ``trust_pickle=True``
@@ -17,6 +18,7 @@ import ast
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,22 @@ def _load_code_spec(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return _build(getattr(module, attr), spec, kwargs)
 
 
+def _no_torchvision_weights(torchvision, name: str) -> dict[str, Any]:
+    """The arguments that keep a torchvision builder from downloading anything.
+
+    Segmentation and detection builders default ``weights_backbone`` to ImageNet weights,
+    which they would download even with ``weights=None``.
+    """
+    out: dict[str, Any] = {"weights": None}
+    try:
+        params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    except (ValueError, TypeError):  # an unknown name: get_model says so
+        return out
+    if "weights_backbone" in params:
+        out["weights_backbone"] = None
+    return out
+
+
 def _load_zoo(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     prefix, _, name = spec.partition(":")
     if not name:
@@ -133,7 +151,7 @@ def _load_zoo(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         raise SpecError(f"{spec} needs {package}: install the extra with pip install 'graphtricks[zoo]'") from e
     try:
         if prefix == "tv":
-            return lib.models.get_model(name, weights=None, **kwargs)
+            return lib.models.get_model(name, **{**_no_torchvision_weights(lib, name), **kwargs})
         if prefix == "timm":
             return lib.create_model(name, pretrained=False, **kwargs)
         config = lib.AutoConfig.for_model(name, **kwargs)

@@ -58,3 +58,12 @@ class BNMLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+
+def deep_residual():
+    """DeepPlainMLP with an identity shortcut around each block, made by graphtricks (the warmup/clip baseline)."""
+    import graphtricks as gt
+
+    plain = DeepPlainMLP()
+    result = gt.rewrite(plain, [gt.AddResidual(["blocks.*"], shortcut="identity")], example_inputs=(torch.randn(8, 64),))
+    return result.model

@@ -6,6 +6,7 @@ a matplotlib Figure; lines are means over seeds and bands span ±1 standard devi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,9 @@ def _pyplot():
 def _band(ax, x, rows, color, label, style="-"):
     """Mean line and ±1 std band of ``rows`` (one row per seed)."""
     data = np.asarray(rows, dtype=float)
-    mean, std = np.nanmean(data, 0), np.nanstd(data, 0)
+    with warnings.catch_warnings():  # a diverged run is all NaN: a gap in the line, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(data, 0), np.nanstd(data, 0)
     ax.plot(x, mean, style, color=color, label=label, lw=1.6)
     if len(data) > 1:
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, lw=0)
@@ -43,7 +46,9 @@ def _curves(plt, panel, before, after, names):
         ax.set_xlabel("epoch")
         ax.set_ylabel("cross-entropy" if what == "loss" else "accuracy")
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
+    losses = np.asarray([r["history"][k] for r in (*before, *after) for k in ("train_loss", "val_loss")], dtype=float)
+    if np.isfinite(losses).any() and (losses[np.isfinite(losses)] > 0).all():
+        axes[0].set_yscale("log")  # a run that diverged leaves gaps (NaN), not a broken axis
     axes[1].legend(fontsize=7, loc="lower right")
     return fig
 

@@ -31,6 +31,7 @@ from graphtricks.cli.common import (
 from graphtricks.errors import GraphtricksError
 
 OnnxDevice = Enum("OnnxDevice", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
+TrainGraph = Enum("TrainGraph", {k: k for k in ("portable", "standard")}, type=str)
 
 
 def export(
@@ -43,6 +44,7 @@ def export(
     trust_pickle: TrustPickleOpt = False,
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset (14-20).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
+    train_graph: Annotated[TrainGraph, typer.Option("--train-graph", help="portable: dropout and BatchNorm as primitive ops any runtime runs as written (running stats as updated.* outputs); standard: ONNX Dropout and train-mode BatchNormalization.")] = TrainGraph.portable,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -76,7 +78,9 @@ def export(
             save(result, target, source, force=force, prior_passes=prior)
             model = result.model
         with status(f"exporting to {target}…", as_json):
-            exported = export_pair(model, inputs, target, opset=opset, dynamic_batch=dynamic_batch)
+            exported = export_pair(
+                model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value
+            )
         if as_json:
             print(json.dumps(exported.to_dict(), indent=2, default=str))
             return

@@ -29,6 +29,7 @@ __all__ = [
     "Session",
     "cuda_available",
     "make_session",
+    "session_options",
     "prepare_graph",
     "resolve_device",
 ]
@@ -47,6 +48,9 @@ TRAIN_BN_DISABLED_OPTIMIZERS = ("ConstantSharing",)
 # ORT's CUDA provider uses TF32 for fp32 matmul/conv by default, which alone exceeds fp32
 # tolerances; PyTorch's side is switched off in eager.torch_numerics.
 _CUDA_OPTIONS = {"device_id": "0", "use_tf32": "0"}
+# With it, a node the CUDA provider cannot run fails session creation, naming the node, instead
+# of running on CPU unnoticed.
+DISABLE_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
 
 # Initializers at least this large go to ONNX Runtime as arrays; smaller ones (shapes, scalars)
 # stay in the serialized graph, where they cost nothing.
@@ -155,6 +159,8 @@ def _as_array(init: onnx.TensorProto) -> np.ndarray | None:
         return None
     if dtype not in _ARRAY_TYPES or int(np.prod(init.dims)) * dtype.itemsize < _INLINE_BYTES:
         return None
+    if dtype == np.int64:  # shapes and axes: ONNX Runtime reads them when it loads the graph
+        return None
     # Often a read-only view of the protobuf's bytes, not copied: ONNX Runtime only reads
     # initializers (train-mode BatchNorm updates its running stats in buffers of its own).
     return np.asarray(numpy_helper.to_array(init), order="C")  # keeps 0-d arrays 0-d
@@ -228,6 +234,29 @@ class Session:
             raise RunFailure(f"ONNX Runtime failed to run the {self.role} graph: {e}") from e
 
 
+def session_options(device: str, strict: bool = True) -> tuple[Any, list[Any]]:
+    """The session options and providers validation runs a graph with on ``device``.
+
+    Graph optimizations stay at ONNX Runtime's default (all on): graphs are run as users run
+    them. On CUDA (``strict``), CPU fallback is disabled (``session.disable_cpu_ep_fallback``)
+    and TF32 is off.
+
+    Returns:
+        An ``onnxruntime.SessionOptions`` and the providers list for ``InferenceSession``.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the library never prints; ORT warns on unused initializers
+    # ORT's pool threads spin for a while after each run, taking the cores from the PyTorch
+    # reference runs between ORT runs (twice the time on a busy 2-core machine). Spinning
+    # changes no result.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if device != "cuda":
+        return options, [CPU_PROVIDER]
+    if strict:
+        options.add_session_config_entry(DISABLE_CPU_FALLBACK, "1")
+    return options, [(CUDA_PROVIDER, dict(_CUDA_OPTIONS)), CPU_PROVIDER]
+
+
 def make_session(
     model: onnx.ModelProto | PreparedGraph,
     device: str,
@@ -255,18 +284,10 @@ def make_session(
             support), or (``strict``) CUDA was asked and the session fell back to CPU.
     """
     graph = model if isinstance(model, PreparedGraph) else prepare_graph(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the library never prints; ORT warns on unused initializers
-    # ORT's pool threads spin for a while after each run, taking the cores from the PyTorch
-    # reference runs between ORT runs (twice the time on a busy 2-core machine). Spinning
-    # changes no result.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options, providers = session_options(device, strict)
     if graph.names:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in graph.arrays]
         options.add_external_initializers(list(graph.names), values)
-    providers: list[Any] = [CPU_PROVIDER]
-    if device == "cuda":
-        providers = [(CUDA_PROVIDER, dict(_CUDA_OPTIONS)), CPU_PROVIDER]
     try:
         inner = ort.InferenceSession(
             graph.structure, options, providers=providers,

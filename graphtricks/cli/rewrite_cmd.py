@@ -21,7 +21,6 @@ from graphtricks.cli.common import (
     JsonOpt,
     ModelArgOpt,
     TrustPickleOpt,
-    VerboseOpt,
     WeightsOpt,
     load_source,
     out,
@@ -56,6 +55,8 @@ def _flag_passes(
     ln_over: str,
     dropout: float | None,
     dropout_kind: str,
+    dropout_after: list[str],
+    dropout_gates: bool,
     init: str | None,
     seed: int,
     keep_bias: bool,
@@ -78,7 +79,12 @@ def _flag_passes(
     if bn_to_ln:
         configs.append({"pass": "bn_to_ln", "over": ln_over})
     if dropout is not None:
-        configs.append({"pass": "dropout", "p": dropout, "kind": dropout_kind})
+        entry: dict[str, Any] = {"pass": "dropout", "p": dropout, "kind": dropout_kind}
+        if dropout_after:
+            entry["activations"] = list(dropout_after)
+        if dropout_gates:
+            entry["gates"] = True
+        configs.append(entry)
     if init is not None:
         configs.append(
             {"pass": "init", "scheme": init, "seed": seed, "keep_bias": keep_bias, "fan": fan,
@@ -99,14 +105,76 @@ def _check_p(value: float | None) -> float | None:
     return value
 
 
-def _changes_table(report) -> Table:
-    """The report's changes, one row each."""
+LONG_TABLE = 30  # more changes than this are shown grouped (--verbose lists every one)
+DRIFT_UNIT = "drift = ‖y_new − y_old‖ / ‖y_old‖ of the swapped layer's eval output on the example inputs"
+
+
+def _drift(change) -> str:
+    value = change.details.get("drift") if change.details else None
+    return "" if value is None else f"{value:.3g}"
+
+
+def _changes_table(report, every_row: bool) -> tuple[Table, str | None]:
+    """The report's changes, one row each; grouped by (pass, action, what) when there are many."""
+    with_drift = any(_drift(c) for c in report.changes)
     table = Table(title="changes", show_lines=False)
-    for column in ("pass", "where", "action", "what"):
-        table.add_column(column, overflow="fold")
+    if every_row or len(report.changes) <= LONG_TABLE:
+        for column in ("pass", "where", "action", "what", *(["drift"] if with_drift else [])):
+            table.add_column(column, overflow="fold")
+        for c in report.changes:
+            table.add_row(c.pass_name, c.where, c.action, c.what, *([_drift(c)] if with_drift else []))
+        return table, DRIFT_UNIT if with_drift else None
+    groups: dict[tuple, list] = {}
     for c in report.changes:
-        table.add_row(c.pass_name, c.where, c.action, c.what)
-    return table
+        groups.setdefault((c.pass_name, c.action, c.what), []).append(c)
+    for column in ("pass", "count", "where", "action", "what", *(["drift (max)"] if with_drift else [])):
+        table.add_column(column, overflow="fold")
+    for (pass_name, action, what), changes in groups.items():
+        where = changes[0].where if len(changes) == 1 else f"{changes[0].where} … {changes[-1].where}"
+        drifts = [c.details["drift"] for c in changes if c.details and c.details.get("drift") is not None]
+        table.add_row(pass_name, str(len(changes)), where, action, what, *([f"{max(drifts):.3g}" if drifts else ""] if with_drift else []))
+    hint = f"{len(report.changes)} changes in {len(groups)} groups; --verbose lists every change, --json gives them all"
+    return table, hint + (f"; {DRIFT_UNIT}" if with_drift else "")
+
+
+def _selection_names(tree) -> list[str]:
+    """Every qualified name a selection can match: modules, inlined blocks, graph nodes."""
+    from graphtricks.fxgraph.nodes import node_where, stack_types
+
+    names = [name for name, _ in tree.model.named_modules() if name]
+    for region in tree.regions():
+        if region.kind == "traced":
+            names += map(region.qualify, stack_types(region.graph_module.graph))
+            names += [node_where(region.path, n) for n in region.graph_module.graph.nodes if n.op.startswith("call_")]
+    return list(dict.fromkeys(names))
+
+
+def _check_selections(tree, residual: list[str], include: list[str]) -> None:
+    """An explicit selection that matches nothing is an error naming it and the closest names."""
+    import fnmatch
+
+    from graphtricks.fxgraph.nodes import name_glob
+    from graphtricks.suggest import did_you_mean
+
+    names = None
+    for flag, patterns, matches in (
+        ("--residual", residual, lambda p, n: name_glob(p).fullmatch(n) is not None),
+        ("--include", include, fnmatch.fnmatchcase),
+    ):
+        for pattern in patterns:
+            names = names if names is not None else _selection_names(tree)
+            if not any(matches(pattern, n) for n in names):
+                hint = did_you_mean(pattern, names) or " (graphtricks inspect lists the model's blocks)"
+                raise PassError(f"{flag} {pattern!r} matches nothing in this model{hint}")
+
+
+def _group_warnings(messages: list[str]) -> list[str]:
+    """Warnings grouped by the pass that gave them (``init: ...`` lines together), order kept."""
+    def key(m: str) -> str:
+        head = m.split(":", 1)[0]
+        return head if " " not in head else ""
+    order = list(dict.fromkeys(key(m) for m in messages))
+    return sorted(dict.fromkeys(messages), key=lambda m: order.index(key(m)))
 
 
 def rewrite(
@@ -120,6 +188,8 @@ def rewrite(
     trust_pickle: TrustPickleOpt = False,
     dropout: Annotated[float | None, typer.Option("--dropout", metavar="P", callback=_check_p, help="Insert dropout with this p after activations.")] = None,
     dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", metavar=choices(DropoutKind), help="element or channel dropout.")] = DropoutKind.element,
+    dropout_after: Annotated[list[str] | None, typer.Option("--dropout-after", metavar="ACTIVATION", help="Only after these activations, e.g. ReLU, GELU (repeatable; default: all).")] = None,
+    dropout_gates: Annotated[bool, typer.Option("--dropout-gates", help="Also after gates (a sigmoid whose output only scales another tensor: squeeze-excitation, gated units).")] = False,
     residual: Annotated[list[str] | None, typer.Option("--residual", metavar="GLOB", help="Wrap blocks whose qualified name matches (repeatable; * and ? stop at dots, ** crosses them).")] = None,
     residual_span: Annotated[list[str] | None, typer.Option("--residual-span", metavar="FIRST:LAST", help="Wrap a node span FIRST:LAST (or REGION/FIRST:LAST) of a traced region.")] = None,
     shortcut: Annotated[Shortcut, typer.Option("--shortcut", metavar=choices(Shortcut), help="Shortcut kind.")] = Shortcut.auto,
@@ -138,9 +208,10 @@ def rewrite(
     exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Never edit places matching this glob (repeatable).")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", metavar="FILE", help="TOML recipe with [[passes]] to apply (before flag passes).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat every warning as an error (exit 1, nothing written).")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
-    verbose: VerboseOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every change, and show tracebacks of errors.")] = False,
 ) -> None:
     """Rewrite a model with passes and save it (weights, recipe, report, code).
 
@@ -165,6 +236,7 @@ def rewrite(
             residual=residual or [], residual_span=residual_span or [], shortcut=shortcut.value,
             shortcut_norm=shortcut_norm, post_act=post_act.value, gate=gate.value, bn_to_ln=bn_to_ln,
             ln_over=ln_over.value, dropout=dropout, dropout_kind=dropout_kind.value,
+            dropout_after=dropout_after or [], dropout_gates=dropout_gates,
             init=init.value if init else None, seed=seed, keep_bias=keep_bias, fan=fan.value,
             zero_init_residual=zero_init_residual, include_frozen=include_frozen,
             include=include or [], exclude=exclude or [],
@@ -174,9 +246,16 @@ def rewrite(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = run_rewrite(model, planned, inputs, inplace=True)
-        messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        _check_selections(result.tree, list(residual or []), list(include or []))
+        # every warning a pass recorded (notes included), then any other library warning
+        messages = list(result.report.warnings)
+        messages += [str(w.message) for w in caught if issubclass(w.category, UserWarning) and str(w.message) not in messages]
+        messages = _group_warnings(messages)
         if not planned:
             messages.insert(0, "no pass requested (see --help); the model is written unchanged")
+        if strict and messages:
+            warn(messages, False)
+            raise GraphtricksError(f"{len(messages)} warning(s) and --strict: nothing written")
         written = None
         if not dry_run:
             with status(f"writing {out_dir}…", as_json):
@@ -188,7 +267,10 @@ def rewrite(
             return
         warn(messages, as_json)
         if result.report.changes:
-            out.print(_changes_table(result.report))
+            table, hint = _changes_table(result.report, every_row=verbose)
+            out.print(table)
+            if hint:
+                out.print(f"[dim]{hint}[/dim]")
         counts = ", ".join(f"{k}: {v}" for k, v in result.report.changes_by_pass().items()) or "no passes"
         action = "would write" if dry_run else "wrote"
         target = f" {action} {out_dir}" if out_dir is not None and not dry_run else (" (dry run: nothing written)" if dry_run else "")

@@ -188,3 +188,25 @@ def test_portable_pair_validates_on_cuda_without_fallback(tmp_path):
     report = validate_pair(model, (x,), tmp_path, device="cuda", seeds=(0,))
     assert report.passed, report.summary()
     assert all(p[0] == "CUDAExecutionProvider" for p in report.providers.values())
+
+
+class StdConv(nn.Conv2d):
+    """timm's StdConv2dSame in small: standardises its weight with batch statistics in every mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.weight)
+        return torch.nn.functional.conv2d(x, w, self.bias)
+
+
+def test_weight_standardisation_in_eval_mode_is_no_train_op(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv(3, 4, 3), nn.ReLU(), nn.Dropout(0.2))
+    x = torch.randn(4, 3, 8, 8)
+    export_pair(model, (x,), tmp_path)
+    report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,))
+    (check,) = [c for c in report.checks if c.name == "infer_has_no_train_ops"]
+    assert check.passed, check.message
+    assert report.passed, report.summary()

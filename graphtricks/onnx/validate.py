@@ -23,6 +23,7 @@ from graphtricks.onnx.checks.graphs import (
     check_io,
     check_operators,
     check_weights,
+    eager_eval_batch_statistics,
     eager_mode_difference,
 )
 from graphtricks.onnx.checks.numeric import (
@@ -257,7 +258,9 @@ def validate_pair(
         # A model whose own forward differs by mode (beyond dropout/BatchNorm) explains a difference
         # in operator counts; its eager forward is run only when the counts differ.
         check_operators(train, infer, lambda: eager_mode_difference(model, inputs, device=asked)),
-        check_infer_has_no_train_ops(infer),
+        check_infer_has_no_train_ops(
+            infer, lambda: eager_eval_batch_statistics(model, inputs, device=asked)
+        ),
         check_provenance(sessions),
         check_no_side_effects(before, model),
     ]

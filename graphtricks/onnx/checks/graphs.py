@@ -45,6 +45,7 @@ from graphtricks.onnx.train_only import (
 
 __all__ = [
     "check_infer_has_no_train_ops",
+    "eager_eval_batch_statistics",
     "check_io",
     "check_operators",
     "check_weights",
@@ -313,25 +314,72 @@ def _batch_statistics_only(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def check_infer_has_no_train_ops(infer: onnx.ModelProto) -> CheckResult:
+class _BatchStatCounter(TorchFunctionMode):
+    """Counts ``F.batch_norm`` calls that normalise with batch statistics (``training=True``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.batch_norm:
+            training = kwargs.get("training", args[5] if len(args) > 5 else False)
+            self.count += bool(training)
+        return func(*args, **kwargs)
+
+
+def eager_eval_batch_statistics(
+    model: nn.Module, inputs: Sequence[torch.Tensor], device: str = "cpu"
+) -> int:
+    """How many ``F.batch_norm`` calls normalise with batch statistics in one eval forward.
+
+    timm's ``StdConv2dSame`` standardises its own weight with ``F.batch_norm(training=True)``
+    in every mode: its inference graph keeps a train-mode BatchNormalization by right.
+
+    Raises:
+        ValidationError: The model cannot be copied or rejects the inputs.
+    """
+    twin, counter = reference_copy(model, train=False, device=device), _BatchStatCounter()
+    try:
+        with torch_numerics(device), torch.no_grad(), counter:
+            twin(*(t.to(device) for t in inputs))
+    except Exception as e:
+        raise ValidationError(
+            f"the model rejects the validation inputs ({type(e).__name__}: {e}); "
+            "pass example inputs of the shapes and dtypes it expects"
+        ) from e
+    return counter.count
+
+
+def check_infer_has_no_train_ops(
+    infer: onnx.ModelProto, eval_batch_statistics: Callable[[], int] | None = None
+) -> CheckResult:
     """The inference graph holds no Dropout, no random operator and no train-mode BatchNorm.
 
     A train-mode BatchNormalization fed batch statistics the graph computes (a BatchNorm
     without running statistics, which uses batch statistics in eval mode too) is no offender;
-    one fed fixed running statistics is (a BatchNorm exported in train mode).
+    one fed fixed running statistics is, unless the model itself normalises with batch
+    statistics in eval mode as often (``eval_batch_statistics``, e.g.
+    :func:`eager_eval_batch_statistics`): the check follows what the eager model does.
 
     Args:
         infer: The inference graph.
+        eval_batch_statistics: Gives how many batch-statistics ``F.batch_norm`` calls one
+            eval-mode forward makes; called only when train-mode BatchNorms are found.
 
     Returns:
         The result, naming the offending nodes.
     """
     untracked = _batch_statistics_only(infer)
+    batchnorms = [name for name in train_mode_batchnorms(infer) if name not in untracked]
+    eager = eval_batch_statistics() if batchnorms and eval_batch_statistics is not None else 0
+    by_right = batchnorms if 0 < len(batchnorms) <= eager else []
     offenders = [
         n.name or f"{n.op_type}#{i}"
         for i, n in enumerate(infer.graph.node)
         if n.op_type in TRAIN_ONLY_OPS
-    ] + [name for name in train_mode_batchnorms(infer) if name not in untracked]
+    ] + [name for name in batchnorms if name not in by_right]
     message = (
         f"inference graph holds train-only nodes: {offenders[:5]}"
         if offenders
@@ -342,7 +390,13 @@ def check_infer_has_no_train_ops(infer: onnx.ModelProto) -> CheckResult:
             f"; {len(untracked)} train-mode BatchNormalization node(s) {untracked[:3]} normalise "
             "with batch statistics the graph computes (BatchNorm without running statistics)"
         )
+    if by_right:
+        message += (
+            f"; {len(by_right)} train-mode BatchNormalization node(s) {by_right[:3]} as the "
+            f"model's eval forward normalises with batch statistics {eager} time(s)"
+        )
     return CheckResult(
         name="infer_has_no_train_ops", passed=not offenders, graph="infer", message=message,
-        details={"offenders": offenders, "batch_statistics_batchnorms": untracked},
+        details={"offenders": offenders, "batch_statistics_batchnorms": untracked,
+                 "eager_eval_batch_statistics": by_right},
     )

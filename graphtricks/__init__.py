@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "load": "graphtricks.io.folder",
     "save": "graphtricks.io.folder",
     "load_model": "graphtricks.io.specs",
+    "map_state_dict": "graphtricks.io.checkpoints",
     "export": "graphtricks.api",
     "validate": "graphtricks.api",
     "Change": "graphtricks.report",

@@ -121,9 +121,19 @@ class NormAct(nn.Module):
         self.norm = norm
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
+        # A checkpoint of the BatchNorm this stands in for (``bn1.weight``) loads into ``bn1.norm``.
+        self.register_load_state_dict_pre_hook(_accept_batch_norm_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(self.norm(x)))
+
+
+def _accept_batch_norm_keys(module: NormAct, state_dict, prefix, *_args) -> None:
+    """Load-state-dict pre-hook: move ``prefix.weight``/``prefix.bias`` (the BatchNorm's) to ``prefix.norm.``."""
+    for name in ("weight", "bias"):
+        key = f"{prefix}{name}"
+        if key in state_dict and f"{prefix}norm.{name}" not in state_dict:
+            state_dict[f"{prefix}norm.{name}"] = state_dict.pop(key)
 
 
 def batch_norm_extras(module: nn.Module) -> tuple[str, ...] | None:

@@ -273,9 +273,25 @@ class ResidualSpan(_ResidualParts):
 
 
 def _accept_unwrapped_keys(module: Residual, state_dict, prefix, *_args) -> None:
-    """Load-state-dict pre-hook: move ``prefix.X`` to ``prefix.body.X`` for keys of the body."""
-    body_keys = module.body.state_dict(keep_vars=True).keys()
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix) :]
-        if rest in body_keys and f"{prefix}body.{rest}" not in state_dict:
-            state_dict[f"{prefix}body.{rest}"] = state_dict.pop(key)
+    """Load-state-dict pre-hook: move ``prefix.X`` to ``prefix.body.X`` for keys of the body.
+
+    A key belongs to the body when it is one of the body's keys, or becomes one through the
+    load hooks of the body's own modules (run after this one: BN→LN's ``bn.weight`` →
+    ``bn.norm.weight``); any other key is left where it is, to be reported under its own name.
+    """
+    body = module.body
+    candidates = [k[len(prefix):] for k in state_dict
+                  if k.startswith(prefix) and f"{prefix}body.{k[len(prefix):]}" not in state_dict]
+    markers = {rest: object() for rest in candidates}  # the hooks move them as they would tensors
+    probe = dict(markers)
+    for name, sub in body.named_modules():
+        for hook in list(sub._load_state_dict_pre_hooks.values()):
+            try:
+                hook(probe, f"{name}." if name else "", {}, False, [], [], [])
+            except Exception:  # a hook that needs real tensors: its keys go by name alone
+                continue
+    keys = body.state_dict(keep_vars=True).keys()
+    landed = {id(v) for k, v in probe.items() if k in keys}
+    for rest, marker in markers.items():
+        if id(marker) in landed:
+            state_dict[f"{prefix}body.{rest}"] = state_dict.pop(f"{prefix}{rest}")

@@ -1,138 +1,180 @@
-"""Export and validate the example models on a CUDA machine; write JSON reports and nvidia-smi.
+"""GPU evidence in one command: export and validate real models on CUDA, write what happened.
 
-Usage (from the repository root, with onnxruntime-gpu installed and not onnxruntime)::
+Run on a machine with a CUDA GPU, PyTorch with CUDA and onnxruntime-gpu (never together with
+onnxruntime)::
 
-    python scripts/gpu_check.py RESULTS_DIR [--device cuda] [--dropout 0.1]
+    python scripts/gpu_check.py                 # writes benchmarks/results/gpu-YYYY-MM-DD/
+    python scripts/gpu_check.py --dry-run       # same flow on CPU (checks the script, not the GPU)
 
-For each example model in ``models/`` (a missing file is skipped), it exports the train and
-inference graphs and validates them with ``device`` (default ``cuda``: an error when ONNX
-Runtime's CUDA provider is missing or falls back). ``--dropout P`` first inserts dropout after
-activations with graphtricks' pass; by default the models are used as they are. Writes
-``RESULTS_DIR/<model>.json``, ``summary.json``, ``environment.json`` and ``nvidia-smi.txt``.
-Exit code: 0 when every model passed, 1 otherwise, 2 when the device cannot be used at all.
+Each model (the examples of models/, torchvision ResNet-18, timm ConvNeXt-atto, a BERT-style
+encoder from a Hugging Face config: no weights are downloaded) is rewritten with all four
+techniques (dropout, residual shortcuts where a block fits, BatchNorm -> LayerNorm, init),
+exported (portable train graph) and validated with ``--device cuda``. Per model the JSON report,
+the export result and timings go to ``<out>/<name>.json``; ``summary.json`` and
+``nvidia-smi.txt`` sit beside them. Exit code 1 when any model fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import datetime
 import json
+import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from graphtricks.errors import GraphtricksError  # noqa: E402
-from graphtricks.onnx import export_pair, snapshot_model, validate_pair  # noqa: E402
-
-# (file, class, example input shape)
-MODELS = [
-    ("models/plain_cnn.py", "PlainCNN", (8, 3, 32, 32)),
-    ("models/mlp.py", "MLP", (8, 32)),
-    ("models/encoder_block.py", "EncoderBlock", (4, 16, 32)),
-    ("models/encoder_block.py", "TinyEncoder", (4, 16, 32)),
-    ("models/plain_vgg.py", "PlainVGG", (4, 3, 32, 32)),
-    ("models/control_flow.py", "DataDependent", (4, 3, 16, 16)),
-]
+EXAMPLES = {
+    "models/plain_cnn.py:PlainCNN": (4, 3, 32, 32),
+    "models/mlp.py:MLP": (8, 32),
+    "models/encoder_block.py:TinyEncoder": (2, 6, 32),
+    "models/functional_acts.py:FunctionalActs": (2, 3, 16, 16),
+    "models/control_flow.py:DataDependent": (2, 3, 16, 16),
+    "models/plain_vgg.py:PlainVGG": (2, 3, 32, 32),
+}
 
 
-def load_class(path: Path, name: str):
-    """Imports ``name`` from a Python file by path."""
-    spec = importlib.util.spec_from_file_location(f"gpu_check_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
+def _real_models() -> dict[str, tuple]:
+    """(builder, example inputs) of the three real architectures, built from configs."""
+
+    def resnet():
+        import torchvision
+
+        return torchvision.models.resnet18(weights=None), (torch.randn(4, 3, 64, 64),)
+
+    def convnext():
+        import timm
+
+        return timm.create_model("convnext_atto", pretrained=False), (torch.randn(4, 3, 64, 64),)
+
+    def bert():
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, vocab_size=1000)
+        return BertModel(config), (torch.randint(0, 1000, (2, 16)),)
+
+    return {"tv:resnet18": resnet, "timm:convnext_atto": convnext, "hf:bert-tiny": bert}
 
 
-def environment() -> dict:
-    info = {
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "ort_providers": ort.get_available_providers(),
-        "torch_cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["torch_cuda_version"] = torch.version.cuda
-    return info
+def _passes(inputs: tuple):
+    """All four techniques; a pass that finds nothing to do only warns."""
+    import graphtricks as gt
+
+    return [gt.InsertDropout(p=0.1), gt.AddResidual(), gt.BatchNormToLayerNorm(), gt.Initialize()]
 
 
-def nvidia_smi() -> str:
-    try:
-        done = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60)
-        return done.stdout + done.stderr
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"nvidia-smi unavailable: {e}"
+def _check(name: str, model, inputs: tuple, device: str, out: Path) -> dict:
+    """Rewrites, exports and validates one model; returns its record."""
+    import graphtricks as gt
+    from graphtricks.onnx import export_pair, snapshot_model, validate_pair
 
-
-def check_model(path: Path, name: str, shape, args, out: Path) -> dict:
-    """Builds, (optionally) rewrites, exports and validates one model; returns its record."""
-    torch.manual_seed(0)
-    model = load_class(path, name)()
-    inputs = (torch.randn(*shape),)
-    record: dict = {"model": f"{path.relative_to(ROOT)}:{name}", "input_shape": list(shape)}
-    if args.dropout is not None:
-        from graphtricks.passes.dropout import insert_dropout
-
-        model = insert_dropout(model, inputs, p=args.dropout).model
-        record["dropout"] = args.dropout
-    before = snapshot_model(model)
+    record: dict = {"model": name, "device": device}
     start = time.perf_counter()
-    exported = export_pair(model, inputs, out / "onnx" / name, dynamic_batch=True)
-    record["export"] = exported.to_dict()
-    report = validate_pair(model, inputs, out / "onnx" / name, device=args.device, baseline=before)
-    record["validation"] = report.to_dict()
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    record["passed"] = report.passed
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                result = gt.rewrite(model.eval(), _passes(inputs), example_inputs=inputs)
+            except Exception as e:  # a technique this model cannot take: the others still run
+                record["rewrite_error"] = f"{type(e).__name__}: {e}"
+                result = gt.rewrite(model.eval(), [gt.InsertDropout(p=0.1)], example_inputs=inputs)
+        record["rewrite_s"] = round(time.perf_counter() - start, 3)
+        rewritten = result.model
+        before = snapshot_model(rewritten)
+        with tempfile.TemporaryDirectory() as folder:
+            t = time.perf_counter()
+            exported = export_pair(rewritten, inputs, folder)
+            record["export"] = exported.to_dict()
+            record["export_s"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            report = validate_pair(rewritten, inputs, folder, device=device, baseline=before)
+            record["validate_s"] = round(time.perf_counter() - t, 3)
+        record["report"] = report.to_dict()
+        record["passed"] = report.passed
+    except Exception as e:
+        record["passed"] = False
+        record["error"] = f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc()
+    record["total_s"] = round(time.perf_counter() - start, 3)
+    (out / f"{name.replace('/', '_').replace(':', '_')}.json").write_text(
+        json.dumps(record, indent=2, default=str)
+    )
     return record
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="folder for the JSON reports")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "auto", "cpu"])
-    parser.add_argument("--dropout", type=float, default=None, help="insert dropout with this p")
-    args = parser.parse_args()
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "nvidia-smi.txt").write_text(nvidia_smi())
-    env = environment()
-    (args.results / "environment.json").write_text(json.dumps(env, indent=2))
-    if args.device == "cuda" and "CUDAExecutionProvider" not in env["ort_providers"]:
-        print(f"no CUDAExecutionProvider in onnxruntime {ort.__version__}: install onnxruntime-gpu")
-        return 2
+def _nvidia_smi() -> str:
+    try:
+        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nvidia-smi unavailable: {e}"
 
-    summary = []
-    for file, name, shape in MODELS:
-        path = ROOT / file
-        if not path.is_file():
-            summary.append({"model": f"{file}:{name}", "skipped": "file missing"})
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    parser.add_argument("--dry-run", action="store_true", help="validate on CPU instead of CUDA")
+    parser.add_argument("--only", nargs="*", default=None, help="model names to run")
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from graphtricks.io.inputs import make_example_inputs
+    from graphtricks.io.specs import load_model
+    from graphtricks.onnx import cuda_available
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not cuda_available():
+        print("no CUDA: needs torch with CUDA and onnxruntime-gpu (use --dry-run on CPU)",
+              file=sys.stderr)
+        return 2
+    date = datetime.date.today().isoformat()
+    out = args.out or ROOT / "benchmarks" / "results" / f"gpu-{date}{'-dry' if args.dry_run else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nvidia-smi.txt").write_text(_nvidia_smi())
+
+    jobs = {}
+    for spec, shape in EXAMPLES.items():
+        if (ROOT / spec.split(":")[0]).is_file():
+            jobs[spec] = (lambda s=spec, sh=shape: (
+                load_model(str(ROOT / s.split(":")[0]) + ":" + s.split(":")[1]),
+                make_example_inputs([sh], seed=1),
+            ))
+    jobs.update(_real_models())
+    records = []
+    for name, build in jobs.items():
+        if args.only and name not in args.only:
             continue
+        torch.manual_seed(0)
         try:
-            record = check_model(path, name, shape, args, args.results)
-        except GraphtricksError as e:
-            record = {"model": f"{file}:{name}", "passed": False, "error": str(e)}
-        except Exception as e:  # keep going: one broken model must not hide the others
-            record = {"model": f"{file}:{name}", "passed": False, "error": repr(e),
-                      "traceback": traceback.format_exc()}
-        (args.results / f"{name}.json").write_text(json.dumps(record, indent=2))
-        validation = record.get("validation", {})
-        summary.append({
-            "model": record["model"], "passed": record["passed"],
-            "seconds": record.get("seconds"), "providers": validation.get("providers"),
-            "summary": validation.get("summary", record.get("error")),
-        })
-        print(f"{'PASS' if record['passed'] else 'FAIL'} {name}: {summary[-1]['summary']}")
-    (args.results / "summary.json").write_text(json.dumps(summary, indent=2))
-    ran = [s for s in summary if "skipped" not in s]
-    return 0 if ran and all(s["passed"] for s in ran) else 1
+            model, inputs = build()
+        except Exception as e:  # a missing optional package: recorded, not fatal
+            records.append({"model": name, "passed": False, "error": f"cannot build: {e}"})
+            continue
+        record = _check(name, model, tuple(inputs), device, out)
+        records.append(record)
+        print(f"{name}: {'passed' if record['passed'] else 'FAILED'} ({record['total_s']}s)"
+              + (f" {record.get('error', '')}" if not record["passed"] else ""))
+    summary = {
+        "date": date, "device": device, "dry_run": args.dry_run,
+        "torch": torch.__version__, "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(), "python": platform.python_version(),
+        "models": {r["model"]: {k: r.get(k) for k in ("passed", "error", "total_s")}
+                   for r in records},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    return 0 if all(r["passed"] for r in records) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "Report": "graphtricks.report",
     "RewriteResult": "graphtricks.rewrite",
     "rewrite": "graphtricks.rewrite",
+    "experiment": "graphtricks.experiment",
     **{
         name: "graphtricks.passes"
         for name in (
@@ -73,7 +74,7 @@ class _Package(types.ModuleType):
     """
 
     def __setattr__(self, name: str, value) -> None:
-        if name in ("rewrite", "capture", "recipe") and isinstance(value, types.ModuleType):
+        if name in ("rewrite", "capture", "recipe", "experiment") and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 
@@ -84,6 +85,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from graphtricks.capture import Region, RegionTree, capture  # noqa: F401
     from graphtricks.errors import GraphtricksError  # noqa: F401
+    from graphtricks.experiment import experiment  # noqa: F401
     from graphtricks.io import recipe  # noqa: F401
     from graphtricks.io.folder import load, save  # noqa: F401
     from graphtricks.io.specs import load_model  # noqa: F401

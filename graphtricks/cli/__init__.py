@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_exceptions
 
 from graphtricks.cli.common import err
+from graphtricks.cli.experiment_cmd import experiment
 from graphtricks.cli.inspect_cmd import inspect
 from graphtricks.cli.onnx_cmd import export, validate
 from graphtricks.cli.rewrite_cmd import rewrite
@@ -51,7 +52,7 @@ def _root(
 ) -> None:
     """Apply classic training techniques to an existing PyTorch model with torch.fx, and prove it deploys."""
 # registration order is the order `graphtricks --help` lists them in
-for command in (rewrite, inspect, export, validate):
+for command in (rewrite, inspect, export, validate, experiment):
     app.command()(command)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from graphtricks.cli.common import ForceOpt, JsonOpt, ModelArgOpt, VerboseOpt, err, out, user_errors
@@ -39,7 +40,7 @@ def _verdict_table(panels) -> Table:
         table.add_column(column, overflow="fold")
     for p in panels:
         color = COLORS[p["verdict"]]
-        table.add_row(p["variant"], p["claim"], f"{p['before_mean']:.3g} → {p['after_mean']:.3g} (±{p['spread']:.2g})",
+        table.add_row(escape(p["variant"]), escape(p["claim"]), f"{p['before_mean']:.3g} → {p['after_mean']:.3g} (±{p['spread']:.2g})",
                       f"[{color}]{p['verdict']}[/{color}]")
     return table
 
@@ -83,33 +84,47 @@ def experiment(
     """
     import torch
 
+    from graphtricks.errors import GraphtricksError
+
     with user_errors(verbose):
-        import graphtricks as gt
-        from graphtricks.experiment import TrainConfig
-        from graphtricks.experiment import experiment as run_experiment
-        from graphtricks.io.specs import parse_model_args
+        try:
+            _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, momentum, warmup, schedule,
+                 step_size, gamma, clip_norm, label_smoothing, l1, l2, penalty_layer, precision, loss_weight,
+                 train_size, label_noise, batch_sizes, model_arg, force, as_json, torch)
+        except GraphtricksError as e:  # the one-line printer reads rich markup: keep "[report]" literal
+            raise type(e)(escape(str(e))) from e
 
-        torch.set_num_threads(1)
-        config = TrainConfig(
-            epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr, momentum=momentum, warmup=warmup,
-            schedule=schedule.value, step_size=step_size, gamma=gamma, clip_norm=clip_norm,
-            label_smoothing=label_smoothing, l1=l1, l2=l2, penalty_layers=tuple(penalty_layer or ()),
-            precision=precision.value, loss_weights=tuple(loss_weight or ()))
-        kwargs = parse_model_args(model_arg)
-        gt.load_model(spec, kwargs)  # a bad spec fails here, once, before anything else
 
-        def progress(line: str) -> None:
-            err.print(f"[dim]{line}[/dim]", markup=True, highlight=False)
+def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, momentum, warmup, schedule,
+         step_size, gamma, clip_norm, label_smoothing, l1, l2, penalty_layer, precision, loss_weight,
+         train_size, label_noise, batch_sizes, model_arg, force, as_json, torch) -> None:
+    """The command's body: settings → experiment → table or JSON."""
+    import graphtricks as gt
+    from graphtricks.experiment import TrainConfig
+    from graphtricks.experiment import experiment as run_experiment
+    from graphtricks.io.specs import parse_model_args
 
-        result = run_experiment(lambda: gt.load_model(spec, kwargs), data, recipe, seeds=seeds, config=config,
-                                batch_sizes=_sizes(batch_sizes), train_size=train_size, label_noise=label_noise,
-                                model_name=spec, out=out_dir, force=force, progress=progress)
-        if as_json:
-            keys = ("variant", "kind", "claim", "metric", "before", "after", "before_mean", "after_mean",
-                    "difference", "spread", "verdict", "figure")
-            payload = {"out": str(out_dir), "report": str(out_dir / "report.html"), "results": str(out_dir / "results.json"),
-                       "seconds": result.seconds, "panels": [{k: p[k] for k in keys} for p in result.panels]}
-            print(json.dumps(payload, indent=2))
-            return
-        out.print(_verdict_table(result.panels))
-        out.print(f"wrote {out_dir / 'report.html'} ({len(result.panels)} panels, {result.seconds:.0f} CPU s)")
+    torch.set_num_threads(1)
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr, momentum=momentum, warmup=warmup,
+        schedule=schedule.value, step_size=step_size, gamma=gamma, clip_norm=clip_norm,
+        label_smoothing=label_smoothing, l1=l1, l2=l2, penalty_layers=tuple(penalty_layer or ()),
+        precision=precision.value, loss_weights=tuple(loss_weight or ()))
+    kwargs = parse_model_args(model_arg)
+    gt.load_model(spec, kwargs)  # a bad spec fails here, once, before anything else
+
+    def progress(line: str) -> None:
+        err.print(line, style="dim", markup=False, highlight=False)
+
+    result = run_experiment(lambda: gt.load_model(spec, kwargs), data, recipe, seeds=seeds, config=config,
+                            batch_sizes=_sizes(batch_sizes), train_size=train_size, label_noise=label_noise,
+                            model_name=spec, out=out_dir, force=force, progress=progress)
+    if as_json:
+        keys = ("variant", "kind", "claim", "metric", "before", "after", "before_mean", "after_mean",
+                "difference", "spread", "verdict", "figure")
+        payload = {"out": str(out_dir), "report": str(out_dir / "report.html"), "results": str(out_dir / "results.json"),
+                   "seconds": result.seconds, "panels": [{k: p[k] for k in keys} for p in result.panels]}
+        print(json.dumps(payload, indent=2))
+        return
+    out.print(_verdict_table(result.panels))
+    out.print(f"wrote {out_dir / 'report.html'} ({len(result.panels)} panels, {result.seconds:.0f} CPU s)")

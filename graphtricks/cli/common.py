@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from graphtricks.errors import GraphtricksError, InputShapeError, SpecError
 from graphtricks.io.inputs import DTYPE_NAMES, parse_input_shapes
@@ -77,6 +78,16 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --o
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")]
 
 
+# the library speaks Python (``force=True``); the command line rephrases with its flags
+_FLAG_WORDS = {"output folder ": "--out ", "pass force=True": "pass --force", "pass overwrite=True": "pass --force"}
+
+
+def _cli_words(message: str) -> str:
+    for python, flag in _FLAG_WORDS.items():
+        message = message.replace(python, flag)
+    return message
+
+
 @contextmanager
 def user_errors(verbose: bool):
     """Turn library errors into one red line and exit code 1."""
@@ -85,7 +96,7 @@ def user_errors(verbose: bool):
     except GraphtricksError as e:
         if verbose:
             traceback.print_exc()
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(_cli_words(str(e)))}", markup=True, highlight=False)
         raise typer.Exit(code=1) from None
     except typer.Exit:
         raise

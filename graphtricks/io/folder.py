@@ -61,9 +61,9 @@ def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; give a folder path")
+        raise OutputError(f"output folder {out} is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"--out {out} is not empty; pass --force to replace it or choose another folder")
+        raise OutputError(f"output folder {out} is not empty; pass force=True to replace it or choose another folder")
     if not out.parent.exists():
         raise OutputError(f"cannot write {out}: its parent folder {out.parent} does not exist")
     return out
@@ -157,6 +157,8 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
     from safetensors.torch import load_model as load_safetensors
 
     folder = Path(path)
+    if not folder.exists():
+        raise SavedModelError(f"{folder} does not exist")
     if not folder.is_dir():
         raise SavedModelError(f"{folder} is not a folder written by graphtricks")
     if not (folder / RECIPE).is_file():

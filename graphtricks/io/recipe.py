@@ -44,10 +44,31 @@ class Recipe:
         out = []
         for i, config in enumerate(self.passes, 1):
             try:
+                _check_keys(config)
                 out.append(pass_from_config(config))
             except RecipeError as e:
                 raise RecipeError(f"recipe pass #{i}: {e}") from e
         return out
+
+
+def _check_keys(config: dict[str, Any]) -> None:
+    """Unknown pass names and option keys are one line with the closest valid ones."""
+    import inspect
+
+    from graphtricks.passes.base import PASSES
+    from graphtricks.suggest import did_you_mean
+
+    name = config.get("pass")
+    if name not in PASSES:
+        hint = did_you_mean(str(name), PASSES) if isinstance(name, str) else ""
+        raise RecipeError(f"unknown pass {name!r}{hint} (known passes: {', '.join(sorted(PASSES))})")
+    params = inspect.signature(PASSES[name].__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [k for k in params if k != "self"]
+    for key in config:
+        if key != "pass" and key not in valid:
+            raise RecipeError(f"pass {name!r} has no option {key!r}{did_you_mean(key, valid)} (options: {', '.join(valid)})")
 
 
 def _value(v: Any) -> str:

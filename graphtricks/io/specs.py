@@ -140,6 +140,32 @@ def _no_torchvision_weights(torchvision, name: str) -> dict[str, Any]:
     return out
 
 
+def _zoo_names(prefix: str, lib) -> list[str]:
+    """The model names a zoo knows (for suggestions); empty when the library cannot list them."""
+    try:
+        if prefix == "tv":
+            return list(lib.models.list_models())
+        if prefix == "timm":
+            return list(lib.list_models())
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        return list(CONFIG_MAPPING_NAMES)
+    except Exception:  # noqa: BLE001 - suggestions are a courtesy; the build still says what is wrong
+        return []
+
+
+def _check_zoo_name(spec: str, prefix: str, name: str, lib) -> None:
+    """An unknown zoo name is one line with the closest known names, not the library's whole list."""
+    from graphtricks.suggest import closest
+
+    names = _zoo_names(prefix, lib)
+    base = name.split(".")[0] if prefix == "timm" else name  # timm takes name.pretrained_tag
+    if names and base not in names:
+        near = closest(base, names)
+        hint = f"; did you mean {', '.join(f'{prefix}:{n}' for n in near)}?" if near else f" ({len(names)} names known to {lib.__name__})"
+        raise SpecError(f"unknown model {spec!r}{hint}")
+
+
 def _load_zoo(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     prefix, _, name = spec.partition(":")
     if not name:
@@ -149,6 +175,7 @@ def _load_zoo(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         lib = importlib.import_module(package)
     except ImportError as e:
         raise SpecError(f"{spec} needs {package}: install the extra with pip install 'graphtricks[zoo]'") from e
+    _check_zoo_name(spec, prefix, name, lib)
     try:
         if prefix == "tv":
             return lib.models.get_model(name, **{**_no_torchvision_weights(lib, name), **kwargs})

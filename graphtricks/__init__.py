@@ -44,9 +44,10 @@ _LAZY: dict[str, str] = {
         name: "graphtricks.passes"
         for name in (
             "PASSES", "AddResidual", "BatchNormToLayerNorm", "GraphtricksPass", "Initialize", "InsertDropout",
-            "NoChangeWarning", "add_residual", "bn_to_ln", "initialize", "insert_dropout",
+            "NoChangeWarning",
         )
     },
+    **{name: "graphtricks.functional" for name in ("add_residual", "bn_to_ln", "initialize", "insert_dropout")},
 }
 
 __all__ = sorted(_LAZY)
@@ -89,9 +90,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from graphtricks.io import recipe  # noqa: F401
     from graphtricks.io.folder import load, save  # noqa: F401
     from graphtricks.io.specs import load_model  # noqa: F401
+    from graphtricks.functional import add_residual, bn_to_ln, initialize, insert_dropout  # noqa: F401
     from graphtricks.passes import (  # noqa: F401
-        PASSES, AddResidual, BatchNormToLayerNorm, GraphtricksPass, Initialize, InsertDropout,
-        NoChangeWarning, add_residual, bn_to_ln, initialize, insert_dropout,
+        PASSES, AddResidual, BatchNormToLayerNorm, GraphtricksPass, Initialize, InsertDropout, NoChangeWarning,
     )
     from graphtricks.report import Change, Report  # noqa: F401
     from graphtricks.rewrite import RewriteResult, rewrite  # noqa: F401

@@ -8,7 +8,7 @@ import gc
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from graphtricks.capture.modes import ModeSnapshot, adopt_parent_modes
 from graphtricks.capture.shapes import propagate_shapes
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
 from graphtricks.fxgraph.fastpath import speed_up
-from graphtricks.passes.base import GraphtricksPass, NoChangeWarning
+from graphtricks.passes.base import GraphtricksPass, NoChangeWarning, PassRun
 from graphtricks.report import Report
 
 __all__ = ["rewrite", "RewriteResult"]
@@ -35,6 +35,7 @@ class RewriteResult:
         tree: the region tree of ``model`` (traced graphs and opaque modules).
         passes: the passes that were run, in order (their configs form the recipe).
         example_inputs: the inputs used for capture and shapes.
+        runs: one :class:`PassRun` per pass, in order: what each application changed and noted.
     """
 
     model: nn.Module
@@ -42,6 +43,7 @@ class RewriteResult:
     tree: RegionTree
     passes: list[GraphtricksPass]
     example_inputs: tuple
+    runs: list[PassRun] = field(default_factory=list)
 
     def recipe(self) -> list[dict[str, Any]]:
         """The pass list as recipe entries (``[{"pass": "dropout", "p": 0.1, ...}]``)."""
@@ -125,9 +127,10 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, start
         tree = capture(work, inputs)
         # One forward records shapes, and what passes measure, for as long as the model's eval
         # outputs stay as they are: passes record shapes on what they add.
+        runs = [PassRun(tree, inputs) for _ in passes]
         observers = []
-        for p in passes:
-            found = p.observers(tree)
+        for p, run in zip(passes, runs):
+            found = p.observe(run)
             if found is not None:
                 observers.append(found)
             if not p.preserves_eval:
@@ -136,11 +139,11 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, start
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
         stale = False
-        for p in passes:
+        for p, run in zip(passes, runs):
             if stale:  # a pass built something no forward has measured yet
                 propagate_shapes(tree, inputs)
-            _run_pass(p, tree, report, inputs)
-            stale = p.stale_shapes
+            _run_pass(p, run, report)
+            stale = run.stale_shapes
     finally:
         snapshot.restore()
     adopt_parent_modes(tree.model, known)
@@ -150,36 +153,20 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, start
     report.regions = tree.root.to_dict()
     report.traced_fraction = tree.traced_fraction()
     report.seconds = time.perf_counter() - started
-    return RewriteResult(tree.model, report, tree, list(passes), inputs)
+    return RewriteResult(tree.model, report, tree, list(passes), inputs, runs)
 
 
-def _run_pass(p: GraphtricksPass, tree: RegionTree, report: Report, inputs: tuple) -> None:
-    """Run one pass over every region that exists now (regions it adds are not revisited)."""
-    p.changes, p.notes, p.stale_shapes = [], [], False
-    p.tree, p.example_inputs = tree, inputs
+def _run_pass(p: GraphtricksPass, run: PassRun, report: Report) -> None:
+    """Run one pass over every region that exists now, and add what it did to ``report``."""
     reason = p.skip_reason()
     if reason:
         warnings.warn(reason, NoChangeWarning, stacklevel=4)
         report.warnings.append(reason)
         return
-    for region in tree.regions():
-        p.region = region
-        try:
-            if region.kind == "traced":
-                p(region.graph_module)
-            else:
-                p.call_opaque(region)
-        except GraphtricksError:
-            raise
-        except Exception as e:
-            where = region.path or "<root>"
-            raise PassError(f"pass {p.name!r} failed in region {where}: {type(e).__name__}: {e}") from e
-        finally:
-            p.region = None
-    p.tree, p.example_inputs = None, ()
-    report.changes.extend(p.changes)
-    report.warnings.extend(f"{p.name}: {note}" for note in p.notes)
-    if not p.changes:
+    p.run(run)
+    report.changes.extend(run.changes)
+    report.warnings.extend(f"{p.name}: {note}" for note in run.notes)
+    if not run.changes:
         message = f"pass {p.name!r} matched nothing in this model; it changed nothing"
         warnings.warn(message, NoChangeWarning, stacklevel=4)
         report.warnings.append(message)

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from graphtricks.onnx import INFER_FILE, TRAIN_FILE, export_pair, validate_pair
-from graphtricks.onnx.check_graphs import check_infer_has_no_train_ops, check_operators
+from graphtricks.onnx.checks.graphs import check_infer_has_no_train_ops, check_operators
 from graphtricks.onnx.eager import DropoutInterceptor
 from graphtricks.onnx.runtime import make_session
 from graphtricks.onnx.train_only import deterministic_train_copy, random_subgraphs

@@ -17,7 +17,8 @@ from graphtricks.fxgraph.activations import ACTIVATION_MODULES
 from graphtricks.errors import PassError
 from graphtricks.layers import ChannelLayerNorm, NormAct, channel_layer_norm
 from graphtricks.passes import InsertDropout, NoChangeWarning, pass_from_config
-from graphtricks.passes.bn_to_ln import BatchNormToLayerNorm, bn_to_ln
+from graphtricks.functional import bn_to_ln
+from graphtricks.passes.bn_to_ln import BatchNormToLayerNorm
 from graphtricks.rewrite import rewrite
 
 

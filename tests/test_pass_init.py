@@ -13,7 +13,8 @@ from torch import nn
 
 from graphtricks.errors import PassError
 from graphtricks.passes.base import PASSES, pass_from_config
-from graphtricks.passes.init import SCHEMES, Initialize, initialize
+from graphtricks.functional import initialize
+from graphtricks.passes.init import SCHEMES, Initialize
 from graphtricks.passes.residual import AddResidual
 from graphtricks.rewrite import rewrite
 

@@ -17,7 +17,8 @@ import graphtricks as gt
 from graphtricks.errors import PassError
 from graphtricks.layers.residual import PadShortcut, Residual, ResidualSpan, choose_shortcut
 from graphtricks.passes.base import pass_from_config
-from graphtricks.passes.residual import AddResidual, add_residual, candidate_blocks
+from graphtricks.functional import add_residual
+from graphtricks.passes.residual import AddResidual, candidate_blocks
 from models.plain_vgg import PlainVGG
 
 

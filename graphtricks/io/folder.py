@@ -29,6 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphtricks.errors import GraphtricksError, OutputError, SavedModelError, SpecError
+from graphtricks.io import user_state
 from graphtricks.io.inputs import make_example_inputs
 from graphtricks.io.recipe import Recipe, read_recipe, write_recipe
 from graphtricks.io.specs import file_sha256, load_matching_weights, load_model
@@ -154,8 +155,6 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
             fit the rebuilt structure, or a replay that built another structure than the saved
             one (e.g. the model's source changed).
     """
-    from safetensors.torch import load_model as load_safetensors
-
     folder = Path(path)
     if not folder.exists():
         raise SavedModelError(f"{folder} does not exist")
@@ -183,10 +182,13 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
         raise SavedModelError(f"rebuilding {folder} did not give the saved model: {problem} (a branch that depends on"
                               " values the folder does not hold, e.g. weights a pass reset, or the model's source changed)")
     try:
-        load_safetensors(result.model, str(folder / WEIGHTS), strict=True)
+        user_state.load_weights(result.model, folder / WEIGHTS, (structure or {}).get("user", {}).get("metadata"))
     except Exception as e:
         first = " ".join(str(e).split())[:300]
         raise SavedModelError(f"cannot load {folder / WEIGHTS} (truncated, or the model's source changed?): {first}") from e
+    problem = user_state.restore(result.model, (structure or {}).get("user"))  # frozen flags, modes
+    if problem:
+        raise SavedModelError(f"rebuilding {folder} did not give the saved model: {problem}")
     report_path = folder / REPORT
     try:
         report = Report.from_dict(json.loads(report_path.read_text())) if report_path.is_file() else result.report
@@ -245,10 +247,10 @@ def _replay(model: nn.Module, recipe: Recipe, inputs: tuple, folder: Path, moved
 
 def _edits(result: RewriteResult) -> list[list] | None:
     """``[pass number, pass, action, where]`` of each structural edit; None when not attributable."""
-    passes = result.passes
-    if len({id(p) for p in passes}) != len(passes) or sum(len(p.changes) for p in passes) != len(result.report.changes):
-        return None  # a pass instance run twice holds only its last run's changes
-    return [[i, c.pass_name, c.action, c.where] for i, p in enumerate(passes, 1) for c in p.changes
+    runs = result.runs
+    if len(runs) != len(result.passes) or sum(len(r.changes) for r in runs) != len(result.report.changes):
+        return None
+    return [[i, c.pass_name, c.action, c.where] for i, run in enumerate(runs, 1) for c in run.changes
             if c.action not in VALUE_ACTIONS]
 
 
@@ -264,7 +266,7 @@ def _structure(result: RewriteResult, chained: bool) -> dict[str, Any]:
     graph nodes otherwise than the rewrite of a rebuilt model did (the leaves are still checked).
     """
     return {"leaves": _leaves(result.model), "edits": None if chained else _edits(result),
-            "regions": {r.path: r.kind for r in result.tree.regions()}}
+            "regions": {r.path: r.kind for r in result.tree.regions()}, "user": user_state.record(result.model)}
 
 
 def _read_structure(folder: Path) -> dict[str, Any] | None:

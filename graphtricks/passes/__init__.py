@@ -1,4 +1,7 @@
-"""Passes: one file each, all registered in ``PASSES`` by name."""
+"""Passes: one file each (with the helpers only it needs beside it), all registered in ``PASSES``.
+
+The functional twins (``insert_dropout`` ...) are in :mod:`graphtricks.functional`.
+"""
 
 from graphtricks.passes.base import (
     PASSES,
@@ -7,10 +10,10 @@ from graphtricks.passes.base import (
     pass_from_config,
     register_pass,
 )
-from graphtricks.passes.bn_to_ln import BatchNormToLayerNorm, bn_to_ln
-from graphtricks.passes.dropout import InsertDropout, insert_dropout
-from graphtricks.passes.init import Initialize, initialize
-from graphtricks.passes.residual import AddResidual, add_residual, candidate_blocks
+from graphtricks.passes.bn_to_ln import BatchNormToLayerNorm
+from graphtricks.passes.dropout import InsertDropout
+from graphtricks.passes.init import Initialize
+from graphtricks.passes.residual import AddResidual, candidate_blocks
 
 __all__ = [
     "PASSES",
@@ -22,9 +25,5 @@ __all__ = [
     "BatchNormToLayerNorm",
     "Initialize",
     "InsertDropout",
-    "add_residual",
-    "bn_to_ln",
     "candidate_blocks",
-    "initialize",
-    "insert_dropout",
 ]

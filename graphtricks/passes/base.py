@@ -1,24 +1,35 @@
-"""The pass framework: the base class every pass extends, selection, and the registry.
+"""The pass framework: the base class every pass extends, its run, selection, and the registry.
 
 A pass is a ``torch.fx`` ``PassBase``: ``call(gm)`` edits one traced region and returns a
 ``PassResult``. graphtricks passes also edit opaque regions (``call_opaque``: module
 attributes, since there is no graph), select what they touch by type and qualified-name
 glob, and record one :class:`~graphtricks.report.Change` per edit.
+
+A pass object holds only its settings. Everything about one application — the region tree,
+the example inputs, the region being edited, the changes and notes, the pass's own working
+data — lives in a :class:`PassRun` the driver hands it (:meth:`GraphtricksPass.run`), and
+comes back in it. Run on one ``GraphModule`` alone (``p(gm)``), a pass makes a run of its own
+and returns it with the ``PassResult`` (``result.run.changes``). So one pass object can be run
+any number of times, and each run reports its own changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from torch.fx.passes.infra.pass_base import PassBase
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from graphtricks.capture import Region
+from graphtricks.capture import Region, RegionTree
 from graphtricks.capture.probe import Observers
-from graphtricks.errors import PassError
+from graphtricks.errors import GraphtricksError, PassError
 from graphtricks.report import Change
 
-__all__ = ["GraphtricksPass", "NoChangeWarning", "PASSES", "register_pass", "pass_from_config"]
+__all__ = ["GraphtricksPass", "NoChangeWarning", "PASSES", "PassRun", "RunResult", "register_pass", "pass_from_config"]
 
 
 class NoChangeWarning(UserWarning):
@@ -26,6 +37,39 @@ class NoChangeWarning(UserWarning):
 
 
 PASSES: dict[str, type[GraphtricksPass]] = {}
+
+
+@dataclass
+class PassRun:
+    """One application of one pass: what it reads, and where it records what it did.
+
+    Attributes:
+        tree: the region tree being rewritten (None when a pass is run on one graph module).
+        example_inputs: the model's example inputs, for passes that measure something.
+        region: the region being edited now (set by :meth:`GraphtricksPass.run` region by region).
+        changes: one :class:`Change` per edit, in order.
+        notes: what the pass left alone and why, one line each.
+        stale_shapes: the pass built something no forward has measured (shapes are recomputed
+            before the next pass).
+        state: the pass's own working data for this run (plans, measurements).
+    """
+
+    tree: RegionTree | None = None
+    example_inputs: tuple = ()
+    region: Region | None = None
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stale_shapes: bool = False
+    state: SimpleNamespace = field(default_factory=SimpleNamespace)
+
+
+class RunResult(PassResult):
+    """A ``PassResult`` that also carries the run (its changes and notes)."""
+
+    def __new__(cls, graph_module: fx.GraphModule, modified: bool, run: PassRun):
+        result = super().__new__(cls, graph_module, modified)
+        result.run = run
+        return result
 
 
 def register_pass(cls: type[GraphtricksPass]) -> type[GraphtricksPass]:
@@ -57,16 +101,38 @@ class GraphtricksPass(PassBase):
                 raise PassError(f"{self.name}: include/exclude patterns must be non-empty strings, got {pattern!r}")
         self.include = tuple(include)
         self.exclude = tuple(exclude)
-        self.changes: list[Change] = []
-        self.notes: list[str] = []
-        # Passes record shapes on the nodes they add; one that builds something whose shapes it
-        # cannot know (a new opaque region) sets this, and shapes are recomputed before the next pass.
-        self.stale_shapes = False
-        self.region: Region | None = None
-        # Set by ``rewrite`` while the pass runs: the whole tree and the example inputs, for
-        # passes that measure something on the model (e.g. output drift of a swap).
-        self.tree = None
-        self.example_inputs: tuple = ()
+        self._run: PassRun | None = None  # the run in progress, bound by run() / __call__ only
+
+    # -- the run in progress -------------------------------------------------------------
+    @contextlib.contextmanager
+    def bound(self, run: PassRun):
+        """Make ``run`` the one this pass reads and records into, for the ``with`` block."""
+        outer, self._run = self._run, run
+        try:
+            yield run
+        finally:
+            self._run = outer
+
+    def _current(self) -> PassRun:
+        if self._run is None:
+            raise PassError(f"pass {self.name!r} used outside a run; call it on a GraphModule or through rewrite")
+        return self._run
+
+    # What a pass reads and writes while it runs: views of the current run.
+    region = property(lambda self: self._current().region)
+    tree = property(lambda self: self._current().tree)
+    example_inputs = property(lambda self: self._current().example_inputs)
+    changes = property(lambda self: self._current().changes)
+    notes = property(lambda self: self._current().notes)
+    state = property(lambda self: self._current().state)
+
+    @property
+    def stale_shapes(self) -> bool:
+        return self._current().stale_shapes
+
+    @stale_shapes.setter
+    def stale_shapes(self, value: bool) -> None:
+        self._current().stale_shapes = value
 
     # -- configuration -------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
@@ -96,7 +162,8 @@ class GraphtricksPass(PassBase):
     @property
     def prefix(self) -> str:
         """The qualified name of the region being edited ("" at the root or when run alone)."""
-        return self.region.path if self.region is not None else ""
+        region = self._run.region if self._run is not None else None
+        return region.path if region is not None else ""
 
     def qualify(self, name: str) -> str:
         """A region-local name made model-level."""
@@ -110,6 +177,51 @@ class GraphtricksPass(PassBase):
 
     # -- running ---------------------------------------------------------------------
     # ``call(graph_module) -> PassResult`` stays abstract, as in ``PassBase``.
+
+    def run(self, run: PassRun) -> PassRun:
+        """Apply this pass to every region of ``run.tree`` that exists now, and return ``run``.
+
+        Regions are visited in tree order, parents before children (``RegionTree.regions``), and
+        regions the pass adds are not visited; :meth:`begin` is called once first.
+
+        Raises:
+            PassError: the pass failed in a region (named), or is misconfigured for this model.
+        """
+        with self.bound(run):
+            self.begin()
+            for region in run.tree.regions():
+                run.region = region
+                try:
+                    if region.kind == "traced":
+                        PassBase.__call__(self, region.graph_module)
+                    else:
+                        self.call_opaque(region)
+                except GraphtricksError:
+                    raise
+                except Exception as e:
+                    where = region.path or "<root>"
+                    raise PassError(f"pass {self.name!r} failed in region {where}: {type(e).__name__}: {e}") from e
+                finally:
+                    run.region = None
+        return run
+
+    def __call__(self, graph_module: fx.GraphModule) -> RunResult:
+        """Run on one ``GraphModule`` (torch.fx's pass protocol); the result carries its run."""
+        if self._run is not None:  # inside run(): the region is the run's
+            return PassBase.__call__(self, graph_module)
+        run = PassRun()
+        with self.bound(run):
+            self.begin()
+            result = PassBase.__call__(self, graph_module)
+        return RunResult(result.graph_module, result.modified, run)
+
+    def begin(self) -> None:
+        """Called once at the start of each run, before the first region: set up ``self.state``."""
+
+    def observe(self, run: PassRun) -> Observers | None:
+        """:meth:`observers` for ``run`` (what it measures is kept in ``run.state``)."""
+        with self.bound(run):
+            return self.observers(run.tree)
 
     def call_opaque(self, region: Region) -> bool:
         """Edit the direct built-in children of an opaque region; returns True if modified."""

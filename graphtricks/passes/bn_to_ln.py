@@ -12,7 +12,6 @@ measured for every swap in one forward of the model.
 
 from __future__ import annotations
 
-import weakref
 
 import torch
 import torch.fx as fx
@@ -35,7 +34,7 @@ from graphtricks.layers.norm import (
 )
 from graphtricks.passes.base import GraphtricksPass, register_pass
 
-__all__ = ["BatchNormToLayerNorm", "bn_to_ln", "LN_OVER"]
+__all__ = ["BatchNormToLayerNorm", "LN_OVER"]
 
 LN_OVER = ("c", "chw")
 # Argument order of the functional forms (torch.batch_norm is the aten signature).
@@ -102,10 +101,6 @@ class BatchNormToLayerNorm(GraphtricksPass):
         if over not in LN_OVER:
             raise PassError(f"unknown LayerNorm layout over={over!r}; choose one of {', '.join(LN_OVER)}")
         self.over = over
-        self._seen: dict = {}  # key → {"shape", "diff", "ref"} from the measuring forward
-        # (weak ref to the tree, ids of the BatchNorms watched) when the rewrite's shape forward filled _seen
-        self._measured: tuple | None = None
-        self._gone: set[int] = set()  # ids of modules replaced in this run
 
     def options(self) -> dict:
         return {"over": self.over}
@@ -125,7 +120,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
             self.notes.append(f"{where}: {type(bn).__module__}.{type(bn).__qualname__} is a BatchNorm subclass "
                               "this pass does not understand (it may do more than normalise); left alone")
             return None
-        shapes = [list(s) for s in shapes if s is not None] or [self._seen.get(id(bn), {}).get("shape")]
+        shapes = [list(s) for s in shapes if s is not None] or [self.state.seen.get(id(bn), {}).get("shape")]
         ranks = [len(s) for s in shapes if s] or [r for t, r in _TYPE_RANK if isinstance(bn, t)]
         if not ranks:
             ranks = [3]
@@ -154,8 +149,9 @@ class BatchNormToLayerNorm(GraphtricksPass):
         return new
 
     # -- measuring drift -----------------------------------------------------------------
-    def _accumulate(self, key, shape, new: torch.Tensor, old: torch.Tensor) -> None:
-        entry = self._seen.setdefault(key, {"shape": list(shape), "diff": 0.0, "ref": 0.0})
+    @staticmethod
+    def _accumulate(seen: dict, key, shape, new: torch.Tensor, old: torch.Tensor) -> None:
+        entry = seen.setdefault(key, {"shape": list(shape), "diff": 0.0, "ref": 0.0})
         if old.is_meta:  # a model captured on the meta device: shapes, but no values to compare
             entry["ref"] = 0.0
             return
@@ -163,7 +159,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         entry["ref"] += _norm(old) ** 2
 
     def _drift(self, key) -> float | None:
-        entry = self._seen.get(key)
+        entry = self.state.seen.get(key)
         if entry is None or entry["ref"] == 0:
             return None  # not measured, or the old output was all zeros (no relative figure)
         return (entry["diff"] / entry["ref"]) ** 0.5
@@ -175,12 +171,14 @@ class BatchNormToLayerNorm(GraphtricksPass):
         (so each BatchNorm sees then what it would see now); otherwise the pass runs one
         forward of its own (:meth:`_measure`).
         """
-        self._seen = {}
+        # key → {"shape", "diff", "ref"}, and the BatchNorms watched, for this run's begin()
+        seen = self.state.seen = {}  # the hooks fill it while the forward runs, outside the run
+        self.state.watched = {id(m) for m in self._batch_norms(tree)}
 
         def hook(bn, args, kwargs, output):
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 2:
-                self._accumulate(id(bn), x.shape, layer_norm_for(bn, x.dim(), self.over)(x), output)
+                self._accumulate(seen, id(bn), x.shape, layer_norm_for(bn, x.dim(), self.over)(x), output)
 
         def functional(gm: fx.GraphModule):  # what each functional batch norm of ``gm`` would become
             def after(interpreter: fx.Interpreter, n: fx.Node, out) -> None:
@@ -188,7 +186,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
                     a = _bn_args(n.target, *interpreter.fetch_args_kwargs_from_env(n))
                     x = a["input"]
                     new = layer_norm_like(x, self.over, a["weight"], a["bias"], a["eps"])
-                    self._accumulate((id(gm), n.name), x.shape, new, out)
+                    self._accumulate(seen, (id(gm), n.name), x.shape, new, out)
 
             return after
 
@@ -198,7 +196,6 @@ class BatchNormToLayerNorm(GraphtricksPass):
             gm = region.module
             if region.kind == "traced" and any(n.op == "call_function" and n.target in _ARGS for n in gm.graph.nodes):
                 found.after_node.append((gm, functional(gm)))
-        self._measured = (weakref.ref(tree), {id(m) for m, _ in found.hooks})
         return found
 
     def _batch_norms(self, tree) -> list[nn.Module]:
@@ -213,23 +210,22 @@ class BatchNormToLayerNorm(GraphtricksPass):
             forwards = [(gm, watched_forward(gm, after)) for gm, after in found.after_node]
             probe_forward(self.tree.model, self.example_inputs, hooks=found.hooks, forwards=forwards)
 
-    def _begin(self) -> None:
-        """At the root region (a new run): measure, unless this rewrite's shape forward did.
+    def begin(self) -> None:
+        """Measure the drift of every swap, unless this rewrite's shape forward did.
 
         Measured again when an earlier pass added a BatchNorm the shape forward did not watch
-        (a residual shortcut's), or when the figures are from another run (one that failed).
+        (a residual shortcut's).
         """
-        if self.tree is not None and self.region is self.tree.root:
-            self._gone = set()
-            tree, watched = self._measured or (lambda: None, set())
-            if tree() is not self.tree or any(id(m) not in watched for m in self._batch_norms(self.tree)):
-                self._measure()
-            self._measured = None  # a later run measures again
+        self.state.gone = set()  # ids of modules replaced in this run
+        if not hasattr(self.state, "seen"):
+            self.state.seen, self.state.watched = {}, set()
+        if self.tree is not None and any(id(m) not in self.state.watched for m in self._batch_norms(self.tree)):
+            self._measure()
 
     # -- keeping the region tree right -------------------------------------------------------
     def _replace_region(self, old: nn.Module, new_region: Region | None) -> None:
         """Drop the region of a replaced module; its child regions go to ``new_region`` or its parent."""
-        self._gone.add(id(old))
+        self.state.gone.add(id(old))
         top = self.tree.root if self.tree is not None else self.region
         for parent in top.walk() if top is not None else ():
             for i, child in enumerate(parent.children):
@@ -245,7 +241,6 @@ class BatchNormToLayerNorm(GraphtricksPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         """Swap the BatchNorm modules and functional batch norms of one traced region."""
         gm = graph_module
-        self._begin()
         by_target: dict[str, list[fx.Node]] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
@@ -295,7 +290,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         a = _bn_args(node.target, node.args, node.kwargs)
         x, w, b, eps = a["input"], a["weight"], a["bias"], a["eps"]
         meta = tensor_meta(x) if isinstance(x, fx.Node) else None
-        shape = list(meta.shape) if meta is not None else self._seen.get((id(gm), node.name), {}).get("shape")
+        shape = list(meta.shape) if meta is not None else self.state.seen.get((id(gm), node.name), {}).get("shape")
         if not shape or not isinstance(eps, (int, float)):
             self.notes.append(f"{where}: batch_norm input layout or eps unknown; left alone")
             return False
@@ -348,8 +343,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
     # -- opaque regions ----------------------------------------------------------------------
     def call_opaque(self, region: Region) -> bool:
         """Swap BatchNorm children (built-in or known subclasses) of an opaque module."""
-        self._begin()
-        if id(region.module) in self._gone:
+        if id(region.module) in self.state.gone:
             return False  # replaced from its parent already
         if isinstance(region.module, _BatchNorm) and not region.path:
             self.notes.append("<root>: the model itself is a BatchNorm; wrap it in a module to swap it")
@@ -376,28 +370,3 @@ class BatchNormToLayerNorm(GraphtricksPass):
                 region.children.append(built)
             modified = True
         return modified
-
-
-def bn_to_ln(model, example_inputs, *, over: str = "c", inplace: bool = False, **kwargs):
-    """Functional twin of :class:`BatchNormToLayerNorm`: rewrite ``model`` and return the result.
-
-    Args:
-        model: the ``nn.Module`` to rewrite.
-        example_inputs: positional inputs, used for capture, shapes and the drift figures.
-        over: ``"c"`` (LayerNorm over channels) or ``"chw"`` (over channels and positions).
-        inplace: edit ``model`` itself instead of a copy.
-        **kwargs: ``include``, ``exclude``.
-
-    Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
-
-    Raises:
-        PassError: ``over`` is not ``c`` or ``chw``.
-
-    Example:
-        >>> result = bn_to_ln(model, (torch.randn(8, 3, 32, 32),), over="c")
-        >>> [c.details["drift"] for c in result.report.changes]
-    """
-    from graphtricks.rewrite import rewrite
-
-    return rewrite(model, [BatchNormToLayerNorm(over=over, **kwargs)], example_inputs, inplace=inplace)

@@ -31,7 +31,7 @@ from graphtricks.fxgraph.nodes import (
 )
 from graphtricks.passes.base import GraphtricksPass, register_pass
 
-__all__ = ["InsertDropout", "insert_dropout", "DROPOUT_KINDS"]
+__all__ = ["InsertDropout", "DROPOUT_KINDS"]
 
 DROPOUT_KINDS = ("element", "channel")
 _CHANNEL_BY_RANK = {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}
@@ -200,25 +200,3 @@ def _later_alias_users(node: fx.Node, gm: fx.GraphModule, order: dict) -> list[f
         return []
     src = node.args[0]
     return [u for u in src.users if u is not node and order.get(u, -1) > order[node]]
-
-
-def insert_dropout(model, example_inputs, p: float = 0.1, *, kind: str = "element", inplace: bool = False, **kwargs):
-    """Functional twin of :class:`InsertDropout`: rewrite ``model`` and return the result.
-
-    Args:
-        model: the ``nn.Module`` to rewrite.
-        example_inputs: positional inputs, used for capture and shapes.
-        p: dropout probability in [0, 1).
-        kind: ``"element"`` or ``"channel"``.
-        inplace: edit ``model`` itself instead of a copy.
-        **kwargs: ``activations``, ``include``, ``exclude``.
-
-    Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
-
-    Example:
-        >>> result = insert_dropout(model, (torch.randn(8, 3, 32, 32),), p=0.1)
-    """
-    from graphtricks.rewrite import rewrite
-
-    return rewrite(model, [InsertDropout(p, kind=kind, **kwargs)], example_inputs, inplace=inplace)

@@ -48,7 +48,7 @@ from graphtricks.passes.init_draws import (
     weight_specs,
 )
 
-__all__ = ["Initialize", "initialize", "SCHEMES", "FAN_MODES", "TYPE_GROUPS"]
+__all__ = ["Initialize", "SCHEMES", "FAN_MODES", "TYPE_GROUPS"]
 
 SCHEMES = ("auto", "xavier-uniform", "xavier-normal", "he-uniform", "he-normal", "orthogonal")
 FAN_MODES = ("fan_in", "fan_out")
@@ -104,10 +104,6 @@ class Initialize(GraphtricksPass):
         self.scheme, self.seed, self.keep_bias, self.fan = scheme, seed, bool(keep_bias), fan
         self.zero_init_residual, self.include_frozen = bool(zero_init_residual), bool(include_frozen)
         self.types = tuple(str(t).lower() for t in types)
-        self._zero: set[int] = set()  # norms to start at γ = 0, found by a parent region's graph
-        self._done: set[int] = set()  # parameters already set (shared modules)
-        self._regions: set[int] = set()  # modules that are regions of their own
-        self._conditional: set[int] = set()  # regions run by an opaque module's own code
 
     def options(self) -> dict:
         out = {"scheme": self.scheme, "seed": self.seed, "keep_bias": self.keep_bias, "fan": self.fan,
@@ -120,7 +116,6 @@ class Initialize(GraphtricksPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         """Set the parameters of the layers one traced region owns, with gains from its graph."""
         gm = graph_module
-        self._begin()
         reach = consumer_map(gm, self.prefix)
         sites: dict[str, list[fx.Node]] = {}
         calls: dict[str, fx.Node] = {}  # F.linear/F.conv on a module's weight (timm StdConv2d, Conv2dSame)
@@ -148,21 +143,20 @@ class Initialize(GraphtricksPass):
 
     def call_opaque(self, region: Region) -> bool:
         """Set the parameters of an opaque region's built-in children, with gains by module type."""
-        self._begin()
         if self.zero_init_residual and isinstance(region.module, Residual):
             self._zero_branch(last_norm(region.module.body), region.module, region.path)
         why = f"inside opaque {type(region.module).__name__} (no graph)"
         # A list, not a generator: any() would stop at the first module set.
         return any([self._set_module(m, local, None, why) for local, m in self._owned(region.module)])
 
-    def _begin(self) -> None:
-        # A rewrite visits the root region first: a new run starts there (or at each direct call).
-        if self.region is None or (self.tree is not None and self.region is self.tree.root):
-            self._zero, self._done = set(), set()
-            regions = self.tree.regions() if self.tree is not None else []
-            self._regions = {id(r.module) for r in regions}
-            # Opaque code may run these only on some inputs: another run may have judged them otherwise.
-            self._conditional = {id(r.module) for o in regions if o.kind == "opaque" for r in o.walk() if r is not o}
+    def begin(self) -> None:
+        self.state.zero = set()  # norms to start at γ = 0, found by a parent region's graph
+        self.state.done = set()  # parameters already set (shared modules)
+        regions = self.tree.regions() if self.tree is not None else []
+        self.state.regions = {id(r.module) for r in regions}  # modules that are regions of their own
+        # Regions run by an opaque module's own code, maybe only on some inputs: another run may
+        # have judged them otherwise.
+        self.state.conditional = {id(r.module) for o in regions if o.kind == "opaque" for r in o.walk() if r is not o}
 
     def _zero_branch(self, norm: nn.Module | None, wrapper: nn.Module | None, where: str) -> None:
         """Mark ``norm`` for γ = 0, unless a zero gate already makes its block start as the body."""
@@ -172,11 +166,11 @@ class Initialize(GraphtricksPass):
         elif isinstance(gate, torch.Tensor) and not gate.detach().any():
             self.notes.append(f"{where}: residual wrapper has a zero gate (starts as its body); γ left at 1")
         else:
-            self._zero.add(id(norm))
+            self.state.zero.add(id(norm))
 
     def _owned(self, root: nn.Module):
         """(local name, module) for ``root`` and its descendants that are no region of their own."""
-        others = self._regions - {id(root)}
+        others = self.state.regions - {id(root)}
         stack = [("", root)]
         while stack:
             name, module = stack.pop()
@@ -206,7 +200,7 @@ class Initialize(GraphtricksPass):
 
         with torch.no_grad():
             if is_norm:
-                gamma = 0.0 if id(module) in self._zero else 1.0
+                gamma = 0.0 if id(module) in self.state.zero else 1.0
                 put("weight", gamma)
                 if not self.keep_bias:
                     put("bias", 0.0)
@@ -218,7 +212,7 @@ class Initialize(GraphtricksPass):
                 # Recurrent cells and attention are judged by their structure: always the same way.
                 fixed = isinstance(module, (*RECURRENT_TYPES, nn.MultiheadAttention))
                 guessed = source.startswith("module type") or (
-                    self.region is not None and id(self.region.module) in self._conditional)
+                    self.region is not None and id(self.region.module) in self.state.conditional)
                 weights = {}
                 for pname, fan_in, fan_out, blocks, recurrent in specs:
                     if self._settable(own.get(pname), frozen, pname, where):
@@ -248,7 +242,7 @@ class Initialize(GraphtricksPass):
         return True
 
     def _settable(self, p: torch.Tensor | None, frozen: list[str], pname: str, where: str) -> bool:
-        if p is None or id(p) in self._done or isinstance(p, nn.parameter.UninitializedParameter):
+        if p is None or id(p) in self.state.done or isinstance(p, nn.parameter.UninitializedParameter):
             return False  # absent, shared with a module set already, or lazy and never run
         if p.device.type == "meta":
             self.notes.append(f"{where}.{pname}: on the meta device (no values); left alone")
@@ -256,7 +250,7 @@ class Initialize(GraphtricksPass):
         if not p.requires_grad and not self.include_frozen:
             frozen.append(pname)
             return False
-        self._done.add(id(p))
+        self.state.done.add(id(p))
         return True
 
     def _wanted_type(self, module: nn.Module, is_norm: bool, call: fx.Node | None) -> bool:
@@ -364,28 +358,3 @@ def _layer_call(weight: fx.Node) -> fx.Node | None:
                 seen.add(user)
                 todo.append((user, depth + 1))
     return None
-
-
-def initialize(model, example_inputs, scheme: str = "auto", *, inplace: bool = False, **kwargs):
-    """Functional twin of :class:`Initialize`: re-initialise ``model`` and return the result.
-
-    Args:
-        model: the ``nn.Module`` to re-initialise.
-        example_inputs: positional inputs, used for capture and shapes.
-        scheme: auto, xavier-uniform, xavier-normal, he-uniform, he-normal or orthogonal.
-        inplace: edit ``model`` itself instead of a copy.
-        **kwargs: ``seed``, ``keep_bias``, ``fan``, ``zero_init_residual``, ``include_frozen``,
-            ``types``, ``include``, ``exclude``.
-
-    Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
-
-    Raises:
-        PassError: an unknown scheme, fan or type name.
-
-    Example:
-        >>> result = initialize(model, (torch.randn(8, 3, 32, 32),), "auto", zero_init_residual=True)
-    """
-    from graphtricks.rewrite import rewrite
-
-    return rewrite(model, [Initialize(scheme, **kwargs)], example_inputs, inplace=inplace)

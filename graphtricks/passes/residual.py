@@ -19,7 +19,6 @@ opaque module is replaced by the wrapper itself. A span ``FIRST:LAST`` (node nam
 from __future__ import annotations
 
 import itertools
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -64,7 +63,7 @@ from graphtricks.passes.residual_blocks import (
 from graphtricks.passes.residual_graph import add_merge_nodes, retarget
 
 # REGISTRY (layers.residual) and candidate_blocks (blocks) are re-exported: callers import them from here.
-__all__ = ["REGISTRY", "AddResidual", "add_residual", "candidate_blocks"]
+__all__ = ["REGISTRY", "AddResidual", "candidate_blocks"]
 
 
 @register_pass
@@ -111,7 +110,6 @@ class AddResidual(GraphtricksPass):
         self.shortcut, self.shortcut_norm, self.post_act, self.gate = shortcut, bool(shortcut_norm), post_act, gate
         # Per instance: with a zero gate and nothing after the sum, H = F exactly until α moves.
         self.preserves_eval = gate == "zero" and post_act == "none"
-        self._plan: tuple | None = None
 
     def options(self) -> dict:
         out = {"blocks": list(self.blocks), "shortcut": self.shortcut, "shortcut_norm": self.shortcut_norm}
@@ -127,9 +125,9 @@ class AddResidual(GraphtricksPass):
         """The wraps planned for the region whose module is ``module`` (planned once per tree)."""
         if self.tree is None:  # called on one graph module, outside ``rewrite``
             return self._make_plan(RegionTree(module, Region("", "traced", module))).get(id(module), [])
-        if self._plan is None or self._plan[0]() is not self.tree:
-            self._plan = (weakref.ref(self.tree), self._make_plan(self.tree))
-        return self._plan[1].pop(id(module), [])
+        if not hasattr(self.state, "plan"):
+            self.state.plan = self._make_plan(self.tree)
+        return self.state.plan.pop(id(module), [])
 
     def _make_plan(self, tree: RegionTree) -> dict[int, list[Block]]:
         regions = tree.regions()
@@ -324,27 +322,3 @@ def _device(module: nn.Module, inputs: tuple = ()) -> torch.device:
     """Where new parts go: the block's parameters or buffers, else the inputs, else the CPU."""
     tensors = itertools.chain(module.parameters(), module.buffers(), (i for i in inputs if isinstance(i, torch.Tensor)))
     return next((t.device for t in tensors), torch.device("cpu"))
-
-
-def add_residual(model, example_inputs, blocks=(), *, inplace: bool = False, **kwargs):
-    """Functional twin of :class:`AddResidual`: rewrite ``model`` and return the result.
-
-    Args:
-        model: the ``nn.Module`` to rewrite.
-        example_inputs: positional inputs, used for capture and shapes.
-        blocks: qualified-name globs of the blocks to wrap.
-        inplace: edit ``model`` itself instead of a copy.
-        **kwargs: ``spans``, ``shortcut``, ``shortcut_norm``, ``post_act``, ``gate``, ``include``, ``exclude``.
-
-    Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
-
-    Raises:
-        PassError: a block cannot be wrapped (the message names it and its shapes); nothing is changed.
-
-    Example:
-        >>> result = add_residual(model, (torch.randn(8, 3, 32, 32),), ["stages.*"], shortcut="pad")
-    """
-    from graphtricks.rewrite import rewrite
-
-    return rewrite(model, [AddResidual(blocks, **kwargs)], example_inputs, inplace=inplace)

@@ -24,9 +24,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphtricks.errors import ValidationError
+from graphtricks.onnx.checks import SIGMAS, binomial_bound
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.graph import constant_values
-from graphtricks.onnx.checks import SIGMAS, binomial_bound
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.runtime import RunFailure, make_session
 from graphtricks.onnx.train_only import RandomSubgraph, deterministic_train_copy

@@ -269,19 +269,7 @@ def _carry_over_state(original: nn.Module, gm: fx.GraphModule) -> None:
         if key in have:
             continue
         owner_path, _, attr = key.rpartition(".")
-        # Attach the highest missing ancestor as a whole, so its class and code are kept.
-        parts = owner_path.split(".") if owner_path else []
-        attached = False
-        for i in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:i])
-            try:
-                gm.get_submodule(prefix)
-            except AttributeError:
-                parent = gm.get_submodule(".".join(parts[: i - 1])) if i > 1 else gm
-                parent.add_module(parts[i - 1], original_modules[prefix])
-                attached = True
-                break
-        if attached:
+        if _attach_ancestor(gm, owner_path, original_modules):
             have = set(gm.state_dict(keep_vars=True).keys())
             continue
         owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -290,6 +278,35 @@ def _carry_over_state(original: nn.Module, gm: fx.GraphModule) -> None:
         else:
             owner.register_buffer(attr, tensor)
         have.add(key)
+    # Non-persistent buffers are in no state dict: kept, and kept out of it, as the model defines them.
+    kept = dict(gm.named_buffers(remove_duplicate=False))
+    for key, tensor in original.named_buffers(remove_duplicate=False):
+        owner_path, _, attr = key.rpartition(".")
+        if attr not in original_modules[owner_path]._non_persistent_buffers_set:
+            continue
+        if key not in kept and _attach_ancestor(gm, owner_path, original_modules):
+            kept = dict(gm.named_buffers(remove_duplicate=False))
+            continue
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if key not in kept:
+            owner.register_buffer(attr, tensor, persistent=False)
+        else:
+            owner._non_persistent_buffers_set.add(attr)
+
+
+def _attach_ancestor(gm: fx.GraphModule, owner_path: str, original_modules: dict) -> bool:
+    """Attach the highest ancestor of ``owner_path`` that ``gm`` lacks, as a whole (its class and
+    code kept); False when ``gm`` has the owner already."""
+    parts = owner_path.split(".") if owner_path else []
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        try:
+            gm.get_submodule(prefix)
+        except AttributeError:
+            parent = gm.get_submodule(".".join(parts[: i - 1])) if i > 1 else gm
+            parent.add_module(parts[i - 1], original_modules[prefix])
+            return True
+    return False
 
 
 def capture(model: nn.Module, example_inputs: tuple) -> RegionTree:

@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from graphtricks.errors import SpecError
 
-__all__ = ["load_model", "parse_model_args", "load_weights", "load_matching_weights", "file_sha256"]
+__all__ = ["load_model", "parse_model_args", "load_weights", "load_matching_weights", "file_sha256", "with_metadata"]
 
 _ZOO_PREFIXES = ("tv:", "timm:", "hf:")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
@@ -251,8 +252,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SpecError(f"{path} is not a state dict of tensors")
     try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches raise even when strict=False
+        result = model.load_state_dict(with_metadata(state, model), strict=False)
+    except (RuntimeError, ValueError) as e:  # shape mismatches raise even when strict=False
         detail = " ".join(str(e).split())[:300]
         raise SpecError(f"weights {path} do not fit the model: {detail}") from e
     problems = []
@@ -297,5 +298,18 @@ def load_matching_weights(model: nn.Module, path: str | Path, renamed: dict[str,
     except Exception as e:
         first = " ".join(str(e).split())[:300]
         raise SpecError(f"cannot read weights {path}: {first}") from e
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(with_metadata(state, model), strict=False)
     return sorted(state)
+
+
+def with_metadata(state: dict, model: nn.Module) -> dict:
+    """``state`` with state-dict metadata: its own, else the model's (what its classes save).
+
+    A layer whose ``_load_from_state_dict`` reads its ``version`` (torchvision MNASNet) refuses
+    a state dict without one, as a safetensors file is.
+    """
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    out = OrderedDict(state)
+    out._metadata = getattr(model.state_dict(keep_vars=True), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out

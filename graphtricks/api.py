@@ -109,7 +109,7 @@ def validate(
             ValidationError for missing or truncated ONNX files.
     """
     from graphtricks.io.folder import load_saved
-    from graphtricks.onnx import snapshot_model, validate_pair
+    from graphtricks.onnx import digest_model, validate_pair
 
     path = Path(folder)
     if not path.exists():
@@ -121,5 +121,5 @@ def validate(
         raise GraphtricksError("validate with a model needs its example_inputs")
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     return validate_pair(
-        model, example, path, device=device, atol=atol, rtol=rtol, extra_inputs=inputs, baseline=snapshot_model(model)
+        model, example, path, device=device, atol=atol, rtol=rtol, extra_inputs=inputs, baseline=digest_model(model)
     )

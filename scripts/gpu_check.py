@@ -76,7 +76,7 @@ def _passes(inputs: tuple):
 def _check(name: str, model, inputs: tuple, device: str, out: Path) -> dict:
     """Rewrites, exports and validates one model; returns its record."""
     import graphtricks as gt
-    from graphtricks.onnx import export_pair, snapshot_model, validate_pair
+    from graphtricks.onnx import export_pair, digest_model, validate_pair
 
     record: dict = {"model": name, "device": device}
     start = time.perf_counter()
@@ -90,7 +90,7 @@ def _check(name: str, model, inputs: tuple, device: str, out: Path) -> dict:
                 result = gt.rewrite(model.eval(), [gt.InsertDropout(p=0.1)], example_inputs=inputs)
         record["rewrite_s"] = round(time.perf_counter() - start, 3)
         rewritten = result.model
-        before = snapshot_model(rewritten)
+        before = digest_model(rewritten)
         with tempfile.TemporaryDirectory() as folder:
             t = time.perf_counter()
             exported = export_pair(rewritten, inputs, folder)

@@ -22,7 +22,7 @@ from graphtricks.onnx import (
     TRAIN_FILE,
     export_pair,
     fixups,
-    snapshot_model,
+    digest_model,
     validate_pair,
 )
 from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
@@ -106,9 +106,9 @@ def test_export_leaves_model_modes_and_buffers_alone(tmp_path, cnn):
     model, inputs = cnn
     model.train()
     model.bn.eval()  # a frozen BN inside a training model: per-module flags must survive
-    before = snapshot_model(model)
+    before = digest_model(model)
     export_pair(model, inputs, tmp_path)
-    assert before.differences(snapshot_model(model)) == []
+    assert before.differences(digest_model(model)) == []
     assert model.training and not model.bn.training
     assert int(model.bn.num_batches_tracked) == 0
 

@@ -23,7 +23,7 @@ from graphtricks.onnx import (
     cuda_available,
     export_pair,
     runtime,
-    snapshot_model,
+    digest_model,
     validate_pair,
 )
 from graphtricks.onnx.eager import DropoutInterceptor
@@ -118,7 +118,7 @@ def test_export_and_validate_pass_on_cpu(tmp_path, name):
     torch.manual_seed(0)
     build, make_inputs = CASES[name]
     model, inputs = build(), make_inputs()
-    before = snapshot_model(model)
+    before = digest_model(model)
     export_pair(model, inputs, tmp_path, dynamic_batch=name != "tokens")
     report = validate_pair(model, inputs, tmp_path, device="cpu", baseline=before)
     assert report.passed, [c.message for c in report.failures]
@@ -152,7 +152,7 @@ def test_validation_has_no_side_effects(tmp_path):
 
 def test_side_effect_check_fails_when_the_model_changed(tmp_path):
     model, inputs = MLP(), (torch.randn(8, 16),)
-    before = snapshot_model(model)
+    before = digest_model(model)
     export_pair(model, inputs, tmp_path)
     with torch.no_grad():
         model.fc1.bias.add_(1.0)

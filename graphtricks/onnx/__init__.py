@@ -2,15 +2,18 @@
 
 Typical use::
 
-    from graphtricks.onnx import export_pair, snapshot_model, validate_pair
+    from graphtricks.onnx import export_pair, digest_model, validate_pair
 
-    before = snapshot_model(model)
+    before = digest_model(model)
     export_pair(model, (x,), out_dir)
     report = validate_pair(model, (x,), out_dir, device="auto", baseline=before)
     assert report.passed, report.summary()
+
+``digest_model`` records digests of a model's parameters, buffers and modes (the no-side-effects
+check compares two); ``ModelSnapshot``/``snapshot_model`` are its old names, kept for one release.
 """
 
-from graphtricks.onnx.eager import ModelSnapshot, snapshot_model
+from graphtricks.onnx.eager import ModelDigest, digest_model
 from graphtricks.onnx.export import (
     MAX_OPSET,
     MIN_OPSET,
@@ -27,16 +30,18 @@ from graphtricks.onnx.report import (
 from graphtricks.onnx.runtime import cuda_available
 from graphtricks.onnx.validate import validate_pair
 
+ModelSnapshot, snapshot_model = ModelDigest, digest_model  # old names
+
 __all__ = [
     "export_pair",
     "validate_pair",
-    "snapshot_model",
+    "digest_model",
     "cuda_available",
     "default_tolerance",
     "ExportResult",
     "ValidationReport",
     "CheckResult",
-    "ModelSnapshot",
+    "ModelDigest",
     "Tolerance",
     "TRAIN_FILE",
     "INFER_FILE",

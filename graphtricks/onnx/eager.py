@@ -25,14 +25,14 @@ from graphtricks.onnx.draws import DRAW_FUNCTIONS, Draw, call_argument, draw
 
 __all__ = [
     "DropoutInterceptor",
-    "ModelSnapshot",
+    "ModelDigest",
     "flatten_outputs",
     "float64_copy",
     "named_outputs",
     "non_tensor_outputs",
     "reference_copy",
     "run_reference",
-    "snapshot_model",
+    "digest_model",
     "torch_numerics",
 ]
 
@@ -235,13 +235,13 @@ def run_reference(
 
 
 @dataclass(frozen=True)
-class ModelSnapshot:
+class ModelDigest:
     """Per-module training flags and a digest of every parameter and buffer."""
 
     modes: dict[str, bool]
     tensors: dict[str, tuple[str, tuple[int, ...], str, str]]
 
-    def differences(self, other: ModelSnapshot) -> list[str]:
+    def differences(self, other: ModelDigest) -> list[str]:
         """What changed from ``self`` to ``other``, one short phrase per change."""
         changes = [
             f"module '{name or '<root>'}' training {flag} -> {other.modes.get(name)}"
@@ -263,15 +263,15 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(raw.numpy()).hexdigest()
 
 
-def snapshot_model(model: nn.Module) -> ModelSnapshot:
-    """Takes a :class:`ModelSnapshot` of ``model`` (hashes, not copies, to spare memory)."""
+def digest_model(model: nn.Module) -> ModelDigest:
+    """Takes a :class:`ModelDigest` of ``model`` (hashes, not copies, to spare memory)."""
     modes = {name: module.training for name, module in model.named_modules()}
     tensors = {}
     named = list(model.named_parameters(remove_duplicate=False))
     named += list(model.named_buffers(remove_duplicate=False))
     for name, t in named:
         tensors[name] = (str(t.dtype), tuple(t.shape), str(t.device), _digest(t))
-    return ModelSnapshot(modes, tensors)
+    return ModelDigest(modes, tensors)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ __all__ = [
     "folded_operator_counts",
     "initializer_arrays",
     "io_signature",
-    "load_model",
+    "load_onnx_file",
     "neutralised_dropout_copy",
     "opset_of",
     "train_mode_batchnorms",
@@ -71,7 +71,7 @@ class DropoutInfo:
     mask: str | None = None
 
 
-def load_model(path: Path, role: str) -> onnx.ModelProto:
+def load_onnx_file(path: Path, role: str) -> onnx.ModelProto:
     """Loads and checks an ONNX file.
 
     Args:

@@ -36,16 +36,16 @@ from graphtricks.onnx.checks.side_effects import check_no_side_effects
 from graphtricks.onnx.checks.stochastic import check_random_count, check_random_rates
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import (
-    ModelSnapshot,
+    ModelDigest,
     float64_copy,
     reference_copy,
-    snapshot_model,
+    digest_model,
     torch_numerics,
 )
 from graphtricks.onnx.graph import (
     dropout_infos,
     exposed_dropout_copy,
-    load_model,
+    load_onnx_file,
     opset_of,
     train_mode_batchnorms,
 )
@@ -135,7 +135,7 @@ def validate_pair(
     rtol: float | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     extra_inputs: list[tuple[torch.Tensor, ...]] | None = None,
-    baseline: ModelSnapshot | None = None,
+    baseline: ModelDigest | None = None,
 ) -> ValidationReport:
     """Checks ``onnx_dir/model.{train,infer}.onnx`` against ``model`` and against each other.
 
@@ -177,11 +177,11 @@ def validate_pair(
             f"seeds must be integers, and seeds or extra_inputs non-empty; got {seeds!r}"
         )
     onnx_dir = Path(onnx_dir)
-    train = load_model(onnx_dir / TRAIN_FILE, "train")
-    infer = load_model(onnx_dir / INFER_FILE, "inference")
+    train = load_onnx_file(onnx_dir / TRAIN_FILE, "train")
+    infer = load_onnx_file(onnx_dir / INFER_FILE, "inference")
     asked = resolve_device(device)
     strict = device == "cuda"
-    before = baseline if baseline is not None else snapshot_model(model)
+    before = baseline if baseline is not None else digest_model(model)
     report = ValidationReport(device=asked, seeds=seeds)
     tolerance = ToleranceTable(asked, atol, rtol)
     batch = _dynamic_batch(infer, inputs)

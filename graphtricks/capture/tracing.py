@@ -20,7 +20,7 @@ from graphtricks.capture.mode_reads import TrainingReads, overrides_train
 from graphtricks.capture.probe import probe_forward
 from graphtricks.errors import CaptureError
 from graphtricks.fxgraph.nodes import owner_path
-from graphtricks.layers import LEAF_LAYERS
+from graphtricks.layers import is_leaf_layer
 
 __all__ = [
     "Call",
@@ -43,7 +43,7 @@ class RegionTracer(fx.Tracer):
         self.leaves = leaves if leaves is not None else set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or isinstance(m, LEAF_LAYERS) or super().is_leaf_module(m, module_qualified_name)
+        return id(m) in self.leaves or is_leaf_layer(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass

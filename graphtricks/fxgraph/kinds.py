@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphtricks.layers import LEAF_LAYERS
+from graphtricks.layers import is_leaf_layer
 from graphtricks.layers.norm import ChannelLayerNorm
 
 __all__ = [
@@ -54,10 +54,10 @@ PASS_THROUGH_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.resha
 
 
 def is_builtin_module(module: nn.Module) -> bool:
-    """True for PyTorch's own layers (fx's default leaves) and ``LEAF_LAYERS``; False for containers."""
+    """True for PyTorch's own layers (fx's default leaves), ``LEAF_LAYERS`` and ``ZOO_LAYERS``; False for containers."""
     if isinstance(module, (nn.Sequential, fx.GraphModule)) or isinstance(module, CONTAINERS):
         return False
-    if isinstance(module, LEAF_LAYERS):
+    if is_leaf_layer(module):
         return True
     name = type(module).__module__
     return name.startswith("torch.nn") or name.startswith("torch.ao.nn")

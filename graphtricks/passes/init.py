@@ -157,6 +157,11 @@ class Initialize(GraphtricksPass):
         # Regions run by an opaque module's own code, maybe only on some inputs: another run may
         # have judged them otherwise.
         self.state.conditional = {id(r.module) for o in regions if o.kind == "opaque" for r in o.walk() if r is not o}
+        # Every name of each parameter (tied weights: GPT-2's wte.weight is lm_head.weight): set once, all reported.
+        self.state.names = {}
+        if self.tree is not None:
+            for name, p in self.tree.model.named_parameters(remove_duplicate=False):
+                self.state.names.setdefault(id(p), []).append(name)
 
     def _zero_branch(self, norm: nn.Module | None, wrapper: nn.Module | None, where: str) -> None:
         """Mark ``norm`` for γ = 0, unless a zero gate already makes its block start as the body."""
@@ -238,6 +243,10 @@ class Initialize(GraphtricksPass):
         if not params:
             return False
         details["params"] = [self.qualify(f"{local}.{p}" if local else p) for p in params]
+        shared = [n for p in params for n in self.state.names.get(id(own[p]), ()) if n not in details["params"]]
+        if shared:  # one tensor, several names: set once, and each name is reported
+            details["shared_with"] = shared
+            what += f" (tied: also {', '.join(shared)})"
         self.record(where, "initialized", what, details=details)
         return True
 

@@ -15,6 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from graphtricks.layers import is_zoo_linear
+
 __all__ = ["CONV_TYPES", "RECURRENT_TYPES", "weight_specs", "conv_fans", "is_bias", "draw", "orthogonal"]
 
 CONV_TYPES = (nn.modules.conv._ConvNd,)
@@ -39,7 +41,7 @@ def weight_specs(module: nn.Module, call: fx.Node | None = None) -> list[tuple[s
     """(name, fan_in, fan_out, row blocks, recurrent) of each weight matrix of a module.
 
     Args:
-        module: a layer: Linear, Conv/ConvTranspose, RNN/LSTM/GRU (cells too), MultiheadAttention.
+        module: a layer: Linear (transformers ``Conv1D`` too), Conv/ConvTranspose, RNN/LSTM/GRU (cells too), MultiheadAttention.
         call: the ``F.linear``/``F.conv*`` node that applies a plain module's ``weight`` in a graph
             (timm ``StdConv2d``, ``Conv2dSame``), which tells what that weight is.
 
@@ -56,6 +58,8 @@ def weight_specs(module: nn.Module, call: fx.Node | None = None) -> list[tuple[s
         return [("weight", *conv_fans(module.weight.shape, module.groups, module.transposed), 1, False)]
     if isinstance(module, nn.Linear):
         return [("weight", module.in_features, module.out_features, 1, False)]
+    if is_zoo_linear(module) and getattr(module, "weight", None) is not None:  # transformers Conv1D: (in, out)
+        return [("weight", module.weight.shape[0], module.weight.shape[1], 1, False)]
     weight = getattr(module, "weight", None)
     if call is not None and isinstance(weight, nn.Parameter) and weight.dim() >= 2:
         if call.target is F.linear:

@@ -44,7 +44,7 @@ _LAZY: dict[str, str] = {
         name: "graphtricks.passes"
         for name in (
             "PASSES", "AddResidual", "BatchNormToLayerNorm", "GraphtricksPass", "Initialize", "InsertDropout",
-            "NoChangeWarning",
+            "NoChangeWarning", "PassNoteWarning",
         )
     },
     **{name: "graphtricks.functional" for name in ("add_residual", "bn_to_ln", "initialize", "insert_dropout")},

@@ -19,7 +19,7 @@ from graphtricks.capture.modes import ModeSnapshot, adopt_parent_modes
 from graphtricks.capture.shapes import propagate_shapes
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
 from graphtricks.fxgraph.fastpath import speed_up
-from graphtricks.passes.base import GraphtricksPass, NoChangeWarning, PassRun
+from graphtricks.passes.base import GraphtricksPass, NoChangeWarning, PassNoteWarning, PassRun
 from graphtricks.report import Report
 
 __all__ = ["rewrite", "RewriteResult"]
@@ -165,7 +165,9 @@ def _run_pass(p: GraphtricksPass, run: PassRun, report: Report) -> None:
         return
     p.run(run)
     report.changes.extend(run.changes)
-    report.warnings.extend(f"{p.name}: {note}" for note in run.notes)
+    for note in run.notes:  # notebook users see what the CLI prints
+        warnings.warn(f"{p.name}: {note}", PassNoteWarning, stacklevel=4)
+        report.warnings.append(f"{p.name}: {note}")
     if not run.changes:
         message = f"pass {p.name!r} matched nothing in this model; it changed nothing"
         warnings.warn(message, NoChangeWarning, stacklevel=4)

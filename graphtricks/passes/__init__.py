@@ -7,6 +7,7 @@ from graphtricks.passes.base import (
     PASSES,
     GraphtricksPass,
     NoChangeWarning,
+    PassNoteWarning,
     pass_from_config,
     register_pass,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "PASSES",
     "GraphtricksPass",
     "NoChangeWarning",
+    "PassNoteWarning",
     "pass_from_config",
     "register_pass",
     "AddResidual",

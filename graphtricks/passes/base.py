@@ -29,11 +29,15 @@ from graphtricks.capture.probe import Observers
 from graphtricks.errors import GraphtricksError, PassError
 from graphtricks.report import Change
 
-__all__ = ["GraphtricksPass", "NoChangeWarning", "PASSES", "PassRun", "RunResult", "register_pass", "pass_from_config"]
+__all__ = ["GraphtricksPass", "NoChangeWarning", "PassNoteWarning", "PASSES", "PassRun", "RunResult", "register_pass", "pass_from_config"]
 
 
 class NoChangeWarning(UserWarning):
     """A pass matched nothing in the model (so it changed nothing)."""
+
+
+class PassNoteWarning(UserWarning):
+    """A pass left something alone and says why (each of a run's notes, as a warning)."""
 
 
 PASSES: dict[str, type[GraphtricksPass]] = {}

@@ -8,6 +8,9 @@ the identity in eval mode.
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
@@ -48,6 +51,9 @@ class InsertDropout(GraphtricksPass):
         kind: ``"element"`` (``nn.Dropout``) or ``"channel"`` (``nn.Dropout1d/2d/3d`` chosen by
             the activation's rank; channels-first layout, vectors fall back to ``nn.Dropout``).
         activations: activation names to follow (``["ReLU", "GELU"]``); empty = all.
+        gates: also follow gates — a Sigmoid/Hardsigmoid whose every user multiplies it with
+            another tensor (squeeze-excitation, gated units). Off by default: dropping a gate
+            zeroes what it scales; each region notes how many it skipped.
         include: qualified-name globs to edit; empty = everything.
         exclude: qualified-name globs never edited.
 
@@ -61,8 +67,11 @@ class InsertDropout(GraphtricksPass):
     name = "dropout"
     preserves_eval = True
 
-    def __init__(self, p: float = 0.1, *, kind: str = "element", activations=(), include=(), exclude=()):
+    def __init__(
+        self, p: float = 0.1, *, kind: str = "element", activations=(), gates: bool = False, include=(), exclude=()
+    ):
         super().__init__(include=include, exclude=exclude)
+        self.gates = bool(gates)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise PassError(f"dropout probability must be in [0, 1), got {p!r}")
         if kind not in DROPOUT_KINDS:
@@ -78,6 +87,8 @@ class InsertDropout(GraphtricksPass):
         out = {"p": self.p, "kind": self.kind}
         if self.activations:
             out["activations"] = list(self.activations)
+        if self.gates:
+            out["gates"] = True
         return out
 
     def skip_reason(self) -> str | None:
@@ -98,10 +109,14 @@ class InsertDropout(GraphtricksPass):
         gm = graph_module
         modified = False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        gates = 0
         for node in list(gm.graph.nodes):
             act = activation_name(node, gm)
             where = node_where(self.prefix, node)
             if not self._wanted(act, where):
+                continue
+            if not self.gates and act in _GATES and _only_scales(node):
+                gates += 1  # squeeze-excitation / gated unit: dropping a gate zeroes what it scales
                 continue
             aliases = _later_alias_users(node, gm, order)
             if not node.users and not aliases:
@@ -128,6 +143,9 @@ class InsertDropout(GraphtricksPass):
                 details={"module": self.qualify(path), "node": node.name, "p": self.p},
             )
             modified = True
+        if gates:
+            self.notes.append(f"{self.prefix or '<root>'}: {gates} gate(s) left without dropout ({'/'.join(_GATES)} whose"
+                              " output only scales another tensor); gates=True (--dropout-gates) includes them")
         if modified:
             gm.graph.lint()
             gm.recompile()
@@ -184,6 +202,19 @@ class InsertDropout(GraphtricksPass):
             )
             modified = True
         return modified
+
+
+_GATES = ("Sigmoid", "Hardsigmoid")
+_MULS = {operator.mul, operator.imul, torch.mul}
+
+
+def _only_scales(node: fx.Node) -> bool:
+    """True when every user of ``node`` multiplies it with another tensor (a gate)."""
+    def scales(user: fx.Node) -> bool:
+        is_mul = (user.op == "call_function" and user.target in _MULS) or (user.op == "call_method" and user.target in ("mul", "mul_"))
+        others = [a for a in user.args if a is not node]
+        return is_mul and len(user.args) == 2 and len(others) == 1 and isinstance(others[0], fx.Node)
+    return bool(node.users) and all(scales(u) for u in node.users)
 
 
 def _dropout_path(node: fx.Node) -> tuple[str, str]:

@@ -84,15 +84,10 @@ def experiment(
     """
     import torch
 
-    from graphtricks.errors import GraphtricksError
-
     with user_errors(verbose):
-        try:
-            _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, momentum, warmup, schedule,
-                 step_size, gamma, clip_norm, label_smoothing, l1, l2, penalty_layer, precision, loss_weight,
-                 train_size, label_noise, batch_sizes, model_arg, force, as_json, torch)
-        except GraphtricksError as e:  # the one-line printer reads rich markup: keep "[report]" literal
-            raise type(e)(escape(str(e))) from e
+        _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, momentum, warmup, schedule,
+             step_size, gamma, clip_norm, label_smoothing, l1, l2, penalty_layer, precision, loss_weight,
+             train_size, label_noise, batch_sizes, model_arg, force, as_json, torch)
 
 
 def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, momentum, warmup, schedule,

@@ -86,6 +86,8 @@ CORPUS = [
     Entry("tv:shufflenet_v2_x0_5", _tv("shufflenet_v2_x0_5"), IMG),
     Entry("tv:regnet_y_400mf", _tv("regnet_y_400mf"), IMG),
     Entry("tv:mnasnet0_5", _tv("mnasnet0_5"), IMG),
+    # segmentation: a backbone whose ImageNet weights the builder would download unless told not to
+    Entry("tv:lraspp_mobilenet_v3_large", _tv("lraspp_mobilenet_v3_large", weights_backbone=None, num_classes=4), IMG),
     # 224x224: the TorchScript exporter needs the 7x7 adaptive pool to divide its input.
     Entry("tv:vgg11_bn", _tv("vgg11_bn"), IMG224, residual=["features.4", "features.11"]),
     Entry("tv:alexnet", _tv("alexnet"), IMG224),
@@ -102,6 +104,8 @@ CORPUS = [
     Entry("timm:mobilevitv2_050", _timm("mobilevitv2_050"), IMG),
     Entry("hf:bert", _hf("BertConfig", "BertModel", **_SMALL_TEXT), (2, 12), "int64", fast=True),
     Entry("hf:gpt2", _hf("GPT2Config", "GPT2Model", n_embd=64, n_layer=2, n_head=4, vocab_size=1000), (2, 12), "int64"),
+    # tied wte/lm_head and transformers Conv1D layers: init sets the tie once and reports both names
+    Entry("hf:gpt2-lm-head", _hf("GPT2Config", "GPT2LMHeadModel", n_embd=64, n_layer=2, n_head=4, vocab_size=1000), (2, 12), "int64"),
     Entry("hf:llama", _hf("LlamaConfig", "LlamaModel", **_SMALL_TEXT), (2, 12), "int64"),
     Entry("hf:t5-encoder", _hf("T5Config", "T5EncoderModel", d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=1000), (2, 12), "int64"),
     Entry("hf:distilbert", _hf("DistilBertConfig", "DistilBertModel", dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=1000), (2, 12), "int64", fast=True),

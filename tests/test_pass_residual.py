@@ -416,3 +416,35 @@ def test_plain_vgg_with_residual_stages_trains_and_exports(options, tmp_path):
     (got,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_zero_branch_gate_starts_each_block_as_its_shortcut_and_trains_its_branch():
+    body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(8, 8), body, nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    for gate, starts_as in (("zero-branch", lambda m, h: h), ("zero", lambda m, h: m[1](h))):
+        result = gt.rewrite(model, [AddResidual(["1"], gate=gate)], (x,))
+        rm = result.model
+        h = model[0](x)
+        # zero-branch: H = 0·F(h) + h; zero: H = F(h) + 0·h (the original block)
+        torch.testing.assert_close(rm(x), model[2](starts_as(model, h)))
+        gate_param = next(p for n, p in rm.named_parameters() if n.endswith("gate"))
+        rm(x).sum().backward()
+        assert gate_param.grad is not None and gate_param.grad.abs() > 0
+
+
+def test_zero_branch_gate_in_a_traced_span_matches_the_wrapper():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model, x = Net(), torch.randn(3, 6)
+    result = gt.rewrite(model, [AddResidual(spans=["a:b"], gate="zero-branch")], (x,))
+    torch.testing.assert_close(result.model(x), x)  # α = 0: the span starts as the identity shortcut
+    with torch.no_grad():
+        next(p for n, p in result.model.named_parameters() if n.endswith("gate")).fill_(1.0)
+    torch.testing.assert_close(result.model(x), model(x) + x)

@@ -35,7 +35,7 @@ from graphtricks.errors import GraphtricksError, PassError
 DropoutKind = Enum("DropoutKind", {k: k for k in ("element", "channel")}, type=str)
 Shortcut = Enum("Shortcut", {k: k for k in ("auto", "identity", "pad", "conv")}, type=str)
 PostAct = Enum("PostAct", {k: k for k in ("none", "relu")}, type=str)
-Gate = Enum("Gate", {k: k for k in ("none", "zero")}, type=str)
+Gate = Enum("Gate", {k: k for k in ("none", "zero", "zero-branch")}, type=str)
 LnOver = Enum("LnOver", {k: k for k in ("c", "chw")}, type=str)
 InitScheme = Enum(
     "InitScheme", {k: k for k in ("auto", "xavier-uniform", "xavier-normal", "he-uniform", "he-normal", "orthogonal")}, type=str
@@ -195,7 +195,7 @@ def rewrite(
     shortcut: Annotated[Shortcut, typer.Option("--shortcut", metavar=choices(Shortcut), help="Shortcut kind.")] = Shortcut.auto,
     shortcut_norm: Annotated[bool, typer.Option("--shortcut-norm", help="BatchNorm after a 1x1 conv shortcut.")] = False,
     post_act: Annotated[PostAct, typer.Option("--post-act", metavar=choices(PostAct), help="Activation after the sum.")] = PostAct.none,
-    gate: Annotated[Gate, typer.Option("--gate", metavar=choices(Gate), help="zero: a learnable scalar gate on the shortcut, starting at 0.")] = Gate.none,
+    gate: Annotated[Gate, typer.Option("--gate", metavar=choices(Gate), help="zero: a learnable gate α on the shortcut, starting at 0 (H = F + α·S: the model computes what it did; it cannot revive a net that does not train). zero-branch: α on the block (H = α·F + S: each block starts as its shortcut, the form that trains a deep plain net).")] = Gate.none,
     bn_to_ln: Annotated[bool, typer.Option("--bn-to-ln", help="Replace BatchNorm with LayerNorm.")] = False,
     ln_over: Annotated[LnOver, typer.Option("--ln-over", metavar=choices(LnOver), help="c: over channels per position; chw: over C,H,W.")] = LnOver.c,
     init: Annotated[InitScheme | None, typer.Option("--init", metavar="SCHEME", help=f"Re-initialise weights with this scheme: {', '.join(e.value for e in InitScheme)}.")] = None,

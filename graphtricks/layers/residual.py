@@ -35,7 +35,10 @@ __all__ = [
 
 SHORTCUTS = ("auto", "identity", "pad", "conv")
 POST_ACTS = ("none", "relu")
-GATES = ("none", "zero")
+# none: H = F + S.  zero: H = F + α·S, α = 0 at first (the model computes what it did).
+# zero-branch: H = α·F + S, α = 0 at first (the block starts as its shortcut: a deep net that
+# does not train as it is starts as a shallow one that does).
+GATES = ("none", "zero", "zero-branch")
 MARKER = "gt_residual"
 # A re-traced region rebuilds containers as plain modules (the Residual class is gone), so
 # each graph module also lists what it wrapped, as an attribute that capture carries over.
@@ -203,17 +206,20 @@ class _ResidualParts(nn.Module):
         if body is not None:
             self.body = body  # first, so state dicts list the block before the new parts
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
-        if gate == "zero":
+        if gate != "none":
             self.gate = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
         else:
             self.register_parameter("gate", None)
+        self.gate_on = "branch" if gate == "zero-branch" else "shortcut"  # what α scales
         self.post_act = post_act
 
     def merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``act(out + α·S(x))``: the block's output plus the shortcut of its input."""
+        """``act(out + α·S(x))`` (or ``act(α·out + S(x))`` gating the branch): output plus shortcut."""
         # passes/residual_graph.add_merge_nodes computes the same in a traced graph: keep the two in step.
         s = self.shortcut(x)
-        if self.gate is not None:
+        if self.gate is not None and self.gate_on == "branch":
+            out = self.gate * out
+        elif self.gate is not None:
             s = self.gate * s
         out = out + s
         return torch.relu(out) if self.post_act == "relu" else out
@@ -229,7 +235,8 @@ class Residual(_ResidualParts):
     Args:
         body: the block ``F``; takes one tensor and returns one.
         shortcut: ``S`` (None: identity).
-        gate: ``"zero"`` adds a learnable scalar ``α`` starting at 0 (then ``H = F`` at first).
+        gate: ``"zero"`` adds a learnable scalar ``α`` on the shortcut, starting at 0 (``H = F`` at
+            first); ``"zero-branch"`` puts it on the body instead (``H = α·F + S``: ``H = S`` at first).
         post_act: ``"relu"`` applies ReLU after the sum.
         dtype: dtype of the gate.
         device: device of the gate.
@@ -257,7 +264,7 @@ class ResidualSpan(_ResidualParts):
     Args:
         shortcut: ``S`` (None: identity).
         span: ``"FIRST:LAST"``, the node names; also the marker that prevents a second wrap.
-        gate: ``"none"`` or ``"zero"``.
+        gate: ``"none"``, ``"zero"`` (on the shortcut) or ``"zero-branch"`` (on the span's output).
         post_act: ``"none"`` or ``"relu"``.
         dtype: dtype of the gate.
         device: device of the gate.

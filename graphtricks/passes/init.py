@@ -169,7 +169,8 @@ class Initialize(GraphtricksPass):
         if norm is None:
             self.notes.append(f"{where}: the residual block's body ends in no norm; zero_init_residual left it")
         elif isinstance(gate, torch.Tensor) and not gate.detach().any():
-            self.notes.append(f"{where}: residual wrapper has a zero gate (starts as its body); γ left at 1")
+            starts = "shortcut" if getattr(wrapper, "gate_on", "shortcut") == "branch" else "body"
+            self.notes.append(f"{where}: residual wrapper has a zero gate (starts as its {starts}); γ left at 1")
         else:
             self.state.zero.add(id(norm))
 

@@ -76,7 +76,9 @@ class AddResidual(GraphtricksPass):
         shortcut: ``auto`` (identity / pad / conv from the shapes), ``identity``, ``pad`` or ``conv``.
         shortcut_norm: BatchNorm after a conv shortcut.
         post_act: ``none`` or ``relu`` (after the sum).
-        gate: ``none`` or ``zero`` (``H = F + α·S``, α a learnable scalar starting at 0).
+        gate: ``none``; ``zero`` (``H = F + α·S``, α a learnable scalar starting at 0: the model
+            computes exactly what it did); ``zero-branch`` (``H = α·F + S``: each block starts as its
+            shortcut, the form that lets a deep plain net that does not train start to).
         include: fnmatch globs a block's qualified name must match; empty = all.
         exclude: fnmatch globs of blocks never wrapped.
 

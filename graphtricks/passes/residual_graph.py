@@ -51,9 +51,12 @@ def add_merge_nodes(gm: fx.GraphModule, entry, exit_, inside: set, path: str, pa
             s = add("call_module", f"{short}.{i}", (s,), (short, nn.Sequential), (f"{short}.{i}", type(sub)))
     elif not isinstance(parts.shortcut, nn.Identity):
         s = add("call_module", short, (s,), (short, type(parts.shortcut)))
-    if parts.gate is not None:
+    branch = exit_
+    if parts.gate is not None and getattr(parts, "gate_on", "shortcut") == "branch":
+        branch = add("call_function", operator.mul, (add("get_attr", f"{path}.gate", ()), exit_))
+    elif parts.gate is not None:
         s = add("call_function", operator.mul, (add("get_attr", f"{path}.gate", ()), s))
-    out = add("call_function", operator.add, (exit_, s))
+    out = add("call_function", operator.add, (branch, s))
     if parts.post_act == "relu":
         out = add("call_function", torch.relu, (out,))
     exit_.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside and user not in new)

@@ -90,12 +90,16 @@ def test_recipe_help_keeps_its_brackets():
 
 def test_cli_choice_tables_agree_with_the_library():
     from graphtricks.cli.common import InputDtype
-    from graphtricks.cli.rewrite_cmd import DropoutKind
+    from graphtricks.cli.rewrite_cmd import DropoutKind, Fan, Gate, InitScheme, LnOver, PostAct, Shortcut
     from graphtricks.io.inputs import DTYPES
+    from graphtricks.layers.residual import GATES, POST_ACTS, SHORTCUTS
+    from graphtricks.passes.bn_to_ln import LN_OVER
     from graphtricks.passes.dropout import DROPOUT_KINDS
+    from graphtricks.passes.init import FAN_MODES, SCHEMES
 
-    assert [e.value for e in DropoutKind] == list(DROPOUT_KINDS)
-    assert [e.value for e in InputDtype] == list(DTYPES)
+    for cli, library in ((DropoutKind, DROPOUT_KINDS), (InputDtype, DTYPES), (Gate, GATES), (PostAct, POST_ACTS),
+                         (Shortcut, SHORTCUTS), (LnOver, LN_OVER), (InitScheme, SCHEMES), (Fan, FAN_MODES)):
+        assert [e.value for e in cli] == list(library), cli.__name__
 
 
 def test_shell_completion_answers():

@@ -16,7 +16,6 @@ side by side::
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,17 +103,12 @@ def read_variant(path: str | Path) -> Variant:
     Raises:
         ExperimentError: the file is missing, not TOML, or names an unknown pass, technique or option.
     """
+    from graphtricks.errors import RecipeError
+    from graphtricks.io.recipe import read_recipe
+
     path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"recipe {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ExperimentError(f"recipe {path} is not valid TOML: {e}") from e
-    unknown = set(data) - {"source", "passes"}
-    if unknown:
-        raise ExperimentError(f"recipe {path}: unknown table(s) {', '.join(sorted(unknown))}; expected [[passes]]")
-    entries = data.get("passes", [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "pass" in e for e in entries):
-        raise ExperimentError(f"recipe {path}: write each pass or technique as a [[passes]] table with a 'pass' key")
+    try:  # one reader for every recipe file: this one's entries may also name training techniques
+        entries = read_recipe(path).passes
+    except RecipeError as e:
+        raise ExperimentError(str(e)) from e
     return Variant.from_entries(path.stem, entries)

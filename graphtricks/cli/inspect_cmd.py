@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Annotated
 
 import typer
@@ -17,7 +18,6 @@ from graphtricks.cli.common import (
     JsonOpt,
     ModelArgOpt,
     TrustPickleOpt,
-    VerboseOpt,
     WeightsOpt,
     load_source,
     out,
@@ -37,6 +37,45 @@ def _render_region(tree: Tree, region: dict) -> None:
         _render_region(branch, child)
 
 
+LONG_LIST = 20  # more candidate blocks than this are cut, with a count and a hint (--verbose lists all)
+_SHORTCUT_MARK = {"graphtricks": "yes (wrapped)", "own": "yes (its own)", None: ""}
+
+
+def _blocks_table(title: str, blocks: list[dict]) -> Table:
+    """One row per candidate: shapes, the shortcut ``auto`` would pick, and a shortcut it already has."""
+    table = Table(title=title)
+    for column in ("block", "type", "input", "output", "auto shortcut", "has shortcut"):
+        table.add_column(column)
+    for block in blocks:
+        table.add_row(
+            block["name"], block.get("type", ""), str(block.get("input_shape")), str(block.get("output_shape")),
+            str(block.get("shortcut") or "none fits"), _SHORTCUT_MARK.get(block.get("has_shortcut"), ""),
+        )
+    return table
+
+
+def _print_candidates(blocks: list[dict], layers: list[dict], every_row: bool) -> None:
+    """Blocks in a table (cut after ``LONG_LIST`` rows), single layers as a count by type."""
+    if blocks:
+        shown = blocks if every_row else blocks[:LONG_LIST]
+        out.print(_blocks_table("candidate blocks for --residual", shown))
+        if len(shown) < len(blocks):
+            out.print(f"[dim]{len(blocks) - len(shown)} more of {len(blocks)} blocks; --verbose lists every one,"
+                      " --json gives them all[/dim]")
+        own = sum(b.get("has_shortcut") is not None for b in blocks)
+        if own:
+            out.print(f"[dim]{own} block(s) already add their input back; --residual on them adds a second"
+                      " shortcut[/dim]")
+    else:
+        out.print("candidate blocks for --residual: none (no child of a Sequential takes one tensor and returns one)")
+    if layers and every_row:
+        out.print(_blocks_table("single layers (--residual accepts them too)", layers))
+    elif layers:
+        kinds = Counter(b.get("type", "") for b in layers)
+        listed = ", ".join(f"{k} ×{v}" for k, v in kinds.most_common())
+        out.print(f"single layers (not listed as blocks): {len(layers)} — {listed}; --verbose lists them")
+
+
 def inspect(
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="Model spec or a saved DIR.")],
     input_shape: InputShapeOpt = None,
@@ -46,7 +85,9 @@ def inspect(
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     as_json: JsonOpt = False,
-    verbose: VerboseOpt = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="List every candidate block and layer; show tracebacks of errors.")
+    ] = False,
 ) -> None:
     """Show the region tree (traced / opaque and why), activations, norms and parameters.
 
@@ -64,7 +105,9 @@ def inspect(
             model, inputs, _, prior = load_source(spec, input_shape, input_dtype, model_arg, weights, trust_pickle, device)
             result = run_rewrite(model, [], inputs, inplace=True)
         summary = summarize(result.tree)
-        summary["candidate_blocks"] = candidate_blocks(result.tree, result.example_inputs)
+        found = candidate_blocks(result.tree, result.example_inputs)
+        summary["candidate_blocks"] = [b for b in found if not b["layer"]]
+        summary["candidate_layers"] = [b for b in found if b["layer"]]
         if prior:
             summary["recipe"] = prior
         if as_json:
@@ -81,13 +124,4 @@ def inspect(
         for title in ("activations", "activation_forms", "norms"):
             items = ", ".join(f"{k} ×{v}" for k, v in summary[title].items()) or "none"
             out.print(f"{title.replace('_', ' ')}: {items}")
-        if summary["candidate_blocks"]:
-            table = Table(title="candidate blocks for --residual")
-            for column in ("block", "type", "input", "output", "auto shortcut"):
-                table.add_column(column)
-            for block in summary["candidate_blocks"]:
-                table.add_row(
-                    block["name"], block.get("type", ""), str(block.get("input_shape")), str(block.get("output_shape")),
-                    str(block.get("shortcut") or "none fits") + (" (wrapped)" if block.get("wrapped") else ""),
-                )
-            out.print(table)
+        _print_candidates(summary["candidate_blocks"], summary["candidate_layers"], every_row=verbose)

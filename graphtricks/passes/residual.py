@@ -51,6 +51,7 @@ from graphtricks.passes.residual_blocks import (
     SPAN,
     Block,
     candidate_blocks,
+    has_own_shortcut,
     measure_blocks,
     opaque_child,
     register_wrapped,
@@ -145,6 +146,9 @@ class AddResidual(GraphtricksPass):
             with _refusal():
                 if host.kind == "traced":
                     item = traced_block(host.module, local, q)
+                    if has_own_shortcut(host.module, local):
+                        self.notes.append(f"{q}: already has a shortcut (its forward adds its input back);"
+                                          " wrapped again, so its output is F(x) + S(x) on top of that")
                 else:
                     item = Block(q, local, opaque_child(host, local, q))
                     measured.append(item)

@@ -16,8 +16,11 @@ that asked turns it into its own ``PassError``. Blocks already wrapped are liste
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
+
+import torch
 
 import torch.fx as fx
 from torch import nn
@@ -25,7 +28,7 @@ from torch import nn
 from graphtricks.capture import Region, RegionTree
 from graphtricks.capture.probe import FirstCall, first_calls
 from graphtricks.capture.shapes import tensor_meta
-from graphtricks.fxgraph.kinds import CONTAINERS
+from graphtricks.fxgraph.kinds import CONTAINERS, is_builtin_module
 from graphtricks.fxgraph.nodes import (
     boundary,
     find_submodule,
@@ -42,6 +45,8 @@ __all__ = [
     "Block",
     "single_io",
     "check_not_inplace",
+    "adds_input",
+    "has_own_shortcut",
     "traced_block",
     "span_nodes",
     "span_block",
@@ -54,6 +59,7 @@ __all__ = [
 
 BLOCK_RULE = "a residual block must take one tensor and return one"
 SPAN = re.compile(r"(?:(?P<region>[^/:]+)/)?(?P<first>[^/:]+):(?P<last>[^/:]+)")
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 
 
@@ -103,6 +109,27 @@ def check_not_inplace(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, 
         if entry in n.all_input_nodes and mutates_input(n, gm):
             raise ValueError(f"{where} modifies its input in place ({n.format_node()}); the shortcut needs"
                              " the unmodified input: make that step out-of-place (e.g. inplace=False)")
+
+
+def adds_input(nodes: list[fx.Node], entry: fx.Node) -> bool:
+    """True when a sum among ``nodes`` adds two values that both come from ``entry``: the block
+    already has a shortcut of its own (torchvision's ``BasicBlock``: ``out += identity``)."""
+    inside, reached = set(nodes), {entry}
+    for n in nodes:  # graph order: a node comes after what it reads
+        if any(a in reached for a in n.all_input_nodes):
+            reached.add(n)
+        if n.op in ("call_function", "call_method") and n.target in _ADDS and n in reached:
+            operands = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+            if len(operands) == 2 and all(a in reached and (a in inside or a is entry) for a in operands):
+                return True
+    return False
+
+
+def has_own_shortcut(gm: fx.GraphModule, local: str) -> bool:
+    """True when the submodule ``local`` of a traced region adds its input back (:func:`adds_input`)."""
+    nodes = module_nodes(gm.graph, local)
+    entries, _ = boundary(nodes)
+    return len(entries) == 1 and adds_input(nodes, entries[0])
 
 
 def _from_graph(where: str, local: str, module: nn.Module | None, entry: fx.Node, exit_: fx.Node, nodes) -> Block:
@@ -187,13 +214,13 @@ def _measured(block: Block, call: FirstCall | None) -> str:
     return ""
 
 
-def measure_blocks(model: nn.Module, inputs: tuple, blocks: list[Block]) -> list[str]:
+def measure_blocks(model: nn.Module, inputs: tuple, blocks: list[Block], kwargs: dict | None = None) -> list[str]:
     """Fill the shapes of blocks with a module, by one probing forward (none when ``blocks`` is empty).
 
     Returns:
         Per block, why it is no block (``"takes 2 arguments; …"``), or ``""`` when it is one.
     """
-    calls = first_calls(model, inputs, [b.module for b in blocks]) if blocks else {}
+    calls = first_calls(model, inputs, [b.module for b in blocks], kwargs) if blocks else {}
     return [_measured(b, calls.get(id(b.module))) for b in blocks]
 
 
@@ -239,14 +266,17 @@ def candidate_blocks(tree: RegionTree, example_inputs: tuple = ()) -> list[dict]
         example_inputs: the model's inputs, to measure Sequentials inside opaque modules.
 
     Returns:
-        ``[{"name", "type", "input_shape", "output_shape", "dtype", "shortcut", "wrapped"}]``;
-        ``shortcut`` is what ``auto`` would choose, or None when no shortcut fits.
+        ``[{"name", "type", "input_shape", "output_shape", "dtype", "shortcut", "wrapped", "layer",
+        "has_shortcut"}]``; ``shortcut`` is what ``auto`` would choose, or None when no shortcut fits;
+        ``layer`` is True for a single built-in layer (a Conv2d, a BatchNorm), False for a block;
+        ``has_shortcut`` is ``"graphtricks"`` for a block already wrapped, ``"own"`` for one whose
+        graph adds its input back (torchvision's ``BasicBlock``), else None.
 
     Example:
         >>> [b["name"] for b in candidate_blocks(gt.rewrite(PlainVGG(), [], x).tree)][:4]
         ['stem.0', 'stem.1', 'stem.2', 'stages.0']
     """
-    found: list[tuple[Block, str]] = []
+    found: list[tuple[Block, str, bool, bool]] = []  # block, type name, a single layer?, adds its input?
     measured: list[Block] = []
     for region in tree.regions():
         if region.kind == "traced":
@@ -261,19 +291,26 @@ def candidate_blocks(tree: RegionTree, example_inputs: tuple = ()) -> list[dict]
                     check_not_inplace(gm, nodes, entry, local)
                 except ValueError:
                     continue
-                found.append((_from_graph(region.qualify(local), local, None, entry, exit_, ()), types[local].__name__))
+                # a layer is a leaf call; an inlined module (traced through) is a block of several steps
+                leaf = len(nodes) == 1 and nodes[0].op == "call_module" and nodes[0].target == local
+                layer = leaf and is_builtin_module(gm.get_submodule(local))
+                block = _from_graph(region.qualify(local), local, None, entry, exit_, ())
+                found.append((block, types[local].__name__, layer, not layer and adds_input(nodes, entry)))
         elif isinstance(region.module, nn.Sequential) and example_inputs:
             measured += [Block(region.qualify(n), n, c) for n, c in region.module.named_children()]
     reasons = measure_blocks(tree.model, tuple(example_inputs), measured)
-    found += [(b, type(b.module).__name__) for b, reason in zip(measured, reasons) if not reason]
+    found += [(b, type(b.module).__name__, is_builtin_module(b.module), False)
+              for b, reason in zip(measured, reasons) if not reason]
     wrapped, _ = wrapped_names(tree.model)
     out = []
-    for block, type_name in found:
+    for block, type_name, layer, own in found:
         try:
             kind = choose_shortcut("auto", block.in_shape, block.out_shape, *block.dtypes)[0]
         except ValueError:
             kind = None
         out.append({"name": block.where, "type": type_name, "input_shape": list(block.in_shape),
                     "output_shape": list(block.out_shape), "dtype": str(block.dtypes[1]).replace("torch.", ""),
-                    "shortcut": kind, "wrapped": block.where in wrapped})
+                    "shortcut": kind, "wrapped": block.where in wrapped, "layer": layer,
+                    "has_shortcut": "graphtricks" if block.where in wrapped else ("own" if own else None)})
     return out
+

@@ -11,6 +11,7 @@ Where a module is opaque (no graph), what it does with its input is told from it
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -39,7 +40,7 @@ from graphtricks.fxgraph.nodes import (
 )
 from graphtricks.layers.residual import REGISTRY, Residual, ResidualSpan
 
-__all__ = ["consumer_map", "merge_reach", "residual_norms", "last_norm"]
+__all__ = ["Activation", "Reach", "consumer_map", "merge_reach", "residual_norms", "last_norm"]
 
 # Ops a value passes through on its way to the nonlinearity that consumes it.
 _THROUGH_MODULES = tuple(
@@ -63,8 +64,26 @@ _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
 
 # -- the consumer map: which nonlinearity each value reaches --------------------------------
-def consumer_map(gm: fx.GraphModule, prefix: str = "") -> dict[fx.Node, tuple]:
-    """For every node, ``(activation, unknown, output)`` its value reaches, in one reverse pass.
+class Activation(NamedTuple):
+    """A nonlinearity a value reaches: its place in the graph, name, arguments, qualified name."""
+
+    order: int
+    name: str
+    kwargs: dict
+    where: str
+
+
+class Reach(NamedTuple):
+    """What a value reaches: the earliest activation (or None), why some path leaves the visible
+    graph (or None), and whether it is a model output."""
+
+    activation: Activation | None
+    unknown: str | None
+    output: bool
+
+
+def consumer_map(gm: fx.GraphModule, prefix: str = "") -> dict[fx.Node, Reach]:
+    """For every node, the :class:`Reach` of its value, in one reverse pass.
 
     Args:
         gm: one traced region.
@@ -72,27 +91,25 @@ def consumer_map(gm: fx.GraphModule, prefix: str = "") -> dict[fx.Node, tuple]:
             leaves into opaque code, and activations are named model-level.
 
     Returns:
-        Per node: ``activation`` is the earliest ``(order, name, kwargs, where)`` reached, or
-        None; ``unknown`` says why some path leaves the visible graph, or None; ``output`` is
-        True when the value is a model output.
+        Per node, a :class:`Reach`.
 
     Example:
-        >>> consumer_map(gm)[conv_node][0][1]
+        >>> consumer_map(gm)[conv_node].activation.name
         'ReLU'
     """
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    reach: dict[fx.Node, tuple] = {}
+    reach: dict[fx.Node, Reach] = {}
     for node in reversed(nodes):
         found = []
         for user in node.users:
             role, info = _role(user, node, gm, prefix)
             if role == "act":
-                found.append(((order[user], *info), None, False))
+                found.append(Reach(Activation(order[user], *info), None, False))
             elif role == "through":
                 found.append(reach[user])
             elif role in ("output", "unknown"):
-                found.append((None, info, role == "output"))
+                found.append(Reach(None, info, role == "output"))
         reach[node] = merge_reach(found)
     return reach
 
@@ -123,11 +140,13 @@ def _role(user: fx.Node, node: fx.Node, gm: fx.GraphModule, prefix: str) -> tupl
     return "stop", None  # a linear consumer: another layer, matmul, softmax, attention, …
 
 
-def merge_reach(found: list[tuple]) -> tuple:
-    """Combine reach tuples: the earliest activation, the first unknown path, any output."""
-    acts = [f[0] for f in found if f[0] is not None]
-    unknown = next((f[1] for f in found if f[1] is not None), None)
-    return (min(acts, key=lambda a: a[0]) if acts else None, unknown, any(f[2] for f in found))
+def merge_reach(found: list[Reach]) -> Reach:
+    """Combine reaches: the earliest activation, the first unknown path, any output."""
+    found = [Reach(*f) for f in found]  # plain tuples too
+    acts = [f.activation for f in found if f.activation is not None]
+    unknown = next((f.unknown for f in found if f.unknown is not None), None)
+    earliest = Activation(*min(acts, key=lambda a: a[0])) if acts else None
+    return Reach(earliest, unknown, any(f.output for f in found))
 
 
 def _opaque_role(module: nn.Module, where: str) -> tuple[str, object]:

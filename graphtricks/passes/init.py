@@ -32,6 +32,7 @@ from graphtricks.capture import Region
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.activations import activation_init
 from graphtricks.fxgraph.dataflow import (
+    Reach,
     consumer_map,
     last_norm,
     merge_reach,
@@ -186,7 +187,7 @@ class Initialize(GraphtricksPass):
                     stack.append((f"{name}.{child_name}" if name else child_name, child))
 
     # -- setting parameters ------------------------------------------------------------------
-    def _set_module(self, module: nn.Module, local: str, reach: tuple | None, why: str,
+    def _set_module(self, module: nn.Module, local: str, reach: Reach | None, why: str,
                     call: fx.Node | None = None, fnorm: bool = False) -> bool:
         """Set one module's own parameters and record it; returns True when anything changed."""
         where = self.qualify(local)
@@ -195,50 +196,12 @@ class Initialize(GraphtricksPass):
         if not (is_norm or specs) or not self.selects(where) or not self._wanted_type(module, is_norm, call):
             return False
         own = dict(module.named_parameters(recurse=False))
-        params, frozen, details = [], [], {}
-
-        def put(pname: str, value: float) -> None:
-            # Only values that differ count as changes: a second application records nothing.
-            p = own.get(pname)
-            if self._settable(p, frozen, pname, where) and not bool((p == value).all()):
-                p.fill_(value)
-                params.append(pname)
-
+        frozen: list[str] = []
         with torch.no_grad():
             if is_norm:
-                gamma = 0.0 if id(module) in self.state.zero else 1.0
-                put("weight", gamma)
-                if not self.keep_bias:
-                    put("bias", 0.0)
-                details = {"initializer": "constant", "gamma": gamma, "beta": None if self.keep_bias else 0.0}
-                what = f"γ = {gamma:g}" + (" (last norm of a residual branch)" if gamma == 0 else "")
-                what += "" if self.keep_bias else ", β = 0"
+                params, details, what = self._set_norm(module, own, where, frozen)
             else:
-                family, gain, nonlinearity, source = self._decide(module, reach, why)
-                # Recurrent cells and attention are judged by their structure: always the same way.
-                fixed = isinstance(module, (*RECURRENT_TYPES, nn.MultiheadAttention))
-                guessed = source.startswith("module type") or (
-                    self.region is not None and id(self.region.module) in self.state.conditional)
-                weights = {}
-                for pname, fan_in, fan_out, blocks, recurrent in specs:
-                    if self._settable(own.get(pname), frozen, pname, where):
-                        method, g = self._method(family, gain, recurrent)
-                        qual = self.qualify(f"{local}.{pname}" if local else pname)
-                        kept = () if fixed or not guessed else (method, *self._other_methods(method))
-                        info = self._fill(own[pname], qual, method, g, fan_in, fan_out, blocks, kept)
-                        if info.pop("changed"):
-                            weights[pname] = info
-                            params.append(pname)
-                for pname in own:
-                    if not self.keep_bias and is_bias(pname):
-                        put(pname, 0.0)
-                first = next(iter(weights.values()), {})
-                details = {**first, "nonlinearity": nonlinearity, "source": source, "graph": source.startswith("graph")}
-                if len(weights) > 1:
-                    details["weights"] = weights
-                what = "biases zeroed" if not first else (
-                    f"{first['initializer']}, gain {first['gain']:.4g} ({nonlinearity or 'linear'}), std {first['std']:.4g}")
-                what += f" [by {source}]" if source.startswith("module type") else ""
+                params, details, what = self._set_weights(module, own, local, where, specs, reach, why, frozen)
         if frozen:
             self.notes.append(f"{where}: frozen parameters left alone ({', '.join(frozen)}); pass include_frozen to set them")
         if not params:
@@ -250,6 +213,53 @@ class Initialize(GraphtricksPass):
             what += f" (tied: also {', '.join(shared)})"
         self.record(where, "initialized", what, details=details)
         return True
+
+    def _put(self, own: dict, pname: str, value: float, frozen: list[str], where: str) -> bool:
+        """Fill one parameter with a constant; only a value that differs counts as a change (so a
+        second application records nothing)."""
+        p = own.get(pname)
+        if self._settable(p, frozen, pname, where) and not bool((p == value).all()):
+            p.fill_(value)
+            return True
+        return False
+
+    def _set_norm(self, module: nn.Module, own: dict, where: str, frozen: list[str]) -> tuple[list, dict, str]:
+        """A norm: γ = 1 (0 for the last norm of a residual branch), β = 0 unless ``keep_bias``."""
+        gamma = 0.0 if id(module) in self.state.zero else 1.0
+        params = ["weight"] if self._put(own, "weight", gamma, frozen, where) else []
+        if not self.keep_bias and self._put(own, "bias", 0.0, frozen, where):
+            params.append("bias")
+        details = {"initializer": "constant", "gamma": gamma, "beta": None if self.keep_bias else 0.0}
+        what = f"γ = {gamma:g}" + (" (last norm of a residual branch)" if gamma == 0 else "")
+        return params, details, what + ("" if self.keep_bias else ", β = 0")
+
+    def _set_weights(self, module: nn.Module, own: dict, local: str, where: str, specs: list,
+                     reach: Reach | None, why: str, frozen: list[str]) -> tuple[list, dict, str]:
+        """A layer: each weight drawn with the gain of the nonlinearity it feeds; biases zeroed."""
+        family, gain, nonlinearity, source = self._decide(module, reach, why)
+        # Recurrent cells and attention are judged by their structure: always the same way.
+        fixed = isinstance(module, (*RECURRENT_TYPES, nn.MultiheadAttention))
+        guessed = source.startswith("module type") or (
+            self.region is not None and id(self.region.module) in self.state.conditional)
+        params, weights = [], {}
+        for pname, fan_in, fan_out, blocks, recurrent in specs:
+            if self._settable(own.get(pname), frozen, pname, where):
+                method, g = self._method(family, gain, recurrent)
+                qual = self.qualify(f"{local}.{pname}" if local else pname)
+                kept = () if fixed or not guessed else (method, *self._other_methods(method))
+                info = self._fill(own[pname], qual, method, g, fan_in, fan_out, blocks, kept)
+                if info.pop("changed"):
+                    weights[pname] = info
+                    params.append(pname)
+        if not self.keep_bias:
+            params += [p for p in own if is_bias(p) and self._put(own, p, 0.0, frozen, where)]
+        first = next(iter(weights.values()), {})
+        details = {**first, "nonlinearity": nonlinearity, "source": source, "graph": source.startswith("graph")}
+        if len(weights) > 1:
+            details["weights"] = weights
+        what = "biases zeroed" if not first else (
+            f"{first['initializer']}, gain {first['gain']:.4g} ({nonlinearity or 'linear'}), std {first['std']:.4g}")
+        return params, details, what + (f" [by {source}]" if source.startswith("module type") else "")
 
     def _settable(self, p: torch.Tensor | None, frozen: list[str], pname: str, where: str) -> bool:
         if p is None or id(p) in self.state.done or isinstance(p, nn.parameter.UninitializedParameter):
@@ -274,18 +284,18 @@ class Initialize(GraphtricksPass):
             keys.add("norm")
         return bool(keys & set(self.types))
 
-    def _decide(self, module: nn.Module, reach: tuple | None, why: str) -> tuple[str, float, str | None, str]:
+    def _decide(self, module: nn.Module, reach: Reach | None, why: str) -> tuple[str, float, str | None, str]:
         """(family, gain, nonlinearity, source) for a layer, from the graph or by module type."""
         if isinstance(module, (*RECURRENT_TYPES, nn.MultiheadAttention)):
             return "xavier", 1.0, None, "the module's own structure (recurrent cell / attention)"
-        if reach is not None and reach[0] is not None:
-            _, act, kwargs, at = reach[0]
-            family, gain = activation_init(act, kwargs)
-            return family, gain, act, f"graph: feeds {act} at {at}"
-        if reach is not None and reach[1] is None:
-            return "xavier", 1.0, None, "graph: feeds no nonlinearity" + (" (a model output)" if reach[2] else "")
+        if reach is not None and reach.activation is not None:
+            act = reach.activation
+            family, gain = activation_init(act.name, act.kwargs)
+            return family, gain, act.name, f"graph: feeds {act.name} at {act.where}"
+        if reach is not None and reach.unknown is None:
+            return "xavier", 1.0, None, "graph: feeds no nonlinearity" + (" (a model output)" if reach.output else "")
         if reach is not None:
-            why = reach[1]
+            why = reach.unknown
         # Without a graph: convolutions almost always feed a ReLU-family activation; a Linear
         # is as often a projection or a head, so it gets the neutral gain.
         if isinstance(module, CONV_TYPES):

@@ -49,6 +49,12 @@ class Report:
     traced_fraction: float = 1.0
     seconds: float = 0.0
 
+    def __repr__(self) -> str:
+        by_pass = ", ".join(f"{k} {v}" for k, v in self.changes_by_pass().items())
+        warned = f"{len(self.warnings)} warning" + "s" * (len(self.warnings) != 1)
+        return (f"Report({len(self.changes)} changes ({by_pass or 'no passes'}), {warned},"
+                f" traced {self.traced_fraction:.0%}, {self.seconds:.2f} s)")
+
     def changes_by_pass(self) -> dict[str, int]:
         """Number of changes per pass, in pass order (passes with none included)."""
         counts = {p["pass"]: 0 for p in self.passes}

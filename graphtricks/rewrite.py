@@ -45,6 +45,12 @@ class RewriteResult:
     example_inputs: tuple
     runs: list[PassRun] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        # a few lines, not the model twice (the dataclass repr printed the model and its tree)
+        passes = ", ".join(map(repr, self.passes)) or "none"
+        return (f"RewriteResult(model={type(self.model).__name__},\n  passes=[{passes}],\n"
+                f"  report={self.report!r},\n  tree={self.tree!r})")
+
     def recipe(self) -> list[dict[str, Any]]:
         """The pass list as recipe entries (``[{"pass": "dropout", "p": 0.1, ...}]``)."""
         return [p.config() for p in self.passes]

@@ -79,6 +79,13 @@ class Region:
             return self.path
         return f"{self.path}.{name}" if self.path else name
 
+    def __repr__(self) -> str:
+        # one line: the module is named by its type, not printed (a model's repr runs to pages)
+        nodes = f", nodes={len(self.module.graph.nodes)}" if isinstance(self.module, fx.GraphModule) else ""
+        reason = f", reason={self.reason!r}" if self.reason else ""
+        return (f"Region({self.path or '<root>'!r}, {self.kind}, {type(self.module).__name__}{nodes}{reason}, "
+                f"children={len(self.children)})")
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description (for ``inspect --json`` and reports)."""
         out: dict[str, Any] = {
@@ -99,6 +106,12 @@ class RegionTree:
 
     model: nn.Module
     root: Region
+
+    def __repr__(self) -> str:
+        regions = self.regions()
+        traced = sum(r.kind == "traced" for r in regions)
+        return (f"RegionTree({type(self.model).__name__}: {traced} traced / {len(regions) - traced} opaque regions,"
+                f" traced {self.traced_fraction():.0%})")
 
     def regions(self) -> list[Region]:
         """Every region, parents first."""

@@ -55,12 +55,14 @@ def probe_forward(
     pre_hooks: Iterable[tuple[nn.Module, Hook]] = (),
     hooks: Iterable[tuple[nn.Module, Hook]] = (),
     forwards: Iterable[tuple[nn.Module, Callable]] = (),
+    kwargs: dict[str, Any] | None = None,
 ) -> Any:
-    """Run ``model(*inputs)`` once, in eval mode and without grad, with hooks and forwards in place.
+    """Run ``model(*inputs, **kwargs)`` once, in eval mode and without grad, with hooks and forwards in place.
 
     Args:
         model: the model to run.
         inputs: its positional inputs.
+        kwargs: its keyword inputs.
         pre_hooks: ``(module, hook)`` forward pre-hooks, called ``hook(module, args, kwargs)``.
         hooks: ``(module, hook)`` forward hooks, called ``hook(module, args, kwargs, output)``.
         forwards: ``(module, forward)`` instance forwards that replace the class's for this run
@@ -83,7 +85,7 @@ def probe_forward(
             patched.append(module)
         model.eval()
         with torch.no_grad():
-            return model(*inputs)
+            return model(*inputs, **(kwargs or {}))
     finally:
         snapshot.restore()
         for h in handles:
@@ -145,7 +147,9 @@ class FirstCall:
     mutated: bool = False
 
 
-def first_calls(model: nn.Module, inputs: tuple, modules: list[nn.Module]) -> dict[int, FirstCall]:
+def first_calls(
+    model: nn.Module, inputs: tuple, modules: list[nn.Module], kwargs: dict[str, Any] | None = None
+) -> dict[int, FirstCall]:
     """One probing forward: for each of ``modules`` that ran (by ``id``), its first call.
 
     Example:
@@ -173,5 +177,6 @@ def first_calls(model: nn.Module, inputs: tuple, modules: list[nn.Module]) -> di
         if isinstance(output, torch.Tensor):
             call.out_shape, call.dtypes = tuple(output.shape), (x.dtype if x is not None else None, output.dtype)
 
-    probe_forward(model, inputs, pre_hooks=[(m, pre) for m in modules], hooks=[(m, post) for m in modules])
+    probe_forward(model, inputs, pre_hooks=[(m, pre) for m in modules], hooks=[(m, post) for m in modules],
+                  kwargs=kwargs)
     return seen

@@ -31,14 +31,17 @@ def _record_meta(_interpreter: fx.Interpreter, n: fx.Node, result: Any) -> None:
         )
 
 
-def propagate_shapes(tree: RegionTree, example_inputs: tuple, observers: Sequence[Observers] = ()) -> Any:
+def propagate_shapes(
+    tree: RegionTree, example_inputs: tuple, observers: Sequence[Observers] = (), example_kwargs: dict | None = None
+) -> Any:
     """Record shapes and dtypes on every node of every traced region; return the model output.
 
     One eval-mode forward of the model in which every traced region runs node by node. Also
     marks nodes whose value is a model output (``node.meta["gt_model_output"]``) and records,
     for built-in children of opaque regions, their output shape and whether it is a model
     output (``region.leaf_info``). ``observers`` (from passes) see the same forward, so a pass
-    that measures something on the model needs no forward of its own.
+    that measures something on the model needs no forward of its own. ``example_kwargs`` are
+    the model's keyword inputs.
 
     Raises:
         InputShapeError: the model rejects the example inputs (quoting its message).
@@ -85,9 +88,9 @@ def propagate_shapes(tree: RegionTree, example_inputs: tuple, observers: Sequenc
                 info.clear()
                 hooks.append((child, leaf_hook(info)))
     try:
-        output = probe_forward(tree.model, example_inputs, hooks=hooks, forwards=forwards)
+        output = probe_forward(tree.model, example_inputs, hooks=hooks, forwards=forwards, kwargs=example_kwargs)
     except Exception as e:  # the model's own error, whatever its type
-        raise model_rejected(example_inputs, e) from e
+        raise model_rejected(example_inputs, e, example_kwargs) from e
 
     outputs = {id(v) for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)}
     for region in regions:

@@ -69,7 +69,9 @@ def call_key(args: tuple, kwargs: dict) -> tuple:
     return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
 
 
-def record_calls(model: nn.Module, example_inputs: tuple, modules: list[nn.Module]) -> dict[int, Call]:
+def record_calls(
+    model: nn.Module, example_inputs: tuple, modules: list[nn.Module], example_kwargs: dict | None = None
+) -> dict[int, Call]:
     """Run ``model`` once and record how each of ``modules`` is called (first call, count)."""
     calls: dict[int, Call] = {}
     keys: dict[int, tuple] = {}
@@ -85,7 +87,7 @@ def record_calls(model: nn.Module, example_inputs: tuple, modules: list[nn.Modul
             seen.consistent = seen.consistent and keys[id(mod)] == key
 
     # eval (in probe_forward): a train-mode BatchNorm would update its running statistics
-    probe_forward(model, example_inputs, pre_hooks=[(m, hook) for m in modules])
+    probe_forward(model, example_inputs, pre_hooks=[(m, hook) for m in modules], kwargs=example_kwargs)
     return calls
 
 

@@ -50,6 +50,7 @@ class PassRun:
     Attributes:
         tree: the region tree being rewritten (None when a pass is run on one graph module).
         example_inputs: the model's example inputs, for passes that measure something.
+        example_kwargs: the model's example keyword inputs (``model(*example_inputs, **example_kwargs)``).
         region: the region being edited now (set by :meth:`GraphtricksPass.run` region by region).
         changes: one :class:`Change` per edit, in order.
         notes: what the pass left alone and why, one line each.
@@ -60,6 +61,7 @@ class PassRun:
 
     tree: RegionTree | None = None
     example_inputs: tuple = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
     region: Region | None = None
     changes: list[Change] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -126,6 +128,7 @@ class GraphtricksPass(PassBase):
     region = property(lambda self: self._current().region)
     tree = property(lambda self: self._current().tree)
     example_inputs = property(lambda self: self._current().example_inputs)
+    example_kwargs = property(lambda self: self._current().example_kwargs)
     changes = property(lambda self: self._current().changes)
     notes = property(lambda self: self._current().notes)
     state = property(lambda self: self._current().state)

@@ -208,7 +208,8 @@ class BatchNormToLayerNorm(GraphtricksPass):
         found = self.observers(self.tree)
         if found.hooks or found.after_node:
             forwards = [(gm, watched_forward(gm, after)) for gm, after in found.after_node]
-            probe_forward(self.tree.model, self.example_inputs, hooks=found.hooks, forwards=forwards)
+            probe_forward(self.tree.model, self.example_inputs, hooks=found.hooks, forwards=forwards,
+                          kwargs=self.example_kwargs)
 
     def begin(self) -> None:
         """Measure the drift of every swap, unless this rewrite's shape forward did.

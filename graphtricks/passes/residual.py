@@ -153,7 +153,8 @@ class AddResidual(GraphtricksPass):
                     item = Block(q, local, opaque_child(host, local, q))
                     measured.append(item)
             plan.setdefault(id(host.module), []).append(item)
-        for item, reason in zip(measured, measure_blocks(tree.model, self.example_inputs, measured)):
+        reasons = measure_blocks(tree.model, self.example_inputs, measured, self.example_kwargs)
+        for item, reason in zip(measured, reasons):
             if reason:
                 raise PassError(f"residual: {item.where} {reason}")
         for span in self.spans:

@@ -1,0 +1,125 @@
+"""Keyword inputs (issue 15.3): rewrite, passes, save/load with ``example_kwargs``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphtricks as gt
+from graphtricks.errors import InputShapeError
+
+
+class KwOnly(nn.Module):
+    """A forward that takes its inputs by keyword only, one of them optional."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, *, x, mask=None):
+        h = torch.relu(self.bn(self.fc1(x)))
+        if mask is not None:
+            h = h * mask
+        return self.fc2(h)
+
+
+class Mixed(nn.Module):
+    """A positional input and a keyword one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, scale=None):
+        y = self.fc(x)
+        return y * scale if scale is not None else y
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=100, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def _kw_inputs():
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(4, 8, generator=g), "mask": (torch.rand(4, 16, generator=g) > 0.5).float()}
+
+
+def test_keyword_only_forward_rewrites():
+    model = KwOnly().eval()
+    kwargs = _kw_inputs()
+    result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], example_kwargs=kwargs)
+    assert result.report.changes
+    assert result.example_inputs == () and set(result.example_kwargs) == {"x", "mask"}
+    rm = result.model.eval()
+    torch.testing.assert_close(rm(**kwargs), model(**kwargs))
+    assert result.tree.root.kind == "traced"
+
+
+def test_keyword_inputs_reach_shapes():
+    result = gt.rewrite(KwOnly().eval(), [gt.InsertDropout(p=0.1)], example_kwargs=_kw_inputs())
+    gm = result.tree.root.graph_module
+    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "call_module"]
+    assert metas and all(m is not None for m in metas)
+
+
+def test_positional_and_keyword_inputs():
+    model = Mixed().eval()
+    x, scale = torch.randn(2, 8), torch.full((2, 4), 3.0)
+    result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], (x,), example_kwargs={"scale": scale})
+    torch.testing.assert_close(result.model.eval()(x, scale=scale), model(x, scale=scale))
+
+
+def test_omitted_keyword_is_named_in_one_line():
+    result = gt.rewrite(KwOnly().eval(), [gt.InsertDropout(p=0.1)], example_kwargs=_kw_inputs())
+    with pytest.raises(InputShapeError, match="'mask' is missing"):
+        result.model.eval()(x=torch.randn(4, 8))
+
+
+def test_unknown_keyword_is_an_input_error():
+    with pytest.raises(InputShapeError, match="'y'"):
+        gt.rewrite(KwOnly().eval(), [gt.InsertDropout(p=0.1)], example_kwargs={"x": torch.randn(4, 8), "y": torch.randn(4, 8)})
+
+
+def test_no_inputs_at_all_is_an_input_error():
+    with pytest.raises(InputShapeError):
+        gt.rewrite(KwOnly().eval(), [gt.InsertDropout(p=0.1)], example_inputs=())
+
+
+def test_bn_to_ln_measures_drift_with_keywords():
+    # bn_to_ln measures its drift by a probe forward: it needs the keyword inputs too.
+    result = gt.rewrite(KwOnly().eval(), [gt.BatchNormToLayerNorm()], example_kwargs=_kw_inputs())
+    assert any(c.pass_name == "bn_to_ln" for c in result.report.changes)
+
+
+def test_residual_measures_blocks_with_keywords():
+    class Opaque(nn.Module):  # mode-dependent root: its children are measured by a probe forward
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+        def forward(self, *, x):
+            return self.body(x) if self.training else self.body(x) * 1.0
+
+    result = gt.rewrite(Opaque().eval(), [gt.AddResidual(["body.0"])], example_kwargs={"x": torch.randn(2, 8)})
+    assert result.report.changes
+
+
+def test_bert_with_input_ids_and_attention_mask():
+    model = _bert()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], example_kwargs=kwargs)
+    assert result.report.changes
+    want = model(**kwargs).last_hidden_state
+    got = result.model.eval()(**kwargs)
+    got = got.last_hidden_state if hasattr(got, "last_hidden_state") else got[0]
+    torch.testing.assert_close(got, want)

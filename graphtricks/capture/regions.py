@@ -132,12 +132,14 @@ class RegionTree:
         return max(0.0, 1.0 - opaque_owned / total)
 
 
-def model_rejected(example_inputs: tuple, e: BaseException) -> InputShapeError:
+def model_rejected(example_inputs: tuple, e: BaseException, example_kwargs: dict | None = None) -> InputShapeError:
     """The one-line error for a model that rejects its example inputs, quoting its message."""
     cause = e
     while cause.__cause__ is not None:  # ShapeProp wraps the model's own error
         cause = cause.__cause__
-    shapes = "; ".join(",".join(map(str, t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+    shapes = "; ".join([",".join(map(str, t.shape)) for t in example_inputs if isinstance(t, torch.Tensor)]
+                       + [f"{k}=" + ",".join(map(str, t.shape)) for k, t in (example_kwargs or {}).items()
+                          if isinstance(t, torch.Tensor)])
     text = str(cause).strip()
     message = text.splitlines()[0] if text else type(cause).__name__
     return InputShapeError(f"the model rejects inputs of shape {shapes}: {message}")
@@ -149,6 +151,7 @@ class _Capturer:
 
     model: nn.Module
     example_inputs: tuple
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
     calls: dict[int, Call] | None = None
     done: dict[int, Region] = field(default_factory=dict)
     traced: list[tuple[nn.Module, fx.GraphModule]] = field(default_factory=list)
@@ -158,9 +161,9 @@ class _Capturer:
         if self.calls is None:
             modules = [m for m in self.model.modules() if not is_builtin_module(m)]
             try:
-                self.calls = record_calls(self.model, self.example_inputs, modules)
+                self.calls = record_calls(self.model, self.example_inputs, modules, self.example_kwargs)
             except Exception as e:  # the model's own error, whatever its type
-                raise model_rejected(self.example_inputs, e) from e
+                raise model_rejected(self.example_inputs, e, self.example_kwargs) from e
         return self.calls
 
     def capture(self, module: nn.Module, path: str, args: tuple, kwargs: dict) -> tuple[nn.Module, Region]:
@@ -322,7 +325,7 @@ def _attach_ancestor(gm: fx.GraphModule, owner_path: str, original_modules: dict
     return False
 
 
-def capture(model: nn.Module, example_inputs: tuple) -> RegionTree:
+def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any] | None = None) -> RegionTree:
     """Capture ``model`` into a region tree (in place: children of opaque modules are replaced).
 
     The model's train/eval flags are restored on every module afterwards.
@@ -330,6 +333,8 @@ def capture(model: nn.Module, example_inputs: tuple) -> RegionTree:
     Args:
         model: the module to capture; callers wanting the original untouched pass a copy.
         example_inputs: positional inputs the model accepts.
+        example_kwargs: keyword inputs the model accepts (bound to its forward's signature, traced
+            as placeholders like positional ones).
 
     Returns:
         The captured model (a ``GraphModule`` when the root traced) and its region tree.
@@ -338,9 +343,10 @@ def capture(model: nn.Module, example_inputs: tuple) -> RegionTree:
         CaptureError: the model's forward signature cannot receive the example inputs.
     """
     snapshot = ModeSnapshot(model)
-    capturer = _Capturer(model, tuple(example_inputs))
+    kwargs = dict(example_kwargs or {})
+    capturer = _Capturer(model, tuple(example_inputs), kwargs)
     try:
-        captured, root = capturer.capture(model, "", tuple(example_inputs), {})
+        captured, root = capturer.capture(model, "", tuple(example_inputs), kwargs)
     finally:
         snapshot.restore()
         # New GraphModules start in train mode; give them the modes of what they replace.

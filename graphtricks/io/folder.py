@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from graphtricks.errors import GraphtricksError, OutputError, SavedModelError, SpecError
 from graphtricks.io import user_state
-from graphtricks.io.inputs import make_example_inputs
+from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs, named_input_text
 from graphtricks.io.recipe import Recipe, read_recipe, write_recipe
 from graphtricks.io.specs import file_sha256, load_matching_weights, load_model
 from graphtricks.report import Report
@@ -43,6 +43,7 @@ RECIPE = "recipe.toml"
 REPORT = "report.json"
 CODE = "model_code.py"
 INPUTS = "example_inputs.safetensors"
+KWARG = "kwarg."  # key prefix of keyword inputs in INPUTS (positional ones are input0, input1, …)
 STRUCTURE = "structure.json"
 # Change actions that set values without changing the structure: a replay onto the saved
 # weights need not repeat them (init finds its own draws there and leaves them).
@@ -97,7 +98,9 @@ def save(
         result: what :func:`~graphtricks.rewrite` returned.
         out_dir: the folder to create (must be absent or empty, unless ``force``).
         source: how to rebuild the original model: ``spec`` plus optional ``model_args``,
-            ``input_shapes``, ``input_dtype``, ``trust_pickle``.
+            ``input_shapes``, ``input_dtype``, ``trust_pickle``. The keyword inputs of ``result``
+            are recorded in it as ``input_kwargs`` (``{name = "SHAPE:DTYPE"}``) and
+            ``input_kwarg_values`` (keywords given a plain constant).
         force: replace a non-empty ``out_dir``.
         prior_passes: passes already applied to the source (when a saved model was rewritten
             again), recorded before ``result``'s own so the recipe replays the whole chain.
@@ -114,7 +117,8 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(result.model, str(staging / WEIGHTS))
-        _save_inputs(result.example_inputs, staging / INPUTS)
+        _save_inputs(result.example_inputs, staging / INPUTS, result.example_kwargs)
+        source = _with_keyword_inputs(source, result.example_kwargs)
         structure = _structure(result, chained=bool(prior_passes))
         (staging / STRUCTURE).write_text(json.dumps(structure, indent=1))
         recipe = Recipe(passes=list(prior_passes or []) + result.recipe(), source=_source_with_copy(source, staging))
@@ -141,6 +145,7 @@ class SavedModel:
     report: Report
     example_inputs: tuple
     result: RewriteResult
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
@@ -168,15 +173,17 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
     source = recipe.source
     if "spec" not in source:
         raise SavedModelError(f"{folder / RECIPE} has no [source] spec; cannot rebuild the model")
-    inputs = _saved_inputs(folder, source)
+    inputs, kwargs = _saved_inputs(folder, source)
     spec = _resolve_source_spec(folder, source)
     structure = _read_structure(folder)
     trust = trust_pickle or bool(source.get("trust_pickle"))
-    result, moved = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, inputs, folder, {})
+    result, moved = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, inputs, folder, {},
+                            kwargs)
     problem = _difference(structure, result)
     if moved and (problem or _went_another_way(structure, result)):
         # The weights of modules the passes moved were missed: again, knowing where they go.
-        result, _ = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, inputs, folder, moved)
+        result, _ = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, inputs, folder, moved,
+                            kwargs)
         problem = _difference(structure, result)
     if problem:
         raise SavedModelError(f"rebuilding {folder} did not give the saved model: {problem} (a branch that depends on"
@@ -194,36 +201,61 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
         report = Report.from_dict(json.loads(report_path.read_text())) if report_path.is_file() else result.report
     except (ValueError, TypeError) as e:
         raise SavedModelError(f"{report_path} is not valid JSON: {e}") from e
-    return SavedModel(result.model, recipe, report, inputs, result)
+    return SavedModel(result.model, recipe, report, inputs, result, kwargs)
 
 
 # -- what a replay needs, and what it is checked against --------------------------------------
-def _save_inputs(inputs: tuple, path: Path) -> None:
-    """Keep the example inputs (a rebuild replays on them); inputs without values are not kept."""
+def _save_inputs(inputs: tuple, path: Path, kwargs: dict[str, Any] | None = None) -> None:
+    """Keep the example inputs (a rebuild replays on them): positional ones as ``input{i}``,
+    keyword tensors as ``kwarg.{name}``; inputs without values are not kept."""
     from safetensors.torch import save_file
 
-    if inputs and all(isinstance(x, torch.Tensor) and x.device.type != "meta" for x in inputs):
-        save_file({f"input{i}": x.detach().cpu().contiguous() for i, x in enumerate(inputs)}, str(path))
+    tensors = {f"input{i}": x for i, x in enumerate(inputs)}
+    tensors.update({f"{KWARG}{k}": v for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)})
+    if tensors and all(isinstance(x, torch.Tensor) and x.device.type != "meta" for x in tensors.values()):
+        save_file({k: x.detach().cpu().contiguous() for k, x in tensors.items()}, str(path))
 
 
-def _saved_inputs(folder: Path, source: dict[str, Any]) -> tuple:
-    """The inputs the rewrite ran on, else (older folders) seeded ones of the recorded shapes."""
+def _with_keyword_inputs(source: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``source`` with the keyword inputs' shapes and dtypes, and their plain constants."""
+    source = {k: v for k, v in source.items() if k not in ("input_kwargs", "input_kwarg_values")}
+    if not kwargs:
+        return source
+    source["input_kwargs"] = {k: named_input_text(v.shape, v.dtype) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    values = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))}
+    if values:
+        source["input_kwarg_values"] = values
+    return source
+
+
+def _saved_inputs(folder: Path, source: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword inputs the rewrite ran on, else (older folders, inputs without
+    values) seeded ones of the recorded shapes."""
     from safetensors.torch import load_file
 
+    named = dict(source.get("input_kwargs") or {})
+    values = dict(source.get("input_kwarg_values") or {})
     path = folder / INPUTS
     if path.is_file():
         try:
             data = load_file(str(path))
-            return tuple(data[f"input{i}"] for i in range(len(data)))
+            inputs = tuple(data[f"input{i}"] for i in range(sum(1 for k in data if not k.startswith(KWARG))))
         except Exception as e:
             raise SavedModelError(f"cannot read {path} (truncated?): {' '.join(str(e).split())[:200]}") from e
-    if "input_shapes" not in source:
+        kwargs = {k[len(KWARG):]: v for k, v in data.items() if k.startswith(KWARG)}
+        order = list(named) + [k for k in kwargs if k not in named]  # as the rewrite was given them
+        kwargs = {k: kwargs[k] for k in order if k in kwargs}
+        return inputs, {**kwargs, **values}
+    if "input_shapes" not in source and not named:
         raise SavedModelError(f"{folder / RECIPE} has no [source] input_shapes and {INPUTS} is missing; cannot rebuild the model")
-    shapes = [tuple(s) for s in source["input_shapes"]]
-    return make_example_inputs(shapes, source.get("input_dtype", "float32"), high=source.get("token_high", 100))
+    shapes = [tuple(s) for s in source.get("input_shapes", [])]
+    dtype, high = source.get("input_dtype", "float32"), source.get("token_high", 100)
+    inputs = make_example_inputs(shapes, dtype, high=high) if shapes else ()
+    return inputs, {**make_keyword_inputs(named, dtype, high=high), **values}
 
 
-def _replay(model: nn.Module, recipe: Recipe, inputs: tuple, folder: Path, moved: dict[str, str]):
+def _replay(model: nn.Module, recipe: Recipe, inputs: tuple, folder: Path, moved: dict[str, str],
+            kwargs: dict[str, Any] | None = None):
     """Load the saved weights that belong to ``model`` into it, replay the recipe on it.
 
     Args:
@@ -240,7 +272,7 @@ def _replay(model: nn.Module, recipe: Recipe, inputs: tuple, folder: Path, moved
     origin = {id(t): (key, t) for key, t in model.state_dict(keep_vars=True).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = rewrite(model, recipe.build_passes(), inputs, inplace=True)
+        result = rewrite(model, recipe.build_passes(), inputs, example_kwargs=kwargs, inplace=True)
     found = {key: origin[id(t)][0] for key, t in result.model.state_dict(keep_vars=True).items() if id(t) in origin}
     return result, {new: old for new, old in found.items() if new != old}
 

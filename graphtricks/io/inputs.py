@@ -13,7 +13,7 @@ from graphtricks.errors import InputShapeError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "make_example_inputs", "parse_input_shapes"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "make_example_inputs", "make_keyword_inputs", "parse_input_shapes", "parse_named_input"]
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
 
@@ -70,3 +70,46 @@ def make_example_inputs(
             t = torch.randint(0, high, shape, generator=gen, dtype=torch_dtype)
         out.append(t.to(device))
     return tuple(out)
+
+
+def parse_named_input(text: str) -> tuple[str, tuple[int, ...], str | None]:
+    """Parse one keyword input ``NAME=SHAPE[:DTYPE]`` (``attention_mask=8,128:int64``).
+
+    Returns:
+        ``(name, shape, dtype)``; dtype is None when not given.
+
+    Raises:
+        InputShapeError: no ``NAME=``, a name that is no identifier, a malformed shape or an unknown dtype.
+    """
+    name, eq, rest = text.partition("=")
+    name = name.strip()
+    if not eq or not name.isidentifier():
+        raise InputShapeError(f"keyword input {text!r}: write NAME=SHAPE[:DTYPE], e.g. attention_mask=8,128:int64")
+    shape_text, colon, dtype = rest.partition(":")
+    dtype = dtype.strip() if colon else None
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise InputShapeError(f"keyword input {name}: unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    shapes = parse_input_shapes(shape_text)
+    if len(shapes) != 1:
+        raise InputShapeError(f"keyword input {name}: one shape per --input (got {shape_text.strip()!r})")
+    return name, shapes[0], dtype
+
+
+def make_keyword_inputs(
+    specs: dict[str, str], dtype: str = "float32", seed: int = 1, device: str = "cpu", high: int = 100
+) -> dict[str, torch.Tensor]:
+    """Seeded random keyword inputs from ``{name: "SHAPE[:DTYPE]"}`` (``dtype`` where none is given).
+
+    Each input draws from its own seed (``seed`` + its position), so one input's shape does not
+    change the values of the next.
+    """
+    out = {}
+    for i, (name, text) in enumerate(specs.items()):
+        _, shape, own = parse_named_input(f"{name}={text}")
+        out[name] = make_example_inputs([shape], own or dtype, seed=seed + i, device=device, high=high)[0]
+    return out
+
+
+def named_input_text(shape, dtype) -> str:
+    """``"8,128:int64"``: a keyword input's shape and dtype as :func:`parse_named_input` reads them."""
+    return ",".join(str(d) for d in shape) + ":" + str(dtype).replace("torch.", "")

@@ -123,3 +123,41 @@ def test_bert_with_input_ids_and_attention_mask():
     got = result.model.eval()(**kwargs)
     got = got.last_hidden_state if hasattr(got, "last_hidden_state") else got[0]
     torch.testing.assert_close(got, want)
+
+
+# -- saved with the folder ------------------------------------------------------------------
+SPEC = f"{__file__}:KwOnly"
+
+
+def test_folder_keeps_keyword_inputs_and_load_replays_them(tmp_path):
+    from graphtricks.io.folder import load_saved
+    from graphtricks.io.recipe import read_recipe
+
+    kwargs = _kw_inputs()
+    model = KwOnly().eval()
+    result = gt.rewrite(model, [gt.InsertDropout(p=0.1), gt.BatchNormToLayerNorm()], example_kwargs=kwargs)
+    gt.save(result, tmp_path / "m", source={"spec": SPEC})
+    source = read_recipe(tmp_path / "m" / "recipe.toml").source
+    assert source["input_kwargs"] == {"x": "4,8:float32", "mask": "4,16:float32"}
+    saved = load_saved(tmp_path / "m")
+    assert saved.example_inputs == () and list(saved.example_kwargs) == ["x", "mask"]
+    torch.testing.assert_close(saved.example_kwargs["mask"], kwargs["mask"])
+    torch.testing.assert_close(saved.model.eval()(**kwargs), result.model.eval()(**kwargs))
+
+
+def test_folder_without_inputs_file_rebuilds_keywords_from_the_recipe(tmp_path):
+    result = gt.rewrite(KwOnly().eval(), [gt.InsertDropout(p=0.1)], example_kwargs=_kw_inputs())
+    gt.save(result, tmp_path / "m", source={"spec": SPEC})
+    (tmp_path / "m" / "example_inputs.safetensors").unlink()
+    kwargs = _kw_inputs()
+    torch.testing.assert_close(gt.load(tmp_path / "m").eval()(**kwargs), result.model.eval()(**kwargs))
+
+
+def test_old_folder_with_positional_inputs_still_loads(tmp_path):
+    from safetensors.torch import load_file
+
+    x = torch.randn(2, 8)
+    result = gt.rewrite(Mixed().eval(), [gt.InsertDropout(p=0.1)], (x,))
+    gt.save(result, tmp_path / "m", source={"spec": f"{__file__}:Mixed"})
+    assert set(load_file(str(tmp_path / "m" / "example_inputs.safetensors"))) == {"input0"}
+    torch.testing.assert_close(gt.load(tmp_path / "m").eval()(x), result.model.eval()(x))

@@ -45,6 +45,7 @@ def export(
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset (14-20).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
     train_graph: Annotated[TrainGraph, typer.Option("--train-graph", help="portable: dropout and BatchNorm as primitive ops any runtime runs as written (running stats as updated.* outputs); standard: ONNX Dropout and train-mode BatchNormalization.")] = TrainGraph.portable,
+    external_data: Annotated[bool, typer.Option("--external-data", help="Write the weights once, to model.data beside both graphs (ONNX external data); automatic for graphs over 2 GiB.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -79,14 +80,16 @@ def export(
             model = result.model
         with status(f"exporting to {target}…", as_json):
             exported = export_pair(
-                model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value
+                model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
+                external_data=external_data,
             )
         if as_json:
             print(json.dumps(exported.to_dict(), indent=2, default=str))
             return
         warn(list(exported.warnings), as_json)
         note(exported.notes)
-        out.print(f"wrote {exported.train_path} and {exported.infer_path} (opset {exported.opset}, {exported.seconds:.1f}s)")
+        data = f" with weights in {exported.data_path.name}" if exported.data_path else ""
+        out.print(f"wrote {exported.train_path} and {exported.infer_path}{data} (opset {exported.opset}, {exported.seconds:.1f}s)")
 
 
 def _read_npz(path: Path) -> list[tuple]:

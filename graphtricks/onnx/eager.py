@@ -1,7 +1,7 @@
 """The PyTorch side of validation: reference runs on copies, dropout interception, snapshots.
 
 The model handed to export or validation must not change, so every reference run happens on a
-deep copy; a snapshot of modes, parameters and buffers taken before and after proves it. Export
+copy that shares its parameters (only its modules and buffers are its own); a snapshot of modes, parameters and buffers taken before and after proves it. Export
 and reference runs flatten the model's outputs the same way (:func:`flatten_outputs`), so the
 graph's outputs and PyTorch's line up.
 """
@@ -27,6 +27,7 @@ __all__ = [
     "DropoutInterceptor",
     "ModelDigest",
     "flatten_outputs",
+    "FLOAT64_COPY_MAX_BYTES",
     "float64_copy",
     "named_outputs",
     "non_tensor_outputs",
@@ -170,29 +171,91 @@ def non_tensor_outputs(value: Any) -> list[str]:
     ]
 
 
-def reference_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
-    """A deep copy of ``model`` on ``device``, in train or eval mode, for reference runs.
+def _moves(model: nn.Module, device: str) -> bool:
+    """Whether some parameter of ``model`` lives elsewhere than ``device``."""
+    return any(p.device.type != torch.device(device).type for p in model.parameters())
+
+
+def reference_copy(
+    model: nn.Module, *, train: bool, device: str, share: bool = True
+) -> nn.Module:
+    """A copy of ``model`` on ``device``, in train or eval mode, for reference runs.
+
+    The copy shares the model's parameters when they are on ``device`` already (a forward
+    without autograd only reads them; the side-effect check proves it did): its modules,
+    buffers (BatchNorm statistics a train-mode run updates) and attributes are its own. A copy
+    that must move to another device is a full deep copy, and so is one asked not to
+    ``share``: converting a copy in place (``.to(dtype)``) would convert shared parameters.
 
     Raises:
         ValidationError: The model cannot be deep-copied.
     """
+    memo: dict[int, Any] = {}
+    if share and not _moves(model, device):
+        memo = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
     try:
-        twin = copy.deepcopy(model)
+        twin = copy.deepcopy(model, memo)
     except Exception as e:
         raise ValidationError(
             f"cannot deep-copy the model for reference runs ({type(e).__name__}: {e}); "
             "make its attributes copyable"
         ) from e
+    if memo:
+        return twin.train(train)
     return twin.to(device).train(train)
 
 
+# Above this many parameter bytes, the float64 reference converts one module's own tensors at a
+# time, while it runs, instead of holding a float64 copy of the whole model (twice its size).
+FLOAT64_COPY_MAX_BYTES = 256 * 2**20
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _upcast_while_running(module: nn.Module, _args: Any) -> None:
+    """Forward pre-hook: the module's own floating tensors become float64 copies."""
+    saved = {}
+    for store in (module._parameters, module._buffers):
+        for name, t in store.items():
+            if t is not None and t.is_floating_point() and t.dtype != torch.float64:
+                saved[(id(store), name)] = t
+                wide = t.detach().to(torch.float64)
+                store[name] = nn.Parameter(wide, t.requires_grad) if isinstance(t, nn.Parameter) else wide
+    module.__dict__["_graphtricks_narrow"] = saved
+
+
+def _restore_after_running(module: nn.Module, _args: Any, _out: Any) -> None:
+    """Forward hook: puts back the tensors :func:`_upcast_while_running` replaced."""
+    saved = module.__dict__.pop("_graphtricks_narrow", {})
+    for store in (module._parameters, module._buffers):
+        for name in list(store):
+            if (id(store), name) in saved:
+                store[name] = saved[(id(store), name)]
+
+
 def float64_copy(model: nn.Module, *, train: bool, device: str) -> nn.Module:
-    """A float64 deep copy of ``model`` on ``device``: the "truth" fp32 results are judged by.
+    """A float64 twin of ``model`` on ``device``: the "truth" fp32 results are judged by.
+
+    Up to :data:`FLOAT64_COPY_MAX_BYTES` of parameters, a float64 deep copy. Above, a copy
+    sharing the parameters whose every module converts its own tensors to float64 just
+    before it runs and drops them after: a float64 run in one module's extra memory. A
+    parameter used outside its module's forward then meets float64 data in float32 and the
+    run fails, which leaves the outputs to fixed tolerances (``checks.numeric``).
 
     Raises:
         ValidationError: The model cannot be deep-copied.
     """
-    return reference_copy(model, train=train, device=device).to(torch.float64)
+    if _parameter_bytes(model) <= FLOAT64_COPY_MAX_BYTES or _moves(model, device):
+        full = reference_copy(model, train=train, device=device, share=False)
+        return full.to(torch.float64)
+    twin = reference_copy(model, train=train, device=device)
+    for module in twin.modules():
+        if module._parameters or module._buffers:
+            module.register_forward_pre_hook(_upcast_while_running)
+            module.register_forward_hook(_restore_after_running)
+    return twin
 
 
 def run_reference(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ from graphtricks.onnx.report import Tolerance, default_tolerance
 from graphtricks.onnx.runtime import TRAIN_BN_DISABLED_OPTIMIZERS, make_session
 from graphtricks.onnx.torchscript import export_mode, export_notes
 from graphtricks.onnx.train_only import deterministic_train_copy, random_subgraphs
+from graphtricks.onnx.weights import (
+    DATA_FILE,
+    EXTERNAL_DATA_THRESHOLD,
+    WeightTable,
+    graph_bytes,
+    write_graphs,
+)
 
 __all__ = [
     "MIN_OPSET", "MAX_OPSET", "TRAIN_FILE", "TRAIN_GRAPHS", "INFER_FILE", "ExportResult",
@@ -78,6 +86,8 @@ class ExportResult:
         notes: What a user of the files must know (e.g. ONNX Runtime settings they need).
         warnings: Exporter warnings worth a reader's attention (known noise is dropped).
         seconds: Wall time of the export, verification included.
+        data_path: The external data file both graphs read their weights from, or None when
+            each graph holds its own.
     """
 
     train_path: Path
@@ -91,24 +101,24 @@ class ExportResult:
     notes: tuple[str, ...]
     warnings: tuple[str, ...]
     seconds: float
+    data_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the result as JSON-able types."""
         out = dataclasses.asdict(self)
         out.update(train_path=str(self.train_path), infer_path=str(self.infer_path))
+        out["data_path"] = None if self.data_path is None else str(self.data_path)
         out.update({k: list(v) for k, v in out.items() if isinstance(v, tuple)})
         out["seconds"] = round(self.seconds, 3)
         return out
 
 
-def _repair(model: nn.Module, train: onnx.ModelProto, infer: onnx.ModelProto) -> list[str]:
+def _repair(updated: list[str], train: onnx.ModelProto, infer: onnx.ModelProto) -> list[str]:
     """Applies every fixup, and raises if the inference graph still trains."""
-    state = dict(model.named_parameters()) | dict(model.named_buffers())
-    reset = fixups.restore_weights(train, state)
     repairs = [
-        f"train: reset {len(reset)} initializer(s) the export trace had updated to the model's "
-        f"values ({', '.join(reset[:3])}{', ...' if len(reset) > 3 else ''})"
-    ] if reset else []
+        f"train: reset {len(updated)} initializer(s) the export trace had updated to the model's "
+        f"values ({', '.join(updated[:3])}{', ...' if len(updated) > 3 else ''})"
+    ] if updated else []
     repairs += [
         f"train: Dropout '{n}' had no training_mode; set it on"
         for n in fixups.activate_untagged_dropouts(train)
@@ -169,29 +179,36 @@ def _check_written(path: str, name: str) -> None:
         raise ExportError(f"the exported graph {name} is not valid ONNX: {first}; nothing was written") from e
 
 
-def _write_atomically(out_dir: Path, graphs: dict[str, onnx.ModelProto]) -> None:
-    """Writes every graph to a temp file in ``out_dir``, then renames them all into place."""
+def _write_atomically(
+    out_dir: Path, graphs: dict[str, onnx.ModelProto], external: bool
+) -> Path | None:
+    """Writes every graph (and, ``external``, their shared data file) into a private folder in
+    ``out_dir``, checks them there, then renames them all into place.
+
+    Returns:
+        The data file, or None for self-contained graphs.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output path {out_dir} is a file; pass a folder")
-    temps: list[str] = []
+    staging: Path | None = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, proto in graphs.items():
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-            temps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                f.write(proto.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-            _check_written(tmp, name)
-        for tmp, name in zip(list(temps), graphs):
-            os.replace(tmp, out_dir / name)
-            temps.remove(tmp)
-    except (OSError, ValueError) as e:  # ValueError: protobuf refuses models over 2 GiB
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export."))
+        paths = {name: str(staging / name) for name in graphs}
+        write_graphs(paths, graphs, str(staging / DATA_FILE) if external else None)
+        for name, path in paths.items():
+            _check_written(path, name)
+        names = list(graphs) + ([DATA_FILE] if external else [])
+        for name in names:
+            os.replace(staging / name, out_dir / name)
+        if not external:  # a data file of an earlier export would belong to no graph now
+            (out_dir / DATA_FILE).unlink(missing_ok=True)
+    except OSError as e:
         raise ExportError(f"cannot write ONNX files to {out_dir}: {e}") from e
     finally:
-        for tmp in temps:
-            Path(tmp).unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / DATA_FILE if external else None
 
 
 def export_pair(
@@ -205,11 +222,16 @@ def export_pair(
     dynamic_batch: bool = False,
     verify: bool = True,
     train_graph: str = "portable",
+    external_data: bool = False,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportResult:
     """Exports ``model`` as ``model.train.onnx`` and ``model.infer.onnx`` in ``out_dir``.
 
-    The model is not changed: each mode is exported from a deep copy. Both graphs share input
-    and output names and carry the model's exact weights.
+    The model is not changed: each mode is exported from a copy that shares its parameters (its
+    buffers are its own). Both graphs share input and output names and carry the model's exact
+    weights, taken from the model itself: the weights are never copied in memory. Graphs over
+    ``external_data_threshold`` bytes (protobuf's 2 GiB limit), or all with ``external_data``,
+    keep their weights in one data file, ``model.data``, which both graphs share.
 
     Args:
         model: Any ``nn.Module`` (an fx ``GraphModule`` included), on CPU.
@@ -228,6 +250,10 @@ def export_pair(
             ``updated.<buffer>`` (:mod:`graphtricks.onnx.portable`); ``"standard"``: ONNX
             Dropout and train-mode BatchNormalization, as the exporter writes them (ONNX
             Runtime needs optimizers off to run them as meant, and not on CUDA).
+        external_data: Writes the weights to ``model.data`` (ONNX external data, each weight
+            once for both graphs) whatever the size.
+        external_data_threshold: Above this many bytes, a graph's weights go to ``model.data``
+            even without ``external_data``.
 
     Returns:
         The paths, names, repairs and warnings of the export.
@@ -253,7 +279,7 @@ def export_pair(
         )
     inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
     out_dir = Path(out_dir)
-    with torch_numerics("cpu"):
+    with torch_numerics("cpu"), WeightTable() as table:
         named, left_out = eval_outputs(model, inputs)
         outputs = [t for _, t in named]
         default_in = default_input_names(model, len(inputs))
@@ -266,8 +292,11 @@ def export_pair(
                 n for n, t in zip(out_names, outputs) if t.dim()
             ]
             kwargs["dynamic_axes"] = {n: {0: "batch"} for n in ranked}
-        train, caught = export_mode(model, inputs, train=True, opset=opset, **kwargs)
-        infer, more = export_mode(model, inputs, train=False, opset=opset, **kwargs)
+        updated: list[str] = []
+        train, caught = export_mode(
+            model, inputs, train=True, opset=opset, table=table, updated=updated, **kwargs
+        )
+        infer, more = export_mode(model, inputs, train=False, opset=opset, table=table, **kwargs)
         caught = list(dict.fromkeys(caught + more))  # most warnings come once per mode
         for graph, mode in ((train, "train"), (infer, "eval")):
             got = [o.name for o in graph.graph.output]
@@ -276,12 +305,16 @@ def export_pair(
                     f"the {mode} graph has outputs {got}, expected {out_names}: the model must "
                     "return the same tensors in train and eval mode"
                 )
-        repairs = _repair(model, train, infer)
+        repairs = _repair(updated, train, infer)
         if train_graph == "portable":
             repairs += make_portable(train, model)
         if verify:
             _verify_train_graph(model, inputs, train)
-    _write_atomically(out_dir, {TRAIN_FILE: train, INFER_FILE: infer})
+        graphs = {TRAIN_FILE: train, INFER_FILE: infer}
+        external = external_data or any(
+            graph_bytes(g) > external_data_threshold for g in graphs.values()
+        )
+        data_path = _write_atomically(out_dir, graphs, external)
     notes = export_notes(model)
     if left_out:
         notes.append(f"outputs that hold no tensor are not graph outputs: {left_out}")
@@ -310,5 +343,5 @@ def export_pair(
         exporter=f"torch.onnx TorchScript exporter (torch {torch.__version__})",
         input_names=tuple(in_names), output_names=tuple(out_names), dynamic_batch=dynamic_batch,
         repairs=tuple(repairs), notes=tuple(notes), warnings=tuple(caught),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, data_path=data_path,
     )

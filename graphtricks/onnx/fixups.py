@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from graphtricks.onnx.graph import dropout_infos
+from graphtricks.onnx.weights import tensor_value
 
 __all__ = [
     "activate_untagged_dropouts",
@@ -157,7 +158,7 @@ def restore_weights(model: onnx.ModelProto, state: Mapping[str, torch.Tensor]) -
         if tensor is None or tensor.dtype == torch.bfloat16:
             continue
         want = tensor.detach().cpu().numpy()
-        have = numpy_helper.to_array(init)
+        have = tensor_value(init)
         same_kind = have.shape == want.shape and have.dtype == want.dtype
         if same_kind and have.tobytes() != want.tobytes():
             init.CopyFrom(numpy_helper.from_array(want, init.name))

@@ -9,6 +9,7 @@ control-flow subgraphs (If/Loop bodies) is not seen by these helpers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphtricks.errors import ValidationError
+from graphtricks.onnx.weights import WeightTable, resolve_external, tensor_value
 
 __all__ = [
     "RANDOM_OPS",
@@ -71,29 +73,43 @@ class DropoutInfo:
     mask: str | None = None
 
 
-def load_onnx_file(path: Path, role: str) -> onnx.ModelProto:
-    """Loads and checks an ONNX file.
+def load_onnx_file(path: Path, role: str, table: WeightTable | None = None) -> onnx.ModelProto:
+    """Loads and checks an ONNX file, its external data (if any) mapped, not read.
 
     Args:
         path: The ``.onnx`` file.
         role: ``"train"`` or ``"inference"``, for the error message.
+        table: Holds the memory maps of external data (shared by every graph loaded with it);
+            without one, external data is read into the graph.
 
     Returns:
         The parsed model.
 
     Raises:
-        ValidationError: The file is missing, truncated or not a valid ONNX model.
+        ValidationError: The file or its data file is missing, truncated or not valid ONNX.
     """
     if not path.is_file():
         raise ValidationError(f"{role} ONNX file not found: {path}; run the export first")
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(str(path))  # from the file: no second serialization of the proto
-    except Exception as e:  # protobuf DecodeError, checker errors: any means the file is unusable
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError: the file is unusable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValidationError(
             f"{role} ONNX file {path} is truncated or invalid ({first}); export it again"
         ) from e
+    with WeightTable() if table is None else contextlib.nullcontext(table) as held:
+        resolve_external(model, path.parent, held, ValidationError, role)
+        try:
+            onnx.checker.check_model(str(path))  # from the file: no second serialization
+        except Exception as e:  # checker errors: the file is unusable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValidationError(
+                f"{role} ONNX file {path} is truncated or invalid ({first}); export it again"
+            ) from e
+        if table is None:  # no table to hold the maps: the data goes into the graph
+            for init in model.graph.initializer:
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    init.CopyFrom(numpy_helper.from_array(np.array(tensor_value(init)), init.name))
     return model
 
 
@@ -113,7 +129,7 @@ class _Constants(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self._protos[name])
+            self._arrays[name] = tensor_value(self._protos[name])
         return self._arrays[name]
 
     def __contains__(self, name: object) -> bool:

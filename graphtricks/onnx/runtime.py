@@ -6,6 +6,8 @@ back from ``session.get_providers()`` rather than assumed from what was asked.
 A graph reaches ONNX Runtime as a :class:`PreparedGraph`: its structure serialized without the
 large initializers, which go in as arrays (``add_external_initializers``). Serializing a
 ResNet's weights and having ONNX Runtime parse them back cost more than building the session.
+Weights held out of the proto (:mod:`graphtricks.onnx.weights`: views of the model's tensors,
+memory maps of an external data file) go in the same way, so no session copies them on CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from graphtricks.errors import ValidationError
+from graphtricks.onnx.weights import in_memory_array
 
 __all__ = [
     "DEVICES",
@@ -150,7 +153,10 @@ def _copy_fields(source, target, skip: str) -> None:
 
 
 def _as_array(init: onnx.TensorProto) -> np.ndarray | None:
-    """The value of a large in-file initializer that numpy can carry, else None."""
+    """The value of a large in-file initializer that numpy can carry, or a stub's array, else None."""
+    held = in_memory_array(init)
+    if held is not None:  # a view of the model's tensor or a memory map of the data file
+        return held
     if init.data_location == onnx.TensorProto.EXTERNAL or not init.data_type:
         return None
     try:

@@ -35,13 +35,16 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 from torch.onnx.symbolic_helper import parse_args
 
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx.eager import flatten_outputs, reference_copy
+from graphtricks.onnx.weights import WeightTable, attach_state, is_stub, tensor_value
 
 __all__ = ["export_mode", "export_notes", "feature_dropout", "fx_guards"]
 
@@ -199,17 +202,37 @@ def export_notes(model: nn.Module) -> list[str]:
     return notes
 
 
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by qualified name (first name of a shared tensor)."""
+    return dict(model.named_parameters()) | dict(model.named_buffers())
+
+
 def export_mode(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], *, train: bool, opset: int, **kwargs: Any
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    train: bool,
+    opset: int,
+    table: WeightTable | None = None,
+    updated: list[str] | None = None,
+    **kwargs: Any,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """Exports a deep copy of ``model`` in train or eval mode to an in-memory ONNX model.
+    """Exports a copy of ``model`` in train or eval mode to an in-memory ONNX model.
+
+    The exporter writes the graph without weights; they are added afterwards from ``model``
+    itself (:func:`graphtricks.onnx.weights.attach_state`), so the graph carries the model's
+    values from before the export trace, and, with a ``table``, large ones as stubs on views
+    of the model's tensors: no copy of the weights is made.
 
     Args:
         model: The model; it is not touched (the exporter's trace updates BatchNorm running
-            stats, which is why a copy is exported).
+            stats, which is why a copy with its own buffers is exported).
         inputs: The example inputs.
         train: Train mode (``TrainingMode.TRAINING``) or eval mode.
         opset: The ONNX opset.
+        table: Holds the large weights; None: every weight goes into the graph.
+        updated: Receives the names of the buffers the export trace changed (their
+            pre-export values are the ones exported).
         **kwargs: ``input_names``, ``output_names``, ``dynamic_axes`` for ``torch.onnx.export``.
 
     Returns:
@@ -234,6 +257,7 @@ def export_mode(
                 torch.onnx.export(
                     twin, inputs, buffer, dynamo=False, training=training, opset_version=opset,
                     do_constant_folding=False,  # folding would merge weights differently per mode
+                    export_params=False,  # weights are added from the model (attach_state)
                     **kwargs,
                 )
         except Exception as e:
@@ -241,7 +265,32 @@ def export_mode(
                 f"TorchScript ONNX export of the {mode} graph failed: {_first_line(e)}"
             ) from e
     shown = list(dict.fromkeys(_describe(w) for w in recorded if not _is_noise(w)))
-    return onnx.load_from_string(buffer.getvalue()), shown
+    graph = onnx.load_from_string(buffer.getvalue())
+    state = {
+        k: v for k, v in _state(model).items() if v.device.type != "meta"
+    }
+    if updated is not None:
+        after = dict(twin.named_buffers())
+        updated += [
+            k for k, v in model.named_buffers()
+            if k in after and v.shape == after[k].shape and not torch.equal(v, after[k])
+        ]
+    own = WeightTable() if table is None else None
+    try:
+        missing = attach_state(graph, len(inputs), state, table if table is not None else own)
+        if own is not None:  # no table to hold views: the weights go into the graph
+            for init in graph.graph.initializer:
+                if is_stub(init):
+                    init.CopyFrom(numpy_helper.from_array(np.array(tensor_value(init)), init.name))
+    finally:
+        if own is not None:
+            own.close()
+    if missing:
+        raise ExportError(
+            f"the {mode} graph reads weights {missing[:3]} that are not parameters or buffers "
+            "of the model; register them as buffers"
+        )
+    return graph, shown
 
 
 def _describe(w: warnings.WarningMessage) -> str:

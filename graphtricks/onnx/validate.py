@@ -60,6 +60,7 @@ from graphtricks.onnx.runtime import (
     resolve_device,
 )
 from graphtricks.onnx.train_only import deterministic_train_copy, random_subgraphs
+from graphtricks.onnx.weights import WeightTable
 
 __all__ = ["validate_pair"]
 
@@ -177,8 +178,29 @@ def validate_pair(
             f"seeds must be integers, and seeds or extra_inputs non-empty; got {seeds!r}"
         )
     onnx_dir = Path(onnx_dir)
-    train = load_onnx_file(onnx_dir / TRAIN_FILE, "train")
-    infer = load_onnx_file(onnx_dir / INFER_FILE, "inference")
+    with WeightTable() as table:  # memory maps of the data file, shared by both graphs
+        train = load_onnx_file(onnx_dir / TRAIN_FILE, "train", table)
+        infer = load_onnx_file(onnx_dir / INFER_FILE, "inference", table)
+        report = _validate_loaded(
+            model, inputs, train, infer, device, atol, rtol, seeds, extra, baseline
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _validate_loaded(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    train: onnx.ModelProto,
+    infer: onnx.ModelProto,
+    device: str,
+    atol: float | None,
+    rtol: float | None,
+    seeds: list[int],
+    extra: list[tuple[torch.Tensor, ...]],
+    baseline: ModelDigest | None,
+) -> ValidationReport:
+    """:func:`validate_pair` on graphs already loaded (their weights held by a table)."""
     asked = resolve_device(device)
     strict = device == "cuda"
     before = baseline if baseline is not None else digest_model(model)
@@ -268,5 +290,4 @@ def validate_pair(
     report.tolerances = dict(tolerance.used)
     if truth is not None:
         report.tolerances["float64_reference"] = {"noise_factor": NOISE_FACTOR}
-    report.seconds = time.perf_counter() - start
     return report

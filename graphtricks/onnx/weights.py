@@ -1,0 +1,351 @@
+"""Weights kept out of the ONNX protos: in memory while graphs are built and checked, on disk as
+ONNX external data, or streamed into a self-contained file.
+
+A ``ModelProto`` holding its weights costs their size again at every copy, serialization and
+parse, which made export take ~9x and validation ~15x a model's parameter bytes. Here a large
+initializer stays a *stub*: an external-data entry whose location names an array held by a
+:class:`WeightTable` (``graphtricks_in_memory/...``), never a file. Export fills the table with
+views of the model's own tensors (no copy); validation with read-only memory maps of the data
+file, which both graphs share. ONNX Runtime gets the arrays as OrtValues
+(:func:`graphtricks.onnx.runtime.prepare_graph`) and uses them in place on CPU.
+
+Files are written one of two ways (:func:`write_graphs`):
+
+- *external data*: each graph file holds its structure, and one data file (:data:`DATA_FILE`)
+  holds every weight once, shared by both graphs, each tensor aligned to 4 KiB so ONNX Runtime
+  can map it. Chosen on request, and whenever a graph would pass protobuf's 2 GiB limit;
+- *self-contained*: the structure, then each weight appended as a further piece of the graph
+  message (protobuf merges repeated pieces of a message field), straight from the array.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+__all__ = [
+    "DATA_FILE",
+    "EXTERNAL_DATA_THRESHOLD",
+    "WeightTable",
+    "attach_state",
+    "graph_bytes",
+    "in_memory_array",
+    "is_stub",
+    "resolve_external",
+    "tensor_value",
+    "write_graphs",
+]
+
+DATA_FILE = "model.data"
+# protobuf refuses to serialize or parse a message of 2 GiB or more.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 1
+_PREFIX = "graphtricks_in_memory/"
+_ALIGN = 4096  # ONNX Runtime maps external data whose offset is a multiple of the page size
+# Smaller tensors (scalars, shapes) stay inside the graph, where they cost nothing.
+_STUB_BYTES = 1024
+# Element types ONNX Runtime takes from numpy without conversion; int64 values (shapes, axes,
+# position ids) stay in the graph: ONNX Runtime reads them while it loads it.
+_STUB_TYPES = frozenset(
+    np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                          np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)
+)
+
+_REGISTRY: dict[str, np.ndarray] = {}
+
+
+class WeightTable:
+    """Arrays that stand in for initializer data while a block runs (``with WeightTable():``).
+
+    Stubs made by a table resolve (:func:`tensor_value`, ONNX Runtime sessions) until it closes.
+    """
+
+    def __init__(self) -> None:
+        self._id = uuid.uuid4().hex[:12]
+        self._keys: list[str] = []
+        self._maps: dict[Path, np.ndarray] = {}
+
+    def __enter__(self) -> WeightTable:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forgets every array (memory maps close when the last view goes)."""
+        for key in self._keys:
+            _REGISTRY.pop(key, None)
+        self._keys.clear()
+        self._maps.clear()
+
+    def stub(self, name: str, array: np.ndarray, data_type: int | None = None) -> onnx.TensorProto:
+        """An initializer named ``name`` whose data is ``array`` (held, not copied)."""
+        key = f"{_PREFIX}{self._id}/{len(self._keys)}"
+        _REGISTRY[key] = array
+        self._keys.append(key)
+        if data_type is None:
+            data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor = onnx.TensorProto(
+            name=name, data_type=data_type, dims=array.shape,
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", key
+        return tensor
+
+    def mapped(self, path: Path) -> np.ndarray:
+        """A read-only byte map of ``path``, one per file however many graphs read it."""
+        path = path.resolve()
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    self._maps[path] = np.zeros(0, np.uint8)
+                else:
+                    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    self._maps[path] = np.frombuffer(view, np.uint8)
+        return self._maps[path]
+
+
+def _entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def is_stub(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor``'s data is an array of a :class:`WeightTable`."""
+    return (
+        tensor.data_location == onnx.TensorProto.EXTERNAL
+        and _entries(tensor).get("location", "").startswith(_PREFIX)
+    )
+
+
+def in_memory_array(tensor: onnx.TensorProto) -> np.ndarray | None:
+    """The array a stub stands for, else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return _REGISTRY.get(_entries(tensor).get("location", ""))
+
+
+def tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value, from the graph or from its stub's array."""
+    array = in_memory_array(tensor)
+    if array is not None:
+        return array
+    return numpy_helper.to_array(tensor)
+
+
+def graph_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of ``model`` with its stubs' data included (an upper bound)."""
+    total = model.ByteSize()
+    for init in model.graph.initializer:
+        array = in_memory_array(init)
+        if array is not None:
+            total += array.nbytes + 16
+    return total
+
+
+def _array_of(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A numpy view of ``tensor``'s data (bfloat16 as its raw 16 bits), and its ONNX type."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), onnx.TensorProto.BFLOAT16
+    array = t.numpy()
+    return array, helper.np_dtype_to_tensor_dtype(array.dtype)
+
+
+def attach_state(
+    model: onnx.ModelProto, n_inputs: int, state: Mapping[str, torch.Tensor], table: WeightTable
+) -> list[str]:
+    """Turns the weight inputs of a graph exported without parameters into initializers.
+
+    The exporter, asked not to write parameters, lists them as graph inputs after the real ones,
+    named like the model's state. Each becomes an initializer with the model's own value: a stub
+    on a view of the tensor when large, an ordinary initializer when small.
+
+    Args:
+        model: The graph; edited in place.
+        n_inputs: How many of its inputs are real inputs.
+        state: The model's parameters and buffers by qualified name.
+        table: Holds the views.
+
+    Returns:
+        The names of the inputs no tensor of ``state`` matched (left as inputs).
+    """
+    graph = model.graph
+    kept, missing = list(graph.input[:n_inputs]), []
+    for value in graph.input[n_inputs:]:
+        tensor = state.get(value.name)
+        if tensor is None:
+            kept.append(value)
+            missing.append(value.name)
+            continue
+        array, data_type = _array_of(tensor)
+        if array.nbytes >= _STUB_BYTES and array.dtype in _STUB_TYPES and data_type != onnx.TensorProto.BFLOAT16:
+            graph.initializer.append(table.stub(value.name, array, data_type))
+        elif data_type == onnx.TensorProto.BFLOAT16:
+            init = onnx.TensorProto(name=value.name, data_type=data_type, dims=array.shape)
+            init.raw_data = array.tobytes()
+            graph.initializer.append(init)
+        else:
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), value.name))
+    del graph.input[:]
+    graph.input.extend(kept)
+    return missing
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def _write_self_contained(f: BinaryIO, model: onnx.ModelProto) -> None:
+    """Writes ``model`` with every stub's data inline, one tensor in memory at a time."""
+    light, stubs = onnx.ModelProto(), []
+    light.CopyFrom(model)
+    inits = list(light.graph.initializer)
+    del light.graph.initializer[:]
+    for init in inits:
+        if in_memory_array(init) is None:
+            light.graph.initializer.append(init)
+        else:
+            stubs.append(init)
+    f.write(light.SerializeToString())
+    for stub in stubs:
+        data = _bytes_of(in_memory_array(stub))
+        head = onnx.TensorProto(name=stub.name, data_type=stub.data_type, dims=stub.dims)
+        head_bytes = head.SerializeToString() + _field(_TENSOR_RAW_DATA, len(data))
+        tensor_len = len(head_bytes) + len(data)
+        in_graph = _field(_GRAPH_INITIALIZER, tensor_len)
+        f.write(_field(_MODEL_GRAPH, len(in_graph) + tensor_len) + in_graph + head_bytes)
+        f.write(data)
+
+
+def _write_external(
+    f: BinaryIO, model: onnx.ModelProto, data: BinaryIO, offsets: dict[tuple, int], data_name: str
+) -> None:
+    """Writes ``model``'s structure, appending each stub's data to ``data`` once."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        array = in_memory_array(init)
+        if array is None:
+            continue
+        interface = array.__array_interface__
+        key = (interface["data"][0], array.nbytes, array.dtype.str, array.shape)
+        if key not in offsets:
+            position = data.tell()
+            pad = -position % _ALIGN
+            data.write(b"\0" * pad)
+            offsets[key] = position + pad
+            data.write(_bytes_of(array))
+        del init.external_data[:]
+        for k, v in (("location", data_name), ("offset", str(offsets[key])),
+                     ("length", str(array.nbytes))):
+            entry = init.external_data.add()
+            entry.key, entry.value = k, v
+    f.write(out.SerializeToString())
+
+
+def write_graphs(
+    paths: Mapping[str, str], graphs: Mapping[str, onnx.ModelProto], data_path: str | None
+) -> None:
+    """Writes each graph to ``paths[name]``; with ``data_path``, their weights to it, shared.
+
+    Args:
+        paths: Where each graph goes (temporary files the caller renames into place).
+        graphs: The graphs, stubs included.
+        data_path: The external data file, or None for self-contained graphs. The graphs refer
+            to it by :data:`DATA_FILE`, relative to their folder.
+    """
+    if data_path is None:
+        for name, model in graphs.items():
+            with open(paths[name], "wb") as f:
+                _write_self_contained(f, model)
+                f.flush()
+                os.fsync(f.fileno())
+        return
+    offsets: dict[tuple, int] = {}
+    with open(data_path, "wb") as data:
+        for name, model in graphs.items():
+            with open(paths[name], "wb") as f:
+                _write_external(f, model, data, offsets, DATA_FILE)
+                f.flush()
+                os.fsync(f.fileno())
+        data.flush()
+        os.fsync(data.fileno())
+
+
+def resolve_external(
+    model: onnx.ModelProto, folder: Path, table: WeightTable, error: type[Exception], role: str
+) -> None:
+    """Replaces ``model``'s external-data entries by stubs on memory maps of the data files.
+
+    Raises:
+        error: A data file is missing, outside ``folder``, or shorter than the graph says.
+    """
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL or is_stub(init):
+            continue
+        entries = _entries(init)
+        location = entries.get("location", "")
+        path = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder.resolve() not in path.parents:
+            raise error(
+                f"{role} graph: weight '{init.name}' points outside its folder ({location!r}); "
+                "export it again"
+            )
+        if not path.is_file():
+            raise error(
+                f"{role} graph: weight data file {path} not found; copy it beside the .onnx "
+                "file or export again"
+            )
+        mapped = table.mapped(path)
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = np.dtype(np.uint8)
+        count = int(np.prod(init.dims)) if len(init.dims) else 1
+        offset = int(entries.get("offset", 0))
+        length = int(entries.get("length", count * dtype.itemsize))
+        if offset + length > mapped.size or length != count * dtype.itemsize:
+            raise error(
+                f"{role} graph: weight data file {path.name} is truncated or does not match the "
+                f"graph (weight '{init.name}' needs bytes {offset}..{offset + length}, the file "
+                f"has {mapped.size}); export it again"
+            )
+        raw = mapped[offset:offset + length]
+        if dtype in _STUB_TYPES:
+            array = raw.view(dtype).reshape(tuple(init.dims))
+            stub = table.stub(init.name, array, init.data_type)
+        else:  # int64, bfloat16, strings: read into the graph
+            stub = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+            stub.raw_data = raw.tobytes()
+        init.CopyFrom(stub)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import gc
 import time
 import warnings
@@ -34,7 +35,7 @@ class RewriteResult:
         report: every change, warning and the region tree.
         tree: the region tree of ``model`` (traced graphs and opaque modules).
         passes: the passes that were run, in order (their configs form the recipe).
-        example_inputs: the inputs used for capture and shapes.
+        example_inputs: the positional inputs used for capture and shapes.
         runs: one :class:`PassRun` per pass, in order: what each application changed and noted.
     """
 
@@ -44,6 +45,7 @@ class RewriteResult:
     passes: list[GraphtricksPass]
     example_inputs: tuple
     runs: list[PassRun] = field(default_factory=list)
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # a few lines, not the model twice (the dataclass repr printed the model and its tree)
@@ -56,21 +58,45 @@ class RewriteResult:
         return [p.config() for p in self.passes]
 
 
-def _as_inputs(example_inputs: Any) -> tuple:
+def _as_inputs(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword example inputs, checked (at least one input in all)."""
+    if example_kwargs is None:
+        example_kwargs = {}
+    if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
+        raise InputShapeError("example_kwargs must be a dict of the model's keyword inputs by name,"
+                              f" got {type(example_kwargs).__name__}")
+    if example_inputs is None:
+        example_inputs = ()
+    if isinstance(example_inputs, dict):
+        raise InputShapeError("example_inputs holds positional inputs; pass keyword inputs as example_kwargs={...}")
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple) or not example_inputs:
-        raise InputShapeError("example_inputs must be a tensor or a non-empty tuple of the model's positional inputs")
-    return example_inputs
+        example_inputs = (example_inputs,)
+    elif isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not (example_inputs or example_kwargs):
+        raise InputShapeError("example_inputs must be a tensor or a non-empty tuple of the model's positional inputs"
+                              " (or give its keyword inputs as example_kwargs={...})")
+    return example_inputs, dict(example_kwargs)
+
+
+def _check_binds(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> None:
+    """Raise a one-line error when the forward's signature cannot take these inputs."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return  # no signature to check against: the forward itself will say
+    try:
+        sig.bind(*inputs, **kwargs)
+    except TypeError as e:
+        raise InputShapeError(f"the example inputs do not fit {type(model).__name__}.forward{sig}: {e}") from e
 
 
 def rewrite(
     model: nn.Module,
     passes: Sequence[GraphtricksPass],
-    example_inputs: Any,
+    example_inputs: Any = (),
     *,
+    example_kwargs: dict[str, Any] | None = None,
     inplace: bool = False,
 ) -> RewriteResult:
     """Capture ``model``, apply ``passes`` in order to every region, and report each edit.
@@ -82,14 +108,17 @@ def rewrite(
     Args:
         model: the model to rewrite.
         passes: pass instances, e.g. ``[InsertDropout(p=0.1)]``.
-        example_inputs: a tensor or tuple of the model's positional inputs (shapes come from it).
+        example_inputs: a tensor or tuple of the model's positional inputs (shapes come from it);
+            ``()`` when every input is given by keyword.
+        example_kwargs: the model's keyword inputs by name (``{"input_ids": ids, "attention_mask": m}``),
+            bound to its forward's signature: the graph takes them as inputs like positional ones.
         inplace: edit ``model``'s modules instead of a deep copy (no memory for a copy).
 
     Returns:
         A :class:`RewriteResult`.
 
     Raises:
-        InputShapeError: the model rejects the example inputs.
+        InputShapeError: the model rejects the example inputs, or its forward cannot take them.
         PassError: a pass is misconfigured or fails on this model (names the region).
 
     Example:
@@ -97,12 +126,13 @@ def rewrite(
         >>> result.model, result.report.changes
     """
     started = time.perf_counter()
-    inputs = _as_inputs(example_inputs)
+    inputs, kwargs = _as_inputs(example_inputs, example_kwargs)
+    _check_binds(model, inputs, kwargs)
     for p in passes:
         if not isinstance(p, GraphtricksPass):
             raise PassError(f"not a graphtricks pass: {p!r} (build passes like InsertDropout(p=0.1))")
     with _collector_paused():
-        return _rewrite(model, list(passes), inputs, inplace, started)
+        return _rewrite(model, list(passes), inputs, kwargs, inplace, started)
 
 
 @contextlib.contextmanager
@@ -123,17 +153,17 @@ def _collector_paused():
             gc.enable()
 
 
-def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, started: float) -> RewriteResult:
+def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplace: bool, started: float) -> RewriteResult:
     snapshot = ModeSnapshot(model)
     try:
         try:
             work = model if inplace else copy.deepcopy(model)
         except Exception as e:
             raise GraphtricksError(f"cannot copy the model ({e}); pass inplace=True to rewrite it without a copy") from e
-        tree = capture(work, inputs)
+        tree = capture(work, inputs, kwargs)
         # One forward records shapes, and what passes measure, for as long as the model's eval
         # outputs stay as they are: passes record shapes on what they add.
-        runs = [PassRun(tree, inputs) for _ in passes]
+        runs = [PassRun(tree, inputs, kwargs) for _ in passes]
         observers = []
         for p, run in zip(passes, runs):
             found = p.observe(run)
@@ -141,13 +171,13 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, start
                 observers.append(found)
             if not p.preserves_eval:
                 break
-        propagate_shapes(tree, inputs, observers)
+        propagate_shapes(tree, inputs, observers, kwargs)
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
         stale = False
         for p, run in zip(passes, runs):
             if stale:  # a pass built something no forward has measured yet
-                propagate_shapes(tree, inputs)
+                propagate_shapes(tree, inputs, example_kwargs=kwargs)
             _run_pass(p, run, report)
             stale = run.stale_shapes
     finally:
@@ -159,7 +189,7 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, inplace: bool, start
     report.regions = tree.root.to_dict()
     report.traced_fraction = tree.traced_fraction()
     report.seconds = time.perf_counter() - started
-    return RewriteResult(tree.model, report, tree, list(passes), inputs, runs)
+    return RewriteResult(tree.model, report, tree, list(passes), inputs, runs, kwargs)
 
 
 def _run_pass(p: GraphtricksPass, run: PassRun, report: Report) -> None:

@@ -1,8 +1,8 @@
 """Probes: one forward of a model with hooks attached, to measure what modules and graph nodes see.
 
 A probe runs the model in eval mode (a BatchNorm must not update its running statistics) and
-without autograd, and leaves it as it found it: hooks removed, replaced forwards deleted, every
-module's train/eval flag restored. The shape forward of a rewrite is a probe; passes add
+without autograd, without the user's hooks, and leaves it as it found it: hooks removed, replaced
+forwards deleted, every module's train/eval flag, parameters, buffers and attributes restored. The shape forward of a rewrite is a probe; passes add
 :class:`Observers` to it (what a BatchNorm → LayerNorm swap would change), or run a probe of
 their own where the model has changed since (children of opaque modules, residual blocks).
 """
@@ -18,7 +18,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphtricks.capture.hooks import hooks_detached
 from graphtricks.capture.modes import ModeSnapshot
+from graphtricks.capture.state import StateSnapshot
 
 __all__ = ["probe_forward", "watched_forward", "bind_call", "Observers", "FirstCall", "first_calls"]
 
@@ -75,23 +77,28 @@ def probe_forward(
         >>> shapes = []
         >>> probe_forward(model, (x,), hooks=[(model.fc, lambda m, a, k, out: shapes.append(out.shape))])
     """
-    handles = [m.register_forward_pre_hook(h, with_kwargs=True) for m, h in pre_hooks]
-    handles += [m.register_forward_hook(h, with_kwargs=True) for m, h in hooks]
-    patched = []
-    snapshot = ModeSnapshot(model)
-    try:
-        for module, forward in forwards:
-            module.forward = forward
-            patched.append(module)
-        model.eval()
-        with torch.no_grad():
-            return model(*inputs, **(kwargs or {}))
-    finally:
-        snapshot.restore()
-        for h in handles:
-            h.remove()
-        for module in patched:
-            del module.forward  # back to the class's (generated) forward
+    # The user's hooks stay out of it (they fire once per call of theirs), and what the forward
+    # writes to parameters, buffers and attributes (a step counter, an EMA) is put back.
+    with hooks_detached(model):
+        handles = [m.register_forward_pre_hook(h, with_kwargs=True) for m, h in pre_hooks]
+        handles += [m.register_forward_hook(h, with_kwargs=True) for m, h in hooks]
+        patched = []
+        snapshot = ModeSnapshot(model)
+        state = StateSnapshot(model)
+        try:
+            for module, forward in forwards:
+                module.forward = forward
+                patched.append(module)
+            model.eval()
+            with torch.no_grad():
+                return model(*inputs, **(kwargs or {}))
+        finally:
+            snapshot.restore()
+            for h in handles:
+                h.remove()
+            for module in patched:
+                del module.forward  # back to the class's (generated) forward
+            state.restore()
 
 
 class _Watcher(fx.Interpreter):

@@ -21,6 +21,7 @@ from torch import nn
 
 from graphtricks.capture.modes import ModeSnapshot
 from graphtricks.capture.guards import install_input_guards
+from graphtricks.capture.hooks import copy_hooks, hook_kinds
 from graphtricks.capture.tracing import (
     Call,
     concrete_args,
@@ -172,16 +173,21 @@ class _Capturer:
             concrete, note = concrete_args(module, args, kwargs)
         except CaptureError as e:
             return module, self._opaque(module, path, f"not traceable: {e}")
-        leaves: set[int] = set()
+        # A module with the user's hooks stays a called module: a leaf here, a region of its own.
+        hooked = {id(m): kinds for m in module.modules() if m is not module and (kinds := hook_kinds(m))}
+        leaves: set[int] = set(hooked)
         reasons: dict[int, str] = {}
         for _ in range(_MAX_RETRACES):
             graphs = []
             failure = None
+            writes: dict[str, str] = {}
             for training in (True, False):
-                graph, failure, reads_training = trace_once(module, leaves, concrete, training)
+                graph, failure, reads_training, wrote = trace_once(module, leaves, concrete, training)
                 if failure:
                     break
                 graphs.append(graph)
+                for owner, what in wrote.items():
+                    writes.setdefault(owner, what)
                 if not reads_training:  # no traced code reads the mode: the eval trace is the same
                     graphs.append(graph)
                     break
@@ -192,6 +198,14 @@ class _Capturer:
                     return module, self._opaque(module, path, f"not traceable: {one_line(err)}")
                 leaves.add(id(sub))
                 reasons[id(sub)] = f"not traceable: {one_line(err)}"
+                continue
+            if writes:  # a graph would drop these updates: keep those forwards as written
+                if "" in writes:
+                    return module, self._opaque(module, path, state_reason(writes[""]))
+                for owner, what in writes.items():
+                    sub = module.get_submodule(owner)
+                    leaves.add(id(sub))
+                    reasons[id(sub)] = state_reason(what)
                 continue
             owners = mode_dependent_owners(*graphs) if graphs[0] is not graphs[1] else set()
             if not owners:
@@ -210,15 +224,28 @@ class _Capturer:
         install_input_guards(graph)  # not fx's _assert_is_none, which breaks fx once unpickled
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
         _carry_over_state(module, gm)
+        copy_hooks(module, gm)
         region = Region(path, "traced", gm, note)
-        # Leaves made opaque here are regions of their own, with children captured below them.
+        # Leaves made opaque here are regions of their own, with children captured below them;
+        # a leaf kept for its hooks is captured as any region is.
         for node in graph.nodes:
             if node.op != "call_module":
                 continue
             sub = gm.get_submodule(node.target)
-            if id(sub) in leaves and id(sub) not in self.done:
-                qual = f"{path}.{node.target}" if path else node.target
+            if id(sub) not in leaves or id(sub) in self.done:
+                continue
+            qual = f"{path}.{node.target}" if path else node.target
+            if id(sub) in reasons or id(sub) not in hooked:
                 region.children.append(self._opaque(sub, qual, reasons.get(id(sub), "")))
+                continue
+            captured = self._capture_hooked(sub, qual, hooked[id(sub)])
+            if captured is None:
+                continue
+            new_module, child_region = captured
+            if new_module is not sub:
+                parent, _, leaf = str(node.target).rpartition(".")
+                setattr(gm.get_submodule(parent), leaf, new_module)
+            region.children.append(child_region)
         self.done[id(module)] = region
         self.traced.append((module, gm))
         return gm, region
@@ -239,6 +266,14 @@ class _Capturer:
                 region.children.append(child_region)
         return region
 
+    def _capture_hooked(self, child: nn.Module, path: str, kinds: list[str]):
+        """Capture a module kept as a called module for the user's hooks on it."""
+        if is_builtin_module(child):
+            return None
+        if isinstance(child, nn.Sequential):  # users index it (``model.layer1[0]``): kept as it is
+            return child, self._opaque(child, path, f"a Sequential with the user's {' and '.join(kinds)} hooks")
+        return self._capture_child(child, path)
+
     def _capture_child(self, child: nn.Module, path: str):
         """Capture one child of an opaque module, or None when it is a built-in leaf."""
         if is_builtin_module(child):
@@ -254,6 +289,11 @@ class _Capturer:
         if not call.consistent:
             return child, self._opaque(child, path, "called with differing non-tensor arguments")
         return self.capture(child, path, call.args, call.kwargs)
+
+
+def state_reason(what: str) -> str:
+    """The opaque reason of a module whose forward updates state a graph would drop."""
+    return f"its forward updates state a trace would drop ({what}); kept as written"
 
 
 def expand_containers(parent: nn.Module, name: str, child: nn.Module):

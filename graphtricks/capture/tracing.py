@@ -16,8 +16,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphtricks.capture.hooks import hooks_detached
 from graphtricks.capture.mode_reads import TrainingReads, overrides_train
 from graphtricks.capture.probe import probe_forward
+from graphtricks.capture.state import StateWrites
 from graphtricks.errors import CaptureError
 from graphtricks.fxgraph.nodes import owner_path
 from graphtricks.layers import is_leaf_layer
@@ -161,20 +163,22 @@ def mode_dependent_owners(train: fx.Graph, infer: fx.Graph) -> set[str]:
 
 
 def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bool):
-    """Trace ``module`` in one mode.
+    """Trace ``module`` in one mode, leaving its state as it was (no global hook runs).
 
     Returns:
-        ``(graph, None, reads_training)``, or ``(None, (culprit_path, error), True)`` on failure.
+        ``(graph, None, reads_training, writes)``, or ``(None, (culprit_path, error), True, {})``
+        on failure; ``writes`` maps the path of each module whose own forward updated state a
+        graph would not keep to what it updated (:class:`StateWrites`).
     """
     module.train(training)
     tracer = RegionTracer(leaves)
     try:
-        with TrainingReads() as reads:
+        with hooks_detached(None), TrainingReads() as reads, StateWrites(module, tracer) as writes:
             graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())
-        return None, (stack[-1][0] if stack else "", e), True
-    return graph, None, reads.count > 0 or overrides_train(module)
+        return None, (stack[-1][0] if stack else "", e), True, {}
+    return graph, None, reads.count > 0 or overrides_train(module), writes.owners
 
 
 def one_line(e: BaseException) -> str:

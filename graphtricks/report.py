@@ -40,11 +40,15 @@ class Change:
 
 @dataclass
 class Report:
-    """What a rewrite did: the passes run, each change, warnings, and the region tree."""
+    """What a rewrite did: the passes run, each change, warnings, and the region tree.
+
+    ``skipped`` counts, per pass, what it left alone by design (``{"dropout": {"gates": 9}}``).
+    """
 
     passes: list[dict[str, Any]] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     regions: dict[str, Any] = field(default_factory=dict)
     traced_fraction: float = 1.0
     seconds: float = 0.0
@@ -68,6 +72,7 @@ class Report:
             "changes": [c.to_dict() for c in self.changes],
             "changes_by_pass": self.changes_by_pass(),
             "warnings": list(self.warnings),
+            "skipped": {k: dict(v) for k, v in self.skipped.items()},
             "traced_fraction": round(self.traced_fraction, 4),
             "regions": self.regions,
             "seconds": round(self.seconds, 4),
@@ -83,6 +88,7 @@ class Report:
             passes=data.get("passes", []),
             changes=changes,
             warnings=data.get("warnings", []),
+            skipped=data.get("skipped", {}),
             regions=data.get("regions", {}),
             traced_fraction=data.get("traced_fraction", 1.0),
             seconds=data.get("seconds", 0.0),

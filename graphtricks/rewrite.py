@@ -201,6 +201,10 @@ def _run_pass(p: GraphtricksPass, run: PassRun, report: Report) -> None:
         return
     p.run(run)
     report.changes.extend(run.changes)
+    if run.skipped:
+        counts = report.skipped.setdefault(p.name, {})
+        for what, n in run.skipped.items():
+            counts[what] = counts.get(what, 0) + n
     for note in run.notes:  # notebook users see what the CLI prints
         warnings.warn(f"{p.name}: {note}", PassNoteWarning, stacklevel=4)
         report.warnings.append(f"{p.name}: {note}")

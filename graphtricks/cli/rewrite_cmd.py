@@ -271,6 +271,10 @@ def rewrite(
             out.print(table)
             if hint:
                 out.print(f"[dim]{hint}[/dim]")
+        gates = result.report.skipped.get("dropout", {}).get("gates", 0)
+        if gates:
+            out.print(f"[dim]dropout: {gates} gate(s) left without dropout (a sigmoid whose output only scales"
+                      " another tensor); --dropout-gates includes them[/dim]")
         counts = ", ".join(f"{k}: {v}" for k, v in result.report.changes_by_pass().items()) or "no passes"
         action = "would write" if dry_run else "wrote"
         target = f" {action} {out_dir}" if out_dir is not None and not dry_run else (" (dry run: nothing written)" if dry_run else "")

@@ -54,6 +54,8 @@ class PassRun:
         region: the region being edited now (set by :meth:`GraphtricksPass.run` region by region).
         changes: one :class:`Change` per edit, in order.
         notes: what the pass left alone and why, one line each.
+        skipped: counts of what the pass leaves alone by design (``{"gates": 9}``): report data,
+            not notes, so ``--strict`` does not fail a model for its defaults.
         stale_shapes: the pass built something no forward has measured (shapes are recomputed
             before the next pass).
         state: the pass's own working data for this run (plans, measurements).
@@ -65,6 +67,7 @@ class PassRun:
     region: Region | None = None
     changes: list[Change] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
     stale_shapes: bool = False
     state: SimpleNamespace = field(default_factory=SimpleNamespace)
 
@@ -131,6 +134,7 @@ class GraphtricksPass(PassBase):
     example_kwargs = property(lambda self: self._current().example_kwargs)
     changes = property(lambda self: self._current().changes)
     notes = property(lambda self: self._current().notes)
+    skipped = property(lambda self: self._current().skipped)
     state = property(lambda self: self._current().state)
 
     @property

@@ -70,7 +70,8 @@ def unique_attr_name(gm: nn.Module, parent_path: str, base: str) -> str:
         # Checked name by name: collecting every child name per call made naming quadratic.
         if parent is None:
             return False
-        return name in parent._modules or name in vars(parent) or hasattr(type(parent), name)
+        return (name in parent._modules or name in parent._parameters or name in parent._buffers
+                or name in vars(parent) or hasattr(type(parent), name))
 
     name, i = base, 0
     while taken(name):
@@ -175,15 +176,21 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
 def insert_module_after(gm: fx.GraphModule, node: fx.Node, path: str, module: nn.Module) -> fx.Node:
     """Add ``module`` at ``path`` and route every user of ``node`` through it.
 
-    The new node copies ``node``'s tensor metadata (callers insert shape-preserving modules).
+    The new node copies ``node``'s tensor metadata (callers insert shape-preserving modules), and
+    its module stack is that of ``node``'s owner plus its own entry, so it belongs to the module
+    whose code ``node`` is in (not to a leaf ``node`` calls).
     """
     gm.add_submodule(path, module)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(path, (node,))
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-    for key in ("tensor_meta", "nn_module_stack"):
-        if key in node.meta:
-            new.meta[key] = node.meta[key]
+    if "tensor_meta" in node.meta:
+        new.meta["tensor_meta"] = node.meta["tensor_meta"]
+    if "nn_module_stack" in node.meta:
+        stack = list(node.meta["nn_module_stack"].items())
+        if node.op == "call_module" and stack:
+            stack = stack[:-1]  # a leaf call records the leaf itself last
+        new.meta["nn_module_stack"] = {**dict(stack), path: (path, type(module))}
     return new
 
 

@@ -228,7 +228,7 @@ def test_insert_module_after_routes_every_user():
     torch.testing.assert_close(gm(x), model(2.0 * x))
 
 
-def test_insert_module_after_an_inner_node_copies_its_stack():
+def test_insert_module_after_an_inner_node_belongs_to_the_same_owner():
     torch.manual_seed(0)
     model = Net()
     net = fx.symbolic_trace(model)
@@ -237,7 +237,8 @@ def test_insert_module_after_an_inner_node_copies_its_stack():
     ref = net(x)
     new = insert_module_after(net, n["b_act"], "b.extra", Times(-1.0))
     net.recompile()
-    assert new.meta["nn_module_stack"] == n["b_act"].meta["nn_module_stack"]
+    leaf_stack = list(n["b_act"].meta["nn_module_stack"].values())
+    assert list(new.meta["nn_module_stack"].values()) == [*leaf_stack[:-1], ("b.extra", Times)]
     manual = model.head(torch.flatten(-model.b.act(model.b.fc(x)) + x, 1))
     torch.testing.assert_close(net(x), manual)
     assert not torch.allclose(net(x), ref)
@@ -418,9 +419,7 @@ def test_tables_hold_what_fx_records():
     assert not {"add_", "relu_", "copy_", "fill_"} & kinds.VIEW_METHODS
 
 
-# -- known bugs (strict xfails: they start passing when the helper is fixed) ----------------------
-@pytest.mark.xfail(strict=True, reason="unique_attr_name does not count the parent's parameters and buffers"
-                   " as taken: it returns 'fc.weight', and add_submodule then raises KeyError")
+# -- bugs these tests found (fixed) -------------------------------------------------------------
 def test_unique_attr_name_skips_parameters_and_buffers():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     gm = fx.symbolic_trace(model)
@@ -428,9 +427,6 @@ def test_unique_attr_name_skips_parameters_and_buffers():
     assert unique_attr_name(gm, "1", "running_mean") == "1.running_mean_1"
 
 
-@pytest.mark.xfail(strict=True, reason="insert_module_after copies the followed node's module stack verbatim:"
-                   " after a functional node of module 'b' the new call_module's stack lacks its own entry,"
-                   " so owner_path drops 'b' and returns ''")
 def test_insert_module_after_a_function_keeps_the_owner():
     class B(nn.Module):
         def __init__(self):
@@ -455,8 +451,6 @@ def test_insert_module_after_a_function_keeps_the_owner():
     assert owner_path(new) == "b"
 
 
-@pytest.mark.xfail(strict=True, reason="insert_module_after copies a leaf call's stack (which ends in the leaf"
-                   " itself), so the inserted module is counted among the nodes of that leaf by module_nodes")
 def test_insert_module_after_a_leaf_is_not_part_of_the_leaf(net):
     n = by_name(net)
     new = insert_module_after(net, n["b_act"], "b.drop", nn.Dropout())

@@ -199,5 +199,5 @@ def test_inputs_are_kept_with_their_dtype_unless_they_have_no_values(tmp_path):
     saving._save_inputs((torch.empty(4, 2, device="meta"),), tmp_path / saving.INPUTS)
     assert not (tmp_path / saving.INPUTS).exists()
     saving._save_inputs((X, torch.tensor([1, 2])), tmp_path / saving.INPUTS)
-    loaded = saving._saved_inputs(tmp_path, {})
-    assert len(loaded) == 2 and torch.equal(loaded[0], X) and loaded[1].dtype == torch.int64
+    loaded, kwargs = saving._saved_inputs(tmp_path, {})
+    assert kwargs == {} and len(loaded) == 2 and torch.equal(loaded[0], X) and loaded[1].dtype == torch.int64

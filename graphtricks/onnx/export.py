@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from graphtricks.errors import ExportError, ValidationError
+from graphtricks.io.files import public_modes
 from graphtricks.onnx import fixups
 from graphtricks.onnx.portable import make_portable, portable_dropouts, updated_outputs
 from graphtricks.onnx.checks.dropout import check_dropout_count
@@ -199,6 +200,7 @@ def _write_atomically(
         for name, path in paths.items():
             _check_written(path, name)
         names = list(graphs) + ([DATA_FILE] if external else [])
+        public_modes(*(staging / name for name in names))  # not mkdtemp's 0600
         for name in names:
             os.replace(staging / name, out_dir / name)
         if not external:  # a data file of an earlier export would belong to no graph now

@@ -1,0 +1,55 @@
+"""File modes and paths of what graphtricks writes.
+
+Everything is written into a private staging folder (``tempfile.mkdtemp``: mode 0700, and some
+writers create files 0600) and renamed into place; before the rename, :func:`public_modes` gives
+every file and folder the mode a plain ``open``/``mkdir`` would have (0666 / 0777 less the
+umask), so a saved folder and its weights read alike. Paths recorded in a folder are written
+relative to it where possible (:func:`relative_to_folder`) and read back with :func:`from_folder`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["umask", "public_modes", "relative_to_folder", "from_folder"]
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_modes(*paths: Path) -> None:
+    """Give each path, and everything below a folder, mode 0666 (files) / 0777 (folders) less the umask.
+
+    Example:
+        >>> public_modes(staging)  # then staging.rename(out)
+    """
+    mask = umask()
+    for root in map(Path, paths):
+        for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if not path.is_symlink():
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def relative_to_folder(path: Path, folder: Path) -> str:
+    """``path`` written relative to ``folder`` (``../models/net.py``) when they share a parent
+    below the filesystem root, else absolute; both are resolved first."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    try:
+        common = Path(os.path.commonpath([path, folder]))
+    except ValueError:  # different drives
+        return str(path)
+    if common == Path(common.anchor):
+        return str(path)
+    return Path(os.path.relpath(path, folder)).as_posix()
+
+
+def from_folder(path: str, folder: Path) -> Path:
+    """A path recorded in ``folder``: relative ones are read against the folder, absolute ones
+    (folders written before paths were relative) as they are."""
+    p = Path(path)
+    return p if p.is_absolute() else (Path(folder).resolve() / p).resolve()

@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from graphtricks.capture import Region, expand_containers
+from graphtricks.capture.hooks import hook_kinds, move_hooks
 from graphtricks.capture.probe import Observers, probe_forward, watched_forward
 from graphtricks.capture.shapes import copy_output_meta, tensor_meta, transposed_meta
 from graphtricks.errors import PassError
@@ -128,6 +129,10 @@ class BatchNormToLayerNorm(GraphtricksPass):
                               " (N, C) and (N, C, L) inputs alike (no drift figure)")
         new = layer_norm_for(bn, max(ranks), self.over)
         put(new)
+        moved = move_hooks(bn, new)
+        if moved:
+            self.notes.append(f"{where}: the user's {' and '.join(moved)} hooks on the BatchNorm moved to its "
+                              f"{type(new).__name__} replacement")
         norm = new.norm if isinstance(new, NormAct) else new
         desc = f"{type(norm).__name__}({bn.num_features})"
         if isinstance(new, NormAct):
@@ -278,7 +283,9 @@ class BatchNormToLayerNorm(GraphtricksPass):
         new = self._swap(bn, self.qualify(target), shapes, lambda m: setattr(gm.get_submodule(parent), leaf, m))
         if new is None:
             return None
-        if isinstance(new, NormAct):  # call norm, drop and act from the graph, so later passes see them
+        # Call norm, drop and act from the graph, so later passes see them; a NormAct holding the
+        # user's hooks is called as a whole, so that they fire.
+        if isinstance(new, NormAct) and not hook_kinds(new):
             for node in nodes:
                 _expand_norm_act(gm, node, target, new)
         self._replace_region(bn, None)

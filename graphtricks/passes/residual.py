@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from graphtricks.capture import Region, RegionTree
+from graphtricks.capture.hooks import hook_kinds
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.nodes import (
     find_submodule,
@@ -296,6 +297,10 @@ class AddResidual(GraphtricksPass):
             details["init"] = "kaiming_normal_(fan_out, relu)"
         if block is not None:
             details["keys"] = f"{item.where}.* -> {item.where}.body.*"
+            kinds = hook_kinds(block)
+            if kinds:  # the block is still called, as the wrapper's body: its hooks fire as before
+                self.notes.append(f"{item.where}: the user's {' and '.join(kinds)} hooks stay on the block, now "
+                                  f"{item.where}.body (they see its output before the shortcut is added)")
         self.record(
             item.where, "wrapped", f"residual: {what} shortcut, {_fmt(item.in_shape)} -> {_fmt(item.out_shape)}",
             new_params=[f"{at}.{n}" for n, _ in parts.named_parameters() if not n.startswith("body.")],

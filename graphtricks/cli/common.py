@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from graphtricks.errors import GraphtricksError, InputShapeError, SpecError
-from graphtricks.io.inputs import DTYPE_NAMES, parse_input_shapes
+from graphtricks.io.inputs import DTYPE_NAMES, parse_input_shapes, parse_named_input
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -42,12 +42,33 @@ def _check_shape(value: str | None) -> str | None:
     return value
 
 
+def _check_named(values: list[str] | None) -> list[str] | None:
+    """``--input NAME=SHAPE[:DTYPE]`` is checked while parsing (exit 2), names given once."""
+    seen = set()
+    for value in values or []:
+        try:
+            name = parse_named_input(value)[0]
+        except InputShapeError as e:
+            raise typer.BadParameter(str(e)) from None
+        if name in seen:
+            raise typer.BadParameter(f"keyword input {name} is given twice")
+        seen.add(name)
+    return values
+
+
 # -- shared options --------------------------------------------------------------------
 InputShapeOpt = Annotated[
     str | None,
     typer.Option(
         "--input-shape", metavar="SHAPE", callback=_check_shape,
         help="Example input shape, dimensions separated by commas: 8,3,32,32; several inputs: 8,16;8,16.",
+    ),
+]
+NamedInputOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input", metavar="NAME=SHAPE[:DTYPE]", callback=_check_named,
+        help="A keyword input of forward, e.g. attention_mask=8,128:int64 (repeatable; with or without --input-shape).",
     ),
 ]
 InputDtypeOpt = Annotated[
@@ -138,16 +159,18 @@ def load_source(
     weights: Path | None,
     trust_pickle: bool,
     device: Device = Device.cpu,
+    named_inputs: list[str] | None = None,
 ):
-    """The model a SPEC or saved DIR names, its example inputs, its source record, prior passes.
+    """The model a SPEC or saved DIR names, its example inputs, its source record, prior passes,
+    and its keyword inputs (``--input NAME=SHAPE[:DTYPE]``; a saved DIR's own unless given).
 
     Text models (a Hugging Face config with a ``vocab_size``) get int64 token ids below the
-    vocabulary size unless ``--input-dtype`` says otherwise.
+    vocabulary size unless ``--input-dtype`` (or the input's own dtype) says otherwise.
     """
     import torch
 
     from graphtricks.io.folder import is_saved_model, load_saved
-    from graphtricks.io.inputs import make_example_inputs
+    from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs
     from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
@@ -158,7 +181,11 @@ def load_source(
             raise SpecError("a saved folder is rebuilt on the CPU; --device applies to model specs")
         saved = load_saved(spec, trust_pickle=trust_pickle)
         source = dict(saved.recipe.source)
-        inputs = saved.example_inputs
+        inputs, keywords = saved.example_inputs, saved.example_kwargs
+        if named_inputs:
+            dtype = dtype_name or source.get("input_dtype", "float32")
+            keywords = make_keyword_inputs(_named(named_inputs), dtype, high=source.get("token_high", 100))
+            inputs = () if not input_shape else inputs
         if input_shape:
             shapes = parse_input_shapes(input_shape)
             dtype = dtype_name or source.get("input_dtype", "float32")
@@ -167,16 +194,17 @@ def load_source(
             inputs = make_example_inputs(shapes, dtype, high=high)
         if weights:
             load_weights(saved.model, weights)
-        return saved.model, inputs, source, list(saved.recipe.passes)
+        return saved.model, inputs, source, list(saved.recipe.passes), keywords
     if Path(spec).is_dir():
         raise SpecError(f"{spec} is a folder but not a graphtricks model (no recipe.toml)")
     if ":" not in spec and not Path(spec).exists() and ("/" in spec or "\\" in spec):
         raise SpecError(f"{spec} does not exist (give a model spec file.py:Name, package.module:Name, or a saved folder)")
-    if not input_shape:
-        raise SpecError("give the example input shape with --input-shape, e.g. --input-shape 8,3,32,32")
+    if not input_shape and not named_inputs:
+        raise SpecError("give the example input shape with --input-shape, e.g. --input-shape 8,3,32,32"
+                        " (or keyword inputs with --input NAME=SHAPE[:DTYPE])")
     if device_name == "meta" and weights:
         raise SpecError("--device meta builds the model without weights; drop --weights")
-    shapes = parse_input_shapes(input_shape)
+    shapes = parse_input_shapes(input_shape) if input_shape else []
     kwargs = parse_model_args(model_args)
     with torch.device(device_name):
         model = load_model(spec, kwargs, trust_pickle=trust_pickle)
@@ -192,4 +220,12 @@ def load_source(
         source["model_args"] = kwargs
     if trust_pickle:
         source["trust_pickle"] = True
-    return model, make_example_inputs(shapes, dtype, device=device_name, high=high), source, []
+    if not shapes:
+        del source["input_shapes"]
+    keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high)
+    return model, make_example_inputs(shapes, dtype, device=device_name, high=high), source, [], keywords
+
+
+def _named(values: list[str]) -> dict[str, str]:
+    """``{name: "SHAPE[:DTYPE]"}`` from ``--input NAME=SHAPE[:DTYPE]`` values."""
+    return dict(v.split("=", 1) for v in values)

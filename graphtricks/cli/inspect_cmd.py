@@ -17,6 +17,7 @@ from graphtricks.cli.common import (
     InputShapeOpt,
     JsonOpt,
     ModelArgOpt,
+    NamedInputOpt,
     TrustPickleOpt,
     WeightsOpt,
     load_source,
@@ -79,6 +80,7 @@ def _print_candidates(blocks: list[dict], layers: list[dict], every_row: bool) -
 def inspect(
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="Model spec or a saved DIR.")],
     input_shape: InputShapeOpt = None,
+    named_input: NamedInputOpt = None,
     input_dtype: InputDtypeOpt = None,
     device: DeviceOpt = Device.cpu,
     model_arg: ModelArgOpt = None,
@@ -102,10 +104,11 @@ def inspect(
 
     with user_errors(verbose):
         with status("capturing the model…", as_json):
-            model, inputs, _, prior = load_source(spec, input_shape, input_dtype, model_arg, weights, trust_pickle, device)
-            result = run_rewrite(model, [], inputs, inplace=True)
+            model, inputs, _, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
+                                                            trust_pickle, device, named_input)
+            result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
         summary = summarize(result.tree)
-        found = candidate_blocks(result.tree, result.example_inputs)
+        found = candidate_blocks(result.tree, result.example_inputs, result.example_kwargs)
         summary["candidate_blocks"] = [b for b in found if not b["layer"]]
         summary["candidate_layers"] = [b for b in found if b["layer"]]
         if prior:

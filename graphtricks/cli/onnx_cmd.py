@@ -70,12 +70,13 @@ def export(
         if out_dir is not None and not (saved and Path(out_dir).resolve() == Path(spec).resolve()):
             check_output_dir(out_dir, force)
         with status("loading the model…", as_json):
-            model, inputs, source, prior = load_source(spec, input_shape, input_dtype, model_arg, weights, trust_pickle)
+            model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
+                                                                 trust_pickle)
         target = Path(spec) if saved and out_dir is None else Path(out_dir)
         if target != Path(spec) or not saved:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = run_rewrite(model, [], inputs, inplace=True)
+                result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
             save(result, target, source, force=force, prior_passes=prior)
             model = result.model
         with status(f"exporting to {target}…", as_json):

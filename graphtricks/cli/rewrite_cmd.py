@@ -20,6 +20,7 @@ from graphtricks.cli.common import (
     InputShapeOpt,
     JsonOpt,
     ModelArgOpt,
+    NamedInputOpt,
     TrustPickleOpt,
     WeightsOpt,
     load_source,
@@ -181,6 +182,7 @@ def rewrite(
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="Model spec (file.py:Name, pkg.module:Name, tv:/timm:/hf:NAME) or a saved DIR.")],
     out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Folder to write the rewritten model to.")] = None,
     input_shape: InputShapeOpt = None,
+    named_input: NamedInputOpt = None,
     input_dtype: InputDtypeOpt = None,
     device: DeviceOpt = Device.cpu,
     model_arg: ModelArgOpt = None,
@@ -242,10 +244,11 @@ def rewrite(
             include=include or [], exclude=exclude or [],
         )
         with status("loading and capturing the model…", as_json):
-            model, inputs, source, prior = load_source(spec, input_shape, input_dtype, model_arg, weights, trust_pickle, device)
+            model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
+                                                                 trust_pickle, device, named_input)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = run_rewrite(model, planned, inputs, inplace=True)
+                result = run_rewrite(model, planned, inputs, example_kwargs=keywords, inplace=True)
         _check_selections(result.tree, list(residual or []), list(include or []))
         # every warning a pass recorded (notes included), then any other library warning
         messages = list(result.report.warnings)

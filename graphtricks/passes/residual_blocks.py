@@ -255,7 +255,7 @@ def register_wrapped(gm: fx.GraphModule, local: str | None = None, kind: str = "
 
 
 # -- listing --------------------------------------------------------------------------------
-def candidate_blocks(tree: RegionTree, example_inputs: tuple = ()) -> list[dict]:
+def candidate_blocks(tree: RegionTree, example_inputs: tuple = (), example_kwargs: dict | None = None) -> list[dict]:
     """Children of ``nn.Sequential`` containers that take one tensor and return one, with shapes.
 
     Reads the shapes recorded by the rewrite; children of a Sequential kept opaque are listed
@@ -264,6 +264,7 @@ def candidate_blocks(tree: RegionTree, example_inputs: tuple = ()) -> list[dict]
     Args:
         tree: a captured region tree with shapes (``rewrite(model, [], x).tree``).
         example_inputs: the model's inputs, to measure Sequentials inside opaque modules.
+        example_kwargs: the model's keyword inputs, likewise.
 
     Returns:
         ``[{"name", "type", "input_shape", "output_shape", "dtype", "shortcut", "wrapped", "layer",
@@ -296,9 +297,9 @@ def candidate_blocks(tree: RegionTree, example_inputs: tuple = ()) -> list[dict]
                 layer = leaf and is_builtin_module(gm.get_submodule(local))
                 block = _from_graph(region.qualify(local), local, None, entry, exit_, ())
                 found.append((block, types[local].__name__, layer, not layer and adds_input(nodes, entry)))
-        elif isinstance(region.module, nn.Sequential) and example_inputs:
+        elif isinstance(region.module, nn.Sequential) and (example_inputs or example_kwargs):
             measured += [Block(region.qualify(n), n, c) for n, c in region.module.named_children()]
-    reasons = measure_blocks(tree.model, tuple(example_inputs), measured)
+    reasons = measure_blocks(tree.model, tuple(example_inputs), measured, example_kwargs)
     found += [(b, type(b.module).__name__, is_builtin_module(b.module), False)
               for b, reason in zip(measured, reasons) if not reason]
     wrapped, _ = wrapped_names(tree.model)

@@ -161,3 +161,43 @@ def test_old_folder_with_positional_inputs_still_loads(tmp_path):
     gt.save(result, tmp_path / "m", source={"spec": f"{__file__}:Mixed"})
     assert set(load_file(str(tmp_path / "m" / "example_inputs.safetensors"))) == {"input0"}
     torch.testing.assert_close(gt.load(tmp_path / "m").eval()(x), result.model.eval()(x))
+
+
+# -- command line ---------------------------------------------------------------------------
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from graphtricks.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_rewrites_and_inspects_with_keyword_inputs(tmp_path):
+    out = tmp_path / "m"
+    r = _cli("rewrite", SPEC, "--input", "x=4,8", "--input", "mask=4,16:float32", "--dropout", "0.1", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    from graphtricks.io.folder import load_saved
+
+    saved = load_saved(out)
+    assert {k: tuple(v.shape) for k, v in saved.example_kwargs.items()} == {"x": (4, 8), "mask": (4, 16)}
+    r = _cli("inspect", SPEC, "--input", "x=4,8", "--json")
+    assert r.exit_code == 0, r.output
+    r = _cli("inspect", str(out), "--json")  # a saved folder's own keyword inputs
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_keyword_and_positional_inputs_together(tmp_path):
+    r = _cli("rewrite", f"{__file__}:Mixed", "--input-shape", "2,8", "--input", "scale=2,4", "--dropout", "0.1",
+             "--dry-run")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("value", ["x", "x=", "=4,8", "x=4x8", "x=4,8:complex", "1x=4,8", "x=4,8;2,3"])
+def test_cli_malformed_keyword_input_is_a_usage_error(value):
+    r = _cli("rewrite", SPEC, "--input", value, "--dry-run")
+    assert r.exit_code == 2, r.output
+
+
+def test_cli_keyword_input_given_twice_is_a_usage_error():
+    r = _cli("inspect", SPEC, "--input", "x=4,8", "--input", "x=4,8")
+    assert r.exit_code == 2 and "twice" in r.output, r.output

@@ -26,7 +26,7 @@ from graphtricks.capture.probe import Observers, probe_forward, watched_forward
 from graphtricks.capture.shapes import copy_output_meta, tensor_meta, transposed_meta
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.kinds import is_builtin_module
-from graphtricks.fxgraph.nodes import node_where
+from graphtricks.fxgraph.nodes import ancestors, node_where
 from graphtricks.layers.norm import (
     NormAct,
     batch_norm_extras,
@@ -297,6 +297,11 @@ class BatchNormToLayerNorm(GraphtricksPass):
             return False
         a = _bn_args(node.target, node.args, node.kwargs)
         x, w, b, eps = a["input"], a["weight"], a["bias"], a["eps"]
+        if not isinstance(x, fx.Node) or not any(n.op == "placeholder" for n in ancestors(x)):
+            # Weight standardisation (timm StdConv2d, ScaledStdConv2d): not a normalisation of activations.
+            self.notes.append(f"{where}: batch_norm of a value computed from parameters only (weight "
+                              "standardisation), not of activations; left alone")
+            return False
         meta = tensor_meta(x) if isinstance(x, fx.Node) else None
         shape = list(meta.shape) if meta is not None else self.state.seen.get((id(gm), node.name), {}).get("shape")
         if not shape or not isinstance(eps, (int, float)):

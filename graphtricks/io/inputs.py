@@ -113,3 +113,38 @@ def make_keyword_inputs(
 def named_input_text(shape, dtype) -> str:
     """``"8,128:int64"``: a keyword input's shape and dtype as :func:`parse_named_input` reads them."""
     return ",".join(str(d) for d in shape) + ":" + str(dtype).replace("torch.", "")
+
+
+def positional_inputs(forward, args: tuple, kwargs: dict) -> tuple[tuple, list[str]]:
+    """Keyword inputs moved into their places in ``forward``'s parameters, with those names.
+
+    For exporters that take inputs by position (``torch.onnx.export``): ``f(*args, **kwargs)``
+    and ``f(*out)`` make the same call, and the ONNX inputs are named after the parameters
+    (``input_ids``, ``attention_mask``). A graphtricks graph takes every input positionally,
+    keyword-only ones of the original forward included.
+
+    Raises:
+        InputShapeError: a keyword input is no parameter, or comes after a parameter left out
+            (it has no position without a value before it) or is keyword-only.
+    """
+    import inspect
+
+    params = [p for p in inspect.signature(forward).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = [p.name for p in params]
+    if not kwargs:
+        return tuple(args), names[: len(args)]
+    out, used = list(args), []
+    for p in params[len(args):]:
+        if p.name not in kwargs:
+            break
+        if p.kind is p.KEYWORD_ONLY:
+            raise InputShapeError(f"keyword input {p.name!r} is keyword-only in this forward: it has no position to export at")
+        out.append(kwargs[p.name])
+        used.append(p.name)
+    left = [k for k in kwargs if k not in used]
+    if left:
+        given = names[: len(out)]
+        raise InputShapeError(f"keyword input(s) {', '.join(left)} come after a parameter left out (given: "
+                              f"{', '.join(given) or 'none'}; forward takes {', '.join(names)}): pass the ones"
+                              " before them too, or fewer keywords")
+    return tuple(out), names[: len(out)]

@@ -201,3 +201,22 @@ def test_cli_malformed_keyword_input_is_a_usage_error(value):
 def test_cli_keyword_input_given_twice_is_a_usage_error():
     r = _cli("inspect", SPEC, "--input", "x=4,8", "--input", "x=4,8")
     assert r.exit_code == 2 and "twice" in r.output, r.output
+
+
+# -- positional order for exporters -----------------------------------------------------------
+def test_keyword_inputs_in_positional_order_for_export():
+    from graphtricks.io.inputs import positional_inputs
+
+    kwargs = _kw_inputs()
+    result = gt.rewrite(KwOnly().eval(), [gt.InsertDropout(p=0.1)], example_kwargs={"mask": kwargs["mask"], "x": kwargs["x"]})
+    args, names = positional_inputs(result.model.forward, (), result.example_kwargs)
+    assert names == ["x", "mask"]
+    torch.testing.assert_close(result.model.eval()(*args), result.model.eval()(**kwargs))
+    bert = _bert()
+    ids = torch.randint(0, 100, (2, 12))
+    args, names = positional_inputs(bert.forward, (), {"attention_mask": torch.ones_like(ids), "input_ids": ids})
+    assert names == ["input_ids", "attention_mask"] and args[0] is ids
+    with pytest.raises(InputShapeError, match="position_ids"):
+        positional_inputs(bert.forward, (), {"input_ids": ids, "position_ids": ids})
+    with pytest.raises(InputShapeError, match="keyword-only"):
+        positional_inputs(KwOnly().forward, (), kwargs)

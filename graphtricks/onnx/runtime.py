@@ -256,6 +256,7 @@ def session_options(device: str, strict: bool = True) -> tuple[Any, list[Any]]:
     # reference runs between ORT runs (twice the time on a busy 2-core machine). Spinning
     # changes no result.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if device != "cuda":
         return options, [CPU_PROVIDER]
     if strict:

@@ -1,0 +1,92 @@
+"""ONNX external data: weights written once to model.data, shared by both graphs, read in place."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from graphtricks.errors import ValidationError
+from graphtricks.onnx import export_pair, validate_pair
+from graphtricks.onnx.eager import digest_model
+from graphtricks.onnx.weights import DATA_FILE
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(self.drop(x.flatten(1)))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    model = _Net()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+    return model, (torch.randn(4, 3, 8, 8),)
+
+
+def _external(path) -> dict[str, dict[str, str]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        i.name: {e.key: e.value for e in i.external_data}
+        for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL
+    }
+
+
+def test_graph_over_the_threshold_round_trips_through_one_shared_data_file(tmp_path, net):
+    model, inputs = net
+    before = digest_model(model)
+    result = export_pair(model, inputs, tmp_path, external_data_threshold=10_000)
+    assert result.data_path == tmp_path / DATA_FILE and result.data_path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [DATA_FILE, "model.infer.onnx", "model.train.onnx"]
+    )
+    train, infer = _external(result.train_path), _external(result.infer_path)
+    assert "fc.weight" in train and train["fc.weight"] == infer["fc.weight"]  # stored once
+    assert {e["location"] for e in train.values()} == {DATA_FILE}
+    state = dict(model.state_dict())
+    for path in (result.train_path, result.infer_path):
+        loaded = onnx.load(str(path))  # onnx reads the data file itself
+        values = {i.name: numpy_helper.to_array(i) for i in loaded.graph.initializer}
+        for name in ("fc.weight", "conv.weight", "bn.running_mean"):
+            np.testing.assert_array_equal(values[name], state[name].numpy())
+    assert before.differences(digest_model(model)) == []
+    report = validate_pair(model, inputs, tmp_path, device="cpu", seeds=(0, 1))
+    assert report.passed, [c.message for c in report.checks if not c.passed]
+
+
+def test_external_data_on_request_and_back_to_self_contained(tmp_path, net):
+    model, inputs = net
+    assert export_pair(model, inputs, tmp_path, external_data=True).data_path is not None
+    result = export_pair(model, inputs, tmp_path)  # small: self-contained again
+    assert result.data_path is None and not (tmp_path / DATA_FILE).exists()
+    assert _external(result.train_path) == {}
+    assert validate_pair(model, inputs, tmp_path, device="cpu", seeds=(0,)).passed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_data_file_is_a_one_line_validation_error(tmp_path, net, damage):
+    model, inputs = net
+    export_pair(model, inputs, tmp_path, external_data=True)
+    data = tmp_path / DATA_FILE
+    if damage == "truncated":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        data.unlink()
+    with pytest.raises(ValidationError) as info:
+        validate_pair(model, inputs, tmp_path, device="cpu", seeds=(0,))
+    message = str(info.value)
+    assert "\n" not in message and DATA_FILE in message
+    assert ("truncated" if damage == "truncated" else "not found") in message

@@ -23,15 +23,32 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["MEMORY_GOAL", "MEMORY_MODELS", "build", "measure", "measure_model"]
+__all__ = ["WeightMLP", "MEMORY_GOAL", "MEMORY_MODELS", "build", "measure", "measure_model"]
 
 MEMORY_GOAL = 2.5
 # name -> (description, batch input shape)
 MEMORY_MODELS = {
     "mlp": "6 x Linear(4096, 4096) + ReLU, head Linear(4096, 10): 403 MB float32",
     "llama": "transformers LlamaForCausalLM, hidden 2048, 12 layers, intermediate 5632, vocab 32000",
+    "bert_3gb": "transformers BertModel, hidden 2048, 14 layers, intermediate 8192: 766M parameters, 3.1 GB",
     "tiny": "2 x Linear(64, 64) (tests)",
 }
+
+
+def _weight_mlp(width: int = 4096, depth: int = 6):
+    from torch import nn
+
+    layers: list = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+class WeightMLP:
+    """Model spec of the 403 MB MLP (``benchmarks/onnx_memory.py:WeightMLP``): builds it."""
+
+    def __new__(cls, width: int = 4096, depth: int = 6):
+        return _weight_mlp(width, depth)
 
 
 def build(name: str):
@@ -42,10 +59,13 @@ def build(name: str):
     torch.manual_seed(0)
     if name in ("mlp", "tiny"):
         width, depth = (4096, 6) if name == "mlp" else (64, 2)
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.ReLU()]
-        return nn.Sequential(*layers, nn.Linear(width, 10)).eval(), (torch.randn(8, width),)
+        return _weight_mlp(width, depth).eval(), (torch.randn(8, width),)
+    if name == "bert_3gb":
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(hidden_size=2048, num_hidden_layers=14, intermediate_size=8192,
+                            num_attention_heads=16)
+        return BertModel(config).eval(), (torch.randint(0, 30522, (1, 32)),)
     if name == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

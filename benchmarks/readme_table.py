@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(args.results.read_text())
     figures = results
     block = [f"Figures of `{args.results.relative_to(ROOT) if args.results.is_absolute() else args.results}`"
-             f" (preset `{results.get("preset", {}).get("name", "?")}`):", "", markdown_table(figures)]
+             f" (preset `{results.get('preset', {}).get('name', '?')}`):", "", markdown_table(figures)]
     if args.memory:
         rows = [json.loads(line) for line in args.memory.read_text().splitlines() if line.strip()]
         block += ["", f"Export and validation memory (`{args.memory}`, each step in a fresh process):",

@@ -7,6 +7,7 @@ or a plain module — and return the same report objects the command line prints
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ def export(
     dynamic_batch: bool = False,
     source: dict[str, Any] | None = None,
     force: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``model.train.onnx`` and ``model.infer.onnx``, as ``graphtricks export`` does.
 
@@ -42,6 +44,7 @@ def export(
         source: for a RewriteResult, how to rebuild the original model (``{"spec": ...}``), as
             for :func:`graphtricks.save`.
         force: replace a non-empty ``out_dir`` when a RewriteResult is saved there.
+        progress: called with a line as each stage starts (``print`` shows them).
 
     Returns:
         The :class:`~graphtricks.onnx.ExportResult` (paths, names, warnings, notes).
@@ -64,18 +67,20 @@ def export(
         if not is_saved_model(model):
             raise GraphtricksError(f"{model} is not a folder written by graphtricks.save (no recipe.toml)")
         saved = load_saved(model)
-        return export_pair(saved.model, saved.example_inputs, Path(out_dir or model), opset=opset, dynamic_batch=dynamic_batch)
+        return export_pair(saved.model, saved.example_inputs, Path(out_dir or model), opset=opset, dynamic_batch=dynamic_batch,
+                           progress=progress)
     if out_dir is None:
         raise GraphtricksError("export needs out_dir for a model or a RewriteResult (only a saved folder exports into itself)")
     if isinstance(model, RewriteResult):
         if source is None:
             raise GraphtricksError("exporting a RewriteResult saves it first: pass source={'spec': ...} as for graphtricks.save")
         save(model, out_dir, source, force=force)
-        return export_pair(model.model, model.example_inputs, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch)
+        return export_pair(model.model, model.example_inputs, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch,
+                           progress=progress)
     if example_inputs is None:
         raise GraphtricksError("exporting a module needs example_inputs (a tensor or a tuple of its positional inputs)")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    return export_pair(model, inputs, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch)
+    return export_pair(model, inputs, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch, progress=progress)
 
 
 def validate(
@@ -87,6 +92,7 @@ def validate(
     atol: float | None = None,
     rtol: float | None = None,
     inputs: list[tuple] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ValidationReport:
     """Check both ONNX graphs in ``folder`` against PyTorch and each other, as ``graphtricks validate``.
 
@@ -99,6 +105,7 @@ def validate(
         atol: absolute tolerance (default by dtype and device).
         rtol: relative tolerance (default by dtype and device).
         inputs: extra input sets to compare on (a list of tuples of tensors).
+        progress: called with a line as each check family starts (``"validating: 3/6 checks …"``).
 
     Returns:
         The :class:`~graphtricks.onnx.ValidationReport`; ``.passed``, ``.summary()``,
@@ -121,5 +128,6 @@ def validate(
         raise GraphtricksError("validate with a model needs its example_inputs")
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     return validate_pair(
-        model, example, path, device=device, atol=atol, rtol=rtol, extra_inputs=inputs, baseline=digest_model(model)
+        model, example, path, device=device, atol=atol, rtol=rtol, extra_inputs=inputs, baseline=digest_model(model),
+        progress=progress,
     )

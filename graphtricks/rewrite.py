@@ -8,7 +8,7 @@ import inspect
 import gc
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,7 @@ def rewrite(
     *,
     example_kwargs: dict[str, Any] | None = None,
     inplace: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> RewriteResult:
     """Capture ``model``, apply ``passes`` in order to every region, and report each edit.
 
@@ -113,6 +114,8 @@ def rewrite(
         example_kwargs: the model's keyword inputs by name (``{"input_ids": ids, "attention_mask": m}``),
             bound to its forward's signature: the graph takes them as inputs like positional ones.
         inplace: edit ``model``'s modules instead of a deep copy (no memory for a copy).
+        progress: called with a line at each stage (``"rewrite: pass 2/3 (dropout)…"``), for
+            long rewrites; the CLI prints it on stderr.
 
     Returns:
         A :class:`RewriteResult`.
@@ -132,7 +135,7 @@ def rewrite(
         if not isinstance(p, GraphtricksPass):
             raise PassError(f"not a graphtricks pass: {p!r} (build passes like InsertDropout(p=0.1))")
     with _collector_paused():
-        return _rewrite(model, list(passes), inputs, kwargs, inplace, started)
+        return _rewrite(model, list(passes), inputs, kwargs, inplace, started, progress or _silent)
 
 
 @contextlib.contextmanager
@@ -153,14 +156,21 @@ def _collector_paused():
             gc.enable()
 
 
-def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplace: bool, started: float) -> RewriteResult:
+def _silent(message: str) -> None:
+    """No progress reporting."""
+
+
+def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplace: bool, started: float,
+             progress: Callable[[str], None] = _silent) -> RewriteResult:
     snapshot = ModeSnapshot(model)
     try:
         try:
             work = model if inplace else copy.deepcopy(model)
         except Exception as e:
             raise GraphtricksError(f"cannot copy the model ({e}); pass inplace=True to rewrite it without a copy") from e
+        progress("rewrite: capturing the model (tracing in train and eval mode)…")
         tree = capture(work, inputs, kwargs)
+        progress("rewrite: recording shapes (one forward)…")
         # One forward records shapes, and what passes measure, for as long as the model's eval
         # outputs stay as they are: passes record shapes on what they add.
         runs = [PassRun(tree, inputs, kwargs) for _ in passes]
@@ -175,7 +185,8 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplac
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
         stale = False
-        for p, run in zip(passes, runs):
+        for i, (p, run) in enumerate(zip(passes, runs), 1):
+            progress(f"rewrite: pass {i}/{len(passes)} ({p.name})…")
             if stale:  # a pass built something no forward has measured yet
                 propagate_shapes(tree, inputs, example_kwargs=kwargs)
             _run_pass(p, run, report)

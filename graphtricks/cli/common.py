@@ -6,6 +6,7 @@ well under a second, and torch is imported when a command first needs a model.
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
@@ -136,6 +137,44 @@ def user_errors(verbose: bool):
 def status(message: str, quiet: bool):
     """A spinner on stderr for long work, only where a person is watching."""
     return err.status(message) if not quiet and err.is_terminal else nullcontext()
+
+
+PROGRESS_DELAY = 1.0  # seconds a stage runs before its line is printed outside a terminal
+
+
+@contextmanager
+def progress(message: str, quiet: bool):
+    """Report a long stage on stderr: a spinner on a terminal, plain lines elsewhere (a log, CI).
+
+    Yields the callback the library takes (``progress=``): on a terminal each line becomes the
+    spinner's text; elsewhere each is printed (``validating: 3/6 checks …``) once its stage has
+    run for ``PROGRESS_DELAY`` seconds, so a 30-80 s export is not silent while a quick command,
+    or an error, stays the one line it was. Nothing is shown when ``quiet`` (``--json``).
+    """
+    if quiet:
+        yield lambda line: None
+        return
+    if err.is_terminal:
+        with err.status(message) as spinner:
+            yield lambda line: spinner.update(escape(line))
+        return
+    timer: list[threading.Timer] = []
+
+    def later(line: str) -> None:
+        for t in timer:
+            t.cancel()
+        if PROGRESS_DELAY <= 0:
+            err.print(line, markup=False, highlight=False)
+            return
+        timer[:] = [threading.Timer(PROGRESS_DELAY, err.print, (line,), {"markup": False, "highlight": False})]
+        timer[0].daemon = True
+        timer[0].start()
+
+    try:
+        yield later
+    finally:
+        for t in timer:
+            t.cancel()
 
 
 def warn(messages: list[str], as_json: bool) -> None:

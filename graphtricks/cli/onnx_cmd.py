@@ -24,6 +24,7 @@ from graphtricks.cli.common import (
     load_source,
     note,
     out,
+    progress,
     status,
     user_errors,
     warn,
@@ -79,10 +80,10 @@ def export(
                 result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
             save(result, target, source, force=force, prior_passes=prior)
             model = result.model
-        with status(f"exporting to {target}…", as_json):
+        with progress(f"exporting to {target}…", as_json) as say:
             exported = export_pair(
                 model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
-                external_data=external_data,
+                external_data=external_data, progress=say,
             )
         if as_json:
             print(json.dumps(exported.to_dict(), indent=2, default=str))
@@ -135,10 +136,10 @@ def validate(
         extra = _read_npz(inputs_file) if inputs_file else None
         with status("rebuilding the model…", as_json):
             saved = load_saved(folder)
-        with status("running ONNX Runtime and PyTorch…", as_json):
+        with progress("running ONNX Runtime and PyTorch…", as_json) as say:
             report = validate_pair(
                 saved.model, saved.example_inputs, folder, device=device.value, atol=atol, rtol=rtol,
-                extra_inputs=extra, baseline=digest_model(saved.model),
+                extra_inputs=extra, baseline=digest_model(saved.model), progress=say,
             )
         if as_json:
             print(json.dumps(report.to_dict(), indent=2, default=str))

@@ -25,6 +25,7 @@ from graphtricks.cli.common import (
     WeightsOpt,
     load_source,
     out,
+    progress,
     status,
     user_errors,
     warn,
@@ -243,12 +244,12 @@ def rewrite(
             zero_init_residual=zero_init_residual, include_frozen=include_frozen,
             include=include or [], exclude=exclude or [],
         )
-        with status("loading and capturing the model…", as_json):
+        with progress("loading and capturing the model…", as_json) as say:
             model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
                                                                  trust_pickle, device, named_input)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = run_rewrite(model, planned, inputs, example_kwargs=keywords, inplace=True)
+                result = run_rewrite(model, planned, inputs, example_kwargs=keywords, inplace=True, progress=say)
         _check_selections(result.tree, list(residual or []), list(include or []))
         # every warning a pass recorded (notes included), then any other library warning
         messages = list(result.report.warnings)

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,7 @@ def export_pair(
     train_graph: str = "portable",
     external_data: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Exports ``model`` as ``model.train.onnx`` and ``model.infer.onnx`` in ``out_dir``.
 
@@ -256,6 +258,7 @@ def export_pair(
             once for both graphs) whatever the size.
         external_data_threshold: Above this many bytes, a graph's weights go to ``model.data``
             even without ``external_data``.
+        progress: called with a line as each stage starts (``"exporting the train graph…"``).
 
     Returns:
         The paths, names, repairs and warnings of the export.
@@ -281,6 +284,7 @@ def export_pair(
         )
     inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
     out_dir = Path(out_dir)
+    say = progress or (lambda message: None)
     with torch_numerics("cpu"), WeightTable() as table:
         named, left_out = eval_outputs(model, inputs)
         outputs = [t for _, t in named]
@@ -295,9 +299,11 @@ def export_pair(
             ]
             kwargs["dynamic_axes"] = {n: {0: "batch"} for n in ranked}
         updated: list[str] = []
+        say("exporting the train graph…")
         train, caught = export_mode(
             model, inputs, train=True, opset=opset, table=table, updated=updated, **kwargs
         )
+        say("exporting the inference graph…")
         infer, more = export_mode(model, inputs, train=False, opset=opset, table=table, **kwargs)
         caught = list(dict.fromkeys(caught + more))  # most warnings come once per mode
         for graph, mode in ((train, "train"), (infer, "eval")):
@@ -311,11 +317,13 @@ def export_pair(
         if train_graph == "portable":
             repairs += make_portable(train, model)
         if verify:
+            say("checking the train graph against PyTorch train mode…")
             _verify_train_graph(model, inputs, train)
         graphs = {TRAIN_FILE: train, INFER_FILE: infer}
         external = external_data or any(
             graph_bytes(g) > external_data_threshold for g in graphs.values()
         )
+        say(f"writing {TRAIN_FILE} and {INFER_FILE}…")
         data_path = _write_atomically(out_dir, graphs, external)
     notes = export_notes(model)
     if left_out:

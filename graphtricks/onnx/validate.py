@@ -9,7 +9,7 @@ statistics), graph vs graph, provenance of every session, and no side effects on
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
@@ -137,6 +137,7 @@ def validate_pair(
     seeds: Sequence[int] = (0, 1, 2),
     extra_inputs: list[tuple[torch.Tensor, ...]] | None = None,
     baseline: ModelDigest | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ValidationReport:
     """Checks ``onnx_dir/model.{train,infer}.onnx`` against ``model`` and against each other.
 
@@ -152,6 +153,8 @@ def validate_pair(
         seeds: One random input set per seed.
         extra_inputs: More input sets to compare on, e.g. real data.
         baseline: A snapshot taken before export, so the side-effect check covers it too.
+        progress: called with a line as each of the check families starts
+            (``"validating: 3/6 checks (random draws)…"``).
 
     Returns:
         The report; ``report.passed`` tells whether every check passed.
@@ -182,10 +185,15 @@ def validate_pair(
         train = load_onnx_file(onnx_dir / TRAIN_FILE, "train", table)
         infer = load_onnx_file(onnx_dir / INFER_FILE, "inference", table)
         report = _validate_loaded(
-            model, inputs, train, infer, device, atol, rtol, seeds, extra, baseline
+            model, inputs, train, infer, device, atol, rtol, seeds, extra, baseline, progress
         )
     report.seconds = time.perf_counter() - start
     return report
+
+
+# the check families, in the order they run (for progress lines)
+_STEPS = ("inference graph vs PyTorch eval", "train graph vs PyTorch train", "random draws", "dropout count",
+          "dropout keep-rates", "graph structure, providers, side effects")
 
 
 def _validate_loaded(
@@ -199,8 +207,16 @@ def _validate_loaded(
     seeds: list[int],
     extra: list[tuple[torch.Tensor, ...]],
     baseline: ModelDigest | None,
+    progress: Callable[[str], None] | None = None,
 ) -> ValidationReport:
     """:func:`validate_pair` on graphs already loaded (their weights held by a table)."""
+    steps = iter(enumerate(_STEPS, 1))
+
+    def step() -> None:
+        i, what = next(steps)
+        if progress is not None:
+            progress(f"validating: {i}/{len(_STEPS)} checks ({what})…")
+
     asked = resolve_device(device)
     strict = device == "cuda"
     before = baseline if baseline is not None else digest_model(model)
@@ -233,12 +249,14 @@ def _validate_loaded(
         for input_set in input_sets:  # wrong inputs are the user's error: say so before any run
             session_feed(sessions[-1].inner, input_set.tensors, input_set.label)
         # One copy serves both modes: eval-mode runs leave it as it was.
+        step()
         reference = reference_copy(model, train=False, device=sessions[-1].device)
         truth = _float64_twin(model, sessions[-1].device, report)
         report.checks += check_infer_vs_eager(
             sessions[-1], model, input_sets, tolerance, reference, truth
         )
 
+        step()
         neutral = deterministic_train_copy(train)
         sessions.append(
             make_session(neutral, train_device, "train_deterministic", strict, disabled)
@@ -249,12 +267,15 @@ def _validate_loaded(
             sessions[-1], model, input_sets, tolerance, reference, truth
         )
         report.checks += deterministic
+        step()
         report.checks += _random_checks(train, draws, seeds, report)
 
+        step()
         portable = portable_dropouts(train)
         infos = dropout_infos(train) + portable
         report.checks.append(check_dropout_count(infos, eager_ps))
         rates = []
+        step()
         if infos:
             # One session for every input set: a seeded Dropout moves its generator on at every
             # run (on CPU the run after seed s draws with s + 1), so each input set gets new
@@ -274,6 +295,7 @@ def _validate_loaded(
                     "to tell an inert dropout apart; validate with larger inputs"
                 )
 
+    step()
     report.checks += [
         check_io(train, infer),
         check_weights(train, infer),

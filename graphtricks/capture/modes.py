@@ -25,7 +25,7 @@ class ModeSnapshot:
     @staticmethod
     def copy_modes(source: nn.Module, target: nn.Module) -> None:
         """Give each module of ``target`` the mode of the module at the same path in ``source``."""
-        flags = {name: m.training for name, m in source.named_modules()}
+        flags = {name: m.training for name, m in source.named_modules(remove_duplicate=False)}
         for name, module in target.named_modules():
             if name in flags:
                 module.training = flags[name]

@@ -320,7 +320,7 @@ def _carry_over_state(original: nn.Module, gm: fx.GraphModule) -> None:
             # GraphModule's deepcopy keeps only attributes listed here.
             preserved[name] = value
     have = set(gm.state_dict(keep_vars=True).keys())
-    original_modules = dict(original.named_modules())
+    original_modules = dict(original.named_modules(remove_duplicate=False))  # a shared module under each name
     for key, tensor in original.state_dict(keep_vars=True).items():
         if key in have:
             continue

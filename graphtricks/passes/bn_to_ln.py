@@ -76,6 +76,16 @@ def _expand_norm_act(gm: fx.GraphModule, node: fx.Node, target: str, new: NormAc
     gm.graph.erase_node(node)
 
 
+def _other_homes(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """For each module registered under several names: every ``(parent, name)`` that holds it."""
+    homes: dict[int, list] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                homes.setdefault(id(child), []).append((parent, name))
+    return {k: v for k, v in homes.items() if len(v) > 1}
+
+
 @register_pass
 class BatchNormToLayerNorm(GraphtricksPass):
     """Replace BatchNorm (modules, subclasses, functional calls) with the matching LayerNorm.
@@ -129,6 +139,9 @@ class BatchNormToLayerNorm(GraphtricksPass):
                               " (N, C) and (N, C, L) inputs alike (no drift figure)")
         new = layer_norm_for(bn, max(ranks), self.over)
         put(new)
+        for parent, name in getattr(self.state, "homes", {}).get(id(bn), ()):  # a shared module: every name
+            if parent._modules.get(name) is bn:
+                parent._modules[name] = new
         moved = move_hooks(bn, new)
         if moved:
             self.notes.append(f"{where}: the user's {' and '.join(moved)} hooks on the BatchNorm moved to its "
@@ -223,6 +236,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         (a residual shortcut's).
         """
         self.state.gone = set()  # ids of modules replaced in this run
+        self.state.homes = _other_homes(self.tree.model) if self.tree is not None else {}
         if not hasattr(self.state, "seen"):
             self.state.seen, self.state.watched = {}, set()
         if self.tree is not None and any(id(m) not in self.state.watched for m in self._batch_norms(self.tree)):

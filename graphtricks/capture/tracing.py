@@ -21,6 +21,7 @@ from graphtricks.capture.mode_reads import TrainingReads, overrides_train
 from graphtricks.capture.probe import probe_forward
 from graphtricks.capture.state import StateWrites
 from graphtricks.errors import CaptureError
+from graphtricks.fxgraph.activations import zoo_activation_name
 from graphtricks.fxgraph.nodes import owner_path
 from graphtricks.layers import is_leaf_layer
 
@@ -45,7 +46,8 @@ class RegionTracer(fx.Tracer):
         self.leaves = leaves if leaves is not None else set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or is_leaf_layer(m) or super().is_leaf_module(m, module_qualified_name)
+        return (id(m) in self.leaves or is_leaf_layer(m) or zoo_activation_name(m) is not None
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 @dataclass

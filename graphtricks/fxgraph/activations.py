@@ -18,6 +18,7 @@ __all__ = [
     "ACTIVATION_METHODS",
     "activation_name",
     "activation_kwargs",
+    "zoo_activation_name",
     "normalise_activation_name",
     "ACTIVATION_INIT",
     "activation_init",
@@ -71,6 +72,37 @@ ACTIVATION_METHODS: dict[str, str] = {
 _NAMES = {name.lower(): name for name in ACTIVATION_MODULES.values()}
 
 
+# Activation modules of other libraries, by class name: transformers' ``NewGELUActivation``
+# (GELU's tanh approximation written out), ``GELUActivation``, ``QuickGELUActivation``,
+# ``SiLUActivation``, timm's ``GELUTanh``, ``Swish``, ``HardSwish``... Traced through, their
+# inner ops (a ``tanh`` inside GELU) look like activations of their own: kept whole instead.
+_ZOO_ALIASES = {"swish": "SiLU", "gelutanh": "GELU", "quickgelu": "GELU", "hardswishme": "Hardswish"}
+_ZOO_AFFIXES = (("new", "fast", "quick", "accurate", "pytorch", "approximate"), ("activation", "act", "me", "tanh"))
+
+
+def zoo_activation_name(module: nn.Module) -> str | None:
+    """The activation a module from another library computes, told by its class name, or None.
+
+    Only parameter-free modules without children qualify (a learnable or composite block is not
+    an activation, whatever its name).
+    """
+    cls = type(module)
+    if cls.__module__.startswith("torch.") or any(True for _ in module.children()) or any(True for _ in module.parameters(recurse=False)):
+        return None
+    key = cls.__name__.lower()
+    if key in _ZOO_ALIASES:
+        return _ZOO_ALIASES[key]
+    prefixes, suffixes = _ZOO_AFFIXES
+    for prefix in prefixes:
+        key = key.removeprefix(prefix)
+    for suffix in suffixes:
+        stripped = key.removesuffix(suffix)
+        if stripped in _NAMES or stripped in _ZOO_ALIASES:
+            key = stripped
+            break
+    return _NAMES.get(key) or _ZOO_ALIASES.get(key)
+
+
 def normalise_activation_name(name: str) -> str:
     """``"relu"``, ``"ReLU"`` or ``"nn.ReLU"`` → ``"ReLU"``.
 
@@ -90,7 +122,7 @@ def activation_name(node: fx.Node, gm: fx.GraphModule) -> str | None:
         for cls, name in ACTIVATION_MODULES.items():
             if type(module) is cls or (isinstance(module, cls) and cls is not nn.Module):
                 return name
-        return None
+        return zoo_activation_name(module)
     if node.op == "call_function":
         return ACTIVATION_FUNCTIONS.get(node.target)
     if node.op == "call_method":

@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from graphtricks.fxgraph.activations import zoo_activation_name
 from graphtricks.layers import is_leaf_layer
 from graphtricks.layers.norm import ChannelLayerNorm
 
@@ -54,10 +55,11 @@ PASS_THROUGH_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.resha
 
 
 def is_builtin_module(module: nn.Module) -> bool:
-    """True for PyTorch's own layers (fx's default leaves), ``LEAF_LAYERS`` and ``ZOO_LAYERS``; False for containers."""
+    """True for PyTorch's own layers (fx's default leaves), ``LEAF_LAYERS``, ``ZOO_LAYERS`` and other
+    libraries' activation modules (``zoo_activation_name``); False for containers."""
     if isinstance(module, (nn.Sequential, fx.GraphModule)) or isinstance(module, CONTAINERS):
         return False
-    if is_leaf_layer(module):
+    if is_leaf_layer(module) or zoo_activation_name(module) is not None:
         return True
     name = type(module).__module__
     return name.startswith("torch.nn") or name.startswith("torch.ao.nn")

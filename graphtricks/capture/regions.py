@@ -12,6 +12,7 @@ descendant is made a leaf of its parent's trace, and the parent is traced again.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = ["Region", "RegionTree", "capture", "model_rejected", "expand_containe
 
 # A trace that keeps failing on new culprits ends as opaque rather than looping for ever.
 _MAX_RETRACES = 256
+# The note of a region traced without running (passes that need shapes skip it).
+_UNRUN = "not called on the example inputs: traced without them (no shapes)"
 
 
 @dataclass
@@ -167,12 +170,18 @@ class _Capturer:
                 raise model_rejected(self.example_inputs, e, self.example_kwargs) from e
         return self.calls
 
-    def capture(self, module: nn.Module, path: str, args: tuple, kwargs: dict) -> tuple[nn.Module, Region]:
-        """Capture ``module`` (called as ``module(*args, **kwargs)``) as a region at ``path``."""
-        try:
-            concrete, note = concrete_args(module, args, kwargs)
-        except CaptureError as e:
-            return module, self._opaque(module, path, f"not traceable: {e}")
+    def capture(self, module: nn.Module, path: str, args: tuple | None, kwargs: dict) -> tuple[nn.Module, Region]:
+        """Capture ``module`` (called as ``module(*args, **kwargs)``) as a region at ``path``.
+
+        ``args=None``: the module never ran; it is traced with every argument a proxy (no shapes).
+        """
+        if args is None:
+            concrete, note = {}, _UNRUN
+        else:
+            try:
+                concrete, note = concrete_args(module, args, kwargs)
+            except CaptureError as e:
+                return module, self._opaque(module, path, f"not traceable: {e}")
         # A module with the user's hooks stays a called module: a leaf here, a region of its own.
         hooked = {id(m): kinds for m in module.modules() if m is not module and (kinds := hook_kinds(m))}
         leaves: set[int] = set(hooked)
@@ -284,8 +293,14 @@ class _Capturer:
             # Its parent may index or iterate it, which a GraphModule would not allow.
             return child, self._opaque(child, path, "a Sequential inside an opaque module")
         call = self._calls().get(id(child))
-        if call is None:
-            return child, self._opaque(child, path, "not called on the example inputs")
+        if call is None:  # fx needs no inputs: traced when its forward takes plain arguments
+            if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                   for p in inspect.signature(child.forward).parameters.values()):
+                return child, self._opaque(child, path, "not called on the example inputs")
+            captured, region = self.capture(child, path, None, {})
+            if region.kind == "opaque":
+                region.reason = f"not called on the example inputs; {region.reason}"
+            return captured, region
         if not call.consistent:
             return child, self._opaque(child, path, "called with differing non-tensor arguments")
         return self.capture(child, path, call.args, call.kwargs)

@@ -92,6 +92,10 @@ ModelArgOpt = Annotated[
 WeightsOpt = Annotated[
     Path | None, typer.Option("--weights", metavar="FILE", help="State dict to load: .safetensors, or .pt read weights-only.")
 ]
+PretrainedOpt = Annotated[
+    bool, typer.Option("--pretrained", help="tv:/timm:/hf: models with their published weights, from each library's cache"
+                       " (downloaded there when missing and online).")
+]
 TrustPickleOpt = Annotated[
     bool, typer.Option("--trust-pickle", help="Allow unpickling a whole-model .pt (unpickling runs arbitrary code).")
 ]
@@ -199,6 +203,7 @@ def load_source(
     trust_pickle: bool,
     device: Device = Device.cpu,
     named_inputs: list[str] | None = None,
+    pretrained: bool = False,
 ):
     """The model a SPEC or saved DIR names, its example inputs, its source record, prior passes,
     and its keyword inputs (``--input NAME=SHAPE[:DTYPE]``; a saved DIR's own unless given).
@@ -218,6 +223,8 @@ def load_source(
     if is_saved_model(spec):
         if device_name != "cpu":
             raise SpecError("a saved folder is rebuilt on the CPU; --device applies to model specs")
+        if pretrained:
+            raise SpecError("--pretrained applies to tv:, timm: and hf: specs; a saved folder has its own weights")
         saved = load_saved(spec, trust_pickle=trust_pickle)
         source = dict(saved.recipe.source)
         inputs, keywords = saved.example_inputs, saved.example_kwargs
@@ -246,7 +253,7 @@ def load_source(
     shapes = parse_input_shapes(input_shape) if input_shape else []
     kwargs = parse_model_args(model_args)
     with torch.device(device_name):
-        model = load_model(spec, kwargs, trust_pickle=trust_pickle)
+        model = load_model(spec, kwargs, trust_pickle=trust_pickle, pretrained=pretrained)
     if weights:
         load_weights(model, weights)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

@@ -17,6 +17,7 @@ from graphtricks.cli.common import (
     InputShapeOpt,
     JsonOpt,
     ModelArgOpt,
+    PretrainedOpt,
     NamedInputOpt,
     TrustPickleOpt,
     WeightsOpt,
@@ -85,6 +86,7 @@ def inspect(
     device: DeviceOpt = Device.cpu,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     trust_pickle: TrustPickleOpt = False,
     as_json: JsonOpt = False,
     verbose: Annotated[
@@ -105,7 +107,7 @@ def inspect(
     with user_errors(verbose):
         with status("capturing the model…", as_json):
             model, inputs, _, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
-                                                            trust_pickle, device, named_input)
+                                                            trust_pickle, device, named_input, pretrained=pretrained)
             result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
         summary = summarize(result.tree)
         found = candidate_blocks(result.tree, result.example_inputs, result.example_kwargs)

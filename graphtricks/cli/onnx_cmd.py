@@ -17,6 +17,7 @@ from graphtricks.cli.common import (
     InputShapeOpt,
     JsonOpt,
     ModelArgOpt,
+    PretrainedOpt,
     TrustPickleOpt,
     VerboseOpt,
     WeightsOpt,
@@ -42,6 +43,7 @@ def export(
     input_dtype: InputDtypeOpt = None,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     trust_pickle: TrustPickleOpt = False,
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset (14-20).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
@@ -72,7 +74,7 @@ def export(
             check_output_dir(out_dir, force)
         with status("loading the model…", as_json):
             model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
-                                                                 trust_pickle)
+                                                                 trust_pickle, pretrained=pretrained)
         target = Path(spec) if saved and out_dir is None else Path(out_dir)
         if target != Path(spec) or not saved:
             with warnings.catch_warnings():

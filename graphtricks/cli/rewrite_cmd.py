@@ -20,6 +20,7 @@ from graphtricks.cli.common import (
     InputShapeOpt,
     JsonOpt,
     ModelArgOpt,
+    PretrainedOpt,
     NamedInputOpt,
     TrustPickleOpt,
     WeightsOpt,
@@ -188,6 +189,7 @@ def rewrite(
     device: DeviceOpt = Device.cpu,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     trust_pickle: TrustPickleOpt = False,
     dropout: Annotated[float | None, typer.Option("--dropout", metavar="P", callback=_check_p, help="Insert dropout with this p after activations.")] = None,
     dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", metavar=choices(DropoutKind), help="element or channel dropout.")] = DropoutKind.element,
@@ -246,7 +248,7 @@ def rewrite(
         )
         with progress("loading and capturing the model…", as_json) as say:
             model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
-                                                                 trust_pickle, device, named_input)
+                                                                 trust_pickle, device, named_input, pretrained=pretrained)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = run_rewrite(model, planned, inputs, example_kwargs=keywords, inplace=True, progress=say)

@@ -7,18 +7,24 @@ Specs:
                                ``weights_backbone=None`` where the builder has a backbone; extra ``zoo``)
     ``timm:NAME``              ``timm.create_model(NAME, pretrained=False)`` (extra ``zoo``)
     ``hf:MODEL_TYPE``          a Hugging Face model built from its config (extra ``zoo``)
+    ``hf:PATH``                a folder written by ``save_pretrained``: its config and weights
     ``model.pt``               a whole pickled model: only with ``trust_pickle=True``
 
-Nothing is downloaded: zoo models are architectures with random weights.
+Nothing is downloaded: zoo models are architectures with random weights, unless
+``pretrained=True`` (``--pretrained``): torchvision's and timm's default weights, or a Hugging
+Face checkpoint (``hf:bert-base-uncased``), each from its library's own cache, downloaded there
+when missing and online; offline and not cached is one ``SpecError`` line.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -167,7 +173,7 @@ def _check_zoo_name(spec: str, prefix: str, name: str, lib) -> None:
         raise SpecError(f"unknown model {spec!r}{hint}")
 
 
-def _load_zoo(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+def _load_zoo(spec: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
     prefix, _, name = spec.partition(":")
     if not name:
         raise SpecError(f"model spec {spec!r} names no model (e.g. tv:resnet18)")
@@ -176,25 +182,88 @@ def _load_zoo(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         lib = importlib.import_module(package)
     except ImportError as e:
         raise SpecError(f"{spec} needs {package}: install the extra with pip install 'graphtricks[zoo]'") from e
-    _check_zoo_name(spec, prefix, name, lib)
+    if prefix == "hf" and Path(name).is_dir():
+        return _load_hf_folder(lib, spec, Path(name), kwargs)
+    if not (pretrained and prefix == "hf"):  # a checkpoint name is no model type
+        _check_zoo_name(spec, prefix, name, lib)
     try:
+        if pretrained:
+            return _load_pretrained(lib, prefix, name, kwargs)
         if prefix == "tv":
             return lib.models.get_model(name, **{**_no_torchvision_weights(lib, name), **kwargs})
         if prefix == "timm":
             return lib.create_model(name, pretrained=False, **kwargs)
         config = lib.AutoConfig.for_model(name, **kwargs)
         return lib.AutoModel.from_config(config)
+    except SpecError:
+        raise
     except Exception as e:
-        raise SpecError(f"cannot build {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        if pretrained:
+            raise SpecError(f"cannot load pretrained weights for {spec}: not in {_cache_name(prefix)} and not"
+                            f" downloadable now ({type(e).__name__}: {_first_line(e)}); run once online, or"
+                            " drop --pretrained for random weights") from e
+        raise SpecError(f"cannot build {spec}: {type(e).__name__}: {_first_line(e)}") from e
 
 
-def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False) -> nn.Module:
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _cache_name(prefix: str) -> str:
+    """Where a zoo keeps what it downloads, in words, for error lines."""
+    if prefix == "tv":
+        return f"torch's cache ({torch.hub.get_dir()}/checkpoints)"
+    return "the Hugging Face cache (HF_HOME)"
+
+
+def _load_pretrained(lib, prefix: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A zoo model with its published weights, through the library's own cache.
+
+    What the library prints while it fetches (``Downloading: ...``) is shown once it succeeded,
+    so that a failure offline stays the one line the caller raises.
+    """
+    said, warned = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(warned):
+        model = _fetch_pretrained(lib, prefix, name, kwargs)
+    sys.stderr.write(said.getvalue() + warned.getvalue())  # stdout may be --json
+    return model
+
+
+def _fetch_pretrained(lib, prefix: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Build the model with the library's pretrained weights (its cache, or a download into it)."""
+    if prefix == "tv":
+        args = {k: v for k, v in _no_torchvision_weights(lib, name).items() if k != "weights"}
+        return lib.models.get_model(name, **{**args, "weights": "DEFAULT", **kwargs})
+    if prefix == "timm":
+        return lib.create_model(name, pretrained=True, **kwargs)
+    return lib.AutoModel.from_pretrained(name, **kwargs)
+
+
+def _load_hf_folder(lib, spec: str, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """A model saved with ``save_pretrained``: the class its config names, its weights; nothing downloaded."""
+    if not (folder / "config.json").is_file():
+        raise SpecError(f"{spec}: {folder} has no config.json; give a folder written by save_pretrained")
+    try:
+        config = lib.AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(lib, arch, None) if arch else None
+        return (cls or lib.AutoModel).from_pretrained(folder, config=config, local_files_only=True)
+    except Exception as e:
+        raise SpecError(f"cannot load {spec}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def load_model(
+    spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False, pretrained: bool = False
+) -> nn.Module:
     """Build the model a spec names.
 
     Args:
         spec: see the module docstring.
         model_args: keyword arguments for the class, factory or zoo constructor.
         trust_pickle: allow unpickling a whole-model ``.pt`` file (unpickling runs arbitrary code).
+        pretrained: a zoo model's published weights, from its library's cache (see the module docstring).
 
     Returns:
         The model.
@@ -208,7 +277,9 @@ def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pic
     """
     kwargs = dict(model_args or {})
     if spec.startswith(_ZOO_PREFIXES):
-        return _load_zoo(spec, kwargs)
+        return _load_zoo(spec, kwargs, pretrained)
+    if pretrained:
+        raise SpecError(f"--pretrained applies to tv:, timm: and hf: models, not {spec}; give weights with --weights")
     if ":" not in spec and spec.endswith(_PICKLE_SUFFIXES):
         path = Path(spec)
         if not path.is_file():

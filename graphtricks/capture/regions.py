@@ -208,23 +208,20 @@ class _Capturer:
                 leaves.add(id(sub))
                 reasons[id(sub)] = f"not traceable: {one_line(err)}"
                 continue
-            if writes:  # a graph would drop these updates: keep those forwards as written
-                if "" in writes:
-                    return module, self._opaque(module, path, state_reason(writes[""]))
-                for owner, what in writes.items():
-                    sub = module.get_submodule(owner)
-                    leaves.add(id(sub))
-                    reasons[id(sub)] = state_reason(what)
-                continue
+            # Kept as written: code that depends on the mode (fx bakes it in), and code that updates
+            # state a graph would drop.
             owners = mode_dependent_owners(*graphs) if graphs[0] is not graphs[1] else set()
-            if not owners:
+            culprits = {owner: "its forward depends on self.training" for owner in owners}
+            for owner, what in writes.items():
+                culprits.setdefault(owner, state_reason(what))
+            if not culprits:
                 break
-            if "" in owners:
-                return module, self._opaque(module, path, "its forward depends on self.training")
-            for owner in owners:
+            if "" in culprits:
+                return module, self._opaque(module, path, culprits[""])
+            for owner, reason in culprits.items():
                 sub = module.get_submodule(owner)
                 leaves.add(id(sub))
-                reasons[id(sub)] = "its forward depends on self.training"
+                reasons[id(sub)] = reason
         else:
             return module, self._opaque(module, path, "too many untraceable parts")
 

@@ -90,3 +90,41 @@ def test_damaged_data_file_is_a_one_line_validation_error(tmp_path, net, damage)
     message = str(info.value)
     assert "\n" not in message and DATA_FILE in message
     assert ("truncated" if damage == "truncated" else "not found") in message
+
+
+def test_sessions_take_mapped_weights_in_place(tmp_path, net):
+    """Weights mapped from model.data go to ONNX Runtime in place (add_initializer), one copy
+    for every session."""
+    from graphtricks.onnx.runtime import make_session, prepare_graph
+    from graphtricks.onnx.validate import load_onnx_file
+    from graphtricks.onnx.weights import WeightTable
+
+    model, inputs = net
+    export_pair(model, inputs, tmp_path, external_data=True)
+    with WeightTable() as table:
+        train = load_onnx_file(tmp_path / "model.train.onnx", "train", table)
+        prepared = prepare_graph(train)
+        assert "fc.weight" in prepared.shared and prepared.data_folder == str(tmp_path.resolve())
+        feed = {train.graph.input[0].name: inputs[0].numpy()}
+        first = make_session(prepared, "cpu", "train").run(feed)
+        again = make_session(prepared, "cpu", "train").run(feed)
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert validate_pair(model, inputs, tmp_path, device="cpu").passed
+
+
+def test_train_batchnorm_inputs_are_never_shared_in_place():
+    """ONNX Runtime writes a train-mode BatchNormalization's running stats into its inputs."""
+    from onnx import helper
+
+    from graphtricks.onnx.runtime import _written_by_ort
+
+    train_bn = helper.make_node(
+        "BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], training_mode=1
+    )
+    eval_bn = helper.make_node("BatchNormalization", ["y", "s2", "b2", "m2", "v2"], ["z"])
+    inner = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "s3", "b3", "m3", "v3"], ["w", "a", "c"],
+                          training_mode=1)], "inner", [], [])
+    branch = helper.make_node("If", ["cond"], ["o"], then_branch=inner, else_branch=inner)
+    graph = helper.make_graph([train_bn, eval_bn, branch], "g", [], [])
+    assert _written_by_ort(graph) == {"s", "b", "m", "v", "s3", "b3", "m3", "v3"}

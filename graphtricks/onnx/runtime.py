@@ -7,12 +7,23 @@ A graph reaches ONNX Runtime as a :class:`PreparedGraph`: its structure serializ
 large initializers, which go in as arrays (``add_external_initializers``). Serializing a
 ResNet's weights and having ONNX Runtime parse them back cost more than building the session.
 Weights held out of the proto (:mod:`graphtricks.onnx.weights`: views of the model's tensors,
-memory maps of an external data file) go in the same way, so no session copies them on CPU.
+memory maps of an external data file) go in the same way.
+
+``add_external_initializers`` costs a copy of every weight per session: ONNX Runtime (1.32, CPU)
+copies those arrays into tensors of its own, so validating the 403 MB MLP (three sessions) took
+4.45x its parameter bytes. Weights that are memory maps of a data file therefore go in with
+``add_initializer`` instead, which ONNX Runtime uses in place on CPU (one copy however many
+sessions); the graph names the real data file for them (``session.model_external_initializers_
+file_folder_path``), because ONNX Runtime checks every external reference even when an
+initializer overrides it, and refuses its own in-memory address marker in a model. Views of a
+model's tensors (export's one session) still go through ``add_external_initializers``, and so do
+the inputs a train-mode BatchNormalization writes its running statistics into.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +33,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from graphtricks.errors import ValidationError
-from graphtricks.onnx.weights import in_memory_array
+from graphtricks.onnx.weights import file_source, in_memory_array
 
 __all__ = [
     "DEVICES",
@@ -115,11 +126,25 @@ class PreparedGraph:
         structure: The serialized graph, large initializers marked external.
         names: The names of the initializers kept out of ``structure``.
         arrays: Their values, in the order of ``names``.
+        shared: Those of ``names`` that sessions take in place (``add_initializer``): memory
+            maps of a data file in ``data_folder``, which ``structure`` names for them.
+        data_folder: The folder of that data file, or None.
     """
 
     structure: bytes
     names: tuple[str, ...]
     arrays: tuple[np.ndarray, ...]
+    shared: frozenset[str] = frozenset()
+    data_folder: str | None = None
+    values: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def ort_values(self) -> dict[str, Any]:
+        """An OrtValue per held-out initializer (views of the arrays), made once per graph."""
+        if not self.values and self.names:
+            self.values.update(
+                (n, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in zip(self.names, self.arrays)
+            )
+        return self.values
 
 
 def _stub(init: onnx.TensorProto, index: int) -> onnx.TensorProto:
@@ -184,16 +209,52 @@ def prepare_graph(model: onnx.ModelProto) -> PreparedGraph:
     light = onnx.ModelProto()
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
-    names, arrays = [], []
+    written = _written_by_ort(model.graph)
+    names, arrays, shared, folder = [], [], set(), None
     for init in model.graph.initializer:
         array = _as_array(init)
         if array is None:
             light.graph.initializer.append(init)
+            continue
+        source = file_source(init) if init.name not in written else None
+        if source is not None and folder in (None, str(source[0].parent)):
+            folder = str(source[0].parent)
+            light.graph.initializer.append(_file_reference(init, source))
+            shared.add(init.name)
         else:
             light.graph.initializer.append(_stub(init, len(names)))
-            names.append(init.name)
-            arrays.append(array)
-    return PreparedGraph(light.SerializeToString(), tuple(names), tuple(arrays))
+        names.append(init.name)
+        arrays.append(array)
+    return PreparedGraph(
+        light.SerializeToString(), tuple(names), tuple(arrays), frozenset(shared), folder
+    )
+
+
+def _written_by_ort(graph: onnx.GraphProto) -> set[str]:
+    """Inputs of train-mode BatchNormalization nodes: ONNX Runtime writes running stats into them."""
+    written: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "BatchNormalization" and any(
+            a.name == "training_mode" and a.i for a in node.attribute
+        ):
+            written.update(node.input[1:5])
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                written |= _written_by_ort(sub)
+    return written
+
+
+def _file_reference(init: onnx.TensorProto, source: tuple[Path, int, int]) -> onnx.TensorProto:
+    """An initializer whose data is where ``source`` says (a data file, offset, length)."""
+    path, offset, length = source
+    ref = onnx.TensorProto(
+        name=init.name, data_type=init.data_type, dims=init.dims,
+        data_location=onnx.TensorProto.EXTERNAL,
+    )
+    for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
+        entry = ref.external_data.add()
+        entry.key, entry.value = key, value
+    return ref
 
 
 @dataclass
@@ -293,8 +354,16 @@ def make_session(
     graph = model if isinstance(model, PreparedGraph) else prepare_graph(model)
     options, providers = session_options(device, strict)
     if graph.names:
-        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in graph.arrays]
-        options.add_external_initializers(list(graph.names), values)
+        values = graph.ort_values()  # held by the graph as long as its sessions live
+        for name in graph.shared:  # used in place: no copy per session
+            options.add_initializer(name, values[name])
+        rest = [n for n in graph.names if n not in graph.shared]
+        if rest:  # copied by ONNX Runtime
+            options.add_external_initializers(rest, [values[n] for n in rest])
+    if graph.data_folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", graph.data_folder
+        )
     try:
         inner = ort.InferenceSession(
             graph.structure, options, providers=providers,

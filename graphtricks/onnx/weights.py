@@ -38,6 +38,7 @@ __all__ = [
     "WeightTable",
     "attach_state",
     "graph_bytes",
+    "file_source",
     "in_memory_array",
     "is_stub",
     "resolve_external",
@@ -60,6 +61,8 @@ _STUB_TYPES = frozenset(
 )
 
 _REGISTRY: dict[str, np.ndarray] = {}
+# key -> (data file, offset, length) for arrays that are memory maps of a file's bytes
+_SOURCES: dict[str, tuple[Path, int, int]] = {}
 
 
 class WeightTable:
@@ -83,13 +86,24 @@ class WeightTable:
         """Forgets every array (memory maps close when the last view goes)."""
         for key in self._keys:
             _REGISTRY.pop(key, None)
+            _SOURCES.pop(key, None)
         self._keys.clear()
         self._maps.clear()
 
-    def stub(self, name: str, array: np.ndarray, data_type: int | None = None) -> onnx.TensorProto:
-        """An initializer named ``name`` whose data is ``array`` (held, not copied)."""
+    def stub(
+        self, name: str, array: np.ndarray, data_type: int | None = None,
+        source: tuple[Path, int, int] | None = None,
+    ) -> onnx.TensorProto:
+        """An initializer named ``name`` whose data is ``array`` (held, not copied).
+
+        ``source`` (data file, offset, length): where ``array``'s bytes lie on disk, when it is a
+        memory map of them; ONNX Runtime sessions then take it in place (see
+        :func:`graphtricks.onnx.runtime.prepare_graph`).
+        """
         key = f"{_PREFIX}{self._id}/{len(self._keys)}"
         _REGISTRY[key] = array
+        if source is not None:
+            _SOURCES[key] = source
         self._keys.append(key)
         if data_type is None:
             data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
@@ -132,6 +146,13 @@ def in_memory_array(tensor: onnx.TensorProto) -> np.ndarray | None:
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
     return _REGISTRY.get(_entries(tensor).get("location", ""))
+
+
+def file_source(tensor: onnx.TensorProto) -> tuple[Path, int, int] | None:
+    """(data file, offset, length) of a stub whose array maps a data file, else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return _SOURCES.get(_entries(tensor).get("location", ""))
 
 
 def tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
@@ -343,7 +364,7 @@ def resolve_external(
         raw = mapped[offset:offset + length]
         if dtype in _STUB_TYPES:
             array = raw.view(dtype).reshape(tuple(init.dims))
-            stub = table.stub(init.name, array, init.data_type)
+            stub = table.stub(init.name, array, init.data_type, source=(path, offset, length))
         else:  # int64, bfloat16, strings: read into the graph
             stub = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
             stub.raw_data = raw.tobytes()

@@ -141,10 +141,13 @@ def flatten_outputs(value: Any) -> list[torch.Tensor]:
 def named_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
     """The tensors of :func:`flatten_outputs` with default graph output names.
 
-    A mapping's tensors take their keys (``last_hidden_state``, ``pooler_output``), suffixed
-    ``_0, _1, ...`` when a key holds several; otherwise one tensor is ``output`` and several
-    are ``output_0, output_1, ...``.
+    A mapping's tensors take their keys (``last_hidden_state``, ``pooler_output``), and a
+    namedtuple's its field names (torchvision ``GoogLeNetOutputs``: ``logits``,
+    ``aux_logits2``), suffixed ``_0, _1, ...`` when a key holds several; otherwise one tensor
+    is ``output`` and several are ``output_0, output_1, ...``.
     """
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        value = dict(zip(value._fields, value))
     if isinstance(value, Mapping):
         named = []
         for key, item in value.items():

@@ -40,6 +40,9 @@ from graphtricks.onnx.names import (
     checked_names,
     default_input_names,
     eval_outputs,
+    train_only_names,
+    train_output_names,
+    train_outputs,
 )
 from graphtricks.onnx.report import Tolerance, default_tolerance
 from graphtricks.onnx.runtime import TRAIN_BN_DISABLED_OPTIMIZERS, make_session
@@ -90,6 +93,8 @@ class ExportResult:
         seconds: Wall time of the export, verification included.
         data_path: The external data file both graphs read their weights from, or None when
             each graph holds its own.
+        train_only_outputs: The train graph's outputs the model returns in train mode only
+            (``train_only.aux_logits1``), after ``output_names``; the inference graph has none.
     """
 
     train_path: Path
@@ -104,6 +109,7 @@ class ExportResult:
     warnings: tuple[str, ...]
     seconds: float
     data_path: Path | None = None
+    train_only_outputs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the result as JSON-able types."""
@@ -246,6 +252,8 @@ def export_pair(
         input_names: Graph input names; defaults to the forward's parameter names.
         output_names: Graph output names; defaults to ``output`` or ``output_0, output_1, ...``,
             or to the keys of a mapping output (``last_hidden_state`` of a ``ModelOutput``).
+            What train mode returns on top of eval mode's outputs (auxiliary heads) is a train
+            graph output named ``train_only.<name>`` (a namedtuple field's or position's name).
         dynamic_batch: Makes dimension 0 of every input and output symbolic (``batch``).
         verify: Checks the train graph against PyTorch train mode (dropout neutralised, random
             draws such as stochastic depth fixed) before writing.
@@ -292,25 +300,43 @@ def export_pair(
         in_names = checked_names(input_names, len(inputs), default_in, "input_names")
         default_out = [n for n, _ in named]
         out_names = checked_names(output_names, len(outputs), default_out, "output_names")
-        kwargs: dict[str, Any] = {"input_names": in_names, "output_names": out_names}
-        if dynamic_batch:
-            ranked = [n for n, t in zip(in_names, inputs) if t.dim()] + [
-                n for n, t in zip(out_names, outputs) if t.dim()
-            ]
-            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in ranked}
+        in_train = train_outputs(model, inputs)
+        train_names = train_output_names(named, in_train, out_names)
+        train_only = train_only_names(train_names)
+
+        def names_of(graph_outputs: list[str], tensors: list[torch.Tensor]) -> dict[str, Any]:
+            kwargs: dict[str, Any] = {"input_names": in_names, "output_names": graph_outputs}
+            if dynamic_batch:
+                ranked = [n for n, t in zip(in_names, inputs) if t.dim()] + [
+                    n for n, t in zip(graph_outputs, tensors) if t.dim()
+                ]
+                kwargs["dynamic_axes"] = {n: {0: "batch"} for n in ranked}
+            return kwargs
+
         updated: list[str] = []
         say("exporting the train graph…")
-        train, caught = export_mode(
-            model, inputs, train=True, opset=opset, table=table, updated=updated, **kwargs
-        )
+        try:
+            train, caught = export_mode(
+                model, inputs, train=True, opset=opset, table=table, updated=updated,
+                **names_of(train_names, [t for _, t in in_train]),
+            )
+        except ExportError as e:
+            if not train_only:
+                raise
+            raise ExportError(
+                f"{e} (train mode returns train-only output(s) {', '.join(train_only)} on top of "
+                "eval mode's; the exporter cannot export what computes them)"
+            ) from e
         say("exporting the inference graph…")
-        infer, more = export_mode(model, inputs, train=False, opset=opset, table=table, **kwargs)
+        infer, more = export_mode(
+            model, inputs, train=False, opset=opset, table=table, **names_of(out_names, outputs)
+        )
         caught = list(dict.fromkeys(caught + more))  # most warnings come once per mode
-        for graph, mode in ((train, "train"), (infer, "eval")):
+        for graph, mode, want in ((train, "train", train_names), (infer, "eval", out_names)):
             got = [o.name for o in graph.graph.output]
-            if got != out_names:
+            if got != want:
                 raise ExportError(
-                    f"the {mode} graph has outputs {got}, expected {out_names}: the model must "
+                    f"the {mode} graph has outputs {got}, expected {want}: the model must "
                     "return the same tensors in train and eval mode"
                 )
         repairs = _repair(updated, train, infer)
@@ -328,6 +354,11 @@ def export_pair(
     notes = export_notes(model)
     if left_out:
         notes.append(f"outputs that hold no tensor are not graph outputs: {left_out}")
+    if train_only:
+        notes.append(
+            f"the train graph also outputs what the model returns in train mode only: "
+            f"{', '.join(train_only)} (the inference graph has no such output)"
+        )
     updated = updated_outputs([o.name for o in train.graph.output])
     if updated:
         notes.append(
@@ -354,4 +385,5 @@ def export_pair(
         input_names=tuple(in_names), output_names=tuple(out_names), dynamic_batch=dynamic_batch,
         repairs=tuple(repairs), notes=tuple(notes), warnings=tuple(caught),
         seconds=time.perf_counter() - start, data_path=data_path,
+        train_only_outputs=tuple(train_only),
     )

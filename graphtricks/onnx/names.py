@@ -2,7 +2,9 @@
 
 Inputs default to the forward's positional parameter names (``input_ids``); outputs to the
 keys of a mapping output (a Hugging Face ``ModelOutput``: ``last_hidden_state``), else
-``output`` or ``output_0, output_1, ...``.
+``output`` or ``output_0, output_1, ...``. What the model returns in train mode only (the
+auxiliary heads of GoogLeNet and Inception v3) is a train graph output of its own,
+``train_only.<name>`` (:data:`TRAIN_ONLY_PREFIX`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ from torch import nn
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx.eager import named_outputs, non_tensor_outputs, reference_copy
 
-__all__ = ["INFER_FILE", "TRAIN_FILE", "checked_names", "default_input_names", "eval_outputs"]
+__all__ = [
+    "INFER_FILE", "TRAIN_FILE", "TRAIN_ONLY_PREFIX", "checked_names", "default_input_names",
+    "eval_outputs", "train_only_names", "train_output_names", "train_outputs",
+]
 
 TRAIN_FILE = "model.train.onnx"
 INFER_FILE = "model.infer.onnx"
+# The train graph's outputs the model returns in train mode only: train_only.aux_logits1
+TRAIN_ONLY_PREFIX = "train_only."
 
 
 def checked_names(given: Any, count: int, default: list[str], what: str) -> list[str]:
@@ -47,6 +54,24 @@ def default_input_names(model: nn.Module, count: int) -> list[str]:
     return positional[:count] if len(positional) >= count else [f"input_{i}" for i in range(count)]
 
 
+def _mode_outputs(model: nn.Module, inputs: tuple, train: bool) -> tuple[list[tuple[str, Any]], Any]:
+    """Runs a copy of ``model`` in one mode: its named output tensors and its raw output."""
+    try:
+        twin = reference_copy(model, train=train, device="cpu")
+        with torch.no_grad():
+            value = twin(*inputs)
+        named = named_outputs(value)
+    except ValidationError as e:
+        raise ExportError(str(e)) from e
+    except Exception as e:
+        mode = "train" if train else "eval"
+        raise ExportError(
+            f"the model rejects the example inputs in {mode} mode ({type(e).__name__}: {e}); "
+            "pass example inputs of the shapes and dtypes it expects"
+        ) from e
+    return named, value
+
+
 def eval_outputs(model: nn.Module, inputs: tuple) -> tuple[list[tuple[str, Any]], list[str]]:
     """Runs a copy of ``model`` in eval mode on the example inputs.
 
@@ -57,18 +82,67 @@ def eval_outputs(model: nn.Module, inputs: tuple) -> tuple[list[tuple[str, Any]]
     Raises:
         ExportError: The model cannot be copied, rejects the inputs, or returns no tensor.
     """
-    try:
-        twin = reference_copy(model, train=False, device="cpu")
-        with torch.no_grad():
-            value = twin(*inputs)
-        named = named_outputs(value)
-    except ValidationError as e:
-        raise ExportError(str(e)) from e
-    except Exception as e:
-        raise ExportError(
-            f"the model rejects the example inputs ({type(e).__name__}: {e}); "
-            "pass example inputs of the shapes and dtypes it expects"
-        ) from e
+    named, value = _mode_outputs(model, inputs, train=False)
     if not named:
         raise ExportError("the model returns no tensor; nothing to export")
     return named, non_tensor_outputs(value)
+
+
+def train_outputs(model: nn.Module, inputs: tuple) -> list[tuple[str, Any]]:
+    """The output tensors of a copy of ``model`` in train mode, with default names.
+
+    Raises:
+        ExportError: The model cannot be copied or rejects the inputs in train mode.
+    """
+    return _mode_outputs(model, inputs, train=True)[0]
+
+
+def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape
+
+
+def train_output_names(
+    infer: list[tuple[str, torch.Tensor]], train: list[tuple[str, torch.Tensor]], names: list[str]
+) -> list[str]:
+    """The train graph's output names: the inference graph's ``names`` for the outputs both
+    modes return, ``train_only.<name>`` for what train mode returns on top.
+
+    The shared outputs are found by name (a mapping or namedtuple returning more keys in train
+    mode), else as the first ones (train mode returning ``(main, aux)`` where eval mode
+    returns ``main``); they must have the same dtype and shape in both modes.
+
+    Args:
+        infer: The eval-mode outputs with their default names (:func:`eval_outputs`).
+        train: The train-mode outputs with their default names (:func:`train_outputs`).
+        names: The inference graph's output names, one per ``infer`` output.
+
+    Raises:
+        ExportError: Train mode returns fewer or other tensors than eval mode.
+    """
+    if len(train) == len(infer):  # what differs by mode beyond that, validation tells
+        return list(names)
+    by_default = {n: k for k, (n, _) in enumerate(infer)}
+    shared = [n for n, _ in train if n in by_default]
+    if len(train) > len(infer) and shared == [n for n, _ in infer] and all(
+        _same_kind(t, infer[by_default[n]][1]) for n, t in train if n in by_default
+    ):
+        return [
+            names[by_default[n]] if n in by_default else f"{TRAIN_ONLY_PREFIX}{n}" for n, _ in train
+        ]
+    k = len(infer)
+    if len(train) > k and all(_same_kind(t, i) for (_, t), (_, i) in zip(train[:k], infer)):
+        return list(names) + [f"{TRAIN_ONLY_PREFIX}{n}" for n, _ in train[k:]]
+
+    def shapes(named: list) -> str:
+        return ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
+
+    raise ExportError(
+        f"the model returns {shapes(train)} in train mode and {shapes(infer)} in eval mode: "
+        "the model must return the same tensors in train and eval mode, train mode possibly "
+        "with more after them (auxiliary outputs)"
+    )
+
+
+def train_only_names(names: list[str]) -> list[str]:
+    """The train-only outputs among graph output ``names``."""
+    return [n for n in names if n.startswith(TRAIN_ONLY_PREFIX)]

@@ -33,6 +33,7 @@ from graphtricks.onnx.graph import (
     folded_operator_counts,
     neutralised_dropout_copy,
 )
+from graphtricks.onnx.names import TRAIN_ONLY_PREFIX
 from graphtricks.onnx.portable import (
     DROPOUT_TAG,
     main_outputs,
@@ -50,6 +51,7 @@ __all__ = [
     "random_subgraphs",
     "train_only_feeds",
     "train_only_nodes",
+    "train_only_output_nodes",
 ]
 
 
@@ -202,6 +204,38 @@ def _train_only(model: onnx.ModelProto) -> tuple[set[int], set[str]]:
     return set(params), values
 
 
+def train_only_output_nodes(model: onnx.ModelProto) -> tuple[set[int], set[str]]:
+    """The nodes that compute only the train graph's ``train_only.*`` outputs (an auxiliary
+    head), and the initializers only they read.
+
+    A node is kept when a model output both modes return (not ``updated.*``) depends on it; a
+    portable BatchNorm goes whole with its normalisation (its running-statistics nodes feed
+    ``updated.*`` outputs only). Empty for a graph without train-only outputs.
+    """
+    names = [o.name for o in model.graph.output]
+    if not any(n.startswith(TRAIN_ONLY_PREFIX) for n in names):
+        return set(), set()
+    nodes = model.graph.node
+    producer = {v: i for i, node in enumerate(nodes) for v in node.output if v}
+    needed: set[int] = set()
+    pending = [producer[n] for n in main_outputs(names) if not n.startswith(TRAIN_ONLY_PREFIX)
+               and n in producer]
+    while pending:
+        i = pending.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        pending += [producer[v] for v in nodes[i].input if v in producer]
+    for positions in portable_batchnorm_groups(model).values():
+        if needed & set(positions):
+            needed |= set(positions)
+    aux = set(range(len(nodes))) - needed
+    read_elsewhere = {v for i in needed for v in nodes[i].input}
+    inits = {init.name for init in model.graph.initializer}
+    values = {v for i in aux for v in nodes[i].input if v in inits and v not in read_elsewhere}
+    return aux, values
+
+
 def train_only_nodes(model: onnx.ModelProto) -> set[int]:
     """Positions of the nodes the inference graph has no counterpart for.
 
@@ -245,7 +279,7 @@ def operator_multiset(model: onnx.ModelProto) -> Counter:
     (:func:`~graphtricks.onnx.graph.folded_operator_counts`): two Transposes around a Dropout
     cancel out in the inference graph only.
     """
-    train_only = train_only_nodes(model)
+    train_only = train_only_nodes(model) | train_only_output_nodes(model)[0]
     shared = [n for i, n in enumerate(model.graph.node) if i not in train_only]
     counts = folded_operator_counts(shared, _passed_on(model), main_outputs(
         [o.name for o in model.graph.output]
@@ -253,6 +287,8 @@ def operator_multiset(model: onnx.ModelProto) -> Counter:
     # A portable BatchNorm (batch statistics in primitive ops) is one BatchNormalization, as in
     # the inference graph; its nodes are named graphtricks.bn.<k>.* (graphtricks.onnx.portable).
     for positions in portable_batchnorm_groups(model).values():
+        if train_only.issuperset(positions):  # an auxiliary head's: no inference twin
+            continue
         group = Counter(("ai.onnx", model.graph.node[i].op_type) for i in positions)
         counts.subtract(group)
         counts[("ai.onnx", "BatchNormalization")] += 1

@@ -50,7 +50,7 @@ from graphtricks.onnx.graph import (
     train_mode_batchnorms,
 )
 from graphtricks.onnx.inputs import InputSet, as_input_tuple, random_like, session_feed
-from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
+from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE, train_only_names
 from graphtricks.onnx.portable import portable_dropouts
 from graphtricks.onnx.report import CheckResult, ToleranceTable, ValidationReport
 from graphtricks.onnx.runtime import (
@@ -226,6 +226,13 @@ def _validate_loaded(
     if batch is not None:
         report.notes.append(f"dimension 0 is dynamic: also validated at batch size {batch}")
     input_sets = _input_sets(inputs, seeds, extra, batch)
+    only_train = train_only_names([o.name for o in train.graph.output])
+    if only_train:
+        report.notes.append(
+            f"train-only output(s) {', '.join(only_train)}: the model returns them in train mode "
+            "only; they are compared with PyTorch train mode, the outputs both graphs have with "
+            "both modes"
+        )
 
     train_device, bns = asked, train_mode_batchnorms(train)
     if asked == "cuda" and bns and opset_of(train) >= 14:

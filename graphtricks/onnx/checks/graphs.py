@@ -35,12 +35,14 @@ from graphtricks.onnx.graph import (
     io_signature,
     train_mode_batchnorms,
 )
+from graphtricks.onnx.names import train_only_names
 from graphtricks.onnx.portable import BN_TAG, DROPOUT_TAG, main_outputs
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.train_only import (
     fixed_values,
     operator_multiset,
     train_only_feeds,
+    train_only_output_nodes,
 )
 
 __all__ = [
@@ -63,6 +65,9 @@ def _describe(signature: list[tuple]) -> list[str]:
 def check_io(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
     """Same graph inputs and outputs: names, element types and ranks, in order.
 
+    The train graph may output more: a portable graph's running statistics (``updated.*``)
+    and what the model returns in train mode only (``train_only.*``), listed by name.
+
     Args:
         train: The train graph.
         infer: The inference graph.
@@ -74,7 +79,9 @@ def check_io(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
     # A portable train graph's running statistics (updated.<buffer>) are outputs of its own.
     main = set(main_outputs([name for name, _, _ in t_out]))
     extra = [name for name, _, _ in t_out if name not in main]
-    t_out = [sig for sig in t_out if sig[0] in main]
+    # ... and so are the outputs the model returns in train mode only (auxiliary heads).
+    only_train = train_only_names([name for name, _, _ in t_out])
+    t_out = [sig for sig in t_out if sig[0] in main and sig[0] not in only_train]
     problems = []
     if t_in != i_in:
         problems.append(f"inputs differ: train {_describe(t_in)} vs infer {_describe(i_in)}")
@@ -83,10 +90,12 @@ def check_io(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
     message = "; ".join(problems) or (
         f"same {len(t_in)} input(s) and {len(t_out)} output(s): {', '.join(_describe(t_out))}"
         + (f"; the train graph also outputs {len(extra)} running statistic(s)" if extra else "")
+        + (f"; train-only output(s) of the train graph: {', '.join(only_train)}" if only_train else "")
     )
     return CheckResult(
         name="graphs_same_io", passed=not problems, message=message, graph="both",
-        details={"inputs": _describe(t_in), "outputs": _describe(t_out), "train_only": extra},
+        details={"inputs": _describe(t_in), "outputs": _describe(t_out), "train_only": extra,
+                 "train_only_outputs": only_train},
     )
 
 
@@ -102,9 +111,10 @@ def _content_key(array: np.ndarray) -> tuple:
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The initializers both graphs must share: not a train-only op's parameters, nor the
-    constants of a portable train graph's dropout and batch statistics."""
-    skip = train_only_feeds(model)
+    """The initializers both graphs must share: not a train-only op's parameters, nor those of
+    what computes only train-only outputs (an auxiliary head), nor the constants of a portable
+    train graph's dropout and batch statistics."""
+    skip = train_only_feeds(model) | train_only_output_nodes(model)[1]
     return {
         k: v for k, v in initializer_arrays(model).items()
         if k not in skip and not k.startswith((DROPOUT_TAG, BN_TAG))

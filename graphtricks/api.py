@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 __all__ = ["export", "validate"]
 
 
+def _positional(model: Any, args: tuple, kwargs: dict[str, Any] | None) -> tuple[tuple, list[str] | None]:
+    """The inputs as the exporter and validation take them (keyword inputs in their parameter
+    places), and the graph input names when there are keywords (None: the exporter's default)."""
+    if not kwargs:
+        return args, None
+    from graphtricks.io.inputs import positional_inputs
+
+    args, names = positional_inputs(model.forward, args, kwargs)
+    return args, names
+
+
 def export(
     model: Any,
     out_dir: str | Path | None = None,
@@ -29,6 +40,7 @@ def export(
     source: dict[str, Any] | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export ``model.train.onnx`` and ``model.infer.onnx``, as ``graphtricks export`` does.
 
@@ -39,6 +51,9 @@ def export(
             ``nn.Module`` with ``example_inputs`` (only the ONNX files are written).
         out_dir: where the files go; required unless ``model`` is a saved folder.
         example_inputs: the module's positional inputs (a plain module only).
+        example_kwargs: its keyword inputs by name; by default a saved folder's or a
+            RewriteResult's own. The graphs take them in the forward's parameter order, as
+            inputs named after them (``input_ids``, ``attention_mask``).
         opset: the ONNX opset (``graphtricks.onnx.MIN_OPSET`` to ``MAX_OPSET``).
         dynamic_batch: make dimension 0 symbolic.
         source: for a RewriteResult, how to rebuild the original model (``{"spec": ...}``), as
@@ -50,7 +65,9 @@ def export(
         The :class:`~graphtricks.onnx.ExportResult` (paths, names, warnings, notes).
 
     Raises:
-        GraphtricksError: a missing argument; ExportError when the exporter fails.
+        GraphtricksError: a missing argument; InputShapeError for a keyword input without a
+            position (keyword-only in the forward, or after a parameter left out); ExportError
+            when the exporter fails.
 
     Example:
         >>> gt.export("out/cnn")                       # a folder written by gt.save
@@ -67,20 +84,27 @@ def export(
         if not is_saved_model(model):
             raise GraphtricksError(f"{model} is not a folder written by graphtricks.save (no recipe.toml)")
         saved = load_saved(model)
-        return export_pair(saved.model, saved.example_inputs, Path(out_dir or model), opset=opset, dynamic_batch=dynamic_batch,
-                           progress=progress)
+        kwargs = saved.example_kwargs if example_kwargs is None else example_kwargs
+        args, names = _positional(saved.model, saved.example_inputs, kwargs)
+        return export_pair(saved.model, args, Path(out_dir or model), opset=opset, dynamic_batch=dynamic_batch,
+                           input_names=names, progress=progress)
     if out_dir is None:
         raise GraphtricksError("export needs out_dir for a model or a RewriteResult (only a saved folder exports into itself)")
     if isinstance(model, RewriteResult):
         if source is None:
             raise GraphtricksError("exporting a RewriteResult saves it first: pass source={'spec': ...} as for graphtricks.save")
         save(model, out_dir, source, force=force)
-        return export_pair(model.model, model.example_inputs, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch,
-                           progress=progress)
-    if example_inputs is None:
-        raise GraphtricksError("exporting a module needs example_inputs (a tensor or a tuple of its positional inputs)")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    return export_pair(model, inputs, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch, progress=progress)
+        kwargs = model.example_kwargs if example_kwargs is None else example_kwargs
+        args, names = _positional(model.model, model.example_inputs, kwargs)
+        return export_pair(model.model, args, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch,
+                           input_names=names, progress=progress)
+    if example_inputs is None and not example_kwargs:
+        raise GraphtricksError("exporting a module needs example_inputs (a tensor or a tuple of its positional inputs)"
+                               " or example_kwargs (its keyword inputs by name)")
+    inputs = () if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args, names = _positional(model, inputs, example_kwargs)
+    return export_pair(model, args, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch, input_names=names,
+                       progress=progress)
 
 
 def validate(
@@ -93,6 +117,7 @@ def validate(
     rtol: float | None = None,
     inputs: list[tuple] | None = None,
     progress: Callable[[str], None] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Check both ONNX graphs in ``folder`` against PyTorch and each other, as ``graphtricks validate``.
 
@@ -101,6 +126,8 @@ def validate(
         model: the module the graphs came from, with ``example_inputs``; by default the model is
             rebuilt from ``folder`` (a folder written by :func:`graphtricks.save`).
         example_inputs: the module's positional inputs (with ``model``).
+        example_kwargs: its keyword inputs by name, as given to :func:`export`; by default the
+            folder's own (a model rebuilt from ``folder``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         atol: absolute tolerance (default by dtype and device).
         rtol: relative tolerance (default by dtype and device).
@@ -124,9 +151,11 @@ def validate(
     if model is None:
         saved = load_saved(path)
         model, example_inputs = saved.model, saved.example_inputs
-    elif example_inputs is None:
-        raise GraphtricksError("validate with a model needs its example_inputs")
-    example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        example_kwargs = saved.example_kwargs if example_kwargs is None else example_kwargs
+    elif example_inputs is None and not example_kwargs:
+        raise GraphtricksError("validate with a model needs its example_inputs (or example_kwargs)")
+    example = () if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    example, _ = _positional(model, example, example_kwargs)
     return validate_pair(
         model, example, path, device=device, atol=atol, rtol=rtol, extra_inputs=inputs, baseline=digest_model(model),
         progress=progress,

@@ -17,6 +17,7 @@ from graphtricks.cli.common import (
     InputShapeOpt,
     JsonOpt,
     ModelArgOpt,
+    NamedInputOpt,
     PretrainedOpt,
     TrustPickleOpt,
     VerboseOpt,
@@ -41,6 +42,7 @@ def export(
     out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="For a SPEC: folder receiving the saved model and ONNX files.")] = None,
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
+    named_input: NamedInputOpt = None,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = False,
@@ -61,6 +63,7 @@ def export(
         graphtricks export out/cnn
     """
     from graphtricks.io.folder import check_output_dir, is_saved_model, save
+    from graphtricks.io.inputs import positional_inputs
     from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
     from graphtricks.rewrite import rewrite as run_rewrite
 
@@ -74,7 +77,8 @@ def export(
             check_output_dir(out_dir, force)
         with status("loading the model…", as_json):
             model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
-                                                                 trust_pickle, pretrained=pretrained)
+                                                                 trust_pickle, named_inputs=named_input,
+                                                                 pretrained=pretrained)
         target = Path(spec) if saved and out_dir is None else Path(out_dir)
         if target != Path(spec) or not saved:
             with warnings.catch_warnings():
@@ -82,10 +86,12 @@ def export(
                 result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
             save(result, target, source, force=force, prior_passes=prior)
             model = result.model
+        # keyword inputs go in their parameter places, and name the graph inputs
+        inputs, names = positional_inputs(model.forward, inputs, keywords) if keywords else (inputs, None)
         with progress(f"exporting to {target}…", as_json) as say:
             exported = export_pair(
                 model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
-                external_data=external_data, progress=say,
+                external_data=external_data, input_names=names, progress=say,
             )
         if as_json:
             print(json.dumps(exported.to_dict(), indent=2, default=str))
@@ -132,15 +138,17 @@ def validate(
         graphtricks validate out/cnn
     """
     from graphtricks.io.folder import load_saved
+    from graphtricks.io.inputs import positional_inputs
     from graphtricks.onnx import digest_model, validate_pair
 
     with user_errors(verbose):
         extra = _read_npz(inputs_file) if inputs_file else None
         with status("rebuilding the model…", as_json):
             saved = load_saved(folder)
+        example, _ = positional_inputs(saved.model.forward, saved.example_inputs, saved.example_kwargs)
         with progress("running ONNX Runtime and PyTorch…", as_json) as say:
             report = validate_pair(
-                saved.model, saved.example_inputs, folder, device=device.value, atol=atol, rtol=rtol,
+                saved.model, example, folder, device=device.value, atol=atol, rtol=rtol,
                 extra_inputs=extra, baseline=digest_model(saved.model), progress=say,
             )
         if as_json:

@@ -75,10 +75,10 @@ CORPUS = [
     Entry("tv:mobilenet_v3_small", _tv("mobilenet_v3_small"), IMG, fast=True),
     Entry("tv:efficientnet_b0", _tv("efficientnet_b0"), IMG),
     Entry("tv:densenet121", _tv("densenet121"), IMG),
-    # Their auxiliary heads return extra outputs in train mode only: a graph pair needs one
-    # output set, so they are built without them (with them, export refuses with a clear error).
     Entry("tv:inception_v3", _tv("inception_v3", init_weights=False, aux_logits=False), (2, 3, 96, 96)),
     Entry("tv:googlenet", _tv("googlenet", init_weights=False, aux_logits=False), IMG),
+    # auxiliary heads: extra outputs in train mode only, train_only.aux_logits2/1 of the train graph
+    Entry("tv:googlenet-aux", _tv("googlenet", init_weights=False, aux_logits=True), IMG),
     Entry("tv:convnext_tiny", _tv("convnext_tiny"), IMG),
     Entry("tv:vit_b_16", _tv("vit_b_16", image_size=32), (1, 3, 32, 32)),
     Entry("tv:swin_t", _tv("swin_t"), IMG),

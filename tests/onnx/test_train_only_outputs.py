@@ -129,6 +129,7 @@ def test_different_outputs_per_mode_still_refused(tmp_path):
         export_pair(Swapped().eval(), (torch.randn(2, 8),), tmp_path)
 
 
+@pytest.mark.slow  # about 20 s; the corpus has it too (tv:googlenet-aux)
 def test_googlenet_with_aux_heads_exports_and_validates(tmp_path):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)

@@ -141,3 +141,26 @@ def test_googlenet_with_aux_heads_exports_and_validates(tmp_path):
     report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,))
     assert report.passed, report.summary()
     assert time.perf_counter() - start < 120
+
+
+class DictAux(AuxNet):
+    """A mapping output with one more key in train mode, and the shared key not first."""
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)
+        out = {"aux": self.aux(h)} if self.training else {}
+        out["logits"] = self.head(h)
+        return out
+
+
+def test_mapping_output_matches_by_key_with_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    model = DictAux().eval()
+    x = torch.randn(6, 8)
+    result = export_pair(model, (x,), tmp_path, dynamic_batch=True)
+    assert result.output_names == ("logits",) and result.train_only_outputs == ("train_only.aux",)
+    assert [n for n in _outputs(tmp_path / TRAIN_FILE) if not n.startswith("updated.")] == [
+        "train_only.aux", "logits"
+    ]
+    report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,))
+    assert report.passed, report.summary()

@@ -128,3 +128,33 @@ def test_train_batchnorm_inputs_are_never_shared_in_place():
     branch = helper.make_node("If", ["cond"], ["o"], then_branch=inner, else_branch=inner)
     graph = helper.make_graph([train_bn, eval_bn, branch], "g", [], [])
     assert _written_by_ort(graph) == {"s", "b", "m", "v", "s3", "b3", "m3", "v3"}
+
+
+class _Tokens(nn.Module):
+    """``nn.Linear`` on 3-D input: the exporter writes ``MatMul(x, Transpose(W))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)  # square: W and W.T share data, bytes and shape
+        self.head = nn.Linear(16, 40)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, ids):
+        return self.head(self.drop(torch.relu(self.proj(self.embed(ids)))))
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_weight_transposes_are_folded_into_the_stored_weight(tmp_path, external):
+    """No session has to make a transposed copy of a weight: the file holds W.T."""
+    torch.manual_seed(0)
+    model, inputs = _Tokens(), (torch.randint(0, 50, (2, 7)),)
+    result = export_pair(model, inputs, tmp_path, external_data=external)
+    for path in (result.train_path, result.infer_path):
+        graph = onnx.load(str(path)).graph
+        assert not [n for n in graph.node if n.op_type == "Transpose"]
+        values = {i.name: numpy_helper.to_array(i, base_dir=str(tmp_path)) for i in graph.initializer}
+        for name in ("proj.weight", "head.weight"):
+            assert name not in values
+            np.testing.assert_array_equal(values[f"{name}.T"], model.state_dict()[name].numpy().T)
+    assert validate_pair(model, inputs, tmp_path, device="cpu").passed

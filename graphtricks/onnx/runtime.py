@@ -138,11 +138,13 @@ class PreparedGraph:
     data_folder: str | None = None
     values: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def ort_values(self) -> dict[str, Any]:
-        """An OrtValue per held-out initializer (views of the arrays), made once per graph."""
-        if not self.values and self.names:
+    def shared_values(self) -> dict[str, Any]:
+        """An OrtValue per initializer of ``shared`` (views of the maps), made once per graph:
+        every session of the graph uses them in place, so they live as long as the graph."""
+        if not self.values and self.shared:
             self.values.update(
-                (n, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in zip(self.names, self.arrays)
+                (n, ort.OrtValue.ortvalue_from_numpy(a))
+                for n, a in zip(self.names, self.arrays) if n in self.shared
             )
         return self.values
 
@@ -354,12 +356,19 @@ def make_session(
     graph = model if isinstance(model, PreparedGraph) else prepare_graph(model)
     options, providers = session_options(device, strict)
     if graph.names:
-        values = graph.ort_values()  # held by the graph as long as its sessions live
-        for name in graph.shared:  # used in place: no copy per session
-            options.add_initializer(name, values[name])
-        rest = [n for n in graph.names if n not in graph.shared]
-        if rest:  # copied by ONNX Runtime
-            options.add_external_initializers(rest, [values[n] for n in rest])
+        for name, value in graph.shared_values().items():  # used in place: no copy per session
+            options.add_initializer(name, value)
+        # Copied by ONNX Runtime, which wants them contiguous (a transposed weight's view is
+        # not): these arrays and OrtValues go once the session is made.
+        rest = [
+            (n, a if a.flags.c_contiguous else a.copy(order="C"))  # (keeps 0-d arrays 0-d)
+            for n, a in zip(graph.names, graph.arrays)
+            if n not in graph.shared
+        ]
+        if rest:
+            options.add_external_initializers(
+                [n for n, _ in rest], [ort.OrtValue.ortvalue_from_numpy(a) for _, a in rest]
+            )
     if graph.data_folder is not None:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", graph.data_folder

@@ -34,9 +34,9 @@ import copy
 import cProfile
 import datetime
 import gc
-import inspect
 import importlib
 import importlib.metadata
+import inspect
 import io
 import json
 import os
@@ -59,8 +59,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import graphtricks as gt
-from graphtricks.layers.norm import ChannelLayerNorm
 from graphtricks.io.specs import load_model
+from graphtricks.layers.norm import ChannelLayerNorm
 from graphtricks.passes import PASSES
 
 __all__ = [

@@ -12,7 +12,7 @@ from torch import nn
 from graphtricks.errors import ValidationError
 from graphtricks.onnx import export_pair, validate_pair
 from graphtricks.onnx.eager import digest_model
-from graphtricks.onnx.weights import DATA_FILE
+from graphtricks.onnx.weights import DATA_FILE, WeightTable
 
 
 class _Net(nn.Module):
@@ -157,4 +157,30 @@ def test_weight_transposes_are_folded_into_the_stored_weight(tmp_path, external)
         for name in ("proj.weight", "head.weight"):
             assert name not in values
             np.testing.assert_array_equal(values[f"{name}.T"], model.state_dict()[name].numpy().T)
+    assert validate_pair(model, inputs, tmp_path, device="cpu").passed
+
+
+def test_self_contained_weights_are_mapped_from_the_file(tmp_path, net):
+    """Validation maps a self-contained file's large weights in place (aligned by the writer);
+    a file written by onnx.save (unaligned) loads the same values, copied once."""
+    from graphtricks.onnx.graph import load_onnx_file
+    from graphtricks.onnx.weights import file_source, in_memory_array
+
+    model, inputs = net
+    result = export_pair(model, inputs, tmp_path)
+    plain = onnx.load(str(result.train_path))
+    onnx.save(plain, str(tmp_path / "resaved.onnx"))
+    want = {i.name: numpy_helper.to_array(i) for i in plain.graph.initializer}
+    for path, aligned in ((result.train_path, True), (tmp_path / "resaved.onnx", False)):
+        with WeightTable() as table:
+            loaded = load_onnx_file(path, "train", table)
+            mapped = {i.name: i for i in loaded.graph.initializer if file_source(i) is not None}
+            assert "fc.weight" in mapped and "conv.bias" not in mapped  # small ones stay inline
+            for name, init in mapped.items():
+                where, offset, length = file_source(init)
+                assert where == path.resolve() and length == want[name].nbytes
+                assert (offset % 64 == 0) or not aligned
+                np.testing.assert_array_equal(in_memory_array(init), want[name])
+            assert {i.name for i in loaded.graph.initializer} == set(want)
+            assert len(loaded.graph.node) == len(plain.graph.node)
     assert validate_pair(model, inputs, tmp_path, device="cpu").passed

@@ -21,7 +21,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphtricks.errors import ValidationError
-from graphtricks.onnx.weights import WeightTable, resolve_external, tensor_value
+from graphtricks.onnx.weights import (
+    WeightTable,
+    checkable,
+    is_stub,
+    load_mapped,
+    resolve_external,
+    tensor_value,
+)
 
 __all__ = [
     "RANDOM_OPS",
@@ -91,16 +98,25 @@ def load_onnx_file(path: Path, role: str, table: WeightTable | None = None) -> o
     if not path.is_file():
         raise ValidationError(f"{role} ONNX file not found: {path}; run the export first")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if table is None:
+            model = onnx.load(str(path), load_external_data=False)
+        else:  # large weights inside the file stay in it, mapped (load_mapped)
+            model = load_mapped(path, table)
     except Exception as e:  # protobuf DecodeError: the file is unusable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValidationError(
             f"{role} ONNX file {path} is truncated or invalid ({first}); export it again"
         ) from e
+    # The checker reads a self-contained file whole: it checks the structure, weights mapped.
+    self_contained = table is not None and not any(
+        i.data_location == onnx.TensorProto.EXTERNAL and not is_stub(i)
+        for i in model.graph.initializer
+    )
     with WeightTable() if table is None else contextlib.nullcontext(table) as held:
         resolve_external(model, path.parent, held, ValidationError, role)
         try:
-            onnx.checker.check_model(str(path))  # from the file: no second serialization
+            # from the file (no second serialization), or the structure alone
+            onnx.checker.check_model(checkable(model) if self_contained else str(path))
         except Exception as e:  # checker errors: the file is unusable
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValidationError(

@@ -40,7 +40,9 @@ __all__ = [
     "graph_bytes",
     "file_source",
     "in_memory_array",
+    "checkable",
     "is_stub",
+    "load_mapped",
     "resolve_external",
     "tensor_value",
     "write_graphs",
@@ -317,6 +319,112 @@ def _field(number: int, length: int) -> bytes:
 
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+_RAW_ALIGN = 64  # where self-contained files put each large weight's bytes
+
+
+def _varint_at(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _wire_fields(buf, start: int, end: int):
+    """(field number, wire type, field start, value start, value end) of each field in a message."""
+    pos = start
+    while pos < end:
+        key, value_start = _varint_at(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, value_end = _varint_at(buf, value_start)
+        elif wire == 1:
+            value_end = value_start + 8
+        elif wire == 5:
+            value_end = value_start + 4
+        elif wire == 2:
+            length, value_start = _varint_at(buf, value_start)
+            value_end = value_start + length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if value_end > end:
+            raise ValueError("truncated protobuf message")
+        yield number, wire, pos, value_start, value_end
+        pos = value_end
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for ``onnx.checker``: each stub a graph input of its type and shape
+    (the checker would look for a file named by the stub)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    stubs = [i for i in out.graph.initializer if is_stub(i)]
+    kept = [i for i in out.graph.initializer if not is_stub(i)]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    for stub in stubs:
+        out.graph.input.append(helper.make_tensor_value_info(stub.name, stub.data_type, stub.dims))
+    return out
+
+
+def load_mapped(path: Path, table: WeightTable) -> onnx.ModelProto:
+    """Parses a self-contained ``.onnx`` file without reading its large weights: each becomes a stub
+    on a read-only memory map of the file (copied once if its bytes are not aligned).
+
+    Raises:
+        ValueError: The file is not a well-formed protobuf message.
+    """
+    path = Path(path).resolve()
+    mapped = table.mapped(path)
+    buf = memoryview(mapped)
+    model = onnx.ModelProto()
+    rest = bytearray()
+    for number, wire, field_start, start, end in _wire_fields(buf, 0, len(buf)):
+        if number != _MODEL_GRAPH or wire != 2:
+            rest += buf[field_start:end]
+            continue
+        graph = bytearray()
+        stubs = []
+        for g_number, g_wire, g_field, g_start, g_end in _wire_fields(buf, start, end):
+            raw = None
+            if g_number == _GRAPH_INITIALIZER and g_wire == 2:
+                head = bytearray()
+                for t_number, t_wire, t_field, t_start, t_end in _wire_fields(buf, g_start, g_end):
+                    if t_number == _TENSOR_RAW_DATA and t_wire == 2 and t_end - t_start >= _STUB_BYTES:
+                        raw = (t_start, t_end)
+                    else:
+                        head += buf[t_field:t_end]
+                if raw is not None:
+                    tensor = onnx.TensorProto.FromString(bytes(head))
+                    try:
+                        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+                    except (KeyError, TypeError, ValueError):
+                        dtype = None
+                    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+                    length = raw[1] - raw[0]
+                    if (
+                        dtype in _STUB_TYPES and length == count * dtype.itemsize
+                        and not tensor.HasField("data_location") and not tensor.external_data
+                    ):
+                        array = mapped[raw[0]:raw[1]]
+                        if raw[0] % dtype.itemsize or raw[0] % _RAW_ALIGN:
+                            array = array.copy()  # an older file: unaligned, read once
+                        array = array.view(dtype).reshape(tuple(tensor.dims))
+                        stubs.append(table.stub(
+                            tensor.name, array, tensor.data_type, source=(path, raw[0], length)
+                        ))
+                        continue
+            graph += buf[g_field:g_end]
+        piece = onnx.GraphProto.FromString(bytes(graph))
+        piece.initializer.extend(stubs)
+        model.graph.MergeFrom(piece)
+    head = onnx.ModelProto.FromString(bytes(rest))
+    graph = model.graph
+    head.graph.CopyFrom(graph) if graph.ByteSize() else None
+    return head
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
@@ -334,15 +442,26 @@ def _write_self_contained(f: BinaryIO, model: onnx.ModelProto) -> None:
             light.graph.initializer.append(init)
         else:
             stubs.append(init)
-    f.write(light.SerializeToString())
+    structure = light.SerializeToString()
+    f.write(structure)
+    position = len(structure)
     for stub in stubs:
         data = _bytes_of(in_memory_array(stub))
-        head = onnx.TensorProto(name=stub.name, data_type=stub.data_type, dims=stub.dims)
-        head_bytes = head.SerializeToString() + _field(_TENSOR_RAW_DATA, len(data))
-        tensor_len = len(head_bytes) + len(data)
-        in_graph = _field(_GRAPH_INITIALIZER, tensor_len)
-        f.write(_field(_MODEL_GRAPH, len(in_graph) + tensor_len) + in_graph + head_bytes)
+        # A doc_string of spaces puts the raw data at a multiple of _RAW_ALIGN in the file, so
+        # validation maps it in place (load_mapped) instead of copying it.
+        for pad in range(_RAW_ALIGN):
+            head = onnx.TensorProto(name=stub.name, data_type=stub.data_type, dims=stub.dims)
+            if pad:
+                head.doc_string = " " * pad
+            head_bytes = head.SerializeToString() + _field(_TENSOR_RAW_DATA, len(data))
+            tensor_len = len(head_bytes) + len(data)
+            in_graph = _field(_GRAPH_INITIALIZER, tensor_len)
+            prefix = _field(_MODEL_GRAPH, len(in_graph) + tensor_len) + in_graph + head_bytes
+            if (position + len(prefix)) % _RAW_ALIGN == 0:
+                break
+        f.write(prefix)
         f.write(data)
+        position += len(prefix) + len(data)
 
 
 def _write_external(

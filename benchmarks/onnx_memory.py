@@ -104,7 +104,8 @@ def _child(name: str, step: str, folder: str, external: bool) -> dict:
     else:
         report = gto.validate_pair(model, inputs, folder, device="cpu")
         failed = [c.message for c in report.checks if not c.passed]
-        extra = {"passed": report.passed, "failed": failed[:3]}
+        extra = {"passed": report.passed, "failed": failed[:3],
+                 "data_file": (Path(folder) / "model.data").is_file()}
     seconds = time.perf_counter() - start
     peak = _rss_mb()
     del torch

@@ -52,7 +52,10 @@ from graphtricks.onnx.weights import (
     DATA_FILE,
     EXTERNAL_DATA_THRESHOLD,
     WeightTable,
+    checkable,
     graph_bytes,
+    is_stub,
+    load_mapped,
     write_graphs,
 )
 
@@ -179,9 +182,19 @@ def _verify_train_graph(model: nn.Module, inputs: tuple, train: onnx.ModelProto)
 
 
 def _check_written(path: str, name: str) -> None:
-    """Runs the ONNX checker on a graph just written (from the file: no second serialization)."""
+    """Runs the ONNX checker on a graph just written: on the file when its weights are in a data
+    file, else on its structure with the weights mapped (the checker would read them whole)."""
     try:
-        onnx.checker.check_model(path)
+        with WeightTable() as table:
+            try:
+                model = load_mapped(Path(path), table)
+            except Exception as e:  # not a well-formed protobuf message
+                raise onnx.checker.ValidationError(str(e)) from e
+            external = any(
+                i.data_location == onnx.TensorProto.EXTERNAL and not is_stub(i)
+                for i in model.graph.initializer
+            )
+            onnx.checker.check_model(path if external else checkable(model))
     except onnx.checker.ValidationError as e:
         first = (str(e).strip().splitlines() or ["invalid"])[0]
         raise ExportError(f"the exported graph {name} is not valid ONNX: {first}; nothing was written") from e

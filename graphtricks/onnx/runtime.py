@@ -15,7 +15,9 @@ copies those arrays into tensors of its own, so validating the 403 MB MLP (three
 ``add_initializer`` instead, which ONNX Runtime uses in place on CPU (one copy however many
 sessions); the graph names the real data file for them (``session.model_external_initializers_
 file_folder_path``), because ONNX Runtime checks every external reference even when an
-initializer overrides it, and refuses its own in-memory address marker in a model. Views of a
+initializer overrides it, and refuses its own in-memory address marker in a model. The named
+file must hold the same bytes: ONNX Runtime's optimizers (constant folding) read initializers
+from it, not from the override (a sparse placeholder file read as zeros there). Views of a
 model's tensors (export's one session) still go through ``add_external_initializers``, and so do
 the inputs a train-mode BatchNormalization writes its running statistics into.
 """

@@ -320,8 +320,10 @@ def _layer_sites(spec: dict, path: str, ran: bool, opaque_parent: bool):
         "name": act["name"],
         "form": act["form"],
         "ran": ran,
-        # Graph-visible: a traced block, or an activation module of an opaque one (wrapped).
-        "reachable": ran and (not opaque or act["form"] == "module"),
+        # Graph-visible: a traced block, or an activation module of an opaque one that ran
+        # (wrapped). A block that did not run is traced without inputs, and with no shape run
+        # to tell, its output might be the model's: an activation that ends it is left alone.
+        "reachable": (not opaque and (ran or after is not None)) or (ran and act["form"] == "module"),
         "followed": followed,
     }]
 

@@ -34,7 +34,7 @@ from graphtricks.onnx.report import (
     default_tolerance,
 )
 from graphtricks.onnx.train_only import mask_dropouts, operator_multiset
-from tests.test_onnx_export import ConvBnNet
+from tests.onnx.test_export import ConvBnNet
 
 
 class TwoOutputs(nn.Module):

@@ -214,13 +214,15 @@ def prepare_graph(model: onnx.ModelProto) -> PreparedGraph:
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
     written = _written_by_ort(model.graph)
+    weights = _weight_operands(model.graph)
     names, arrays, shared, folder = [], [], set(), None
     for init in model.graph.initializer:
         array = _as_array(init)
         if array is None:
             light.graph.initializer.append(init)
             continue
-        source = file_source(init) if init.name not in written else None
+        shareable = init.name not in written and init.name in weights
+        source = file_source(init) if shareable else None
         if source is not None and folder in (None, str(source[0].parent)):
             folder = str(source[0].parent)
             light.graph.initializer.append(_file_reference(init, source))
@@ -232,6 +234,29 @@ def prepare_graph(model: onnx.ModelProto) -> PreparedGraph:
     return PreparedGraph(
         light.SerializeToString(), tuple(names), tuple(arrays), frozenset(shared), folder
     )
+
+
+# Operands ONNX Runtime reads as weights and never edits in place. Its transpose optimizer reshapes
+# other constants in place when it moves a Transpose past an elementwise op (ConvNeXt's (C, 1, 1)
+# layer scale became (1, 1, 1, C) in the graph): a tensor handed in with ``add_initializer`` keeps
+# its shape, and the session then fails or broadcasts wrongly. Only these are shared in place.
+_WEIGHT_OPERANDS = {("MatMul", 0), ("MatMul", 1), ("Gemm", 0), ("Gemm", 1), ("Conv", 1), ("ConvTranspose", 1), ("Gather", 0)}
+
+
+def _weight_operands(graph: onnx.GraphProto) -> set[str]:
+    """Names every use of which is a weight operand (``_WEIGHT_OPERANDS``) of a node of ``graph``."""
+    uses: dict[str, set[tuple[str, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, set()).add((node.op_type, i))
+        for attr in node.attribute:  # read by a subgraph: not shared
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                for inner in sub.node:
+                    for name in inner.input:
+                        uses.setdefault(name, set()).add(("subgraph", -1))
+    for out in graph.output:
+        uses.setdefault(out.name, set()).add(("output", -1))
+    return {name for name, used in uses.items() if used <= _WEIGHT_OPERANDS}
 
 
 def _written_by_ort(graph: onnx.GraphProto) -> set[str]:

@@ -88,19 +88,46 @@ def feature_dropout(g: Any, data: Any, p: float, train: bool) -> Any:
     return g.op("Mul", data, mask)
 
 
+@parse_args("v", "v", "is", "is", "is", "is")
+def col2im(g: Any, data: Any, output_size: Any, kernel_size: list, dilation: list, padding: list, stride: list) -> Any:
+    """``F.fold`` as ONNX ``Col2Im`` (opset 18), with the spatial rank taken from the kernel.
+
+    torch's own symbolic reads the rank from the output size's type, which the exporter does not
+    know when constants are not folded (timm ``volo``: "'NoneType' object is not subscriptable").
+    ONNX lists pads as every axis's begin, then every axis's end.
+    """
+    rank = len(kernel_size)
+    kernel = g.op("Constant", value_t=torch.tensor(kernel_size, dtype=torch.int64))
+    return g.op(
+        "Col2Im", data, output_size, kernel,
+        dilations_i=list(dilation) or [1] * rank,
+        pads_i=(list(padding) * 2) if padding else [0] * (2 * rank),
+        strides_i=list(stride) or [1] * rank,
+    )
+
+
+# graphtricks' symbolics: (aten op, function, first opset it applies to)
+_SYMBOLICS = (
+    *((name, feature_dropout, 1) for name in _FEATURE_DROPOUT_OPS),
+    ("aten::col2im", col2im, 18),
+)
+
+
 @contextlib.contextmanager
-def _channel_dropout_exportable(opset: int) -> Iterator[None]:
-    """Registers :func:`feature_dropout` for ``opset`` while the block runs.
+def _graphtricks_symbolics(opset: int) -> Iterator[None]:
+    """Registers graphtricks' symbolics (``_SYMBOLICS``) for ``opset`` while the block runs.
 
     Registration is global to torch, so it is undone on exit: the exporter's behaviour outside
     graphtricks stays as torch ships it.
     """
-    for name in _FEATURE_DROPOUT_OPS:
-        torch.onnx.register_custom_op_symbolic(name, feature_dropout, opset)
+    registered = [name for name, fn, first in _SYMBOLICS if opset >= first]
+    for name, fn, first in _SYMBOLICS:
+        if opset >= first:
+            torch.onnx.register_custom_op_symbolic(name, fn, opset)
     try:
         yield
     finally:
-        for name in _FEATURE_DROPOUT_OPS:
+        for name in registered:
             torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
@@ -253,7 +280,7 @@ def export_mode(
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         try:
-            with _silenced_output(), _channel_dropout_exportable(opset):
+            with _silenced_output(), _graphtricks_symbolics(opset):
                 torch.onnx.export(
                     twin, inputs, buffer, dynamo=False, training=training, opset_version=opset,
                     do_constant_folding=False,  # folding would merge weights differently per mode

@@ -10,32 +10,8 @@ import graphtricks as gt
 from graphtricks.errors import InputShapeError
 
 
-class KwOnly(nn.Module):
-    """A forward that takes its inputs by keyword only, one of them optional."""
+from tests.keyword_models import SPEC_DIR, KwOnly, Mixed
 
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, *, x, mask=None):
-        h = torch.relu(self.bn(self.fc1(x)))
-        if mask is not None:
-            h = h * mask
-        return self.fc2(h)
-
-
-class Mixed(nn.Module):
-    """A positional input and a keyword one."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x, scale=None):
-        y = self.fc(x)
-        return y * scale if scale is not None else y
 
 
 def _bert():
@@ -126,7 +102,7 @@ def test_bert_with_input_ids_and_attention_mask():
 
 
 # -- saved with the folder ------------------------------------------------------------------
-SPEC = f"{__file__}:KwOnly"
+SPEC = f"{SPEC_DIR}:KwOnly"
 
 
 def test_folder_keeps_keyword_inputs_and_load_replays_them(tmp_path):
@@ -158,7 +134,7 @@ def test_old_folder_with_positional_inputs_still_loads(tmp_path):
 
     x = torch.randn(2, 8)
     result = gt.rewrite(Mixed().eval(), [gt.InsertDropout(p=0.1)], (x,))
-    gt.save(result, tmp_path / "m", source={"spec": f"{__file__}:Mixed"})
+    gt.save(result, tmp_path / "m", source={"spec": f"{SPEC_DIR}:Mixed"})
     assert set(load_file(str(tmp_path / "m" / "example_inputs.safetensors"))) == {"input0"}
     torch.testing.assert_close(gt.load(tmp_path / "m").eval()(x), result.model.eval()(x))
 
@@ -187,7 +163,7 @@ def test_cli_rewrites_and_inspects_with_keyword_inputs(tmp_path):
 
 
 def test_cli_keyword_and_positional_inputs_together(tmp_path):
-    r = _cli("rewrite", f"{__file__}:Mixed", "--input-shape", "2,8", "--input", "scale=2,4", "--dropout", "0.1",
+    r = _cli("rewrite", f"{SPEC_DIR}:Mixed", "--input-shape", "2,8", "--input", "scale=2,4", "--dropout", "0.1",
              "--dry-run")
     assert r.exit_code == 0, r.output
 

@@ -8,42 +8,17 @@ import json
 import onnx
 import pytest
 import torch
-from torch import nn
 
 import graphtricks as gt
 from graphtricks.errors import GraphtricksError
 from graphtricks.onnx import INFER_FILE, TRAIN_FILE
 
 
-class KwOnly(nn.Module):
-    """A forward taking its inputs by keyword only, one of them optional."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, *, x, mask=None):
-        h = torch.relu(self.bn(self.fc1(x)))
-        if mask is not None:
-            h = h * mask
-        return self.fc2(h)
+from tests.keyword_models import SPEC_DIR, KwOnly, Mixed
 
 
-class Mixed(nn.Module):
-    """A positional input and an optional one given by keyword."""
 
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x, scale=None):
-        y = self.fc(x)
-        return y * scale if scale is not None else y
-
-
-SPEC = f"{__file__}:KwOnly"
+SPEC = f"{SPEC_DIR}:KwOnly"
 
 
 def _kwargs():

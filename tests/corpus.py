@@ -94,6 +94,7 @@ CORPUS = [
     Entry("timm:tf_efficientnetv2_b0", _timm("tf_efficientnetv2_b0", drop_path_rate=0.1), IMG, fast=True),
     Entry("timm:efficientnet_b0", _timm("efficientnet_b0"), IMG, fast=True),
     Entry("timm:convnext_atto", _timm("convnext_atto", drop_path_rate=0.1), IMG),
+    Entry("timm:volo_d1_224", _timm("volo_d1_224", img_size=64), (2, 3, 64, 64)),  # F.fold → Col2Im
     Entry("timm:vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, drop_path_rate=0.1), (2, 3, 32, 32)),
     Entry("timm:deit_tiny_patch16_224", _timm("deit_tiny_patch16_224", img_size=32, patch_size=8), (2, 3, 32, 32)),
     Entry("timm:regnetx_002", _timm("regnetx_002"), IMG),

@@ -28,13 +28,15 @@ def require_plots() -> None:
 
 
 def check_out(out: Path, force: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder without ``force``, or has no parent."""
-    if out.exists() and not out.is_dir():
-        raise ExperimentError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExperimentError(f"--out {out} is not empty; add --force to replace it")
-    if not out.parent.is_dir():
-        raise ExperimentError(f"--out {out}: the folder {out.parent} does not exist (create it first)")
+    """Refuse an output path that is a file, or a non-empty folder without ``force``, or has no
+    parent (the same rule as ``gt.save``, raised as an :class:`ExperimentError`)."""
+    from graphtricks.errors import OutputError
+    from graphtricks.io.folder import check_output_dir
+
+    try:
+        check_output_dir(out, force)
+    except OutputError as e:
+        raise ExperimentError(str(e)) from e
 
 
 def figure_name(panel: dict[str, Any]) -> str:

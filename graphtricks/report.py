@@ -50,6 +50,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     regions: dict[str, Any] = field(default_factory=dict)
+    inlined: dict[str, str] = field(default_factory=dict)
     traced_fraction: float = 1.0
     seconds: float = 0.0
 
@@ -75,6 +76,7 @@ class Report:
             "skipped": {k: dict(v) for k, v in self.skipped.items()},
             "traced_fraction": round(self.traced_fraction, 4),
             "regions": self.regions,
+            "inlined": dict(self.inlined),
             "seconds": round(self.seconds, 4),
         }
 
@@ -90,6 +92,7 @@ class Report:
             warnings=data.get("warnings", []),
             skipped=data.get("skipped", {}),
             regions=data.get("regions", {}),
+            inlined=data.get("inlined", {}),
             traced_fraction=data.get("traced_fraction", 1.0),
             seconds=data.get("seconds", 0.0),
         )

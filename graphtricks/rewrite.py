@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from graphtricks.capture import RegionTree, capture
+from graphtricks.capture.fold import fold_region
 from graphtricks.capture.modes import ModeSnapshot, adopt_parent_modes
 from graphtricks.capture.shapes import propagate_shapes
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
@@ -194,9 +196,14 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplac
     finally:
         snapshot.restore()
     adopt_parent_modes(tree.model, known)
-    for region in tree.regions():  # fx's forward minus its per-call overhead (fastpath.py)
+    # Each module the trace went through gets its own graph back: blocks stay called modules.
+    for region in tree.regions():
         if region.kind == "traced":
-            speed_up(region.graph_module)
+            fold_region(region)
+            report.inlined.update(region.inlined)
+    for module in tree.model.modules():  # fx's forward minus its per-call overhead (fastpath.py)
+        if isinstance(module, fx.GraphModule):
+            speed_up(module)
     report.regions = tree.root.to_dict()
     report.traced_fraction = tree.traced_fraction()
     report.seconds = time.perf_counter() - started

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from graphtricks.errors import InputShapeError
 
-__all__ = ["expect_none", "expect_value", "install_input_guards"]
+__all__ = ["expect_equal", "expect_none", "expect_value", "install_input_guards"]
 
 
 @torch.fx.wrap
@@ -36,6 +36,14 @@ def expect_value(value, name: str) -> None:
     if value is None:
         raise InputShapeError(f"input {name!r} is missing: this model was rewritten with {name} given, and its graph"
                               f" needs it; pass {name}, or rewrite it with an example that leaves {name} out")
+
+
+@torch.fx.wrap
+def expect_equal(value, name: str, expected) -> None:
+    """Raise a one-line error when an input the graph was specialised on is given another value."""
+    if type(value) is not type(expected) or value != expected:
+        raise InputShapeError(f"input {name!r} was {expected!r} when this model was rewritten, and its graph is"
+                              f" specialised on that: got {value!r:.60}; rewrite it with an example that passes it")
 
 
 def _guard(graph: fx.Graph, after: fx.Node, value: fx.Node, fn, name: str) -> fx.Node:

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphtricks.capture.adopt import adopt_graph, adoption_conflict
 from graphtricks.capture.modes import ModeSnapshot
 from graphtricks.capture.guards import install_input_guards
 from graphtricks.capture.hooks import copy_hooks, hook_kinds
@@ -63,6 +64,9 @@ class Region:
     reason: str = ""
     children: list[Region] = field(default_factory=list)
     leaf_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: dict[str, Any] = field(default_factory=dict, repr=False)
+    folded: list[str] = field(default_factory=list)
+    inlined: dict[str, str] = field(default_factory=dict)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -100,6 +104,10 @@ class Region:
         }
         if self.kind == "traced":
             out["nodes"] = len(self.graph_module.graph.nodes)
+        if self.folded:
+            out["called_modules"] = len(self.folded)
+        if self.inlined:
+            out["inlined"] = dict(self.inlined)
         out["children"] = [c.to_dict() for c in self.children]
         return out
 
@@ -228,10 +236,9 @@ class _Capturer:
         graph = graphs[0]
         restore_placeholder_names(graph, module)
         install_input_guards(graph)  # not fx's _assert_is_none, which breaks fx once unpickled
-        gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-        _carry_over_state(module, gm)
-        copy_hooks(module, gm)
-        region = Region(path, "traced", gm, note)
+        gm = _graph_module(module, graph)
+        region = Region(path, "traced", gm, note, calls=getattr(graph, "_gt_calls", {}) if gm is module else {})
+        graph.__dict__.pop("_gt_calls", None)
         # Leaves made opaque here are regions of their own, with children captured below them;
         # a leaf kept for its hooks is captured as any region is.
         for node in graph.nodes:
@@ -316,6 +323,20 @@ def expand_containers(parent: nn.Module, name: str, child: nn.Module):
                 yield (f"{name}.{inner[0]}", inner[1], inner[2])
     else:
         yield name, child, parent
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``module`` itself running ``graph`` (its class, methods, tree and hooks kept: ``adopt.py``).
+
+    A class that defines a name GraphModule needs (``graph``, ``code``...) gets fx's own
+    ``GraphModule`` instead, with the original's state and hooks carried over.
+    """
+    if adoption_conflict(module) is None:
+        return adopt_graph(module, graph)
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    _carry_over_state(module, gm)
+    copy_hooks(module, gm)
+    return gm
 
 
 def _carry_over_state(original: nn.Module, gm: fx.GraphModule) -> None:

@@ -27,6 +27,7 @@ from graphtricks.layers import is_leaf_layer
 
 __all__ = [
     "Call",
+    "InlinedCall",
     "concrete_args",
     "mode_dependent_owners",
     "one_line",
@@ -37,17 +38,57 @@ __all__ = [
 
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
 
+@dataclass
+class InlinedCall:
+    """One call of a module the trace went through: its arguments and result, as graph nodes.
+
+    ``args``/``kwargs``/``result`` are what the caller passed and got back, with every proxy
+    replaced by its node; ``key`` is the call's key in the nodes' ``nn_module_stack``.
+    """
+
+    module: nn.Module
+    key: str
+    args: tuple
+    kwargs: dict
+    result: Any
+
+
+def _as_nodes(value):
+    """``value`` with proxies replaced by their nodes, inside plain tuples, lists and dicts only."""
+    if isinstance(value, fx.Proxy):
+        return value.node
+    if type(value) in (tuple, list):
+        return type(value)(_as_nodes(v) for v in value)
+    if type(value) is dict:
+        return {k: _as_nodes(v) for k, v in value.items()}
+    return value  # a constant, or an object fold will not take apart
+
+
 class RegionTracer(fx.Tracer):
-    """An fx tracer that keeps the given module objects as leaves."""
+    """An fx tracer that keeps the given module objects as leaves, and records the calls it inlines.
+
+    ``calls`` maps each inlined call's ``nn_module_stack`` key to an :class:`InlinedCall`: what
+    folding the graph back into per-module graphs needs (``capture.fold``).
+    """
 
     def __init__(self, leaves: set[int] | None = None):
         super().__init__()
         # A default, because pickling a GraphModule re-creates its tracer class with no arguments.
         self.leaves = leaves if leaves is not None else set()
+        self.calls: dict[str, InlinedCall] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (id(m) in self.leaves or is_leaf_layer(m) or zoo_activation_name(m) is not None
                 or super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        def recorded(*a, **k):
+            key = next(reversed(self.module_stack)) if self.module_stack else ""
+            result = forward(*a, **k)
+            self.calls[key] = InlinedCall(m, key, _as_nodes(a), _as_nodes(k), _as_nodes(result))
+            return result
+
+        return super().call_module(m, recorded, args, kwargs)
 
 
 @dataclass
@@ -170,7 +211,8 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
     Returns:
         ``(graph, None, reads_training, writes)``, or ``(None, (culprit_path, error), True, {})``
         on failure; ``writes`` maps the path of each module whose own forward updated state a
-        graph would not keep to what it updated (:class:`StateWrites`).
+        graph would not keep to what it updated (:class:`StateWrites`). The inlined calls are
+        kept on the graph as ``graph._gt_calls`` (:class:`InlinedCall` by stack key).
     """
     module.train(training)
     tracer = RegionTracer(leaves)
@@ -180,6 +222,7 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())
         return None, (stack[-1][0] if stack else "", e), True, {}
+    graph._gt_calls = tracer.calls
     return graph, None, reads.count > 0 or overrides_train(module), writes.owners
 
 

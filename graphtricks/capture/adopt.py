@@ -1,0 +1,166 @@
+"""A module keeps its class and takes a graph: the original object becomes its own GraphModule.
+
+fx's ``GraphModule(module, graph)`` is a new object of a new class that borrows the class name:
+the class's other methods (timm's ``forward_features``, ``reset_classifier``), the module tree
+(intermediate modules become empty ``nn.Module``\\ s) and everything the graph does not reference
+are gone. :func:`adopt_graph` instead gives the *same object* a class of its own, a subclass of
+both its class and ``GraphModule``, whose ``forward`` is the graph's generated code. Everything
+else — attributes, children, hooks, state dict keys, methods, ``isinstance`` — is the module's.
+
+Copies and pickles keep the class too: ``GraphModule``'s own ``__deepcopy__`` and ``__reduce__``
+rebuild a plain GraphModule with only what the graph references, so the adopted class replaces
+them with versions that copy the whole module and rebuild the graph on the copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.graph_module import _format_import_block, reduce_graph_module
+from torch.package import sys_importer
+
+__all__ = ["adopt_graph", "adoption_conflict", "is_adopted", "original_class"]
+
+_MARK = "_graphtricks_adopted"
+# What GraphModule keeps on each instance (GraphModule.__init__), with fresh values.
+_INSTANCE_STATE = {
+    "_tracer_extras": dict,
+    "meta": dict,
+    "_replace_hooks": list,
+    "_create_node_hooks": list,
+    "_erase_node_hooks": list,
+    "_deepcopy_hooks": list,
+    "shape_env": lambda: None,
+}
+# Names a class of the user's must not define for GraphModule to work on it.
+_RESERVED = ({n for n in vars(fx.GraphModule) if not n.startswith("__")}
+             | set(_INSTANCE_STATE) | {"_graph", "_code", "_tracer_cls", "_lineno_map", "_prologue_start"})
+_adopted_classes: dict[type, type] = {}
+
+
+def is_adopted(module: nn.Module) -> bool:
+    """True when ``module`` runs a graph given by :func:`adopt_graph`."""
+    return getattr(type(module), _MARK, False)
+
+
+def original_class(module: nn.Module | type) -> type:
+    """The user's class of ``module`` (itself when it was never adopted)."""
+    cls = module if isinstance(module, type) else type(module)
+    for klass in cls.__mro__:
+        if vars(klass).get(_MARK):
+            return klass.__bases__[0]
+    return cls
+
+
+def adoption_conflict(module: nn.Module) -> str | None:
+    """Why ``module`` cannot take a graph as itself (a name GraphModule needs is its own), or None."""
+    cls = original_class(module)
+    if issubclass(cls, fx.GraphModule):
+        return None
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        clash = sorted(_RESERVED & set(vars(klass)))
+        if clash:
+            return f"{klass.__name__} defines {clash[0]!r}, which a graph module needs"
+    clash = sorted(_RESERVED & set(vars(module)))
+    if clash and not is_adopted(module):
+        return f"it has an attribute {clash[0]!r}, which a graph module needs"
+    return None
+
+
+def _adopted_class(cls: type) -> type:
+    """The class shared by every adopted instance of ``cls`` (each instance subclasses it once more)."""
+    found = _adopted_classes.get(cls)
+    if found is None:
+        namespace = {
+            _MARK: True,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__deepcopy__": _deepcopy,
+            "__copy__": _copy,
+            "__reduce__": _reduce,
+            "__str__": _str,
+            # Each adopted child was compiled when it took its graph; fx would compile the subtree again.
+            "_recompile_submodules": lambda self: [],
+            "_replicate_for_data_parallel": nn.Module._replicate_for_data_parallel,
+        }
+        found = type(cls.__name__, (cls, fx.GraphModule), namespace)
+        _adopted_classes[cls] = found
+    return found
+
+
+def _instance_class(cls: type) -> type:
+    """A class for one instance: ``recompile`` sets ``forward`` on it, so no two instances share one."""
+    adopted = _adopted_class(cls)
+    return type(cls.__name__, (adopted,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def adopt_graph(module: nn.Module, graph: fx.Graph) -> nn.Module:
+    """Make ``module`` run ``graph`` as its forward, keeping the object, its class's methods and state.
+
+    The graph's ``get_attr``/``call_module`` targets are looked up on ``module`` itself. Called
+    again on an adopted module, it only installs the new graph.
+
+    Returns:
+        ``module`` (now also an ``fx.GraphModule``: ``.graph``, ``.code``, ``recompile()``).
+
+    Raises:
+        TypeError: the module's class defines a name GraphModule needs (:func:`adoption_conflict`).
+    """
+    if not is_adopted(module):
+        reason = adoption_conflict(module)
+        if reason:
+            raise TypeError(f"{type(module).__name__} cannot run a graph as itself: {reason}")
+        state = {name: make() for name, make in _INSTANCE_STATE.items()}
+        tracer_cls = graph._tracer_cls
+        state["_tracer_cls"] = tracer_cls if tracer_cls and "<locals>" not in tracer_cls.__qualname__ else None
+        module.__dict__.update(state)
+        module.__class__ = _instance_class(original_class(module))
+    module.graph = graph  # owning module, generated code, forward
+    return module
+
+
+def _str(self) -> str:
+    return repr(self)
+
+
+def _fresh_copy(self: nn.Module) -> nn.Module:
+    return object.__new__(_instance_class(original_class(self)))
+
+
+def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
+    """A deep copy with the same class and module tree, and a copy of the graph of its own."""
+    new = _fresh_copy(self)
+    memo[id(self)] = new
+    state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
+    new.__dict__.update(copy.deepcopy(state, memo))
+    new.graph = copy.deepcopy(self._graph)
+    return new
+
+
+def _copy(self: nn.Module) -> nn.Module:
+    new = _fresh_copy(self)
+    new.__dict__.update(self.__dict__)
+    new.graph = self._graph
+    return new
+
+
+def _reduce(self: nn.Module):
+    """Pickle as GraphModule does (the generated code, not the graph), rebuilt as the user's class."""
+    python_code = self.recompile()
+    body = {k: v for k, v in self.__dict__.items() if k != "_graph"}
+    return _rebuild, (original_class(self), body, _format_import_block(python_code.globals, sys_importer))
+
+
+def _rebuild(cls: type, body: dict, import_block: str) -> nn.Module:
+    """Unpickle: the graph is traced again from the generated code, onto a module of class ``cls``."""
+    plain = reduce_graph_module(dict(body), import_block)
+    module = object.__new__(_instance_class(cls))
+    module.__dict__.update(body)
+    graph = plain.graph
+    module.graph = graph
+    return module

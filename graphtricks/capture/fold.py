@@ -1,0 +1,460 @@
+"""Fold a region's flat graph back into one graph per module, so every block stays a called module.
+
+A traced region is one graph: fx inlines every module it goes through. Passes edit that flat
+graph, because their analyses look across module boundaries (the nonlinearity a layer feeds, a
+block's shapes). The model users get back must still be their model: :func:`fold_region` cuts
+the edited flat graph back along the calls the trace went through (recorded by
+:class:`~graphtricks.capture.tracing.RegionTracer`), gives each module its own graph with its
+children as calls (:func:`~graphtricks.capture.adopt.adopt_graph`: same object, same class,
+its hooks fire), and leaves the region root with a graph that calls its children.
+
+A node belongs to the innermost module call in its ``nn_module_stack``; what passes add records
+the stack of the module they add it to. A call is folded back only when its graph can be cut out
+exactly: it received its inputs as arguments (nothing read from its caller's scope), each value
+once, its result is a tensor or a tuple/list/dict of them, everything of it that its caller uses
+is in that result, and every call of the same module folds to the same graph. A call that cannot
+is left inlined in its caller's graph, as the flat graph had it, and named with the reason
+(:attr:`Fold.inlined`): the computation is the same, but that module is not called (its hooks
+do not fire, ``checkpoint(module)`` runs its original code).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from graphtricks.capture.adopt import adopt_graph, adoption_conflict, is_adopted, original_class
+from graphtricks.capture.guards import expect_equal, expect_none, expect_value
+from graphtricks.capture.tracing import InlinedCall
+
+__all__ = ["Fold", "fold_graph", "fold_region"]
+
+_CONSTANTS = (type(None), bool, int, float, str)
+_MAX_ROUNDS = 64
+
+
+@dataclass
+class Fold:
+    """What folding one region did.
+
+    Attributes:
+        called: module paths (relative to the region) that are called modules with graphs of their own.
+        inlined: module path -> why its calls stay inlined in its caller's graph.
+    """
+
+    called: list[str] = field(default_factory=list)
+    inlined: dict[str, str] = field(default_factory=dict)
+
+
+class _Unfoldable(Exception):
+    def __init__(self, instance: _Instance, reason: str):
+        super().__init__(reason)
+        self.instance, self.reason = instance, reason
+
+
+@dataclass(eq=False)
+class _Instance:
+    """One call of one module in the flat graph."""
+
+    key: tuple[str, ...]
+    path: str
+    module: nn.Module | None
+    call: InlinedCall | None = None
+    parent: _Instance | None = None
+    span: list[fx.Node] = field(default_factory=list)  # its nodes and its callees', in graph order
+    reason: str | None = None  # why it stays inlined; None = folded
+    added: bool = False  # a module a pass added (a wrapper): its one input and output read from the graph
+    slots: dict[fx.Node, fx.Node] = field(default_factory=dict)  # result node -> what now stands for it
+    given: dict[fx.Node, fx.Node] = field(default_factory=dict)  # argument node -> what now stands for it
+
+
+def _chain(node: fx.Node) -> list[tuple[str, str]]:
+    """(stack key, module path) of the calls ``node`` is inside, outermost first."""
+    stack = list((node.meta.get("nn_module_stack") or {}).items())
+    if node.op == "call_module" and stack and stack[-1][1][0] == node.target:
+        stack = stack[:-1]  # a leaf records itself while its call is made: its caller owns the node
+    return [(key, value[0]) for key, value in stack]
+
+
+def _flatten(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _flatten(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    return [value]
+
+
+def _plain(value) -> bool:
+    """Nodes and constants inside plain tuples, lists and dicts: what a graph can pass and return."""
+    if isinstance(value, (fx.Node, *_CONSTANTS)):
+        return True
+    if type(value) in (tuple, list):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+class _Folder:
+    def __init__(self, root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]):
+        self.root, self.graph, self.calls = root, graph, calls
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.modules = dict(root.named_modules(remove_duplicate=False))
+        by_module: dict[int, list[InlinedCall]] = {}
+        for call in calls.values():
+            by_module.setdefault(id(call.module), []).append(call)
+        self.by_module = by_module
+        self.top = _Instance((), "", root)
+        self.instances: dict[tuple[str, ...], _Instance] = {(): self.top}
+        self.owner: dict[fx.Node, _Instance] = {}
+        for node in graph.nodes:
+            inst = self.top
+            for i, (key, path) in enumerate(_chain(node) if node.op not in ("placeholder", "output") else ()):
+                inst = self._instance(inst, key, path)
+            self.owner[node] = inst
+            walk = inst
+            while walk is not None:
+                walk.span.append(node)
+                walk = walk.parent
+
+    def _instance(self, parent: _Instance, key: str, path: str) -> _Instance:
+        chain = (*parent.key, key)
+        found = self.instances.get(chain)
+        if found is None:
+            module = self.modules.get(path)
+            call = self.calls.get(key)
+            if call is None or call.module is not module:
+                # Renamed by a pass (a block moved into a wrapper): the same module's only call.
+                calls = self.by_module.get(id(module), [])
+                call = calls[0] if len(calls) == 1 else None
+            found = _Instance(chain, path, module, call, parent)
+            self.instances[chain] = found
+        return found
+
+    # -- which calls fold ----------------------------------------------------------------
+    def check(self, inst: _Instance) -> str | None:
+        """Why ``inst`` cannot be cut out of its caller's graph, or None."""
+        if inst.module is None:
+            return "its module is no longer in the model"
+        conflict = adoption_conflict(inst.module)
+        if conflict:
+            return conflict
+        if not inst.span:
+            return "it adds no node of its own"
+        inside = set(inst.span)
+        if inst.call is not None:
+            args, kwargs, result = inst.call.args, inst.call.kwargs, inst.call.result
+            if not (_plain(args) and _plain(kwargs)):
+                return "it takes arguments that are not tensors, constants or tuples of them"
+            if not _plain(result):
+                return f"it returns a {type(result).__name__}, not a tensor or a tuple of them"
+            given = [v for v in _flatten((args, kwargs)) if isinstance(v, fx.Node)]
+            if len(set(given)) != len(given):
+                return "it is given the same value in two arguments"
+            returned = [v for v in _flatten(result) if isinstance(v, fx.Node)]
+        else:  # added by a pass (a wrapper): one input, one output, read from the graph
+            given, returned = None, None
+        reads = {a for n in inst.span for a in n.all_input_nodes if a not in inside}
+        escaping = [n for n in inst.span if any(u not in inside for u in n.users)]
+        if given is None:
+            if len(reads) != 1 or len(escaping) != 1:
+                return "a module added by a pass whose graph has more than one input or output"
+            given, returned = list(reads), escaping
+            inst.added = True
+        # A node a pass put after an argument (dropout after the previous block's last activation)
+        # is what the call is given now, when nothing inside reads the argument itself any more.
+        subst = {g: g for g in given}
+        for node in reads:
+            if node in subst:
+                continue
+            replaced = [g for g in subst if subst[g] is g and not any(u in inside for u in g.users) and _reaches(g, node)]
+            if len(replaced) != 1:
+                return "it reads values of its caller that it is not given"
+            subst[replaced[0]] = node
+        inst.given = subst
+        first = self.order[inst.span[0]]
+        if any(self.order[g] > first for g in subst.values()):
+            return "its nodes are interleaved with its caller's"
+        # What its caller uses must be its result; a node a pass put after the result (dropout after
+        # a block's last activation) takes the result's place when nothing uses the result any more.
+        slots = {r: r for r in returned if r in inside}
+        for node in escaping:
+            if node in slots:
+                continue
+            replaced = [r for r in slots if slots[r] is r and not any(u not in inside for u in r.users)
+                        and _reaches(r, node)]
+            if len(replaced) != 1:
+                return "its caller uses a value it does not return"
+            slots[replaced[0]] = node
+        inst.slots = slots
+        if inst.call is None:
+            inst.call = InlinedCall(inst.module, inst.key[-1], tuple(given), {}, returned[0])
+        return None
+
+    def called_below(self, node: fx.Node, inst: _Instance) -> _Instance | None:
+        """The outermost folded call below ``inst`` that contains ``node``."""
+        chain, found = [], self.owner[node]
+        while found is not None and found is not inst:
+            chain.append(found)
+            found = found.parent
+        for candidate in reversed(chain):
+            if candidate.reason is None:
+                return candidate
+        return None
+
+    # -- emitting one module's graph -------------------------------------------------------
+    def relative(self, inst: _Instance, target: str) -> str:
+        """``target`` (a path from the region root) as a path from ``inst``'s module."""
+        if not inst.path:
+            return target
+        if target.startswith(inst.path + "."):
+            return target[len(inst.path) + 1 :]
+        # A shared module or parameter, named by fx after its first name: look for it below.
+        owner_path, _, attr = target.rpartition(".")
+        obj = self.modules.get(target)
+        for name, module in inst.module.named_modules(remove_duplicate=False):
+            if obj is not None and module is obj:
+                return name
+            if obj is None and module is self.modules.get(owner_path) and attr:
+                return f"{name}.{attr}" if name else attr
+        raise _Unfoldable(inst, f"it uses {target}, which is not one of its own submodules")
+
+    def emit(self, inst: _Instance) -> fx.Graph:
+        g = fx.Graph(tracer_cls=self.graph._tracer_cls)
+        env: dict[fx.Node, Any] = {}
+        if inst is self.top:
+            g._codegen = self.graph._codegen
+        else:
+            self._placeholders(inst, g, env)
+        done: set[int] = set()
+        for node in inst.span if inst is not self.top else self.graph.nodes:
+            callee = self.called_below(node, inst)
+            if callee is not None:
+                if id(callee) not in done:
+                    done.add(id(callee))
+                    self._emit_call(inst, callee, g, env)
+                continue
+            if node.op == "placeholder" and inst is not self.top:
+                continue
+            if node.op == "output":
+                g.output(fx.node.map_arg(node.args[0], lambda a: self._get(env, inst, a)))
+                continue
+            new = g.node_copy(node, lambda a: self._get(env, inst, a))
+            if node.op in ("call_module", "get_attr"):
+                new.target = self.relative(inst, str(node.target))
+            new._rename(_local_name(node, inst.path))
+            env[node] = new
+        if inst is not self.top:
+            result = _map(inst.call.result, lambda r: self._get(env, inst, inst.slots.get(r, r)))
+            g.output(result)
+        g.lint()
+        return g
+
+    def _get(self, env: dict, inst: _Instance, node: fx.Node):
+        if node not in env:
+            raise _Unfoldable(inst, f"value {node.name} is used before its caller has it")
+        return env[node]
+
+    def _placeholders(self, inst: _Instance, g: fx.Graph, env: dict) -> None:
+        """The module's forward parameters as placeholders, each bound to what this call passed.
+
+        Parameters the call passed a constant (or None) are guarded: the graph is specialised on
+        them, and a later call with another value fails with a one-line error instead of being
+        ignored.
+        """
+        params = list(inspect.signature(original_class(inst.module).forward).parameters.values())[1:]
+        signature = inspect.Signature([p for p in params])
+        if inst.added:  # a pass's wrapper: its one input goes to the first parameter
+            if not params or any(p.default is p.empty for p in params[1:]):
+                raise _Unfoldable(inst, "a module added by a pass with a forward of more than one input")
+            values = {params[0].name: inst.call.args[0]}
+        else:
+            try:
+                values = signature.bind(*inst.call.args, **inst.call.kwargs).arguments
+            except TypeError as e:
+                raise _Unfoldable(inst, f"its call does not fit its forward: {e}") from e
+        guards = []
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                if values.get(p.name):
+                    raise _Unfoldable(inst, f"it is given *args/**kwargs ({p.name})")
+                continue
+            given = _map(values.get(p.name, None if p.default is p.empty else p.default), lambda a: inst.given.get(a, a))
+            ph = g.placeholder(p.name, default_value=p.default)
+            _bind_structure(g, ph, given, env)
+            if given is None:
+                guards.append((expect_none, ph, p.name))
+            elif isinstance(given, fx.Node) and p.default is None:
+                guards.append((expect_value, ph, p.name))
+            elif isinstance(given, _CONSTANTS):
+                guards.append((expect_equal, ph, p.name, given))
+            elif not isinstance(given, fx.Node):  # a tuple or dict: its constants are specialised on
+                if any(not isinstance(x, fx.Node) for x in _flatten(given)):
+                    raise _Unfoldable(inst, f"it is given a {type(given).__name__} of tensors and constants ({p.name})")
+        for fn, ph, *rest in guards:
+            node = g.call_function(fn, (ph, *rest))
+            node.meta["is_wrapped"] = True  # fx writes wrap("name") into the code: it survives pickling
+
+    def _emit_call(self, inst: _Instance, callee: _Instance, g: fx.Graph, env: dict) -> None:
+        target = self.relative(inst, callee.path) if callee.path else ""
+        if not target:
+            raise _Unfoldable(callee, "it is the region itself")
+        args = _map(callee.call.args, lambda a: self._get(env, inst, callee.given.get(a, a)))
+        kwargs = _map(callee.call.kwargs, lambda a: self._get(env, inst, callee.given.get(a, a)))
+        out = g.call_module(target, tuple(args), dict(kwargs))
+        out._rename(target.replace(".", "_"))
+        _bind_result(g, out, callee.call.result, callee.slots, env)
+
+
+def _map(value, fn):
+    if isinstance(value, fx.Node):
+        return fn(value)
+    if type(value) in (tuple, list):
+        return type(value)(_map(v, fn) for v in value)
+    if type(value) is dict:
+        return {k: _map(v, fn) for k, v in value.items()}
+    return value
+
+
+def _bind_structure(g: fx.Graph, value: fx.Node, given, env: dict) -> None:
+    """Map the nodes inside ``given`` (a node or tuple/list/dict of them) to ``value``'s parts."""
+    if isinstance(given, fx.Node):
+        env[given] = value
+    elif type(given) in (tuple, list):
+        for i, v in enumerate(given):
+            if any(isinstance(x, fx.Node) for x in _flatten(v)):
+                _bind_structure(g, g.call_function(operator.getitem, (value, i)), v, env)
+    elif type(given) is dict:
+        for k, v in given.items():
+            if any(isinstance(x, fx.Node) for x in _flatten(v)):
+                _bind_structure(g, g.call_function(operator.getitem, (value, k)), v, env)
+
+
+def _bind_result(g: fx.Graph, value: fx.Node, result, slots: dict, env: dict) -> None:
+    if isinstance(result, fx.Node):
+        env[slots.get(result, result)] = value
+    elif type(result) in (tuple, list):
+        for i, v in enumerate(result):
+            if any(isinstance(x, fx.Node) for x in _flatten(v)):
+                _bind_result(g, g.call_function(operator.getitem, (value, i)), v, slots, env)
+    elif type(result) is dict:
+        for k, v in result.items():
+            if any(isinstance(x, fx.Node) for x in _flatten(v)):
+                _bind_result(g, g.call_function(operator.getitem, (value, k)), v, slots, env)
+
+
+def _reaches(src: fx.Node, dst: fx.Node) -> bool:
+    todo, seen = [dst], set()
+    while todo:
+        n = todo.pop()
+        if n is src:
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return False
+
+
+def _local_name(node: fx.Node, path: str) -> str:
+    """A node name for a module's own graph: its target from the module, or its op's base name."""
+    if node.op in ("call_module", "get_attr"):
+        target = str(node.target)
+        if path and target.startswith(path + "."):
+            target = target[len(path) + 1 :]
+        return target.replace(".", "_")
+    return re.sub(r"_\d+$", "", node.name)
+
+
+def _canonical(g: fx.Graph) -> list:
+    """A graph's nodes by what they do, with node references as positions (names differ per call)."""
+    index = {n: i for i, n in enumerate(g.nodes)}
+
+    def norm(v):
+        if isinstance(v, fx.Node):
+            return ("%", index[v])
+        if isinstance(v, (tuple, list)):
+            return tuple(norm(x) for x in v)
+        if isinstance(v, dict):
+            return tuple((k, norm(x)) for k, x in v.items())
+        return repr(v)
+
+    return [(n.op, str(n.target), norm(n.args), norm(n.kwargs)) for n in g.nodes]
+
+
+def fold_graph(root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]) -> tuple[fx.Graph, dict, Fold]:
+    """Cut ``graph`` (the flat graph of region ``root``) into one graph per called module.
+
+    Returns:
+        ``(root_graph, graphs, fold)``: the region root's new graph, ``{module: graph}`` for every
+        module that is called now, and the report of what was folded and what stays inlined.
+        Nothing is installed: :func:`install` does that.
+    """
+    folder = _Folder(root, graph, calls)
+    instances = [i for i in folder.instances.values() if i is not folder.top]
+    for inst in instances:
+        inst.reason = folder.check(inst)
+    for _ in range(_MAX_ROUNDS):
+        try:
+            graphs: dict[int, tuple[nn.Module, fx.Graph, list]] = {}
+            for inst in instances:
+                if inst.reason is not None:
+                    continue
+                g = folder.emit(inst)
+                seen = graphs.get(id(inst.module))
+                if seen is None:
+                    graphs[id(inst.module)] = (inst.module, g, _canonical(g))
+                elif seen[2] != _canonical(g):
+                    raise _Unfoldable(inst, "its calls trace to different graphs (called with different arguments)")
+            root_graph = folder.emit(folder.top)
+            break
+        except _Unfoldable as e:
+            for inst in instances:  # every call of that module stays inlined
+                if inst.module is e.instance.module and inst.reason is None:
+                    inst.reason = e.reason
+            if e.instance is folder.top:
+                raise
+    else:
+        raise RuntimeError("folding did not settle")
+    fold = Fold()
+    for inst in instances:
+        if inst.reason is None:
+            if inst.path not in fold.called:
+                fold.called.append(inst.path)
+        else:
+            fold.inlined.setdefault(inst.path, inst.reason)
+    return root_graph, {k: (m, g) for k, (m, g, _) in graphs.items()}, fold
+
+
+def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
+    """Give every called module its graph (children first), then the region root its own."""
+    for module, g in reversed(list(graphs.values())):
+        adopt_graph(module, g)
+    adopt_graph(root, root_graph)
+
+
+
+def fold_region(region) -> Fold:
+    """Fold a traced region's flat graph into per-module graphs and install them (see the module doc).
+
+    A region whose root could not take a graph as itself (``regions._graph_module``), or whose
+    root graph cannot be cut, keeps its flat graph; the returned fold names why.
+    """
+    gm = region.module
+    if not is_adopted(gm):
+        return Fold(inlined={"": "the region root runs fx's own GraphModule (its class defines a name fx needs)"})
+    try:
+        root_graph, graphs, fold = fold_graph(gm, gm.graph, region.calls)
+    except _Unfoldable as e:
+        return Fold(inlined={"": f"its graph could not be cut into per-module graphs: {e.reason}"})
+    install(gm, root_graph, graphs)
+    region.calls = {}
+    region.folded = [region.qualify(p) for p in fold.called]
+    region.inlined = {region.qualify(p): reason for p, reason in fold.inlined.items()}
+    return fold

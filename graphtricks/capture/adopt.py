@@ -58,7 +58,7 @@ def adoption_conflict(module: nn.Module) -> str | None:
     """Why ``module`` cannot take a graph as itself (a name GraphModule needs is its own), or None."""
     cls = original_class(module)
     if issubclass(cls, fx.GraphModule):
-        return None
+        return "it is an fx GraphModule already"
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             break

@@ -33,7 +33,7 @@ from graphtricks.capture.adopt import adopt_graph, adoption_conflict, is_adopted
 from graphtricks.capture.guards import expect_equal, expect_none, expect_value
 from graphtricks.capture.tracing import InlinedCall
 
-__all__ = ["Fold", "fold_graph", "fold_region"]
+__all__ = ["Fold", "flat_view", "fold_graph", "fold_region"]
 
 _CONSTANTS = (type(None), bool, int, float, str)
 _MAX_ROUNDS = 64
@@ -322,10 +322,17 @@ def _map(value, fn):
     return value
 
 
+def _same_meta(value: fx.Node, node: fx.Node) -> None:
+    """Give ``value`` (standing for ``node`` in another graph) ``node``'s recorded shape."""
+    if "tensor_meta" in node.meta and "tensor_meta" not in value.meta:
+        value.meta["tensor_meta"] = node.meta["tensor_meta"]
+
+
 def _bind_structure(g: fx.Graph, value: fx.Node, given, env: dict) -> None:
     """Map the nodes inside ``given`` (a node or tuple/list/dict of them) to ``value``'s parts."""
     if isinstance(given, fx.Node):
         env[given] = value
+        _same_meta(value, given)
     elif type(given) in (tuple, list):
         for i, v in enumerate(given):
             if any(isinstance(x, fx.Node) for x in _flatten(v)):
@@ -339,6 +346,7 @@ def _bind_structure(g: fx.Graph, value: fx.Node, given, env: dict) -> None:
 def _bind_result(g: fx.Graph, value: fx.Node, result, slots: dict, env: dict) -> None:
     if isinstance(result, fx.Node):
         env[slots.get(result, result)] = value
+        _same_meta(value, slots.get(result, result))
     elif type(result) in (tuple, list):
         for i, v in enumerate(result):
             if any(isinstance(x, fx.Node) for x in _flatten(v)):
@@ -440,6 +448,20 @@ def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
 
 
 
+def flat_view(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A read-only GraphModule of a region's flat graph over ``root``'s own modules and tensors.
+
+    Analyses that look across module boundaries after a rewrite (``inspect``'s candidate blocks,
+    the region tree's node counts) read it; it is never part of the model and is not to be run.
+    """
+    view = fx.GraphModule(nn.Module(), fx.Graph(), class_name=type(root).__name__)
+    for name in ("_modules", "_parameters", "_buffers"):
+        view.__dict__[name] = root.__dict__[name]
+    view.__dict__["_graph"] = graph
+    view.training = root.training
+    return view
+
+
 def fold_region(region) -> Fold:
     """Fold a traced region's flat graph into per-module graphs and install them (see the module doc).
 
@@ -453,7 +475,9 @@ def fold_region(region) -> Fold:
         root_graph, graphs, fold = fold_graph(gm, gm.graph, region.calls)
     except _Unfoldable as e:
         return Fold(inlined={"": f"its graph could not be cut into per-module graphs: {e.reason}"})
+    flat = gm.graph
     install(gm, root_graph, graphs)
+    region.module = flat_view(gm, flat)
     region.calls = {}
     region.folded = [region.qualify(p) for p in fold.called]
     region.inlined = {region.qualify(p): reason for p, reason in fold.inlined.items()}

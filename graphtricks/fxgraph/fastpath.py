@@ -160,23 +160,30 @@ def _fast_source(gm: fx.GraphModule, fx_forward) -> tuple[str, dict]:
     return "\n".join(lines), globals_
 
 
+def _above(self: nn.Module, name: str, fn) -> super:
+    """``super()`` from the class that holds ``fn`` as ``name``: subclasses made later (FSDP's, a
+    copy's) would otherwise find ``fn`` again, for ever."""
+    owner = next(c for c in type(self).__mro__ if vars(c).get(name) is fn)
+    return super(owner, self)
+
+
 def _recompile(self: fx.GraphModule):
     """``GraphModule.recompile``, then the fast forward again from the (possibly edited) graph."""
-    python_code = super(type(self), self).recompile()
+    python_code = _above(self, "recompile", _recompile).recompile()
     speed_up(self)
     return python_code
 
 
 def _deepcopy(self: fx.GraphModule, memo: dict):
     """``GraphModule.__deepcopy__`` (which builds a new class with fx's forward), then the fast forward."""
-    copied = super(type(self), self).__deepcopy__(memo)
+    copied = _above(self, "__deepcopy__", _deepcopy).__deepcopy__(memo)
     speed_up(copied)
     return copied
 
 
 def _prepare_scriptable(self: fx.GraphModule):
     """TorchScript compiles ``forward`` from its source and cannot compile this one: back to fx's."""
-    super(type(self), self).recompile()
+    _above(self, "__prepare_scriptable__", _prepare_scriptable).recompile()
     return self
 
 

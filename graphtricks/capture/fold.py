@@ -122,6 +122,14 @@ class _Folder:
             while walk is not None:
                 walk.span.append(node)
                 walk = walk.parent
+        # Calls that added no node (an empty Sequential, a block that returns its input) are
+        # called modules too: they are found from the calls around them.
+        for call in calls.values():
+            if not call.chain or self.modules.get(call.chain[-1][1]) is not call.module:
+                continue  # moved by a pass (into a wrapper): its nodes say where it is now
+            inst = self.top
+            for key, path in call.chain:
+                inst = self._instance(inst, key, path)
 
     def _instance(self, parent: _Instance, key: str, path: str) -> _Instance:
         chain = (*parent.key, key)
@@ -145,9 +153,17 @@ class _Folder:
         conflict = adoption_conflict(inst.module)
         if conflict:
             return conflict
-        if not inst.span:
-            return "it adds no node of its own"
         inside = set(inst.span)
+        if not inside:
+            if inst.call is None:
+                return "it adds no node of its own"
+            given = {v for v in _flatten((inst.call.args, inst.call.kwargs)) if isinstance(v, fx.Node)}
+            if not _plain(inst.call.result) or not _plain((inst.call.args, inst.call.kwargs)):
+                return "it takes or returns values that are not tensors, constants or tuples of them"
+            if not {v for v in _flatten(inst.call.result) if isinstance(v, fx.Node)} <= given:
+                return "it returns values it does not compute"
+            inst.given = {g: g for g in given}
+            return None  # it returns (some of) its inputs: called for its hooks, its result is theirs
         if inst.call is not None:
             args, kwargs, result = inst.call.args, inst.call.kwargs, inst.call.result
             if not (_plain(args) and _plain(kwargs)):
@@ -233,12 +249,26 @@ class _Folder:
         else:
             self._placeholders(inst, g, env)
         done: set[int] = set()
+        # Callees with no node of their own are called as soon as their arguments exist.
+        waiting: dict[fx.Node | None, list[_Instance]] = {}
+        for callee in self.instances.values():
+            if not callee.span and callee.reason is None and callee is not inst and self._calls_from(callee, inst):
+                args = [a for a in _flatten((callee.call.args, callee.call.kwargs)) if isinstance(a, fx.Node)]
+                last = max(args, key=self.order.__getitem__, default=None)
+                waiting.setdefault(last, []).append(callee)
+
+        def flush():
+            for callee in [c for a in list(waiting) if a is None or a in env for c in waiting.pop(a)]:
+                self._emit_call(inst, callee, g, env, bind=False)
+
+        flush()
         for node in inst.span if inst is not self.top else self.graph.nodes:
             callee = self.called_below(node, inst)
             if callee is not None:
                 if id(callee) not in done:
                     done.add(id(callee))
                     self._emit_call(inst, callee, g, env)
+                    flush()
                 continue
             if node.op == "placeholder" and inst is not self.top:
                 continue
@@ -250,6 +280,8 @@ class _Folder:
                 new.target = self.relative(inst, str(node.target))
             new._rename(_local_name(node, inst.path))
             env[node] = new
+            if waiting:
+                flush()
         if inst is not self.top:
             result = _map(inst.call.result, lambda r: self._get(env, inst, inst.slots.get(r, r)))
             g.output(result)
@@ -301,7 +333,16 @@ class _Folder:
             node = g.call_function(fn, (ph, *rest))
             node.meta["is_wrapped"] = True  # fx writes wrap("name") into the code: it survives pickling
 
-    def _emit_call(self, inst: _Instance, callee: _Instance, g: fx.Graph, env: dict) -> None:
+    def _calls_from(self, callee: _Instance, inst: _Instance) -> bool:
+        """True when ``inst``'s graph makes ``callee``'s call (every call between them is inlined)."""
+        walk = callee.parent
+        while walk is not None and walk is not inst:
+            if walk.reason is None:
+                return False
+            walk = walk.parent
+        return walk is inst
+
+    def _emit_call(self, inst: _Instance, callee: _Instance, g: fx.Graph, env: dict, bind: bool = True) -> None:
         target = self.relative(inst, callee.path) if callee.path else ""
         if not target:
             raise _Unfoldable(callee, "it is the region itself")
@@ -309,7 +350,8 @@ class _Folder:
         kwargs = _map(callee.call.kwargs, lambda a: self._get(env, inst, callee.given.get(a, a)))
         out = g.call_module(target, tuple(args), dict(kwargs))
         out._rename(target.replace(".", "_"))
-        _bind_result(g, out, callee.call.result, callee.slots, env)
+        if bind:
+            _bind_result(g, out, callee.call.result, callee.slots, env)
 
 
 def _map(value, fn):
@@ -452,12 +494,12 @@ def flat_view(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A read-only GraphModule of a region's flat graph over ``root``'s own modules and tensors.
 
     Analyses that look across module boundaries after a rewrite (``inspect``'s candidate blocks,
-    the region tree's node counts) read it; it is never part of the model and is not to be run.
+    the region tree's node counts) read it; it is never part of the model.
     """
     view = fx.GraphModule(nn.Module(), fx.Graph(), class_name=type(root).__name__)
     for name in ("_modules", "_parameters", "_buffers"):
         view.__dict__[name] = root.__dict__[name]
-    view.__dict__["_graph"] = graph
+    view.graph = graph  # its code too (``inspect``-like readers print it); it computes what the model does
     view.training = root.training
     return view
 

@@ -51,6 +51,7 @@ class InlinedCall:
     args: tuple
     kwargs: dict
     result: Any
+    chain: tuple = ()  # (stack key, module path) of this call and every call around it, outermost first
 
 
 def _as_nodes(value):
@@ -83,9 +84,10 @@ class RegionTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         def recorded(*a, **k):
-            key = next(reversed(self.module_stack)) if self.module_stack else ""
+            chain = tuple((key, value[0]) for key, value in self.module_stack.items())
+            key = chain[-1][0] if chain else ""
             result = forward(*a, **k)
-            self.calls[key] = InlinedCall(m, key, _as_nodes(a), _as_nodes(k), _as_nodes(result))
+            self.calls[key] = InlinedCall(m, key, _as_nodes(a), _as_nodes(k), _as_nodes(result), chain)
             return result
 
         return super().call_module(m, recorded, args, kwargs)

@@ -33,9 +33,11 @@ from torch import nn
 __all__ = [
     "ACTS",
     "Branch",
+    "Counter",
     "LayerBlock",
     "ModeDependent",
     "Net",
+    "Shared",
     "ToVec",
     "activation_sites",
     "architectures",
@@ -223,7 +225,36 @@ class Branch(nn.Module):
         return self.other(x)
 
 
-_BLOCKS = {"layer": LayerBlock, "to_vec": ToVec, "mode": ModeDependent, "branch": Branch}
+class Counter(nn.Module):
+    """A block that updates its own buffers in forward (a step count and a running mean)."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.inner = LayerBlock(spec["inner"])
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(()))
+
+    def forward(self, x):
+        x = self.inner(x)
+        self.steps += 1
+        self.ema.mul_(0.9).add_(0.1 * x.detach().mean())
+        return x
+
+
+class Shared(nn.Module):
+    """One shape-keeping block registered under two names and called twice."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.inner = LayerBlock(spec["inner"])
+        self.again = self.inner
+
+    def forward(self, x):
+        return self.again(self.inner(x))
+
+
+_BLOCKS = {"layer": LayerBlock, "to_vec": ToVec, "mode": ModeDependent, "branch": Branch, "counter": Counter,
+           "shared": Shared}
 
 
 class Net(nn.Module):
@@ -443,7 +474,7 @@ def _layer_block(draw, shape: tuple[int, ...], first: bool, modes: bool = True, 
 
 @st.composite
 def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", "dropout"), branches: str = "any",
-                  untracked_bn: bool = True, min_norm: int = 1, max_blocks: int = 5):
+                  untracked_bn: bool = True, min_norm: int = 1, max_blocks: int = 5, state: bool = False):
     """Draw an architecture config.
 
     Args:
@@ -459,6 +490,8 @@ def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", 
         branches: ``"any"``, ``"always"`` (only branches whose condition is always true, so an
             ONNX trace agrees with eager mode on every input) or ``"none"``.
         max_blocks: the most blocks before the head.
+        state: also ``counter`` blocks (buffers updated in forward) and ``shared`` blocks (one
+            block under two names, called twice).
     """
     rank = draw(st.sampled_from([2, 3, 4]))
     n = 2
@@ -472,6 +505,7 @@ def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", 
     blocks = []
     count = draw(st.integers(1, max_blocks))
     kinds = ["layer", "layer", "layer", "to_vec"] + (["mode"] if modes else []) + ([] if branches == "none" else ["branch"])
+    kinds += ["counter", "shared"] if state else []
     for i in range(count):
         kind = draw(st.sampled_from(kinds))
         if kind == "to_vec" and len(shape) == 2:
@@ -483,7 +517,17 @@ def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", 
             shape = (shape[0], feats)
             continue
         spec, out = draw(_layer_block(shape, first=i == 0, modes=modes, untracked_bn=untracked_bn, min_norm=min_norm))
-        if kind == "layer":
+        if kind == "shared":
+            c = shape[1]
+            same = ({"type": "linear", "cin": c, "cout": c, "bias": True} if len(shape) == 2 else
+                    {"type": "conv", "dim": len(shape) - 2, "cin": c, "cout": c, "k": 3, "stride": 1, "pad": 1,
+                     "groups": 1, "bias": True})
+            spec, out = draw(_layer_block(shape, first=i == 0, modes=modes, same_shape=same,
+                                          untracked_bn=untracked_bn, min_norm=min_norm))
+            blocks.append({"kind": "shared", "inner": spec})
+        elif kind == "counter":
+            blocks.append({"kind": "counter", "inner": spec})
+        elif kind == "layer":
             blocks.append(spec)
         elif kind == "mode":
             variant = draw(st.sampled_from(list(mode_variants)))

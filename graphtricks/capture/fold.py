@@ -5,7 +5,7 @@ graph, because their analyses look across module boundaries (the nonlinearity a 
 block's shapes). The model users get back must still be their model: :func:`fold_region` cuts
 the edited flat graph back along the calls the trace went through (recorded by
 :class:`~graphtricks.capture.tracing.RegionTracer`), gives each module its own graph with its
-children as calls (:func:`~graphtricks.capture.adopt.adopt_graph`: same object, same class,
+children as calls (:func:`~graphtricks.fxgraph.adopt.adopt_graph`: same object, same class,
 its hooks fire), and leaves the region root with a graph that calls its children.
 
 A node belongs to the innermost module call in its ``nn_module_stack``; what passes add records
@@ -29,7 +29,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.adopt import adopt_graph, adoption_conflict, is_adopted, original_class
+from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict, is_adopted, original_class
 from graphtricks.capture.guards import expect_equal, expect_none, expect_value
 from graphtricks.capture.tracing import InlinedCall
 

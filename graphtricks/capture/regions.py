@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.adopt import adopt_graph, adoption_conflict
+from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict
 from graphtricks.capture.modes import ModeSnapshot
 from graphtricks.capture.guards import install_input_guards
 from graphtricks.capture.hooks import copy_hooks, hook_kinds

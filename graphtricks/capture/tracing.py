@@ -22,6 +22,7 @@ from graphtricks.capture.probe import probe_forward
 from graphtricks.capture.state import StateWrites
 from graphtricks.errors import CaptureError
 from graphtricks.fxgraph.activations import zoo_activation_name
+from graphtricks.fxgraph.adopt import is_adopted
 from graphtricks.fxgraph.nodes import owner_path
 from graphtricks.layers import is_leaf_layer
 
@@ -79,6 +80,8 @@ class RegionTracer(fx.Tracer):
         self.calls: dict[str, InlinedCall] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) not in self.leaves and is_adopted(m):
+            return False  # a built-in module a pass gave a graph (an activation with its dropout): traced
         return (id(m) in self.leaves or is_leaf_layer(m) or zoo_activation_name(m) is not None
                 or super().is_leaf_module(m, module_qualified_name))
 

@@ -58,7 +58,7 @@ def is_builtin_module(module: nn.Module) -> bool:
     """True for PyTorch's own layers (fx's default leaves), ``LEAF_LAYERS``, ``ZOO_LAYERS`` and other
     libraries' activation modules (``zoo_activation_name``); False for containers."""
     if isinstance(module, (nn.Sequential, fx.GraphModule)) or isinstance(module, CONTAINERS):
-        return False
+        return False  # adopted modules too (a ReLU given a graph with dropout is a GraphModule)
     if is_leaf_layer(module) or zoo_activation_name(module) is not None:
         return True
     name = type(module).__module__

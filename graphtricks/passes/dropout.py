@@ -18,6 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from graphtricks.capture import Region
 from graphtricks.capture.shapes import tensor_meta
 from graphtricks.errors import PassError
+from graphtricks.fxgraph.adopt import adopt_graph
 from graphtricks.fxgraph.activations import (
     ACTIVATION_MODULES,
     activation_name,
@@ -184,15 +185,14 @@ class InsertDropout(GraphtricksPass):
             if isinstance(child, _UNWRAPPABLE):
                 self.notes.append(f"{where}: {act} depends on the training mode; left alone")
                 continue
-            wrapper = fx.symbolic_trace(child)
-            wrapper.training = child.training
-            act_node = next(n for n in wrapper.graph.nodes if n.op == "call_function")
+            # The activation itself runs a graph ``act → dropout`` (its class, name and hooks kept).
+            adopt_graph(child, fx.Tracer().trace(child))
+            act_node = next(n for n in child.graph.nodes if n.op == "call_function")
             module = self._dropout(len(info["shape"]))
-            insert_module_after(wrapper, act_node, "dropout", module)
-            wrapper.graph.lint()
-            wrapper.recompile()
-            setattr(region.module, name, wrapper)
-            region.children.append(Region(where, "traced", wrapper, f"{act} wrapped with dropout"))
+            insert_module_after(child, act_node, "dropout", module)
+            child.graph.lint()
+            child.recompile()
+            region.children.append(Region(where, "traced", child, f"{act} given dropout"))
             self.record(
                 where,
                 "wrapped",

@@ -1,0 +1,211 @@
+"""The rewritten model is the user's model: class, methods, module tree, hooks and state updates.
+
+Property tests over random architectures with the user's hooks, blocks that update buffers in
+forward, one block under two names, and data-dependent branches (``tests/strategies.py`` with
+``state=True``); then real models: timm's methods, ``torch.utils.checkpoint`` of a block, pickling.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import graphtricks as gt
+from graphtricks.fxgraph.adopt import original_class
+from graphtricks.io.inputs import make_example_inputs
+from graphtricks.passes import PASSES
+from tests.strategies import architectures, build_from_config
+from tests.test_properties import _settings
+
+# Passes that keep every module at its path (residual moves a block under ``body``, tested apart).
+_PASSES = {"dropout": {"p": 0.2}, "init": {"seed": 1}, "bn_to_ln": {}}
+
+
+def _fired(model: nn.Module, inputs: tuple) -> Counter:
+    """How often each module (by every name it has) is called in one eval forward."""
+    counts: Counter = Counter()
+    handles = [m.register_forward_hook(lambda mod, a, o, name=name: counts.update([name]))
+               for name, m in model.named_modules(remove_duplicate=False)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _build(config: dict) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return build_from_config(json.dumps(config)).eval(), make_example_inputs([tuple(config["input"])], seed=0)
+
+
+@_settings(30)
+@given(data=st.data(), config=architectures(state=True),
+       names=st.lists(st.sampled_from(sorted(_PASSES)), max_size=2, unique=True))
+def test_a_rewrite_keeps_class_tree_hooks_and_calls(data, config, names):
+    model, inputs = _build(config)
+    paths = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    hooked = data.draw(st.lists(st.sampled_from(paths), unique=True, max_size=3), label="hooked")
+    user: Counter = Counter()
+    for path in hooked:
+        model.get_submodule(path).register_forward_hook(lambda m, a, o, path=path: user.update([path]))
+    with torch.no_grad():
+        reference = model(*inputs)
+    want = Counter(user)
+    before = dict(model.named_modules(remove_duplicate=False))
+    called_before = _fired(model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = gt.rewrite(model, [PASSES[n](**_PASSES[n]) for n in names], inputs)
+    rewritten = result.model.eval()
+
+    user.clear()
+    with torch.no_grad():
+        out = rewritten(*inputs)
+    assert user == want, "the user's hooks fire once per call, as before the rewrite"
+    if all(PASSES[n].preserves_eval for n in names):
+        assert torch.equal(out, reference)
+
+    after = dict(rewritten.named_modules(remove_duplicate=False))
+    assert set(before) <= set(after), "every module keeps its name"
+    replaced = {c.where for c in result.report.changes if c.action == "replaced"}
+    for path, module in before.items():
+        if path not in replaced:
+            assert isinstance(after[path], type(module)), f"{path} lost its class"
+            assert original_class(after[path]) is type(module)
+    for path, module in before.items():  # one module under two names stays one module
+        for other, same in before.items():
+            if same is module and other != path:
+                assert after[path] is after[other]
+
+    # Blocks are called modules: a hook registered after the rewrite fires as it would have before.
+    called_after = _fired(rewritten, inputs)
+    # fx names a module under two names by its first: the report names it so, the hook may say the other
+    inlined = {p for p in before if any(before[p] is before[q] for q in result.report.inlined if q in before)}
+    missing = {p: (n, called_after.get(p)) for p, n in called_before.items()
+               if called_after.get(p) != n and p not in inlined}
+    assert not missing
+    # Only a block called in two ways (dropout put in each call apart) may stay inlined, and says so.
+    assert all("different" in why for why in result.report.inlined.values()), result.report.inlined
+
+
+@_settings(20)
+@given(config=architectures(state=True))
+def test_train_calls_update_buffers_as_the_original_does(config):
+    model, inputs = _build(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rewritten = gt.rewrite(model, [gt.InsertDropout(p=0.3)], inputs).model
+    original = copy.deepcopy(model)
+    added = set(dict(rewritten.named_modules())) - set(dict(original.named_modules()))
+    for m in (original, rewritten):
+        m.train()
+    for name in added:  # dropout off: the rest of the model trains as it would
+        rewritten.get_submodule(name).eval()
+    for step in range(3):
+        for m in (original, rewritten):
+            torch.manual_seed(step)
+            m(*inputs)
+    buffers = dict(rewritten.named_buffers())
+    for name, value in original.named_buffers():
+        assert torch.equal(buffers[name], value), name
+
+
+def test_counter_updates_survive_and_the_probe_leaves_them():
+    from tests.strategies import Counter as CounterBlock
+
+    spec = {"kind": "counter", "inner": {"kind": "layer", "layer": {"type": "linear", "cin": 4, "cout": 4, "bias": True},
+                                          "order": ["layer", "norm", "act", "drop"], "norm": None,
+                                          "act": {"name": "relu", "form": "functional", "inplace": False}, "drop": None}}
+    model = nn.Sequential(CounterBlock(spec), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = gt.rewrite(model, [gt.InsertDropout(p=0.2)], x)
+    block = result.model[0]
+    assert isinstance(block, CounterBlock) and int(block.steps) == 0, "the rewrite's own forwards leave state alone"
+    for _ in range(4):
+        result.model(x)
+    assert int(block.steps) == 4
+
+
+# -- real models ------------------------------------------------------------------------------
+timm = pytest.importorskip("timm")
+
+
+def _timm_rewritten(name: str = "resnet18"):
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], x)
+    return model, result, x
+
+
+def test_timm_methods_work_on_the_rewritten_model():
+    model, result, x = _timm_rewritten()
+    rm = result.model.eval()
+    assert type(rm).__mro__[1] is type(model) or isinstance(rm, type(model))
+    with torch.no_grad():
+        feats = rm.forward_features(x)
+        assert torch.equal(rm.forward_head(feats), rm(x))
+        assert torch.equal(feats, model.forward_features(x))
+    assert rm.get_classifier() is rm.fc
+    rm.reset_classifier(3)
+    assert rm.fc.out_features == 3
+    assert not result.report.inlined
+
+
+def test_grad_checkpointing_is_honoured_or_refused_by_name():
+    _, result, x = _timm_rewritten()
+    rm = result.model.train()
+    rm.set_grad_checkpointing(True)
+    try:
+        out = rm(x)
+    except gt.GraphtricksError as e:  # the graph was specialised on the flag: said in one line
+        assert "grad_checkpointing" in str(e)
+    else:
+        out.sum().backward()
+
+
+def test_checkpointing_a_rewritten_block_trains():
+    from torch.utils.checkpoint import checkpoint
+
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rm = gt.rewrite(model, [gt.InsertDropout(p=0.1)], x).model.train()
+    h = rm.maxpool(rm.relu(rm.bn1(rm.conv1(x))))
+    out = checkpoint(rm.layer1, h, use_reentrant=False)
+    assert "dropout" in rm.layer1[0].code  # the block itself carries the technique
+    out.sum().backward()
+    assert rm.layer1[0].conv1.weight.grad is not None
+
+
+def test_pickle_and_deepcopy_keep_the_class_and_tree():
+    model, result, x = _timm_rewritten()
+    rm = result.model.eval()
+    buffer = io.BytesIO()
+    torch.save(rm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
+    copied = copy.deepcopy(rm)
+    for other in (loaded, copied):
+        assert isinstance(other, type(model)) and isinstance(other.layer1[0], type(model.layer1[0]))
+        assert [n for n, _ in other.named_modules()] == [n for n, _ in rm.named_modules()]
+        with torch.no_grad():
+            assert torch.equal(other(x), rm(x))
+    copied.layer1[0].act1 = nn.Identity()  # a copy is independent
+    assert not isinstance(rm.layer1[0].act1, nn.Identity)

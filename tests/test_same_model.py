@@ -166,16 +166,20 @@ def test_timm_methods_work_on_the_rewritten_model():
     assert not result.report.inlined
 
 
-def test_grad_checkpointing_is_honoured_or_refused_by_name():
-    _, result, x = _timm_rewritten()
+def test_a_flag_the_graph_was_specialised_on_is_checked_on_every_call():
+    model, result, x = _timm_rewritten()
     rm = result.model.train()
-    rm.set_grad_checkpointing(True)
-    try:
-        out = rm(x)
-    except gt.GraphtricksError as e:  # the graph was specialised on the flag: said in one line
-        assert "grad_checkpointing" in str(e)
-    else:
-        out.sum().backward()
+    rm.set_grad_checkpointing(True)  # fx ran ``if self.grad_checkpointing`` once, with False
+    with pytest.raises(gt.GraphtricksError, match="grad_checkpointing was False"):
+        rm(x)
+    rm.set_grad_checkpointing(False)
+    rm(x).sum().backward()
+    # Rewritten with the flag set, the model checkpoints its stages as timm's code says.
+    model.set_grad_checkpointing(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = gt.rewrite(model, [gt.InsertDropout(p=0.1)], x).model.train()
+    again(x).sum().backward()
 
 
 def test_checkpointing_a_rewritten_block_trains():

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict
+from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict, guard_flags
 from graphtricks.capture.modes import ModeSnapshot
 from graphtricks.capture.guards import install_input_guards
 from graphtricks.capture.hooks import copy_hooks, hook_kinds
@@ -238,7 +238,10 @@ class _Capturer:
         install_input_guards(graph)  # not fx's _assert_is_none, which breaks fx once unpickled
         gm = _graph_module(module, graph)
         region = Region(path, "traced", gm, note, calls=getattr(graph, "_gt_calls", {}) if gm is module else {})
+        if gm is module:
+            guard_flags(gm, getattr(graph, "_gt_flags", []))
         graph.__dict__.pop("_gt_calls", None)
+        graph.__dict__.pop("_gt_flags", None)
         # Leaves made opaque here are regions of their own, with children captured below them;
         # a leaf kept for its hooks is captured as any region is.
         for node in graph.nodes:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphtricks.capture.flag_reads import FlagReads
 from graphtricks.capture.hooks import hooks_detached
 from graphtricks.capture.mode_reads import TrainingReads, overrides_train
 from graphtricks.capture.probe import probe_forward
@@ -217,17 +218,20 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
         ``(graph, None, reads_training, writes)``, or ``(None, (culprit_path, error), True, {})``
         on failure; ``writes`` maps the path of each module whose own forward updated state a
         graph would not keep to what it updated (:class:`StateWrites`). The inlined calls are
-        kept on the graph as ``graph._gt_calls`` (:class:`InlinedCall` by stack key).
+        kept on the graph as ``graph._gt_calls`` (:class:`InlinedCall` by stack key), the flags it
+        read as ``graph._gt_flags`` (:class:`~graphtricks.capture.flag_reads.FlagReads`).
     """
     module.train(training)
     tracer = RegionTracer(leaves)
     try:
-        with hooks_detached(None), TrainingReads() as reads, StateWrites(module, tracer) as writes:
+        with (hooks_detached(None), TrainingReads() as reads, StateWrites(module, tracer) as writes,
+              FlagReads(module.modules()) as flags):
             graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())
         return None, (stack[-1][0] if stack else "", e), True, {}
     graph._gt_calls = tracer.calls
+    graph._gt_flags = list(flags.reads.values())
     return graph, None, reads.count > 0 or overrides_train(module), writes.owners
 
 

@@ -18,10 +18,12 @@ import copy
 
 import torch.fx as fx
 from torch import nn
+
+from graphtricks.errors import GraphtricksError
 from torch.fx.graph_module import _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
-__all__ = ["adopt_graph", "adoption_conflict", "is_adopted", "original_class"]
+__all__ = ["adopt_graph", "adoption_conflict", "guard_flags", "is_adopted", "original_class"]
 
 _MARK = "_graphtricks_adopted"
 # What GraphModule keeps on each instance (GraphModule.__init__), with fresh values.
@@ -89,6 +91,7 @@ def _adopted_class(cls: type) -> type:
             "_replicate_for_data_parallel": nn.Module._replicate_for_data_parallel,
         }
         found = type(cls.__name__, (cls, fx.GraphModule), namespace)
+        found.__call__ = _checked_call(found)
         _adopted_classes[cls] = found
     return found
 
@@ -122,6 +125,43 @@ def adopt_graph(module: nn.Module, graph: fx.Graph) -> nn.Module:
         module.__class__ = _instance_class(original_class(module))
     module.graph = graph  # owning module, generated code, forward
     return module
+
+
+def guard_flags(module: nn.Module, reads: list) -> None:
+    """Make ``module`` check, on every call, that the flags its trace read still hold their values.
+
+    Args:
+        module: an adopted region root.
+        reads: ``(submodule, name, value)`` for each ``bool`` attribute the trace read
+            (``capture.flag_reads``); submodules outside ``module`` are left out.
+    """
+    paths = {id(m): name for name, m in module.named_modules()}
+    flags = [(paths[id(m)], name, value) for m, name, value in reads if id(m) in paths]
+    if flags:
+        module.__dict__["_gt_flags"] = flags
+    else:
+        module.__dict__.pop("_gt_flags", None)
+
+
+def _check_flags(module: nn.Module, flags: list) -> None:
+    for path, name, value in flags:
+        owner = module.get_submodule(path) if path else module
+        if getattr(owner, name, value) is not value:
+            where = f"{path}.{name}" if path else name
+            raise GraphtricksError(
+                f"{type(module).__name__}.{where} was {value} when this model was rewritten, and its graph is"
+                f" specialised on it (fx runs Python conditions once): set it back, or rewrite the model again"
+                f" after setting it")
+
+
+def _checked_call(cls: type):
+    def __call__(self, *args, **kwargs):
+        flags = self.__dict__.get("_gt_flags")
+        if flags:
+            _check_flags(self, flags)
+        return super(cls, self).__call__(*args, **kwargs)
+
+    return __call__
 
 
 def _str(self) -> str:

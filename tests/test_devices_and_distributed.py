@@ -96,3 +96,49 @@ def test_ddp_trains_a_rewritten_model():
     for rank in (0, 1):
         losses = results[rank]
         assert losses[-1] < losses[0], f"rank {rank} loss did not go down: {losses}"
+
+
+def _fsdp_worker(rank: int, world: int, port: int, results) -> None:
+    """FSDP2 per block, then the root, on a rewritten torchvision ResNet (gloo, CPU)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torchvision = pytest.importorskip("torchvision")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10)
+        x = torch.randn(4, 3, 32, 32)
+        rewritten = gt.rewrite(model, [gt.InsertDropout(0.1)], (x,)).model.train()
+        blocks = [block for layer in (rewritten.layer1, rewritten.layer2, rewritten.layer3, rewritten.layer4)
+                  for block in layer]
+        for block in blocks:  # each block is a called module: its unshard/reshard hooks run
+            fully_shard(block)
+        fully_shard(rewritten)
+        opt = torch.optim.SGD(rewritten.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(100 + rank)
+        data = torch.randn(8, 3, 32, 32, generator=gen)
+        target = torch.randint(0, 10, (8,), generator=gen)
+        losses = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(rewritten(data), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        results[rank] = (losses, type(blocks[0]).__name__)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_per_block_trains_a_rewritten_resnet():
+    pytest.importorskip("torchvision")
+    if not dist.is_gloo_available():
+        pytest.skip("torch was built without the gloo backend")
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        losses, block_type = results[rank]
+        assert "BasicBlock" in block_type  # FSDP's own subclass of the user's block class
+        assert losses[-1] < losses[0], f"rank {rank} loss did not go down: {losses}"

@@ -277,6 +277,11 @@ def rewrite(
             out.print(table)
             if hint:
                 out.print(f"[dim]{hint}[/dim]")
+        inlined = result.report.inlined
+        if inlined:  # same computation, but these modules are not called on their own (hooks, checkpoint)
+            first = ", ".join(f"{path or '<root>'} ({why})" for path, why in list(inlined.items())[:3])
+            more = f" and {len(inlined) - 3} more (--json lists all)" if len(inlined) > 3 else ""
+            out.print(f"[dim]{len(inlined)} module(s) stay inlined in their caller's graph: {first}{more}[/dim]")
         gates = result.report.skipped.get("dropout", {}).get("gates", 0)
         if gates:
             out.print(f"[dim]dropout: {gates} gate(s) left without dropout (a sigmoid whose output only scales"

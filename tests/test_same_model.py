@@ -8,6 +8,7 @@ forward, one block under two names, and data-dependent branches (``tests/strateg
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import warnings
@@ -72,13 +73,18 @@ def test_a_rewrite_keeps_class_tree_hooks_and_calls(data, config, names):
     user.clear()
     with torch.no_grad():
         out = rewritten(*inputs)
-    assert user == want, "the user's hooks fire once per call, as before the rewrite"
-    if all(PASSES[n].preserves_eval for n in names):
+    preserves = all(PASSES[n].preserves_eval for n in names)
+    if preserves:
         assert torch.equal(out, reference)
+    # New weights (init) or norms may send a data-dependent branch the other way: then calls differ.
+    same_path = preserves or not any(b["kind"] == "branch" for b in config["blocks"])
+    if same_path:
+        assert user == want, "the user's hooks fire once per call, as before the rewrite"
 
     after = dict(rewritten.named_modules(remove_duplicate=False))
     assert set(before) <= set(after), "every module keeps its name"
     replaced = {c.where for c in result.report.changes if c.action == "replaced"}
+    replaced |= {p for p in before if any(before[p] is before[q] for q in replaced if q in before)}  # aliases
     for path, module in before.items():
         if path not in replaced:
             assert isinstance(after[path], type(module)), f"{path} lost its class"
@@ -94,7 +100,7 @@ def test_a_rewrite_keeps_class_tree_hooks_and_calls(data, config, names):
     inlined = {p for p in before if any(before[p] is before[q] for q in result.report.inlined if q in before)}
     missing = {p: (n, called_after.get(p)) for p, n in called_before.items()
                if called_after.get(p) != n and p not in inlined}
-    assert not missing
+    assert not missing or not same_path, missing
     # Only a block called in two ways (dropout put in each call apart) may stay inlined, and says so.
     assert all("different" in why for why in result.report.inlined.values()), result.report.inlined
 
@@ -213,3 +219,28 @@ def test_pickle_and_deepcopy_keep_the_class_and_tree():
             assert torch.equal(other(x), rm(x))
     copied.layer1[0].act1 = nn.Identity()  # a copy is independent
     assert not isinstance(rm.layer1[0].act1, nn.Identity)
+
+
+def test_a_fold_that_fails_halfway_leaves_the_flat_graph_and_says_why(monkeypatch):
+    fold = importlib.import_module("graphtricks.capture.fold")
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    real, seen = fold.adopt_graph, []
+
+    def flaky(module, graph):  # the third module refuses its graph, after two took theirs
+        seen.append(module)
+        if len(seen) == 3:
+            raise RuntimeError("boom")
+        return real(module, graph)
+
+    monkeypatch.setattr(fold, "adopt_graph", flaky)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], x)
+    rm = result.model.eval()
+    assert "boom" in result.report.inlined[""]
+    for name, module in rm.named_modules():  # put back: only the region root runs a graph (the flat one)
+        assert (name == "") == isinstance(module, torch.fx.GraphModule) or "dropout" in name, name
+    with torch.no_grad():
+        assert torch.equal(rm(x), model(x))

@@ -29,9 +29,15 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict, is_adopted, original_class
 from graphtricks.capture.guards import expect_equal, expect_none, expect_value
-from graphtricks.capture.tracing import InlinedCall
+from graphtricks.capture.tracing import InlinedCall, one_line
+from graphtricks.fxgraph.adopt import (
+    adopt_graph,
+    adoption_conflict,
+    adoption_snapshot,
+    is_adopted,
+    original_class,
+)
 
 __all__ = ["Fold", "flat_view", "fold_graph", "fold_region"]
 
@@ -319,7 +325,7 @@ class _Folder:
                 continue
             given = _map(values.get(p.name, None if p.default is p.empty else p.default), lambda a: inst.given.get(a, a))
             ph = g.placeholder(p.name, default_value=p.default)
-            _bind_structure(g, ph, given, env)
+            _bind(g, ph, given, env)
             if given is None:
                 guards.append((expect_none, ph, p.name))
             elif isinstance(given, fx.Node) and p.default is None:
@@ -351,7 +357,7 @@ class _Folder:
         out = g.call_module(target, tuple(args), dict(kwargs))
         out._rename(target.replace(".", "_"))
         if bind:
-            _bind_result(g, out, callee.call.result, callee.slots, env)
+            _bind(g, out, callee.call.result, env, callee.slots)
 
 
 def _map(value, fn):
@@ -370,33 +376,21 @@ def _same_meta(value: fx.Node, node: fx.Node) -> None:
         value.meta["tensor_meta"] = node.meta["tensor_meta"]
 
 
-def _bind_structure(g: fx.Graph, value: fx.Node, given, env: dict) -> None:
-    """Map the nodes inside ``given`` (a node or tuple/list/dict of them) to ``value``'s parts."""
-    if isinstance(given, fx.Node):
-        env[given] = value
-        _same_meta(value, given)
-    elif type(given) in (tuple, list):
-        for i, v in enumerate(given):
-            if any(isinstance(x, fx.Node) for x in _flatten(v)):
-                _bind_structure(g, g.call_function(operator.getitem, (value, i)), v, env)
-    elif type(given) is dict:
-        for k, v in given.items():
-            if any(isinstance(x, fx.Node) for x in _flatten(v)):
-                _bind_structure(g, g.call_function(operator.getitem, (value, k)), v, env)
+def _bind(g: fx.Graph, value: fx.Node, structure, env: dict, slots: dict | None = None) -> None:
+    """Map the nodes inside ``structure`` (a node, or tuple/list/dict of them) to ``value``'s parts.
 
-
-def _bind_result(g: fx.Graph, value: fx.Node, result, slots: dict, env: dict) -> None:
-    if isinstance(result, fx.Node):
-        env[slots.get(result, result)] = value
-        _same_meta(value, slots.get(result, result))
-    elif type(result) in (tuple, list):
-        for i, v in enumerate(result):
-            if any(isinstance(x, fx.Node) for x in _flatten(v)):
-                _bind_result(g, g.call_function(operator.getitem, (value, i)), v, slots, env)
-    elif type(result) is dict:
-        for k, v in result.items():
-            if any(isinstance(x, fx.Node) for x in _flatten(v)):
-                _bind_result(g, g.call_function(operator.getitem, (value, k)), v, slots, env)
+    ``value`` is a placeholder (a call's argument) or a call's result in the new graph; its parts are
+    taken with ``getitem``. ``slots`` says which flat node now stands for each result node.
+    """
+    if isinstance(structure, fx.Node):
+        node = slots.get(structure, structure) if slots else structure
+        env[node] = value
+        _same_meta(value, node)
+        return
+    items = enumerate(structure) if type(structure) in (tuple, list) else structure.items() if type(structure) is dict else ()
+    for key, part in items:
+        if any(isinstance(x, fx.Node) for x in _flatten(part)):
+            _bind(g, g.call_function(operator.getitem, (value, key)), part, env, slots)
 
 
 def _reaches(src: fx.Node, dst: fx.Node) -> bool:
@@ -456,7 +450,12 @@ def fold_graph(root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]) 
             for inst in instances:
                 if inst.reason is not None:
                     continue
-                g = folder.emit(inst)
+                try:
+                    g = folder.emit(inst)
+                except _Unfoldable:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a graph that does not check: that module stays inlined
+                    raise _Unfoldable(inst, f"its own graph does not check ({type(e).__name__}: {one_line(e)})") from e
                 seen = graphs.get(id(inst.module))
                 if seen is None:
                     graphs[id(inst.module)] = (inst.module, g, _canonical(g))
@@ -483,11 +482,20 @@ def fold_graph(root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]) 
 
 
 def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
-    """Give every called module its graph (children first), then the region root its own."""
-    for module, g in reversed(list(graphs.values())):
-        adopt_graph(module, g)
-    adopt_graph(root, root_graph)
+    """Give every called module its graph (children first), then the region root its own.
 
+    All or nothing: if one module cannot take its graph, every module installed so far is put
+    back as it was, and the error is raised.
+    """
+    undo = []
+    try:
+        for module, g in [*reversed(list(graphs.values())), (root, root_graph)]:
+            undo.append(adoption_snapshot(module))
+            adopt_graph(module, g)
+    except Exception:
+        for snapshot in reversed(undo):
+            snapshot.restore()
+        raise
 
 
 def flat_view(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -512,13 +520,16 @@ def fold_region(region) -> Fold:
     """
     gm = region.module
     if not is_adopted(gm):
-        return Fold(inlined={"": "the region root runs fx's own GraphModule (its class defines a name fx needs)"})
+        region.inlined = {region.path: "the region root runs fx's own GraphModule (its class defines a name fx needs)"}
+        return Fold(inlined={"": region.inlined[region.path]})
     try:
         root_graph, graphs, fold = fold_graph(gm, gm.graph, region.calls)
-    except _Unfoldable as e:
-        return Fold(inlined={"": f"its graph could not be cut into per-module graphs: {e.reason}"})
-    flat = gm.graph
-    install(gm, root_graph, graphs)
+        flat = gm.graph
+        install(gm, root_graph, graphs)
+    except Exception as e:  # noqa: BLE001 - a graph this cannot cut keeps running flat, and says why
+        reason = e.reason if isinstance(e, _Unfoldable) else f"{type(e).__name__}: {one_line(e)}"
+        region.inlined = {region.path: f"its graph was not cut into per-module graphs: {reason}"}
+        return Fold(inlined={"": region.inlined[region.path]})
     region.module = flat_view(gm, flat)
     region.calls = {}
     region.folded = [region.qualify(p) for p in fold.called]

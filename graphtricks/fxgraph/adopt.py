@@ -18,12 +18,12 @@ import copy
 
 import torch.fx as fx
 from torch import nn
-
-from graphtricks.errors import GraphtricksError
 from torch.fx.graph_module import _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
-__all__ = ["adopt_graph", "adoption_conflict", "guard_flags", "is_adopted", "original_class"]
+from graphtricks.errors import GraphtricksError
+
+__all__ = ["adopt_graph", "adoption_conflict", "adoption_snapshot", "guard_flags", "is_adopted", "original_class"]
 
 _MARK = "_graphtricks_adopted"
 # What GraphModule keeps on each instance (GraphModule.__init__), with fresh values.
@@ -125,6 +125,22 @@ def adopt_graph(module: nn.Module, graph: fx.Graph) -> nn.Module:
         module.__class__ = _instance_class(original_class(module))
     module.graph = graph  # owning module, generated code, forward
     return module
+
+
+class adoption_snapshot:  # noqa: N801 - used like a function: ``undo = adoption_snapshot(m)``
+    """What :func:`adopt_graph` changes on a module, to put back with :meth:`restore`."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.cls, self.state = module, type(module), dict(module.__dict__)
+
+    def restore(self) -> None:
+        module = self.module
+        for key in set(module.__dict__) - set(self.state):
+            del module.__dict__[key]
+        module.__dict__.update(self.state)
+        module.__class__ = self.cls
+        if is_adopted(module):  # its class's forward was compiled from the graph it had
+            module.recompile()
 
 
 def guard_flags(module: nn.Module, reads: list) -> None:

@@ -124,7 +124,7 @@ def cuda_gaps(model: onnx.ModelProto) -> list[str]:
             continue
         try:
             since = defs.get_schema(node.op_type, opset).since_version
-        except Exception:  # an op the installed onnx does not know
+        except defs.SchemaError:  # an op the installed onnx does not know
             gaps.append(f"{node.op_type} '{name}' (unknown op)")
             continue
         found = [k for k in kernels.get(node.op_type, ())

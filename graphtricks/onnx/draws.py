@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Draw", "DRAW_FUNCTIONS", "call_argument", "draw"]
+__all__ = ["DRAW_FUNCTIONS", "Draw", "call_argument", "draw"]
 
 
 @dataclass(frozen=True)

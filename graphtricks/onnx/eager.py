@@ -24,16 +24,16 @@ from graphtricks.errors import ValidationError
 from graphtricks.onnx.draws import DRAW_FUNCTIONS, Draw, call_argument, draw
 
 __all__ = [
+    "FLOAT64_COPY_MAX_BYTES",
     "DropoutInterceptor",
     "ModelDigest",
+    "digest_model",
     "flatten_outputs",
-    "FLOAT64_COPY_MAX_BYTES",
     "float64_copy",
     "named_outputs",
     "non_tensor_outputs",
     "reference_copy",
     "run_reference",
-    "digest_model",
     "torch_numerics",
 ]
 

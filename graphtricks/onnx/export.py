@@ -5,7 +5,8 @@ statistics (the default dynamo exporter ignores ``training=`` and exports runnin
 using it for the inference graph too keeps weights unfolded and named alike in both files
 (dynamo folds BatchNorm into the preceding Conv), so the graphs can be compared weight for
 weight and operator for operator. The exporter is deprecated: its warnings are silenced here
-only, and the train graph is checked against PyTorch before anything is written.
+only, and the train graph is checked against PyTorch, as written to a private folder, before
+any file is put in place.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from torch import nn
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.io.files import public_modes
 from graphtricks.onnx import fixups
-from graphtricks.onnx.portable import make_portable, portable_dropouts, updated_outputs
 from graphtricks.onnx.checks.dropout import check_dropout_count
 from graphtricks.onnx.checks.numeric import check_train_deterministic
 from graphtricks.onnx.checks.stochastic import check_random_count
@@ -44,6 +44,7 @@ from graphtricks.onnx.names import (
     train_output_names,
     train_outputs,
 )
+from graphtricks.onnx.portable import make_portable, portable_dropouts, updated_outputs
 from graphtricks.onnx.report import Tolerance, default_tolerance
 from graphtricks.onnx.runtime import TRAIN_BN_DISABLED_OPTIMIZERS, make_session
 from graphtricks.onnx.torchscript import export_mode, export_notes
@@ -56,11 +57,17 @@ from graphtricks.onnx.weights import (
     graph_bytes,
     is_stub,
     load_mapped,
+    resolve_external,
     write_graphs,
 )
 
 __all__ = [
-    "MIN_OPSET", "MAX_OPSET", "TRAIN_FILE", "TRAIN_GRAPHS", "INFER_FILE", "ExportResult",
+    "INFER_FILE",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "TRAIN_FILE",
+    "TRAIN_GRAPHS",
+    "ExportResult",
     "export_pair",
 ]
 
@@ -126,10 +133,10 @@ class ExportResult:
 
 def _repair(updated: list[str], train: onnx.ModelProto, infer: onnx.ModelProto) -> list[str]:
     """Applies every fixup, and raises if the inference graph still trains."""
-    repairs = [
+    repairs = [(
         f"train: reset {len(updated)} initializer(s) the export trace had updated to the model's "
         f"values ({', '.join(updated[:3])}{', ...' if len(updated) > 3 else ''})"
-    ] if updated else []
+    )] if updated else []
     repairs += [
         f"train: Dropout '{n}' had no training_mode; set it on"
         for n in fixups.activate_untagged_dropouts(train)
@@ -200,11 +207,37 @@ def _check_written(path: str, name: str) -> None:
         raise ExportError(f"the exported graph {name} is not valid ONNX: {first}; nothing was written") from e
 
 
+def _verify_written_train_graph(model: nn.Module, inputs: tuple, path: Path) -> None:
+    """:func:`_verify_train_graph` on the train graph as written to ``path``, its weights mapped
+    from the file (the data file, or the graph file itself) rather than the model's tensors.
+
+    ONNX Runtime copies arrays handed to it from memory (and a transposed weight ``W.T`` was
+    first made contiguous, another copy), which took export to 3x the parameter bytes on a
+    BERT or Llama; weights mapped from a file it uses in place, as validation does
+    (:func:`graphtricks.onnx.runtime.prepare_graph`). The check itself is the same, and now
+    covers the bytes that were written.
+    """
+    with WeightTable() as table:
+        try:
+            written = load_mapped(path, table)
+        except ValueError as e:
+            raise ExportError(f"cannot read back the written train graph: {e}") from e
+        resolve_external(written, path.parent, table, ExportError, "train")
+        _verify_train_graph(model, inputs, written)
+
+
 def _write_atomically(
-    out_dir: Path, graphs: dict[str, onnx.ModelProto], external: bool
+    out_dir: Path,
+    graphs: dict[str, onnx.ModelProto],
+    external: bool,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path | None:
     """Writes every graph (and, ``external``, their shared data file) into a private folder in
     ``out_dir``, checks them there, then renames them all into place.
+
+    Args:
+        verify: Called with the private folder once the graphs there passed the ONNX checker;
+            an error it raises leaves nothing written.
 
     Returns:
         The data file, or None for self-contained graphs.
@@ -212,6 +245,8 @@ def _write_atomically(
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output path {out_dir} is a file; pass a folder")
     staging: Path | None = None
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    placed = False
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export."))
@@ -219,8 +254,11 @@ def _write_atomically(
         write_graphs(paths, graphs, str(staging / DATA_FILE) if external else None)
         for name, path in paths.items():
             _check_written(path, name)
+        if verify is not None:
+            verify(staging)
         names = list(graphs) + ([DATA_FILE] if external else [])
         public_modes(*(staging / name for name in names))  # not mkdtemp's 0600
+        placed = True
         for name in names:
             os.replace(staging / name, out_dir / name)
         if not external:  # a data file of an earlier export would belong to no graph now
@@ -230,6 +268,11 @@ def _write_atomically(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        for folder in created if not placed else ():  # a failed export leaves no new folder
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return out_dir / DATA_FILE if external else None
 
 
@@ -269,7 +312,8 @@ def export_pair(
             graph output named ``train_only.<name>`` (a namedtuple field's or position's name).
         dynamic_batch: Makes dimension 0 of every input and output symbolic (``batch``).
         verify: Checks the train graph against PyTorch train mode (dropout neutralised, random
-            draws such as stochastic depth fixed) before writing.
+            draws such as stochastic depth fixed), as written to a private folder, with its
+            weights read from the files, before the files are renamed into place.
         train_graph: ``"portable"`` (default): train-mode dropout and BatchNorm as primitive
             ops any runtime runs as written, BatchNorm's running statistics as extra outputs
             ``updated.<buffer>`` (:mod:`graphtricks.onnx.portable`); ``"standard"``: ONNX
@@ -355,15 +399,17 @@ def export_pair(
         repairs = _repair(updated, train, infer)
         if train_graph == "portable":
             repairs += make_portable(train, model)
-        if verify:
-            say("checking the train graph against PyTorch train mode…")
-            _verify_train_graph(model, inputs, train)
         graphs = {TRAIN_FILE: train, INFER_FILE: infer}
         external = external_data or any(
             graph_bytes(g) > external_data_threshold for g in graphs.values()
         )
+
+        def verify_staged(staging: Path) -> None:
+            say("checking the train graph against PyTorch train mode…")
+            _verify_written_train_graph(model, inputs, staging / TRAIN_FILE)
+
         say(f"writing {TRAIN_FILE} and {INFER_FILE}…")
-        data_path = _write_atomically(out_dir, graphs, external)
+        data_path = _write_atomically(out_dir, graphs, external, verify_staged if verify else None)
     notes = export_notes(model)
     if left_out:
         notes.append(f"outputs that hold no tensor are not graph outputs: {left_out}")

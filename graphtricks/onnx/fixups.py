@@ -18,9 +18,9 @@ from graphtricks.onnx.weights import tensor_value
 
 __all__ = [
     "activate_untagged_dropouts",
+    "restore_weights",
     "strip_inert_dropouts",
     "undo_initializer_dedup",
-    "restore_weights",
 ]
 
 

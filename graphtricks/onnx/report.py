@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckResult", "ValidationReport", "Tolerance", "ToleranceTable", "default_tolerance"]
+__all__ = ["CheckResult", "Tolerance", "ToleranceTable", "ValidationReport", "default_tolerance"]
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ __all__ = [
     "Session",
     "cuda_available",
     "make_session",
-    "session_options",
     "prepare_graph",
     "resolve_device",
+    "session_options",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -21,7 +21,10 @@ What is exported is a copy of the model made ready for tracing:
   the graph was traced with, which a traced graph cannot express (the tracer only warns).
 
 Channel dropout (``nn.Dropout1d/2d/3d``, ``aten::feature_dropout``) has no train-mode symbolic
-in the exporter; one is registered for the duration of each export (:func:`feature_dropout`).
+in the exporter; one is registered for the duration of each export (:func:`feature_dropout`), as
+are ``F.fold`` (:func:`col2im`), ``torch.diff`` (:func:`diff`, which the exporter lacks) and
+``torch.cumsum`` (:func:`cumsum`: the exporter's sums bools and small integers in their own
+type, which ONNX Runtime refuses); the list is ``_SYMBOLICS``.
 """
 
 from __future__ import annotations
@@ -106,10 +109,114 @@ def col2im(g: Any, data: Any, output_size: Any, kernel_size: list, dilation: lis
     )
 
 
+def _is_none(value: Any) -> bool:
+    """Whether an optional argument of a symbolic was not given (a traced ``None``)."""
+    return value is None or value.node().mustBeNone()
+
+
+def _onnx_type(dtype: torch.dtype) -> int | None:
+    """The ONNX element type of a torch dtype, else None (complex, float8...)."""
+    if dtype == torch.bfloat16:
+        return onnx.TensorProto.BFLOAT16
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(torch.empty((), dtype=dtype).numpy().dtype)
+    except (TypeError, KeyError, ValueError, RuntimeError):
+        return None
+
+
+@parse_args("v", "i", "i", "v", "v")
+def diff(g: Any, data: Any, n: int, dim: int, prepend: Any, append: Any) -> Any:
+    """``torch.diff(data, n, dim, prepend, append)``: ``n`` times ``x[1:] - x[:-1]`` along ``dim``.
+
+    ``prepend`` and ``append`` are concatenated before and after ``data`` along ``dim`` first,
+    all promoted to one dtype as ``torch.cat`` does; bool tensors differ by ``!=`` (``Xor``), as
+    in torch. Slices past the end come out empty, so an ``n`` at least the length gives an empty
+    dimension; ``n = 0`` gives the input alone, as in torch. transformers' masks call it on position
+    ids (``find_packed_sequence_indices``), which made every Llama-style model fail to export.
+
+    Raises:
+        torch.onnx.errors.SymbolicValueError: (as an ExportError) ``n`` is negative, the input is
+            0-d, ``dim`` is out of range, a piece has another rank, or a dtype is unknown.
+    """
+    from torch.onnx.errors import SymbolicValueError
+
+    def refuse(why: str) -> None:
+        raise SymbolicValueError(f"graphtricks cannot export torch.diff: {why}", data)
+
+    if n < 0:
+        refuse(f"order n must be non-negative, got {n}")
+    if n == 0:
+        return data  # torch returns the input as it is, without prepend and append
+    pieces = [p for p in (prepend, data, append) if not _is_none(p)]
+    ranks = [p.type().dim() for p in pieces]
+    rank = data.type().dim()
+    if rank is not None and rank == 0:
+        refuse("the input is 0-d (torch needs at least one dimension)")
+    if rank is not None and not -rank <= dim < rank:
+        refuse(f"dim {dim} is out of range for a {rank}-d input")
+    if any(r is not None and rank is not None and r != rank for r in ranks):
+        refuse(f"prepend/append must have the input's rank {rank}, got ranks {ranks}")
+    dtypes = [p.type().dtype() for p in pieces]
+    if any(d is None for d in dtypes):
+        refuse("the dtype of its input, prepend or append is not known while tracing")
+    result = dtypes[0]
+    for d in dtypes[1:]:
+        result = torch.promote_types(result, d)
+    if any(d != result for d in dtypes):
+        to = _onnx_type(result)
+        if to is None:
+            refuse(f"cannot cast its pieces to {result}")
+        pieces = [p if d == result else g.op("Cast", p, to_i=to) for p, d in zip(pieces, dtypes)]
+    x = pieces[0] if len(pieces) == 1 else g.op("Concat", *pieces, axis_i=dim)
+
+    def const(values: list[int]) -> Any:
+        return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
+
+    axes, big = const([dim]), const([torch.iinfo(torch.int64).max])
+    for _ in range(n):
+        later = g.op("Slice", x, const([1]), big, axes)
+        earlier = g.op("Slice", x, const([0]), const([-1]), axes)
+        x = g.op("Xor" if result == torch.bool else "Sub", later, earlier)
+    return x
+
+
+@parse_args("v", "i", "none")
+def cumsum(g: Any, data: Any, dim: int, dtype: Any = None) -> Any:
+    """``torch.cumsum`` in the dtype torch gives it: ``CumSum`` of the input cast to it first.
+
+    torch sums bool and integer tensors as int64 (or in ``dtype=``); ONNX ``CumSum`` has no bool
+    or small-integer kernel, and torch's own symbolic casts only for a ``dtype`` that is not a
+    constant, so ``(mask != 1).cumsum(-1)`` (transformers' packed-sequence masks) gave ONNX
+    Runtime a bool CumSum it refuses to load. The target dtype is read from the traced node's
+    output: the exporter knows it whenever it knows the input's.
+    """
+    from torch.onnx.errors import SymbolicValueError
+
+    out_type = g.original_node.output().type()
+    want = out_type.dtype() if hasattr(out_type, "dtype") else None
+    have = data.type().dtype()
+    if want is None and have is not None and have.is_floating_point and _is_none(dtype):
+        want = have
+    if want is None:
+        raise SymbolicValueError(
+            "graphtricks cannot export torch.cumsum: its result dtype is not known while tracing",
+            data,
+        )
+    if want != have:
+        to = _onnx_type(want)
+        if to is None:
+            raise SymbolicValueError(f"graphtricks cannot export torch.cumsum in {want}", data)
+        data = g.op("Cast", data, to_i=to)
+    axis = g.op("Constant", value_t=torch.tensor(dim, dtype=torch.int64))
+    return g.op("CumSum", data, axis)
+
+
 # graphtricks' symbolics: (aten op, function, first opset it applies to)
 _SYMBOLICS = (
     *((name, feature_dropout, 1) for name in _FEATURE_DROPOUT_OPS),
     ("aten::col2im", col2im, 18),
+    ("aten::diff", diff, 11),  # Slice and Concat with negative axes
+    ("aten::cumsum", cumsum, 11),  # CumSum is opset 11
 )
 
 

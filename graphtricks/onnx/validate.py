@@ -37,9 +37,9 @@ from graphtricks.onnx.checks.stochastic import check_random_count, check_random_
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.eager import (
     ModelDigest,
+    digest_model,
     float64_copy,
     reference_copy,
-    digest_model,
     torch_numerics,
 )
 from graphtricks.onnx.graph import (
@@ -119,7 +119,7 @@ def _float64_twin(model: nn.Module, device: str, report: ValidationReport) -> nn
     """A float64 copy of the model on ``device`` to judge float32 errors by, or None (noted)."""
     try:
         return float64_copy(model, train=False, device=device)
-    except Exception as e:  # a model that cannot be copied or converted: fixed tolerances only
+    except Exception as e:  # noqa: BLE001 -- a model that cannot be copied or converted: fixed tolerances only
         report.notes.append(
             f"no float64 reference ({type(e).__name__}: {e}); outputs judged by atol/rtol only"
         )

@@ -37,10 +37,10 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "WeightTable",
     "attach_state",
-    "graph_bytes",
-    "file_source",
-    "in_memory_array",
     "checkable",
+    "file_source",
+    "graph_bytes",
+    "in_memory_array",
     "is_stub",
     "load_mapped",
     "resolve_external",
@@ -78,7 +78,7 @@ class WeightTable:
         self._keys: list[str] = []
         self._maps: dict[Path, np.ndarray] = {}
 
-    def __enter__(self) -> WeightTable:
+    def __enter__(self) -> WeightTable:  # noqa: PYI034 -- not subclassed; typing.Self needs 3.11
         return self
 
     def __exit__(self, *exc) -> None:

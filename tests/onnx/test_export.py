@@ -20,9 +20,9 @@ from graphtricks.onnx import (
     MAX_OPSET,
     MIN_OPSET,
     TRAIN_FILE,
+    digest_model,
     export_pair,
     fixups,
-    digest_model,
     validate_pair,
 )
 from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -184,3 +186,53 @@ def test_self_contained_weights_are_mapped_from_the_file(tmp_path, net):
             assert {i.name for i in loaded.graph.initializer} == set(want)
             assert len(loaded.graph.node) == len(plain.graph.node)
     assert validate_pair(model, inputs, tmp_path, device="cpu").passed
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_export_checks_the_train_graph_on_weights_mapped_from_the_written_files(
+    tmp_path, monkeypatch, external
+):
+    """Export's check against PyTorch runs on the train graph as written: its large weights are
+    maps of the staged file that ONNX Runtime uses in place (no copy of the model's tensors)."""
+    from graphtricks.onnx import export as export_module
+
+    seen = []
+    real = export_module.make_session
+
+    def spy(model, *args, **kwargs):
+        session = real(model, *args, **kwargs)
+        seen.append(session.graph)
+        return session
+
+    monkeypatch.setattr(export_module, "make_session", spy)
+    torch.manual_seed(0)
+    model, inputs = _Tokens(), (torch.randint(0, 50, (2, 7)),)
+    result = export_pair(model, inputs, tmp_path / "out", external_data=external)
+    (graph,) = seen
+    assert {"embed.weight", "proj.weight.T", "head.weight.T"} <= graph.shared
+    staged = Path(graph.data_folder)
+    assert staged.parent == tmp_path / "out" and staged.name.startswith(".export.")
+    assert not staged.exists()  # the private folder is gone, its files renamed into place
+    assert (result.data_path is not None) == external
+
+
+def test_export_refuses_files_whose_written_weights_differ_from_the_model(tmp_path, net, monkeypatch):
+    """The check reads the weights back from the written files: a writer that wrote the wrong
+    bytes is caught, and nothing is left in place."""
+    from graphtricks.onnx import export as export_module
+    from graphtricks.onnx import weights
+
+    def zeroed_writer(paths, graphs, data_path):
+        for model in graphs.values():
+            for init in model.graph.initializer:
+                array = weights.in_memory_array(init)
+                if array is not None and init.name == "fc.weight":
+                    init.CopyFrom(numpy_helper.from_array(np.zeros_like(array), init.name))
+        weights.write_graphs(paths, graphs, data_path)
+
+    monkeypatch.setattr(export_module, "write_graphs", zeroed_writer)
+    model, inputs = net
+    with pytest.raises(Exception, match="disagrees with PyTorch train mode") as caught:
+        export_pair(model, inputs, tmp_path / "out", external_data=True)
+    assert "nothing was written" in str(caught.value)
+    assert not (tmp_path / "out").exists()

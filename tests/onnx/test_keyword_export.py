@@ -12,11 +12,7 @@ import torch
 import graphtricks as gt
 from graphtricks.errors import GraphtricksError
 from graphtricks.onnx import INFER_FILE, TRAIN_FILE
-
-
 from tests.keyword_models import SPEC_DIR, KwOnly, Mixed
-
-
 
 SPEC = f"{SPEC_DIR}:KwOnly"
 

@@ -15,7 +15,11 @@ from graphtricks.onnx.checks.numeric import NOISE_FACTOR, compare_output
 from graphtricks.onnx.cuda_kernels import cuda_gaps, cuda_kernels
 from graphtricks.onnx.portable import portable_dropouts
 from graphtricks.onnx.report import CheckResult, Tolerance
-from graphtricks.onnx.runtime import DISABLE_CPU_FALLBACK, cuda_available, session_options
+from graphtricks.onnx.runtime import (
+    DISABLE_CPU_FALLBACK,
+    cuda_available,
+    session_options,
+)
 from tests.conftest import EXAMPLE_MODELS, example
 
 SIGMAS = 5.0

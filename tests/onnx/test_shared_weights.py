@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphtricks.onnx import export_pair, validate_pair
-from graphtricks.onnx import runtime
+from graphtricks.onnx import export_pair, runtime, validate_pair
 
 
 def test_convnext_layer_scale_validates_when_weights_are_shared_in_place(tmp_path):

@@ -98,7 +98,7 @@ def test_exported_pair_passes_with_both_stochastic_depths_measured(exported):
 
 def test_inert_stochastic_depth_fails_rate_check_only(exported, tmp_path):
     # Less(u, 1.0) keeps every sample, still scaled: the deterministic check cannot tell
-    always = lambda g: _constant_input(g, "Less", 1, 1)  # noqa: E731
+    always = lambda g: _constant_input(g, "Less", 1, 1)
     report = validate_edited(exported, tmp_path, "train", always)
     failed = [c for c in report.checks if not c.passed]
     assert [c.name for c in failed] == ["random_draw_rate"]

@@ -21,18 +21,18 @@ from graphtricks.onnx import (
     INFER_FILE,
     TRAIN_FILE,
     cuda_available,
+    digest_model,
     export_pair,
     runtime,
-    digest_model,
     validate_pair,
 )
+from graphtricks.onnx.checks.numeric import NOISE_FACTOR
 from graphtricks.onnx.eager import DropoutInterceptor
-from graphtricks.onnx.graph import dropout_infos, exposed_dropout_copy
+from graphtricks.onnx.graph import exposed_dropout_copy
 from graphtricks.onnx.inputs import random_like
+from graphtricks.onnx.portable import portable_dropouts
 from graphtricks.onnx.runtime import make_session, prepare_graph
 from graphtricks.onnx.train_only import deterministic_train_copy
-from graphtricks.onnx.portable import portable_dropouts
-from graphtricks.onnx.checks.numeric import NOISE_FACTOR
 
 CUDA = cuda_available()
 needs_cuda = pytest.mark.skipif(

@@ -47,10 +47,10 @@ from graphtricks.onnx.train_only import (
 
 __all__ = [
     "check_infer_has_no_train_ops",
-    "eager_eval_batch_statistics",
     "check_io",
     "check_operators",
     "check_weights",
+    "eager_eval_batch_statistics",
     "eager_mode_difference",
 ]
 

@@ -26,9 +26,9 @@ from torch import nn
 
 from graphtricks.errors import ValidationError
 from graphtricks.onnx.draws import Draw
-from graphtricks.onnx.eager import float64_copy, reference_copy, run_reference
-from graphtricks.onnx.portable import UPDATED_PREFIX
+from graphtricks.onnx.eager import reference_copy, run_reference
 from graphtricks.onnx.inputs import InputSet, session_feed
+from graphtricks.onnx.portable import UPDATED_PREFIX
 from graphtricks.onnx.report import CheckResult, Tolerance
 from graphtricks.onnx.runtime import RunFailure, Session
 

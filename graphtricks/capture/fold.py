@@ -117,6 +117,7 @@ class _Folder:
             by_module.setdefault(id(call.module), []).append(call)
         self.by_module = by_module
         self.top = _Instance((), "", root)
+        self.stand_in: dict[fx.Node, fx.Node] = {}  # a result a pass put a node after -> that node
         self.instances: dict[tuple[str, ...], _Instance] = {(): self.top}
         self.owner: dict[fx.Node, _Instance] = {}
         for node in graph.nodes:
@@ -168,7 +169,8 @@ class _Folder:
                 return "it takes or returns values that are not tensors, constants or tuples of them"
             if not {v for v in _flatten(inst.call.result) if isinstance(v, fx.Node)} <= given:
                 return "it returns values it does not compute"
-            inst.given = {g: g for g in given}
+            # What it is given may be a result a pass put a node after (its caller reads that node).
+            inst.given = {g: self.stand_in.get(g, g) for g in given}
             return None  # it returns (some of) its inputs: called for its hooks, its result is theirs
         if inst.call is not None:
             args, kwargs, result = inst.call.args, inst.call.kwargs, inst.call.result
@@ -195,7 +197,8 @@ class _Folder:
         for node in reads:
             if node in subst:
                 continue
-            replaced = [g for g in subst if subst[g] is g and not any(u in inside for u in g.users) and _reaches(g, node)]
+            replaced = _nearest(node, [g for g in subst if subst[g] is g and not any(u in inside for u in g.users)
+                                       and _reaches(g, node)])
             if len(replaced) != 1:
                 return "it reads values of its caller that it is not given"
             subst[replaced[0]] = node
@@ -209,11 +212,12 @@ class _Folder:
         for node in escaping:
             if node in slots:
                 continue
-            replaced = [r for r in slots if slots[r] is r and not any(u not in inside for u in r.users)
-                        and _reaches(r, node)]
+            replaced = _nearest(node, [r for r in slots if slots[r] is r and not any(u not in inside for u in r.users)
+                                       and _reaches(r, node)])
             if len(replaced) != 1:
                 return "its caller uses a value it does not return"
             slots[replaced[0]] = node
+            self.stand_in[replaced[0]] = node
         inst.slots = slots
         if inst.call is None:
             inst.call = InlinedCall(inst.module, inst.key[-1], tuple(given), {}, returned[0])
@@ -225,6 +229,8 @@ class _Folder:
         while found is not None and found is not inst:
             chain.append(found)
             found = found.parent
+        if found is None:  # not inside ``inst`` at all
+            return None
         for candidate in reversed(chain):
             if candidate.reason is None:
                 return candidate
@@ -259,7 +265,8 @@ class _Folder:
         waiting: dict[fx.Node | None, list[_Instance]] = {}
         for callee in self.instances.values():
             if not callee.span and callee.reason is None and callee is not inst and self._calls_from(callee, inst):
-                args = [a for a in _flatten((callee.call.args, callee.call.kwargs)) if isinstance(a, fx.Node)]
+                args = [callee.given.get(a, a) for a in _flatten((callee.call.args, callee.call.kwargs))
+                        if isinstance(a, fx.Node)]
                 last = max(args, key=self.order.__getitem__, default=None)
                 waiting.setdefault(last, []).append(callee)
 
@@ -295,7 +302,13 @@ class _Folder:
         return g
 
     def _get(self, env: dict, inst: _Instance, node: fx.Node):
+        while node not in env and node in self.stand_in:  # a pass routed every reader through a later node
+            node = self.stand_in[node]
         if node not in env:
+            # Made inside a call this graph makes, which does not return it: that call stays inlined.
+            callee = self.called_below(node, inst) if node in self.owner else None
+            if callee is not None:
+                raise _Unfoldable(callee, f"its caller reads {node.name}, which it does not return")
             raise _Unfoldable(inst, f"value {node.name} is used before its caller has it")
         return env[node]
 
@@ -393,6 +406,14 @@ def _bind(g: fx.Graph, value: fx.Node, structure, env: dict, slots: dict | None 
             _bind(g, g.call_function(operator.getitem, (value, key)), part, env, slots)
 
 
+def _nearest(node: fx.Node, candidates: list[fx.Node]) -> list[fx.Node]:
+    """The candidates ``node`` reads directly, when several reach it (one leads to the other)."""
+    if len(candidates) > 1:
+        direct = [c for c in candidates if c in node.all_input_nodes]
+        return direct or candidates
+    return candidates
+
+
 def _reaches(src: fx.Node, dst: fx.Node) -> bool:
     todo, seen = [dst], set()
     while todo:
@@ -442,7 +463,7 @@ def fold_graph(root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]) 
     """
     folder = _Folder(root, graph, calls)
     instances = [i for i in folder.instances.values() if i is not folder.top]
-    for inst in instances:
+    for inst in sorted(instances, key=lambda i: not i.span):  # calls with nodes first: they say what stands in
         inst.reason = folder.check(inst)
     for _ in range(_MAX_ROUNDS):
         try:

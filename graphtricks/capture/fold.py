@@ -519,16 +519,28 @@ def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
         raise
 
 
+class _FlatView(fx.GraphModule):
+    """A region's flat graph over the model's own modules, for reading; its code is made when asked."""
+
+    @property
+    def code(self) -> str:
+        if "_flat_code" not in self.__dict__:
+            self.__dict__["_flat_code"] = self._graph.python_code(root_module="self").src
+        return self.__dict__["_flat_code"]
+
+
 def flat_view(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A read-only GraphModule of a region's flat graph over ``root``'s own modules and tensors.
 
     Analyses that look across module boundaries after a rewrite (``inspect``'s candidate blocks,
-    the region tree's node counts) read it; it is never part of the model.
+    the region tree's node counts) read it; it is never part of the model, and it is not compiled
+    (no forward: its ``code`` is generated when read).
     """
-    view = fx.GraphModule(nn.Module(), fx.Graph(), class_name=type(root).__name__)
+    view = _FlatView(nn.Module(), fx.Graph(), class_name=type(root).__name__)
     for name in ("_modules", "_parameters", "_buffers"):
         view.__dict__[name] = root.__dict__[name]
-    view.graph = graph  # its code too (``inspect``-like readers print it); it computes what the model does
+    view.__dict__["_graph"] = graph
+    graph.owning_module = view
     view.training = root.training
     return view
 

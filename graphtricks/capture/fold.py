@@ -137,6 +137,8 @@ class _Folder:
             inst = self.top
             for key, path in call.chain:
                 inst = self._instance(inst, key, path)
+        # Calls with no node of their own, looked through at each graph made (usually none or few).
+        self.empty = [i for i in self.instances.values() if not i.span and i is not self.top]
 
     def _instance(self, parent: _Instance, key: str, path: str) -> _Instance:
         chain = (*parent.key, key)
@@ -263,8 +265,8 @@ class _Folder:
         done: set[int] = set()
         # Callees with no node of their own are called as soon as their arguments exist.
         waiting: dict[fx.Node | None, list[_Instance]] = {}
-        for callee in self.instances.values():
-            if not callee.span and callee.reason is None and callee is not inst and self._calls_from(callee, inst):
+        for callee in self.empty:
+            if callee.reason is None and callee is not inst and self._calls_from(callee, inst):
                 args = [callee.given.get(a, a) for a in _flatten((callee.call.args, callee.call.kwargs))
                         if isinstance(a, fx.Node)]
                 last = max(args, key=self.order.__getitem__, default=None)

@@ -63,6 +63,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _train_steps(model: torch.nn.Module, rank: int, batch: int, steps: int, momentum: float = 0.0) -> list[float]:
+    """SGD steps on this rank's own seeded batch; the losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
+    gen = torch.Generator().manual_seed(100 + rank)
+    data = torch.randn(batch, 3, 32, 32, generator=gen)
+    target = torch.randint(0, 10, (batch,), generator=gen)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(data), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _train_worker(rank: int, world: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -71,18 +87,7 @@ def _train_worker(rank: int, world: int, port: int, results) -> None:
         model, (x,) = example("models/plain_cnn.py:PlainCNN")
         rewritten = gt.rewrite(model, [gt.InsertDropout(0.1)], (x,)).model.train()
         ddp = torch.nn.parallel.DistributedDataParallel(rewritten)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        gen = torch.Generator().manual_seed(100 + rank)
-        data = torch.randn(16, 3, 32, 32, generator=gen)
-        target = torch.randint(0, 10, (16,), generator=gen)
-        losses = []
-        for _ in range(8):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(ddp(data), target)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        results[rank] = losses
+        results[rank] = _train_steps(ddp, rank, batch=16, steps=8, momentum=0.9)
     finally:
         dist.destroy_process_group()
 
@@ -115,18 +120,7 @@ def _fsdp_worker(rank: int, world: int, port: int, results) -> None:
         for block in blocks:  # each block is a called module: its unshard/reshard hooks run
             fully_shard(block)
         fully_shard(rewritten)
-        opt = torch.optim.SGD(rewritten.parameters(), lr=0.05)
-        gen = torch.Generator().manual_seed(100 + rank)
-        data = torch.randn(8, 3, 32, 32, generator=gen)
-        target = torch.randint(0, 10, (8,), generator=gen)
-        losses = []
-        for _ in range(6):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(rewritten(data), target)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        results[rank] = (losses, type(blocks[0]).__name__)
+        results[rank] = (_train_steps(rewritten, rank, batch=8, steps=6), type(blocks[0]).__name__)
     finally:
         dist.destroy_process_group()
 

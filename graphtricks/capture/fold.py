@@ -109,7 +109,7 @@ def _plain(value) -> bool:
 
 class _Folder:
     def __init__(self, root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]):
-        self.root, self.graph, self.calls = root, graph, calls
+        self.graph, self.calls = graph, calls
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         self.modules = dict(root.named_modules(remove_duplicate=False))
         by_module: dict[int, list[InlinedCall]] = {}
@@ -122,7 +122,7 @@ class _Folder:
         self.owner: dict[fx.Node, _Instance] = {}
         for node in graph.nodes:
             inst = self.top
-            for i, (key, path) in enumerate(_chain(node) if node.op not in ("placeholder", "output") else ()):
+            for key, path in (_chain(node) if node.op not in ("placeholder", "output") else ()):
                 inst = self._instance(inst, key, path)
             self.owner[node] = inst
             walk = inst
@@ -322,7 +322,7 @@ class _Folder:
         ignored.
         """
         params = list(inspect.signature(original_class(inst.module).forward).parameters.values())[1:]
-        signature = inspect.Signature([p for p in params])
+        signature = inspect.Signature(params)
         if inst.added:  # a pass's wrapper: its one input goes to the first parameter
             if not params or any(p.default is p.empty for p in params[1:]):
                 raise _Unfoldable(inst, "a module added by a pass with a forward of more than one input")

@@ -244,3 +244,67 @@ def test_a_fold_that_fails_halfway_leaves_the_flat_graph_and_says_why(monkeypatc
         assert (name == "") == isinstance(module, torch.fx.GraphModule) or "dropout" in name, name
     with torch.no_grad():
         assert torch.equal(rm(x), model(x))
+
+
+class _Switch(nn.Module):
+    """A block whose forward branches on an int attribute (fx runs the condition once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.mode = 1
+
+    def forward(self, x):
+        return self.fc(x) if self.mode == 1 else -self.fc(x)
+
+
+class _Act(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) * 2
+
+
+def test_a_module_no_pass_edited_keeps_its_own_forward():
+    model = nn.Sequential(_Act(), _Switch(), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = gt.rewrite(model, [gt.InsertDropout(p=0.2)], x)
+    rm = result.model.eval()
+    edited, untouched = rm[0], rm[1]
+    assert isinstance(edited, torch.fx.GraphModule) and "dropout" in edited.code  # dropout after its relu
+    assert type(untouched) is _Switch, "no pass changed it: it runs the user's forward, not a graph"
+    with torch.no_grad():
+        assert torch.equal(rm(x), model(x))
+        rm[1].mode = model[1].mode = 2  # its own Python runs: the other branch is taken
+        assert torch.equal(rm(x), model(x))
+
+
+def test_what_a_pass_erased_or_rewired_is_an_edit():
+    fold = importlib.import_module("graphtricks.capture.fold")
+    model = nn.Sequential(_Act(), _Act(), _Switch()).eval()
+    x = torch.randn(3, 4)
+    tree = gt.capture(model, (x,))
+    region = tree.root
+    graph = region.module.graph
+    relu = next(n for n in graph.nodes if n.target is torch.relu)  # the first block's
+    relu.replace_all_uses_with(relu.args[0])
+    graph.erase_node(relu)
+    mul = [n for n in graph.nodes if n.op == "call_function" and "mul" in str(n.target)][1]  # the second block's
+    with graph.inserting_before(mul):
+        neg = graph.call_function(torch.neg, (mul.args[0],))
+        neg.meta["nn_module_stack"] = dict(mul.meta["nn_module_stack"])
+    mul.args = (neg, *mul.args[1:])
+    region.module.recompile()
+    fold.fold_region(region)
+    m = tree.model
+    assert isinstance(m[0], torch.fx.GraphModule) and "relu" not in m[0].code
+    assert isinstance(m[1], torch.fx.GraphModule) and "neg" in m[1].code
+    assert type(m[2]) is _Switch
+    with torch.no_grad():
+        h = model[0].fc(x) * 2
+        h = -torch.relu(model[1].fc(h)) * 2
+        assert torch.allclose(m(x), model[2](h))

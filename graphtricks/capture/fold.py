@@ -108,8 +108,9 @@ def _plain(value) -> bool:
 
 
 class _Folder:
-    def __init__(self, root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]):
+    def __init__(self, root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall], captured: dict | None = None):
         self.graph, self.calls = graph, calls
+        self.captured = captured or {}
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         self.modules = dict(root.named_modules(remove_duplicate=False))
         by_module: dict[int, list[InlinedCall]] = {}
@@ -139,6 +140,58 @@ class _Folder:
                 inst = self._instance(inst, key, path)
         # Calls with no node of their own, looked through at each graph made (usually none or few).
         self.empty = [i for i in self.instances.values() if not i.span and i is not self.top]
+        # Captured nodes a pass erased, by the innermost call they were in.
+        self.erased_in: list[_Instance] = []
+        for node in self.captured:
+            if node not in self.order:
+                inst = self.top
+                for key, _path in (_chain(node) if node.op not in ("placeholder", "output") else ()):
+                    inst = self.instances.get((*inst.key, key), inst)
+                self.erased_in.append(inst)
+
+    # -- which calls keep their own forward -----------------------------------------------
+    def unedited(self, inst: _Instance) -> bool:
+        """True when no pass changed what ``inst``'s own code does: every node of its graph (outside
+        the calls it makes) is as captured, none was erased, and it is no module a pass added.
+
+        Such a module keeps its own forward: it computes what its graph would, calls its children
+        as its graph would, and runs the Python the trace ran (so it stays right on inputs the
+        trace would have specialised on). A node a pass put after a callee's result, standing in
+        for it, counts as that result (the callee returns it now).
+        """
+        if inst is self.top or inst.added or not self.captured:
+            return False
+        back = {}
+        for result in self.stand_in:
+            node = result
+            while node in self.stand_in:
+                node = self.stand_in[node]
+            back[node] = result
+        for node in inst.span:
+            if self.called_below(node, inst) is not None:
+                continue  # inside a call it makes: that module's own concern
+            was = self.captured.get(node)
+            if was is None:
+                return False
+            target, args, kwargs = was
+            if node.target != target:
+                return False
+            for now, then in ((node.args, args), (node.kwargs, kwargs)):
+                if now is not then and not _same(fx.node.map_arg(now, lambda a: back.get(a, a)), then):
+                    return False
+        for owner in self.erased_in:
+            if self._level(owner, inst):
+                return False
+        return True
+
+    def _level(self, owner: _Instance, inst: _Instance) -> bool:
+        """True when a node of ``owner`` is part of ``inst``'s own graph (no folded call between them)."""
+        walk = owner
+        while walk is not None and walk is not inst:
+            if walk.reason is None:
+                return False
+            walk = walk.parent
+        return walk is inst
 
     def _instance(self, parent: _Instance, key: str, path: str) -> _Instance:
         chain = (*parent.key, key)
@@ -385,6 +438,19 @@ def _map(value, fn):
     return value
 
 
+def _same(a, b) -> bool:
+    """``a`` and ``b`` are the same arguments: nodes and objects by identity, constants by value."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return isinstance(a, _CONSTANTS + (slice, range)) and a == b
+
+
 def _same_meta(value: fx.Node, node: fx.Node) -> None:
     """Give ``value`` (standing for ``node`` in another graph) ``node``'s recorded shape."""
     if "tensor_meta" in node.meta and "tensor_meta" not in value.meta:
@@ -455,24 +521,30 @@ def _canonical(g: fx.Graph) -> list:
     return [(n.op, str(n.target), norm(n.args), norm(n.kwargs)) for n in g.nodes]
 
 
-def fold_graph(root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall]) -> tuple[fx.Graph, dict, Fold]:
+def fold_graph(
+    root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall], captured: dict | None = None
+) -> tuple[fx.Graph, dict, Fold]:
     """Cut ``graph`` (the flat graph of region ``root``) into one graph per called module.
+
+    ``captured`` (node -> its target, args and kwargs when traced) tells which modules no pass
+    edited: those keep their own forward and get no graph (:meth:`_Folder.unedited`).
 
     Returns:
         ``(root_graph, graphs, fold)``: the region root's new graph, ``{module: graph}`` for every
-        module that is called now, and the report of what was folded and what stays inlined.
-        Nothing is installed: :func:`install` does that.
+        called module that runs a graph now, and the report of what was folded and what stays
+        inlined. Nothing is installed: :func:`install` does that.
     """
-    folder = _Folder(root, graph, calls)
+    folder = _Folder(root, graph, calls, captured)
     instances = [i for i in folder.instances.values() if i is not folder.top]
     for inst in sorted(instances, key=lambda i: not i.span):  # calls with nodes first: they say what stands in
         inst.reason = folder.check(inst)
     for _ in range(_MAX_ROUNDS):
         try:
             graphs: dict[int, tuple[nn.Module, fx.Graph, list]] = {}
+            edited = {id(i.module) for i in instances if i.reason is None and not folder.unedited(i)}
             for inst in instances:
-                if inst.reason is not None:
-                    continue
+                if inst.reason is not None or id(inst.module) not in edited:
+                    continue  # inlined, or called as it is (its own forward)
                 try:
                     g = folder.emit(inst)
                 except _Unfoldable:
@@ -558,7 +630,7 @@ def fold_region(region) -> Fold:
         region.inlined = {region.path: "the region root runs fx's own GraphModule (its class defines a name fx needs)"}
         return Fold(inlined={"": region.inlined[region.path]})
     try:
-        root_graph, graphs, fold = fold_graph(gm, gm.graph, region.calls)
+        root_graph, graphs, fold = fold_graph(gm, gm.graph, region.calls, region.captured)
         flat = gm.graph
         install(gm, root_graph, graphs)
     except Exception as e:  # noqa: BLE001 - a graph this cannot cut keeps running flat, and says why
@@ -566,7 +638,7 @@ def fold_region(region) -> Fold:
         region.inlined = {region.path: f"its graph was not cut into per-module graphs: {reason}"}
         return Fold(inlined={"": region.inlined[region.path]})
     region.module = flat_view(gm, flat)
-    region.calls = {}
+    region.calls, region.captured = {}, {}
     region.folded = [region.qualify(p) for p in fold.called]
     region.inlined = {region.qualify(p): reason for p, reason in fold.inlined.items()}
     return fold

@@ -65,6 +65,8 @@ class Region:
     children: list[Region] = field(default_factory=list)
     leaf_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: dict[str, Any] = field(default_factory=dict, repr=False)
+    # node -> (target, args, kwargs) as captured: what fold compares to tell what passes edited
+    captured: dict[Any, tuple] = field(default_factory=dict, repr=False)
     folded: list[str] = field(default_factory=list)
     inlined: dict[str, str] = field(default_factory=dict)
 
@@ -237,7 +239,8 @@ class _Capturer:
         restore_placeholder_names(graph, module)
         install_input_guards(graph)  # not fx's _assert_is_none, which breaks fx once unpickled
         gm = _graph_module(module, graph)
-        region = Region(path, "traced", gm, note, calls=getattr(graph, "_gt_calls", {}) if gm is module else {})
+        region = Region(path, "traced", gm, note, calls=getattr(graph, "_gt_calls", {}) if gm is module else {},
+                        captured={n: (n.target, n.args, n.kwargs) for n in graph.nodes} if gm is module else {})
         if gm is module:
             guard_flags(gm, getattr(graph, "_gt_flags", []))
         graph.__dict__.pop("_gt_calls", None)

@@ -15,6 +15,7 @@ them with versions that copy the whole module and rebuild the graph on the copy.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch.fx as fx
 from torch import nn
@@ -23,7 +24,15 @@ from torch.package import sys_importer
 
 from graphtricks.errors import GraphtricksError
 
-__all__ = ["adopt_graph", "adoption_conflict", "adoption_snapshot", "guard_flags", "is_adopted", "original_class"]
+__all__ = [
+    "adopt_graph",
+    "adoption_conflict",
+    "adoption_snapshot",
+    "compile_when_called",
+    "guard_flags",
+    "is_adopted",
+    "original_class",
+]
 
 _MARK = "_graphtricks_adopted"
 # What GraphModule keeps on each instance (GraphModule.__init__), with fresh values.
@@ -86,6 +95,8 @@ def _adopted_class(cls: type) -> type:
             "__copy__": _copy,
             "__reduce__": _reduce,
             "__str__": _str,
+            "code": property(_code, doc="The graph's generated Python (generated now if an edit made it stale)."),
+            "__jit_unused_properties__": [*getattr(fx.GraphModule, "__jit_unused_properties__", ()), "code"],
             # Each adopted child was compiled when it took its graph; fx would compile the subtree again.
             "_recompile_submodules": lambda self: [],
             "_replicate_for_data_parallel": nn.Module._replicate_for_data_parallel,
@@ -125,6 +136,36 @@ def adopt_graph(module: nn.Module, graph: fx.Graph) -> nn.Module:
         module.__class__ = _instance_class(original_class(module))
     module.graph = graph  # owning module, generated code, forward
     return module
+
+
+def compile_when_called(module: nn.Module) -> None:
+    """After an edit of an adopted module's graph: its code is generated and compiled on its next
+    call (or read of ``code``), not now.
+
+    A rewrite edits a region's graph pass after pass and then cuts it into per-module graphs;
+    compiling after each edit made code that nothing ran. The edit must keep the graph's inputs
+    (the forward's signature stays the one compiled before). A module that is no adopted one
+    (fx's own GraphModule) is compiled now.
+    """
+    cls = type(module)
+    if not is_adopted(module) or "_code" not in module.__dict__:
+        module.recompile()
+        return
+    signature = inspect.signature(cls.forward)  # what callers bind their arguments to, as before
+
+    def forward(self, *args, **kwargs):
+        self.recompile()  # sets the class's forward to the graph's code
+        return self.forward(*args, **kwargs)
+
+    forward.__signature__ = signature
+    del module.__dict__["_code"]
+    cls.forward = forward  # the instance's own class (_instance_class)
+
+
+def _code(self) -> str:
+    if "_code" not in self.__dict__:
+        self.recompile()
+    return self.__dict__["_code"]
 
 
 class adoption_snapshot:  # noqa: N801 - used like a function: ``undo = adoption_snapshot(m)``

@@ -207,6 +207,7 @@ def speed_up(gm: fx.GraphModule) -> bool:
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"speed_up takes a torch.fx.GraphModule, got {type(gm).__name__}")
+    gm.code  # noqa: B018 - an adopted module whose compile waits for its first call is compiled now
     cls = type(gm)
     fx_forward = getattr(cls.forward, _MARK, cls.forward)
     try:

@@ -25,6 +25,7 @@ from graphtricks.capture.hooks import hook_kinds, move_hooks
 from graphtricks.capture.probe import Observers, probe_forward, watched_forward
 from graphtricks.capture.shapes import copy_output_meta, tensor_meta, transposed_meta
 from graphtricks.errors import PassError
+from graphtricks.fxgraph.adopt import compile_when_called
 from graphtricks.fxgraph.kinds import is_builtin_module
 from graphtricks.fxgraph.nodes import ancestors, node_where
 from graphtricks.layers.norm import (
@@ -274,7 +275,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
                 edited |= self._swap_function(gm, node)
         if edited:
             gm.graph.lint()
-            gm.recompile()
+            compile_when_called(gm)
         return PassResult(gm, edited or any(new is not None for new in swapped))
 
     def _note_uncalled(self, gm: fx.GraphModule, called: dict) -> None:

@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from graphtricks.capture import Region
 from graphtricks.capture.shapes import tensor_meta
 from graphtricks.errors import PassError
-from graphtricks.fxgraph.adopt import adopt_graph
+from graphtricks.fxgraph.adopt import adopt_graph, compile_when_called
 from graphtricks.fxgraph.activations import (
     ACTIVATION_MODULES,
     activation_name,
@@ -148,7 +148,7 @@ class InsertDropout(GraphtricksPass):
             self.skipped["gates"] = self.skipped.get("gates", 0) + gates
         if modified:
             gm.graph.lint()
-            gm.recompile()
+            compile_when_called(gm)
         return PassResult(gm, modified)
 
     def _raise_placeholder(self, gm: fx.GraphModule, followers: list[fx.Node], where: str, act: str) -> None:

@@ -29,6 +29,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from graphtricks.capture import Region, RegionTree
 from graphtricks.capture.hooks import hook_kinds
 from graphtricks.errors import PassError
+from graphtricks.fxgraph.adopt import compile_when_called
 from graphtricks.fxgraph.nodes import (
     find_submodule,
     module_nodes,
@@ -217,7 +218,7 @@ class AddResidual(GraphtricksPass):
             (self._wrap_span if ":" in item.local else self._wrap_traced)(gm, item)
         if items:
             gm.graph.lint()
-            gm.recompile()
+            compile_when_called(gm)
         return PassResult(gm, bool(items))
 
     def _wrap_traced(self, gm: fx.GraphModule, item: Block) -> None:

@@ -109,12 +109,15 @@ def _check_p(value: float | None) -> float | None:
 
 
 LONG_TABLE = 30  # more changes than this are shown grouped (--verbose lists every one)
-DRIFT_UNIT = "drift = ‖y_new − y_old‖ / ‖y_old‖ of the swapped layer's eval output on the example inputs"
+DRIFT_UNIT = ("drift = ‖y_new − y_old‖ / ‖y_old‖ of the swapped layer's eval output on the example inputs"
+              " (~: on an even sample of its positions)")
 
 
 def _drift(change) -> str:
     value = change.details.get("drift") if change.details else None
-    return "" if value is None else f"{value:.3g}"
+    if value is None:
+        return ""
+    return f"~{value:.3g}" if change.details.get("drift_sampled", 1.0) < 1.0 else f"{value:.3g}"
 
 
 def _changes_table(report, every_row: bool) -> tuple[Table, str | None]:

@@ -56,6 +56,37 @@ def _bn_args(target, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+# Drift is measured on at most this many values per swap: positions (or samples, where the new
+# norm spans a whole sample) taken at even strides, so the forward that measures it costs about
+# what the model's own forward does, whatever the batch and resolution.
+DRIFT_SAMPLE = 1 << 15
+
+
+def drift_sample(x: torch.Tensor, out: torch.Tensor, over: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Strided views of a norm's input and output that keep every value one new norm reads
+    together, and the fraction of the values they hold.
+
+    LayerNorm over channels (``over="c"``, or rank 2) normalises each position apart: positions
+    are thinned. GroupNorm(1, C) (``"chw"``) normalises each sample whole: samples are thinned.
+    Drift, a ratio of sums over positions, is then estimated from an even spread of them.
+    """
+    if x.numel() <= DRIFT_SAMPLE or x.shape != out.shape:
+        return x, out, 1.0
+    index: list = [slice(None)] * x.dim()
+    kept = x.numel()
+    dims = [0] if (over == "chw" and x.dim() > 2) else [d for d in range(x.dim()) if d != (1 if x.dim() > 2 else x.dim() - 1)]
+    while kept > DRIFT_SAMPLE:
+        sizes = {d: len(range(x.shape[d])[index[d]]) for d in dims}
+        d = max(dims, key=sizes.__getitem__)
+        if sizes[d] < 2:
+            break
+        step = (index[d].step or 1) * 2
+        index[d] = slice(None, None, step)
+        kept = kept // sizes[d] * len(range(x.shape[d])[index[d]])
+    at = tuple(index)
+    return x[at], out[at], kept / x.numel()
+
+
 def _norm(t: torch.Tensor) -> float:
     """‖t‖₂, at least in float32 (half-precision sums lose too much); a fast vectorised reduction."""
     return float(torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))
@@ -162,6 +193,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
                 "shape": shapes[0],
                 "over": self.over,
                 "drift": self._drift(id(bn)),
+                "drift_sampled": self._drift_sampled(id(bn)),
                 "dropped": [f"{where}.{n}" for n, _ in bn.named_buffers(recurse=False)],
             },
         )
@@ -169,19 +201,25 @@ class BatchNormToLayerNorm(GraphtricksPass):
 
     # -- measuring drift -----------------------------------------------------------------
     @staticmethod
-    def _accumulate(seen: dict, key, shape, new: torch.Tensor, old: torch.Tensor) -> None:
-        entry = seen.setdefault(key, {"shape": list(shape), "diff": 0.0, "ref": 0.0})
+    def _accumulate(seen: dict, key, shape, new: torch.Tensor, old: torch.Tensor, share: float = 1.0) -> None:
+        entry = seen.setdefault(key, {"shape": list(shape), "diff": 0.0, "ref": 0.0, "sampled": 1.0})
         if old.is_meta:  # a model captured on the meta device: shapes, but no values to compare
             entry["ref"] = 0.0
             return
         entry["diff"] += _norm(new - old) ** 2
         entry["ref"] += _norm(old) ** 2
+        entry["sampled"] = min(entry["sampled"], share)
 
     def _drift(self, key) -> float | None:
         entry = self.state.seen.get(key)
         if entry is None or entry["ref"] == 0:
             return None  # not measured, or the old output was all zeros (no relative figure)
         return (entry["diff"] / entry["ref"]) ** 0.5
+
+    def _drift_sampled(self, key) -> float:
+        """The share of the output values the drift was measured on (1.0: all of them)."""
+        entry = self.state.seen.get(key)
+        return round(entry["sampled"], 6) if entry is not None else 1.0
 
     def observers(self, tree) -> Observers:
         """Hooks that record every BatchNorm's input shape and the drift of its swap.
@@ -197,15 +235,17 @@ class BatchNormToLayerNorm(GraphtricksPass):
         def hook(bn, args, kwargs, output):
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 2:
-                self._accumulate(seen, id(bn), x.shape, layer_norm_for(bn, x.dim(), self.over)(x), output)
+                xs, old, share = drift_sample(x, output, self.over)
+                self._accumulate(seen, id(bn), x.shape, layer_norm_for(bn, x.dim(), self.over)(xs), old, share)
 
         def functional(gm: fx.GraphModule):  # what each functional batch norm of ``gm`` would become
             def after(interpreter: fx.Interpreter, n: fx.Node, out) -> None:
                 if n.op == "call_function" and n.target in _ARGS:
                     a = _bn_args(n.target, *interpreter.fetch_args_kwargs_from_env(n))
                     x = a["input"]
-                    new = layer_norm_like(x, self.over, a["weight"], a["bias"], a["eps"])
-                    self._accumulate(seen, (id(gm), n.name), x.shape, new, out)
+                    xs, old, share = drift_sample(x, out, self.over)
+                    new = layer_norm_like(xs, self.over, a["weight"], a["bias"], a["eps"])
+                    self._accumulate(seen, (id(gm), n.name), x.shape, new, old, share)
 
             return after
 
@@ -347,7 +387,8 @@ class BatchNormToLayerNorm(GraphtricksPass):
         dropped = self._drop_statistics(gm, [a["running_mean"], a["running_var"]])
         copied = [self.qualify(str(p.target)) for p in (w, b) if isinstance(p, fx.Node) and p.op == "get_attr"]
         details = {"from": "batch_norm", "to": desc, "shape": shape, "over": self.over}
-        details.update(drift=self._drift((id(gm), node.name)), dropped=dropped)
+        details.update(drift=self._drift((id(gm), node.name)), drift_sampled=self._drift_sampled((id(gm), node.name)),
+                       dropped=dropped)
         self.record(where, "replaced", f"batch_norm -> {desc}", copied_params=copied, details=details)
         return True
 

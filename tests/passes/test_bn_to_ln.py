@@ -3,6 +3,7 @@ opaque BatchNorm, timm BatchNormAct2d, training, ONNX export, idempotence, train
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import warnings
@@ -441,3 +442,21 @@ def test_batchnorm_the_traced_graph_never_calls_is_named_in_a_note():
     assert [c.where for c in result.report.changes] == ["body.1"]
     assert any("aux.1: never called" in w for w in result.report.warnings), result.report.warnings
     assert not any("body.1" in w for w in result.report.warnings)
+
+
+@pytest.mark.parametrize("over", ["c", "chw"])
+def test_drift_on_a_large_input_is_an_even_sample_and_says_so(over, monkeypatch):
+    bn_module = importlib.import_module("graphtricks.passes.bn_to_ln")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 3, 32, 32)  # the norm sees 262,144 values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampled = rewrite(model, [BatchNormToLayerNorm(over=over)], x).report.changes[0].details
+        monkeypatch.setattr(bn_module, "DRIFT_SAMPLE", 1 << 40)
+        exact = rewrite(model, [BatchNormToLayerNorm(over=over)], x).report.changes[0].details
+    assert exact["drift_sampled"] == 1.0 and sampled["drift_sampled"] <= 0.125
+    assert sampled["drift"] == pytest.approx(exact["drift"], rel=0.05)

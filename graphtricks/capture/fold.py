@@ -31,6 +31,7 @@ from torch import nn
 
 from graphtricks.capture.guards import expect_equal, expect_none, expect_value
 from graphtricks.capture.tracing import InlinedCall, one_line
+from graphtricks.fxgraph.codecache import shared_compiles
 from graphtricks.fxgraph.adopt import (
     adopt_graph,
     adoption_conflict,
@@ -584,9 +585,10 @@ def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
     """
     undo = []
     try:
-        for module, g in [*reversed(list(graphs.values())), (root, root_graph)]:
-            undo.append(adoption_snapshot(module))
-            adopt_graph(module, g)
+        with shared_compiles():  # blocks of one design: one compile
+            for module, g in [*reversed(list(graphs.values())), (root, root_graph)]:
+                undo.append(adoption_snapshot(module))
+                adopt_graph(module, g)
     except Exception:
         for snapshot in reversed(undo):
             snapshot.restore()

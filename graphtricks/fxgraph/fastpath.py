@@ -26,8 +26,9 @@ from collections import Counter
 import torch
 from torch import fx, nn
 from torch.fx.graph import _format_target
-from torch.fx.graph_module import _forward_from_src
 from torch.nn.modules import module as module_internals
+
+from graphtricks.fxgraph.codecache import method_from_src
 
 __all__ = ["is_sped_up", "restore_fx_forward", "speed_up"]
 
@@ -212,7 +213,7 @@ def speed_up(gm: fx.GraphModule) -> bool:
     fx_forward = getattr(cls.forward, _MARK, cls.forward)
     try:
         src, globals_ = _fast_source(gm, fx_forward)
-        forward = _forward_from_src(src, globals_)
+        forward = method_from_src(src, globals_)
     except Exception:  # noqa: BLE001 - any failure (an fx code generator this does not know): keep fx's forward
         return False
     setattr(forward, _MARK, fx_forward)

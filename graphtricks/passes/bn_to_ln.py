@@ -236,7 +236,11 @@ class BatchNormToLayerNorm(GraphtricksPass):
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 2:
                 xs, old, share = drift_sample(x, output, self.over)
-                self._accumulate(seen, id(bn), x.shape, layer_norm_for(bn, x.dim(), self.over)(xs), old, share)
+                if batch_norm_extras(bn):  # its activation and dropout too: the module that would replace it
+                    new = layer_norm_for(bn, x.dim(), self.over)(xs)
+                else:  # the same norm, without building a module per call
+                    new = layer_norm_like(xs, self.over, bn.weight, bn.bias, bn.eps)
+                self._accumulate(seen, id(bn), x.shape, new, old, share)
 
         def functional(gm: fx.GraphModule):  # what each functional batch norm of ``gm`` would become
             def after(interpreter: fx.Interpreter, n: fx.Node, out) -> None:

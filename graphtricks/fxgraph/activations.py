@@ -12,6 +12,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from graphtricks.fxgraph.lookup import submodule
+
 __all__ = [
     "ACTIVATION_MODULES",
     "ACTIVATION_FUNCTIONS",
@@ -118,7 +120,7 @@ def normalise_activation_name(name: str) -> str:
 def activation_name(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """The activation a node computes (``"ReLU"``, ``"GELU"``, …), or None."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = submodule(gm, node.target)
         for cls, name in ACTIVATION_MODULES.items():
             if type(module) is cls or (isinstance(module, cls) and cls is not nn.Module):
                 return name
@@ -133,7 +135,7 @@ def activation_name(node: fx.Node, gm: fx.GraphModule) -> str | None:
 def activation_kwargs(node: fx.Node, gm: fx.GraphModule) -> dict:
     """The parameters of an activation that change its gain (LeakyReLU's slope), best effort."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = submodule(gm, node.target)
         if isinstance(module, nn.LeakyReLU):
             return {"negative_slope": module.negative_slope}
         return {}
@@ -191,7 +193,7 @@ def module_activation_kwargs(module: nn.Module) -> dict:
 def node_activation_kwargs(node: fx.Node, gm: fx.GraphModule) -> dict:
     """The gain parameters of an activation node in any form (module, functional, method)."""
     if node.op == "call_module":
-        return module_activation_kwargs(gm.get_submodule(node.target))
+        return module_activation_kwargs(submodule(gm, node.target))
     if node.op == "call_function" and node.target in (F.rrelu, F.rrelu_):
         args = {"lower": 1.0 / 8, "upper": 1.0 / 3, **dict(zip(("lower", "upper"), node.args[1:3])), **node.kwargs}
         if isinstance(args["lower"], (int, float)) and isinstance(args["upper"], (int, float)):

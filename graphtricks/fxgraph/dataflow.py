@@ -32,6 +32,7 @@ from graphtricks.fxgraph.kinds import (
     VIEW_METHODS,
     is_builtin_module,
 )
+from graphtricks.fxgraph.lookup import submodule
 from graphtricks.fxgraph.nodes import (
     ancestors,
     is_dropout,
@@ -125,7 +126,7 @@ def _role(user: fx.Node, node: fx.Node, gm: fx.GraphModule, prefix: str) -> tupl
         return "act", (act, node_activation_kwargs(user, gm), node_where(prefix, user))
     target = user.target
     if user.op == "call_module":
-        module = gm.get_submodule(str(target))
+        module = submodule(gm, str(target))
         if not is_builtin_module(module):
             return _opaque_role(module, f"{prefix}.{target}" if prefix else str(target))
         return ("through", None) if isinstance(module, _THROUGH_MODULES) else ("stop", None)
@@ -166,14 +167,14 @@ def _opaque_role(module: nn.Module, where: str) -> tuple[str, object]:
 def _is_norm(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
     """The norm module an activation-free norm node applies, or None."""
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = submodule(gm, str(node.target))
         if isinstance(module, NORM_TYPES) and (is_builtin_module(module) or _opaque_role(module, "")[0] == "through"):
             return module
     elif node.op == "call_function" and node.target in NORM_FUNCTIONS:
         for arg in node.all_input_nodes:
             owner, _, attr = str(arg.target).rpartition(".")
             if arg.op == "get_attr" and attr == "weight" and arg is not node.args[0]:
-                return gm.get_submodule(owner)
+                return submodule(gm, owner)
     return None
 
 
@@ -186,7 +187,7 @@ def _norm_behind(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
         data = [a for a in node.all_input_nodes if a.op != "get_attr"]  # layer scale: a parameter
         if len(data) != 1:
             return None
-        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        module = submodule(gm, str(node.target)) if node.op == "call_module" else None
         steps = (
             is_dropout(node, gm)
             or (module is not None and (isinstance(module, (nn.Identity, nn.Flatten, nn.Unflatten))
@@ -201,8 +202,8 @@ def _norm_behind(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
 
 def _is_act(node: fx.Node, gm: fx.GraphModule) -> bool:
     """True when ``node`` applies a nonlinearity (an opaque module's told by its type)."""
-    if node.op == "call_module" and not is_builtin_module(gm.get_submodule(str(node.target))):
-        return _opaque_role(gm.get_submodule(str(node.target)), "")[0] == "act"
+    if node.op == "call_module" and not is_builtin_module(submodule(gm, str(node.target))):
+        return _opaque_role(submodule(gm, str(node.target)), "")[0] == "act"
     return activation_name(node, gm) is not None
 
 
@@ -225,7 +226,7 @@ def residual_norms(gm: fx.GraphModule) -> list[tuple[nn.Module | None, nn.Module
             continue
         at = _wrapper_of(node, wrapped)
         if at is not None:
-            out.append((_norm_behind(operands[0], gm), gm.get_submodule(at), at))
+            out.append((_norm_behind(operands[0], gm), submodule(gm, at), at))
             continue
         behind: dict[fx.Node, set] = {}  # each operand's ancestors, computed once
         for branch, shortcut in (operands, operands[::-1]):

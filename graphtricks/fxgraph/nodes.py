@@ -20,6 +20,7 @@ from graphtricks.fxgraph.kinds import (
     PASS_THROUGH_MODULES,
     VIEW_METHODS,
 )
+from graphtricks.fxgraph.lookup import submodule
 
 __all__ = [
     "owner_path",
@@ -83,7 +84,7 @@ def unique_attr_name(gm: nn.Module, parent_path: str, base: str) -> str:
 def find_submodule(root: nn.Module, path: str) -> nn.Module | None:
     """The submodule at ``path``, or None when there is none."""
     try:
-        return root.get_submodule(path)
+        return submodule(root, path)
     except AttributeError:
         return None
 
@@ -227,7 +228,7 @@ def feeds_model_output(node: fx.Node, gm: fx.GraphModule) -> bool:
 def _calls(node: fx.Node, gm: fx.GraphModule, modules: tuple, functions: set, methods: frozenset | set = frozenset()) -> bool:
     """True when ``node`` calls a module of one of the types ``modules``, one of ``functions`` or ``methods``."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), modules)
+        return isinstance(submodule(gm, node.target), modules)
     if node.op == "call_function":
         return node.target in functions
     if node.op == "call_method":
@@ -243,7 +244,7 @@ def is_dropout(node: fx.Node, gm: fx.GraphModule) -> bool:
 def mutates_input(node: fx.Node, gm: fx.GraphModule) -> bool:
     """True when ``node`` writes into its first input (``inplace=True``, ``relu_``, ``+=``, ``x[i] = v``)."""
     if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+        return bool(getattr(submodule(gm, node.target), "inplace", False))
     name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
     # A trailing positional True is ``inplace`` only for activations (``F.relu(x, True)``).
     positional = node.target in ACTIVATION_FUNCTIONS and len(node.args) > 1 and node.args[-1] is True

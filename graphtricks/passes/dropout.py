@@ -18,12 +18,13 @@ from torch.fx.passes.infra.pass_base import PassResult
 from graphtricks.capture import Region
 from graphtricks.capture.shapes import tensor_meta
 from graphtricks.errors import PassError
-from graphtricks.fxgraph.adopt import adopt_graph, compile_when_called
 from graphtricks.fxgraph.activations import (
     ACTIVATION_MODULES,
     activation_name,
     normalise_activation_name,
 )
+from graphtricks.fxgraph.adopt import adopt_graph, compile_when_called
+from graphtricks.fxgraph.lookup import submodule
 from graphtricks.fxgraph.nodes import (
     feeds_model_output,
     insert_module_after,
@@ -153,7 +154,7 @@ class InsertDropout(GraphtricksPass):
 
     def _raise_placeholder(self, gm: fx.GraphModule, followers: list[fx.Node], where: str, act: str) -> None:
         for user in followers:
-            module = gm.get_submodule(user.target) if user.op == "call_module" else None
+            module = submodule(gm, user.target) if user.op == "call_module" else None
             if isinstance(module, nn.Dropout) and module.p == 0:
                 module.p = self.p
                 self.record(

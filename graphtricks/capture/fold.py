@@ -20,6 +20,7 @@ do not fire, ``checkpoint(module)`` runs its original code).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import re
@@ -375,8 +376,7 @@ class _Folder:
         them, and a later call with another value fails with a one-line error instead of being
         ignored.
         """
-        params = list(inspect.signature(original_class(inst.module).forward).parameters.values())[1:]
-        signature = inspect.Signature(params)
+        params, signature = _forward_signature(original_class(inst.module))
         if inst.added:  # a pass's wrapper: its one input goes to the first parameter
             if not params or any(p.default is p.empty for p in params[1:]):
                 raise _Unfoldable(inst, "a module added by a pass with a forward of more than one input")
@@ -427,6 +427,13 @@ class _Folder:
         out._rename(target.replace(".", "_"))
         if bind:
             _bind(g, out, callee.call.result, env, callee.slots)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_signature(cls: type) -> tuple[list[inspect.Parameter], inspect.Signature]:
+    """The parameters of ``cls.forward`` after ``self``, and their signature (once per class)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return params, inspect.Signature(params)
 
 
 def _map(value, fn):

@@ -338,7 +338,7 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     ``GraphModule`` instead, with the original's state and hooks carried over.
     """
     if adoption_conflict(module) is None:
-        return adopt_graph(module, graph)
+        return adopt_graph(module, graph, compile=False)  # compiled when called: passes edit it first
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     _carry_over_state(module, gm)
     copy_hooks(module, gm)

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 _MARK = "_graphtricks_adopted"
+_WAITING = "_graphtricks_compiles_when_called"  # on a forward that compiles the graph first
 # What GraphModule keeps on each instance (GraphModule.__init__), with fresh values.
 _INSTANCE_STATE = {
     "_tracer_extras": dict,
@@ -113,11 +114,13 @@ def _instance_class(cls: type) -> type:
     return type(cls.__name__, (adopted,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
-def adopt_graph(module: nn.Module, graph: fx.Graph) -> nn.Module:
+def adopt_graph(module: nn.Module, graph: fx.Graph, *, compile: bool = True) -> nn.Module:
     """Make ``module`` run ``graph`` as its forward, keeping the object, its class's methods and state.
 
     The graph's ``get_attr``/``call_module`` targets are looked up on ``module`` itself. Called
-    again on an adopted module, it only installs the new graph.
+    again on an adopted module, it only installs the new graph. ``compile=False``: its code is
+    generated and compiled on its first call or read of ``code`` (a region graph that passes
+    will edit and fold will cut up).
 
     Returns:
         ``module`` (now also an ``fx.GraphModule``: ``.graph``, ``.code``, ``recompile()``).
@@ -134,7 +137,12 @@ def adopt_graph(module: nn.Module, graph: fx.Graph) -> nn.Module:
         state["_tracer_cls"] = tracer_cls if tracer_cls and "<locals>" not in tracer_cls.__qualname__ else None
         module.__dict__.update(state)
         module.__class__ = _instance_class(original_class(module))
-    module.graph = graph  # owning module, generated code, forward
+    if compile:
+        module.graph = graph  # owning module, generated code, forward
+    else:
+        module.__dict__["_graph"] = graph  # what the ``graph`` setter does, but the compile
+        graph.owning_module = module
+        _compile_when_called(module, _placeholder_signature(graph))
     return module
 
 
@@ -149,17 +157,45 @@ def compile_when_called(module: nn.Module) -> None:
     """
     cls = type(module)
     if not is_adopted(module) or "_code" not in module.__dict__:
+        if not getattr(cls.forward, _WAITING, False):  # compiled at its next call already
+            module.recompile()
+        return
+    _compile_when_called(module, inspect.signature(cls.forward))  # callers bind to it as before
+
+
+def _compile_when_called(module: nn.Module, signature: inspect.Signature | None) -> None:
+    """Give ``module``'s class a forward that compiles the graph, then runs it (None: compile now)."""
+    if signature is None:
         module.recompile()
         return
-    signature = inspect.signature(cls.forward)  # what callers bind their arguments to, as before
 
     def forward(self, *args, **kwargs):
         self.recompile()  # sets the class's forward to the graph's code
         return self.forward(*args, **kwargs)
 
     forward.__signature__ = signature
-    del module.__dict__["_code"]
-    cls.forward = forward  # the instance's own class (_instance_class)
+    setattr(forward, _WAITING, True)
+    module.__dict__.pop("_code", None)
+    type(module).forward = forward  # the instance's own class (_instance_class)
+
+
+def _placeholder_signature(graph: fx.Graph) -> inspect.Signature | None:
+    """The signature of the forward fx would generate for ``graph`` (None where its code
+    generator is not fx's plain one, whose signature is its placeholders)."""
+    if type(graph._codegen) is not fx.graph.CodeGen:
+        return None
+    kinds = inspect.Parameter
+    params = [kinds("self", kinds.POSITIONAL_OR_KEYWORD)]
+    for node in graph.find_nodes(op="placeholder"):
+        name = str(node.target)
+        kind = (kinds.VAR_KEYWORD if name.startswith("**") else kinds.VAR_POSITIONAL if name.startswith("*")
+                else kinds.POSITIONAL_OR_KEYWORD)
+        default = node.args[0] if node.args and kind is kinds.POSITIONAL_OR_KEYWORD else kinds.empty
+        params.append(kinds(name.lstrip("*"), kind, default=default))
+    try:
+        return inspect.Signature(params)
+    except ValueError:  # not a signature Python takes: fx's own compile says why
+        return None
 
 
 def _code(self) -> str:

@@ -108,6 +108,12 @@ class _Watcher(fx.Interpreter):
         super().__init__(gm)
         self.afters = afters
 
+    def fetch_attr(self, target: str) -> Any:
+        # A module by the name table the interpreter made (fx walks getattr per path segment,
+        # each a miss through the user's classes before ``nn.Module.__getattr__``).
+        found = self.submodules.get(target) if isinstance(getattr(self, "submodules", None), dict) else None
+        return found if found is not None else super().fetch_attr(target)
+
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         for after in self.afters:

@@ -20,10 +20,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict, guard_flags
-from graphtricks.capture.modes import ModeSnapshot
 from graphtricks.capture.guards import install_input_guards
 from graphtricks.capture.hooks import copy_hooks, hook_kinds
+from graphtricks.capture.modes import ModeSnapshot
 from graphtricks.capture.tracing import (
     Call,
     concrete_args,
@@ -34,7 +33,9 @@ from graphtricks.capture.tracing import (
     trace_once,
 )
 from graphtricks.errors import CaptureError, InputShapeError
+from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict, guard_flags
 from graphtricks.fxgraph.kinds import CONTAINERS, is_builtin_module
+from graphtricks.fxgraph.lookup import submodule
 
 __all__ = ["Region", "RegionTree", "capture", "model_rejected", "expand_containers"]
 
@@ -250,7 +251,7 @@ class _Capturer:
         for node in graph.nodes:
             if node.op != "call_module":
                 continue
-            sub = gm.get_submodule(node.target)
+            sub = submodule(gm, node.target)
             if id(sub) not in leaves or id(sub) in self.done:
                 continue
             qual = f"{path}.{node.target}" if path else node.target

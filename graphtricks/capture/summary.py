@@ -11,6 +11,7 @@ from torch import nn
 from graphtricks.capture.regions import RegionTree
 from graphtricks.fxgraph.activations import ACTIVATION_MODULES, activation_name
 from graphtricks.fxgraph.kinds import NORM_FUNCTIONS, NORM_TYPES, is_builtin_module
+from graphtricks.fxgraph.lookup import submodule
 
 __all__ = ["summarize", "NORM_MODULES"]
 
@@ -44,7 +45,7 @@ def summarize(tree: RegionTree) -> dict[str, Any]:
                     activations[act] += 1
                     forms[{"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]] += 1
                 if node.op == "call_module":
-                    norm = _norm_name(gm.get_submodule(node.target))
+                    norm = _norm_name(submodule(gm, node.target))
                     if norm:
                         norms[norm] += 1
                 elif node.op == "call_function" and node.target in NORM_FUNCTIONS:

@@ -23,6 +23,7 @@ from torch.fx.graph_module import _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
 from graphtricks.errors import GraphtricksError
+from graphtricks.fxgraph.lookup import submodule
 
 __all__ = [
     "adopt_graph",
@@ -238,7 +239,7 @@ def guard_flags(module: nn.Module, reads: list) -> None:
 
 def _check_flags(module: nn.Module, flags: list) -> None:
     for path, name, value in flags:
-        owner = module.get_submodule(path) if path else module
+        owner = submodule(module, path)
         if getattr(owner, name, value) is not value:
             where = f"{path}.{name}" if path else name
             raise GraphtricksError(

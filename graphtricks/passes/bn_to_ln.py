@@ -12,7 +12,6 @@ measured for every swap in one forward of the model.
 
 from __future__ import annotations
 
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from graphtricks.capture.shapes import copy_output_meta, tensor_meta, transposed
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.adopt import compile_when_called
 from graphtricks.fxgraph.kinds import is_builtin_module
+from graphtricks.fxgraph.lookup import submodule
 from graphtricks.fxgraph.nodes import ancestors, node_where
 from graphtricks.layers.norm import (
     NormAct,
@@ -308,7 +308,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
         gm = graph_module
         by_target: dict[str, list[fx.Node]] = {}
         for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
+            if node.op == "call_module" and isinstance(submodule(gm, node.target), _BatchNorm):
                 by_target.setdefault(str(node.target), []).append(node)
         self._note_uncalled(gm, by_target)
         swapped = [self._swap_module(gm, target, nodes) for target, nodes in by_target.items()]
@@ -336,10 +336,10 @@ class BatchNormToLayerNorm(GraphtricksPass):
 
     def _swap_module(self, gm: fx.GraphModule, target: str, nodes: list[fx.Node]) -> nn.Module | None:
         """Swap the BatchNorm module at ``target``; its replacement, or None when left alone."""
-        bn, (parent, _, leaf) = gm.get_submodule(target), target.rpartition(".")
+        bn, (parent, _, leaf) = submodule(gm, target), target.rpartition(".")
         inputs = [n.args[0] if n.args else n.kwargs.get("input") for n in nodes]
         shapes = [getattr(tensor_meta(x), "shape", None) if isinstance(x, fx.Node) else None for x in inputs]
-        new = self._swap(bn, self.qualify(target), shapes, lambda m: setattr(gm.get_submodule(parent), leaf, m))
+        new = self._swap(bn, self.qualify(target), shapes, lambda m: setattr(submodule(gm, parent), leaf, m))
         if new is None:
             return None
         # Call norm, drop and act from the graph, so later passes see them; a NormAct holding the
@@ -404,7 +404,7 @@ class BatchNormToLayerNorm(GraphtricksPass):
                 continue
             gm.graph.erase_node(n)
             owner_path, _, attr = str(n.target).rpartition(".")
-            owner = gm.get_submodule(owner_path)
+            owner = submodule(gm, owner_path)
             for name in (attr, "num_batches_tracked"):
                 target = f"{owner_path}.{name}" if owner_path else name
                 still_read = any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes)

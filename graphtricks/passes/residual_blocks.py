@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-
 import torch.fx as fx
 from torch import nn
 
@@ -29,6 +28,7 @@ from graphtricks.capture import Region, RegionTree
 from graphtricks.capture.probe import FirstCall, first_calls
 from graphtricks.capture.shapes import tensor_meta
 from graphtricks.fxgraph.kinds import CONTAINERS, is_builtin_module
+from graphtricks.fxgraph.lookup import submodule
 from graphtricks.fxgraph.nodes import (
     boundary,
     find_submodule,
@@ -294,7 +294,7 @@ def candidate_blocks(tree: RegionTree, example_inputs: tuple = (), example_kwarg
                     continue
                 # a layer is a leaf call; an inlined module (traced through) is a block of several steps
                 leaf = len(nodes) == 1 and nodes[0].op == "call_module" and nodes[0].target == local
-                layer = leaf and is_builtin_module(gm.get_submodule(local))
+                layer = leaf and is_builtin_module(submodule(gm, local))
                 block = _from_graph(region.qualify(local), local, None, entry, exit_, ())
                 found.append((block, types[local].__name__, layer, not layer and adds_input(nodes, entry)))
         elif isinstance(region.module, nn.Sequential) and (example_inputs or example_kwargs):

@@ -123,8 +123,11 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _unmatched(mine: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray]) -> list[str]:
     """Names in ``mine`` absent from ``theirs`` whose content no weight of ``theirs`` has."""
-    keys = {_content_key(v) for v in theirs.values()}
-    return sorted(k for k, v in mine.items() if k not in theirs and _content_key(v) not in keys)
+    absent = {k: v for k, v in mine.items() if k not in theirs}
+    # Hashing reads every byte: only the candidates of the same dtype and shape are hashed.
+    kinds = {(str(v.dtype), v.shape) for v in absent.values()}
+    keys = {_content_key(v) for v in theirs.values() if (str(v.dtype), v.shape) in kinds}
+    return sorted(k for k, v in absent.items() if _content_key(v) not in keys)
 
 
 def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:

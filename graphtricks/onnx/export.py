@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,16 @@ def _verify_written_train_graph(model: nn.Module, inputs: tuple, path: Path) -> 
         _verify_train_graph(model, inputs, written)
 
 
+def _sync(paths: list[Path]) -> None:
+    """Flushes files to disk, so that a crash after their rename cannot leave them empty."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _write_atomically(
     out_dir: Path,
     graphs: dict[str, onnx.ModelProto],
@@ -252,11 +263,16 @@ def _write_atomically(
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export."))
         paths = {name: str(staging / name) for name in graphs}
         write_graphs(paths, graphs, str(staging / DATA_FILE) if external else None)
-        for name, path in paths.items():
-            _check_written(path, name)
-        if verify is not None:
-            verify(staging)
         names = list(graphs) + ([DATA_FILE] if external else [])
+        # Flushing waits on the disk (a second per 800 MB here): it runs while the files are
+        # checked, and is done before any is renamed into place.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            synced = pool.submit(_sync, [staging / name for name in names])
+            for name, path in paths.items():
+                _check_written(path, name)
+            if verify is not None:
+                verify(staging)
+            synced.result()
         public_modes(*(staging / name for name in names))  # not mkdtemp's 0600
         placed = True
         for name in names:

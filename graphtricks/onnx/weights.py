@@ -496,6 +496,8 @@ def write_graphs(
 ) -> None:
     """Writes each graph to ``paths[name]``; with ``data_path``, their weights to it, shared.
 
+    The files are not flushed to disk (``fsync``): the caller does it before renaming them.
+
     Args:
         paths: Where each graph goes (temporary files the caller renames into place).
         graphs: The graphs, stubs included.
@@ -506,18 +508,12 @@ def write_graphs(
         for name, model in graphs.items():
             with open(paths[name], "wb") as f:
                 _write_self_contained(f, model)
-                f.flush()
-                os.fsync(f.fileno())
         return
     offsets: dict[tuple, int] = {}
     with open(data_path, "wb") as data:
         for name, model in graphs.items():
             with open(paths[name], "wb") as f:
                 _write_external(f, model, data, offsets, DATA_FILE)
-                f.flush()
-                os.fsync(f.fileno())
-        data.flush()
-        os.fsync(data.fileno())
 
 
 def resolve_external(

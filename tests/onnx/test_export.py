@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import numpy as np
 import onnx
@@ -363,3 +364,24 @@ def test_shape_inference_gets_no_weights_and_the_graphs_stay_the_same(monkeypatc
     assert [structure(train) for train in (True, False)] == light
     assert seen and all({"fc.weight", "emb.weight", "positions"} <= set(params) for params in seen)
     assert torch._C._jit_pass_onnx_graph_shape_type_inference is recorded  # put back
+
+
+def test_files_are_flushed_to_disk_before_they_are_renamed_into_place(tmp_path, cnn, monkeypatch):
+    model, inputs = cnn
+    synced: set[str] = set()
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        fsync(fd)
+        synced.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+
+    def checked_replace(src, dst) -> None:
+        assert os.path.basename(src) in synced, f"{src} renamed before it was flushed"
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", checked_replace)
+    for external in (False, True):
+        synced.clear()
+        export_pair(model, inputs, tmp_path / str(external), external_data=external)
+        assert synced == {"model.train.onnx", "model.infer.onnx"} | ({"model.data"} if external else set())

@@ -60,7 +60,7 @@ from graphtricks.onnx.runtime import (
     resolve_device,
 )
 from graphtricks.onnx.train_only import deterministic_train_copy, random_subgraphs
-from graphtricks.onnx.weights import WeightTable
+from graphtricks.onnx.weights import WeightTable, release_graph
 
 __all__ = ["validate_pair"]
 
@@ -280,6 +280,7 @@ def _validate_loaded(
         report.checks += check_infer_vs_eager(
             sessions[-1], model, input_sets, tolerance, reference, truths[0]
         )
+        release_graph(infer)  # its file's weights leave memory before the train graph's come in
 
         step()
         neutral = deterministic_train_copy(train)

@@ -43,6 +43,8 @@ __all__ = [
     "in_memory_array",
     "is_stub",
     "load_mapped",
+    "release_graph",
+    "release_pages",
     "resolve_external",
     "tensor_value",
     "write_graphs",
@@ -63,6 +65,8 @@ _STUB_TYPES = frozenset(
 )
 
 _REGISTRY: dict[str, np.ndarray] = {}
+# address of a file map -> (its size, the mmap): what release_pages looks arrays up in
+_MAPS: dict[int, tuple[int, mmap.mmap]] = {}
 # key -> (data file, offset, length) for arrays that are memory maps of a file's bytes
 _SOURCES: dict[str, tuple[Path, int, int]] = {}
 
@@ -89,6 +93,8 @@ class WeightTable:
         for key in self._keys:
             _REGISTRY.pop(key, None)
             _SOURCES.pop(key, None)
+        for array in self._maps.values():
+            _MAPS.pop(array.__array_interface__["data"][0], None)
         self._keys.clear()
         self._maps.clear()
 
@@ -128,7 +134,31 @@ class WeightTable:
                 else:
                     view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                     self._maps[path] = np.frombuffer(view, np.uint8)
+                    _MAPS[self._maps[path].__array_interface__["data"][0]] = (size, view)
         return self._maps[path]
+
+
+def release_pages(array: np.ndarray | None) -> None:
+    """Drops the resident pages of an array that maps a file (no-op for any other array).
+
+    Resident pages of a map count in the process's memory until it is closed; read again, they
+    come back from the page cache. Validation releases a graph's weights once it is done with
+    them, so that a self-contained pair's two files are never resident at once.
+    """
+    if array is None or not array.nbytes:
+        return
+    address = array.__array_interface__["data"][0]
+    for base, (size, view) in _MAPS.items():
+        if base <= address < base + size:
+            start = (address - base) // mmap.PAGESIZE * mmap.PAGESIZE
+            view.madvise(mmap.MADV_DONTNEED, start, min(size, address - base + array.nbytes) - start)
+            return
+
+
+def release_graph(model: onnx.ModelProto) -> None:
+    """:func:`release_pages` of every weight of ``model`` held as a stub."""
+    for init in model.graph.initializer:
+        release_pages(in_memory_array(init))
 
 
 def _entries(tensor: onnx.TensorProto) -> dict[str, str]:

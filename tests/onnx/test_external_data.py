@@ -236,3 +236,30 @@ def test_export_refuses_files_whose_written_weights_differ_from_the_model(tmp_pa
         export_pair(model, inputs, tmp_path / "out", external_data=True)
     assert "nothing was written" in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def _resident_kib(path: Path) -> int:
+    """Resident KiB of this process's maps of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_released_weights_leave_memory_and_read_back_the_same(tmp_path):
+    from graphtricks.onnx.weights import release_pages
+
+    path = tmp_path / "weights.bin"
+    values = np.arange(2**20, dtype=np.float32)  # 4 MiB
+    values.tofile(path)
+    with WeightTable() as table:
+        mapped = table.mapped(path)[4096:].view(np.float32)  # a weight at a page boundary
+        assert float(mapped.sum()) == float(values[1024:].sum())
+        assert _resident_kib(path.resolve()) >= 4000
+        release_pages(mapped)
+        assert _resident_kib(path.resolve()) <= 8
+        assert np.array_equal(mapped, values[1024:])
+    release_pages(values)  # not a map: nothing happens

@@ -44,6 +44,7 @@ from graphtricks.onnx.train_only import (
     train_only_feeds,
     train_only_output_nodes,
 )
+from graphtricks.onnx.weights import release_pages
 
 __all__ = [
     "check_infer_has_no_train_ops",
@@ -148,6 +149,9 @@ def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult
             differing.append(name)
             if a.shape == b.shape and a.dtype.kind in "fiu":
                 max_abs = max(max_abs, float(np.abs(a.astype(np.float64) - b).max(initial=0)))
+        # read once: two self-contained files' weights would otherwise end up resident together
+        release_pages(a)
+        release_pages(b)
     only_train, only_infer = _unmatched(tw, iw), _unmatched(iw, tw)
     problems = []
     if differing:

@@ -14,8 +14,9 @@ truth is within ``NOISE_FACTOR`` times PyTorch float32's own largest error again
 Runtime must be as close to the truth as PyTorch is. Whichever of the two rules is looser
 decides. The float64 run can only turn a fixed-tolerance failure into a pass, so it runs only for
 the input sets where some output fails the fixed tolerance (a float64 run of a large model costs
-more than the rest of its validation); the report then carries both figures. A portable train graph's ``updated.<buffer>`` outputs
-are compared with the buffers of the model after one train-mode forward (:func:`check_running_stats`).
+more than the rest of its validation); the report then carries both figures. A portable train
+graph's ``updated.<buffer>`` outputs are compared with the buffers of the model after one
+train-mode forward (:func:`check_running_stats`).
 """
 
 from __future__ import annotations

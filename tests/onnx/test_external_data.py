@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,34 @@ def test_released_weights_leave_memory_and_read_back_the_same(tmp_path):
         assert _resident_kib(path.resolve()) <= 8
         assert np.array_equal(mapped, values[1024:])
     release_pages(values)  # not a map: nothing happens
+
+
+@pytest.mark.parametrize("copy_works", [True, False])
+def test_second_self_contained_file_copies_the_weights_the_first_wrote(tmp_path, net, monkeypatch, copy_works):
+    """Each weight is read from the model (a transposed one made contiguous) once for the pair;
+    where the kernel cannot copy between the files, it is written again, with the same bytes."""
+    from graphtricks.onnx import weights
+
+    made: list[tuple] = []
+    bytes_of = weights._bytes_of
+
+    def counted(array):
+        made.append(weights._array_key(array))
+        return bytes_of(array)
+
+    def refused(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(weights, "_bytes_of", counted)
+    if not copy_works:
+        monkeypatch.setattr(os, "copy_file_range", refused)
+    model, inputs = net
+    result = export_pair(model, inputs, tmp_path)
+    assert made and len(made) == len(set(made)) * (1 if copy_works else 2)
+    train, infer = (onnx.load(str(p)) for p in (result.train_path, result.infer_path))
+    want = {i.name: numpy_helper.to_array(i) for i in infer.graph.initializer}
+    assert want["fc.weight"].size == 8 * 8 * 8 * 10
+    for init in train.graph.initializer:
+        if init.name in want:
+            np.testing.assert_array_equal(numpy_helper.to_array(init), want[init.name])
+    assert validate_pair(model, inputs, tmp_path, device="cpu").passed

@@ -40,10 +40,9 @@ from graphtricks.onnx.names import (
     TRAIN_FILE,
     checked_names,
     default_input_names,
-    eval_outputs,
+    mode_outputs,
     train_only_names,
     train_output_names,
-    train_outputs,
 )
 from graphtricks.onnx.portable import make_portable, portable_dropouts, updated_outputs
 from graphtricks.onnx.report import Tolerance, default_tolerance
@@ -367,13 +366,12 @@ def export_pair(
     out_dir = Path(out_dir)
     say = progress or (lambda message: None)
     with torch_numerics("cpu"), WeightTable() as table:
-        named, left_out = eval_outputs(model, inputs)
+        named, left_out, in_train = mode_outputs(model, inputs)
         outputs = [t for _, t in named]
         default_in = default_input_names(model, len(inputs))
         in_names = checked_names(input_names, len(inputs), default_in, "input_names")
         default_out = [n for n, _ in named]
         out_names = checked_names(output_names, len(outputs), default_out, "output_names")
-        in_train = train_outputs(model, inputs)
         train_names = train_output_names(named, in_train, out_names)
         train_only = train_only_names(train_names)
 

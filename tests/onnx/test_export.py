@@ -385,3 +385,28 @@ def test_files_are_flushed_to_disk_before_they_are_renamed_into_place(tmp_path, 
         synced.clear()
         export_pair(model, inputs, tmp_path / str(external), external_data=external)
         assert synced == {"model.train.onnx", "model.infer.onnx"} | ({"model.data"} if external else set())
+
+
+class FailsInTrainMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = x.view(-1, 3)  # the example inputs do not fit this
+        return self.fc(x)
+
+
+class ReturnsNoTensor(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"shape": tuple(x.shape)}
+
+
+def test_models_rejecting_the_inputs_in_a_mode_or_returning_no_tensor_are_one_line_errors(tmp_path):
+    with pytest.raises(ExportError, match="rejects the example inputs in train mode") as info:
+        export_pair(FailsInTrainMode(), (torch.randn(2, 4),), tmp_path / "a")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ExportError, match="returns no tensor"):
+        export_pair(ReturnsNoTensor(), (torch.randn(2, 4),), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

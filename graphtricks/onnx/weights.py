@@ -145,8 +145,8 @@ def release_pages(array: np.ndarray | None) -> None:
     come back from the page cache. Validation releases a graph's weights once it is done with
     them, so that a self-contained pair's two files are never resident at once.
     """
-    if array is None or not array.nbytes:
-        return
+    if array is None or not array.nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+        return  # (no madvise on Windows: the pages stay until the table closes)
     address = array.__array_interface__["data"][0]
     for base, (size, view) in _MAPS.items():
         if base <= address < base + size:

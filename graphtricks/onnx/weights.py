@@ -515,7 +515,8 @@ def _write_self_contained(
         length = array.nbytes
         # A doc_string of spaces puts the raw data at a multiple of _RAW_ALIGN in the file, so
         # validation maps it in place (load_mapped) instead of copying it.
-        for pad in range(_RAW_ALIGN):
+        # k spaces lengthen the prefix by 2 + k bytes (k >= 1): pads 0..64 reach every residue
+        for pad in range(_RAW_ALIGN + 1):
             head = onnx.TensorProto(name=stub.name, data_type=stub.data_type, dims=stub.dims)
             if pad:
                 head.doc_string = " " * pad

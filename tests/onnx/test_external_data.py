@@ -295,3 +295,32 @@ def test_second_self_contained_file_copies_the_weights_the_first_wrote(tmp_path,
         if init.name in want:
             np.testing.assert_array_equal(numpy_helper.to_array(init), want[init.name])
     assert validate_pair(model, inputs, tmp_path, device="cpu").passed
+
+
+def test_self_contained_writer_aligns_every_weight_whatever_came_before(tmp_path):
+    """Every large weight lands at a multiple of 64 in the file, whatever the bytes before it
+    (each residue needs its own padding), so validation maps it instead of copying it."""
+    from onnx import helper
+
+    from graphtricks.onnx.weights import (
+        file_source,
+        in_memory_array,
+        load_mapped,
+        write_graphs,
+    )
+
+    with WeightTable() as table:  # names of every length: the bytes before each weight vary
+        arrays = {"w" * (k + 1): np.full(256 + k, k, np.float32) for k in range(70)}
+        graph = helper.make_graph(
+            [helper.make_node("Identity", [name], [f"out{name}"]) for name in arrays], "g", [],
+            [helper.make_tensor_value_info(f"out{name}", onnx.TensorProto.FLOAT, None) for name in arrays],
+            [table.stub(name, a) for name, a in arrays.items()],
+        )
+        write_graphs({"m": str(tmp_path / "m.onnx")}, {"m": helper.make_model(graph)}, None)
+    with WeightTable() as table:
+        loaded = load_mapped(tmp_path / "m.onnx", table)
+        mapped = table.mapped(tmp_path / "m.onnx")
+        for init in loaded.graph.initializer:
+            assert file_source(init)[1] % 64 == 0, init.name
+            assert np.shares_memory(in_memory_array(init), mapped), init.name
+            np.testing.assert_array_equal(in_memory_array(init), arrays[init.name])

@@ -403,10 +403,14 @@ _breakdown_on = False
 _VALIDATE_STAGES = (
     ("export_pair", "graphtricks/onnx/export.py", ("export_pair",)),
     ("  torchscript export (2 modes)", "graphtricks/onnx/torchscript.py", ("export_mode",)),
+    ("  write files (flushed on a thread, not profiled)", "graphtricks/onnx/weights.py", ("write_graphs",)),
     ("validate_pair", "graphtricks/onnx/validate.py", ("validate_pair",)),
     ("  onnxruntime run", "onnxruntime_inference_collection.py", ("run",)),
     ("  onnxruntime session init", "onnxruntime_inference_collection.py", ("_create_inference_session",)),
     ("  eager reference runs", "graphtricks/onnx/eager.py", ("run_reference",)),
+    ("  float64 reference runs (where a fixed tolerance fails)", "graphtricks/onnx/checks/numeric.py", ("run",)),
+    ("  weights check", "graphtricks/onnx/checks/graphs.py", ("check_weights",)),
+    ("  side-effect digests", "graphtricks/onnx/eager.py", ("digest_model",)),
 )
 
 

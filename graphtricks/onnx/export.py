@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,9 @@ from graphtricks.onnx.names import (
     TRAIN_FILE,
     checked_names,
     default_input_names,
-    eval_outputs,
+    mode_outputs,
     train_only_names,
     train_output_names,
-    train_outputs,
 )
 from graphtricks.onnx.portable import make_portable, portable_dropouts, updated_outputs
 from graphtricks.onnx.report import Tolerance, default_tolerance
@@ -226,6 +226,16 @@ def _verify_written_train_graph(model: nn.Module, inputs: tuple, path: Path) -> 
         _verify_train_graph(model, inputs, written)
 
 
+def _sync(paths: list[Path]) -> None:
+    """Flushes files to disk, so that a crash after their rename cannot leave them empty."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _write_atomically(
     out_dir: Path,
     graphs: dict[str, onnx.ModelProto],
@@ -252,11 +262,16 @@ def _write_atomically(
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export."))
         paths = {name: str(staging / name) for name in graphs}
         write_graphs(paths, graphs, str(staging / DATA_FILE) if external else None)
-        for name, path in paths.items():
-            _check_written(path, name)
-        if verify is not None:
-            verify(staging)
         names = list(graphs) + ([DATA_FILE] if external else [])
+        # Flushing waits on the disk (a second per 800 MB here): it runs while the files are
+        # checked, and is done before any is renamed into place.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            synced = pool.submit(_sync, [staging / name for name in names])
+            for name, path in paths.items():
+                _check_written(path, name)
+            if verify is not None:
+                verify(staging)
+            synced.result()
         public_modes(*(staging / name for name in names))  # not mkdtemp's 0600
         placed = True
         for name in names:
@@ -351,13 +366,12 @@ def export_pair(
     out_dir = Path(out_dir)
     say = progress or (lambda message: None)
     with torch_numerics("cpu"), WeightTable() as table:
-        named, left_out = eval_outputs(model, inputs)
+        named, left_out, in_train = mode_outputs(model, inputs)
         outputs = [t for _, t in named]
         default_in = default_input_names(model, len(inputs))
         in_names = checked_names(input_names, len(inputs), default_in, "input_names")
         default_out = [n for n, _ in named]
         out_names = checked_names(output_names, len(outputs), default_out, "output_names")
-        in_train = train_outputs(model, inputs)
         train_names = train_output_names(named, in_train, out_names)
         train_only = train_only_names(train_names)
 

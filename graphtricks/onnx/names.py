@@ -20,7 +20,7 @@ from graphtricks.onnx.eager import named_outputs, non_tensor_outputs, reference_
 
 __all__ = [
     "INFER_FILE", "TRAIN_FILE", "TRAIN_ONLY_PREFIX", "checked_names", "default_input_names",
-    "eval_outputs", "train_only_names", "train_output_names", "train_outputs",
+    "mode_outputs", "train_only_names", "train_output_names",
 ]
 
 TRAIN_FILE = "model.train.onnx"
@@ -54,47 +54,45 @@ def default_input_names(model: nn.Module, count: int) -> list[str]:
     return positional[:count] if len(positional) >= count else [f"input_{i}" for i in range(count)]
 
 
-def _mode_outputs(model: nn.Module, inputs: tuple, train: bool) -> tuple[list[tuple[str, Any]], Any]:
-    """Runs a copy of ``model`` in one mode: its named output tensors and its raw output."""
+def _run_mode(twin: nn.Module, inputs: tuple, train: bool) -> Any:
+    """The raw output of ``twin`` (a copy) in one mode on the example inputs."""
     try:
-        twin = reference_copy(model, train=train, device="cpu")
         with torch.no_grad():
-            value = twin(*inputs)
-        named = named_outputs(value)
-    except ValidationError as e:
-        raise ExportError(str(e)) from e
+            return twin.train(train)(*inputs)
     except Exception as e:
         mode = "train" if train else "eval"
         raise ExportError(
             f"the model rejects the example inputs in {mode} mode ({type(e).__name__}: {e}); "
             "pass example inputs of the shapes and dtypes it expects"
         ) from e
-    return named, value
 
 
-def eval_outputs(model: nn.Module, inputs: tuple) -> tuple[list[tuple[str, Any]], list[str]]:
-    """Runs a copy of ``model`` in eval mode on the example inputs.
+def mode_outputs(
+    model: nn.Module, inputs: tuple
+) -> tuple[list[tuple[str, Any]], list[str], list[tuple[str, Any]]]:
+    """Runs one copy of ``model`` on the example inputs in eval mode, then in train mode.
+
+    One copy serves both runs: only the structure, dtypes and shapes of the outputs are used,
+    which the eval run's effect on the copy's buffers does not change.
 
     Returns:
-        Its output tensors with their default graph output names (:func:`named_outputs`), and
-        the outputs that hold no tensor, which the graphs leave out.
+        The eval-mode output tensors with their default graph output names
+        (:func:`named_outputs`), the eval-mode outputs that hold no tensor (the graphs leave
+        them out), and the train-mode output tensors with their default names.
 
     Raises:
-        ExportError: The model cannot be copied, rejects the inputs, or returns no tensor.
+        ExportError: The model cannot be copied, rejects the inputs in either mode, or returns
+            no tensor in eval mode.
     """
-    named, value = _mode_outputs(model, inputs, train=False)
+    try:
+        twin = reference_copy(model, train=False, device="cpu")
+    except ValidationError as e:
+        raise ExportError(str(e)) from e
+    value = _run_mode(twin, inputs, train=False)
+    named = named_outputs(value)
     if not named:
         raise ExportError("the model returns no tensor; nothing to export")
-    return named, non_tensor_outputs(value)
-
-
-def train_outputs(model: nn.Module, inputs: tuple) -> list[tuple[str, Any]]:
-    """The output tensors of a copy of ``model`` in train mode, with default names.
-
-    Raises:
-        ExportError: The model cannot be copied or rejects the inputs in train mode.
-    """
-    return _mode_outputs(model, inputs, train=True)[0]
+    return named, non_tensor_outputs(value), named_outputs(_run_mode(twin, inputs, train=True))
 
 
 def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -112,8 +110,8 @@ def train_output_names(
     returns ``main``); they must have the same dtype and shape in both modes.
 
     Args:
-        infer: The eval-mode outputs with their default names (:func:`eval_outputs`).
-        train: The train-mode outputs with their default names (:func:`train_outputs`).
+        infer: The eval-mode outputs with their default names (:func:`mode_outputs`).
+        train: The train-mode outputs with their default names (:func:`mode_outputs`).
         names: The inference graph's output names, one per ``infer`` output.
 
     Raises:

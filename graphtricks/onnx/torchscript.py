@@ -238,6 +238,36 @@ def _graphtricks_symbolics(opset: int) -> Iterator[None]:
             torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
+# Floating-point parameters at least this large are weights: shape inference reads their types only.
+_WEIGHT_BYTES = 1024
+
+
+@contextlib.contextmanager
+def _shape_inference_on_types() -> Iterator[None]:
+    """Hands the exporter's graph-level shape inference only the parameters whose values it uses.
+
+    torch's pass puts every parameter it is given into the one-node graph it serializes for
+    ONNX's shape inference of each node (``CloneNodeToGraph``): a copy of every weight, twice per
+    export, 3 of the 5 s of exporting a 403 MB MLP. Values matter only where they are shapes,
+    axes, indices or scales: integer tensors and small ones, all kept; a weight's node is
+    inferred from its type, which the trace recorded. The graph written is the same.
+    """
+    full = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def on_types(graph: Any, params_dict: dict[str, torch.Tensor], opset: int) -> None:
+        kept = {
+            k: v for k, v in params_dict.items()
+            if not (v.is_floating_point() and v.numel() * v.element_size() >= _WEIGHT_BYTES)
+        }
+        return full(graph, kept, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = on_types
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = full
+
+
 def _is_noise(w: warnings.WarningMessage) -> bool:
     """Warnings every TorchScript export emits, which say nothing about this model."""
     text, torch_dir = str(w.message), os.path.dirname(torch.__file__)
@@ -387,7 +417,7 @@ def export_mode(
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         try:
-            with _silenced_output(), _graphtricks_symbolics(opset):
+            with _silenced_output(), _graphtricks_symbolics(opset), _shape_inference_on_types():
                 torch.onnx.export(
                     twin, inputs, buffer, dynamo=False, training=training, opset_version=opset,
                     do_constant_folding=False,  # folding would merge weights differently per mode

@@ -43,6 +43,8 @@ __all__ = [
     "in_memory_array",
     "is_stub",
     "load_mapped",
+    "release_graph",
+    "release_pages",
     "resolve_external",
     "tensor_value",
     "write_graphs",
@@ -63,6 +65,8 @@ _STUB_TYPES = frozenset(
 )
 
 _REGISTRY: dict[str, np.ndarray] = {}
+# address of a file map -> (its size, the mmap): what release_pages looks arrays up in
+_MAPS: dict[int, tuple[int, mmap.mmap]] = {}
 # key -> (data file, offset, length) for arrays that are memory maps of a file's bytes
 _SOURCES: dict[str, tuple[Path, int, int]] = {}
 
@@ -89,6 +93,8 @@ class WeightTable:
         for key in self._keys:
             _REGISTRY.pop(key, None)
             _SOURCES.pop(key, None)
+        for array in self._maps.values():
+            _MAPS.pop(array.__array_interface__["data"][0], None)
         self._keys.clear()
         self._maps.clear()
 
@@ -128,7 +134,31 @@ class WeightTable:
                 else:
                     view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                     self._maps[path] = np.frombuffer(view, np.uint8)
+                    _MAPS[self._maps[path].__array_interface__["data"][0]] = (size, view)
         return self._maps[path]
+
+
+def release_pages(array: np.ndarray | None) -> None:
+    """Drops the resident pages of an array that maps a file (no-op for any other array).
+
+    Resident pages of a map count in the process's memory until it is closed; read again, they
+    come back from the page cache. Validation releases a graph's weights once it is done with
+    them, so that a self-contained pair's two files are never resident at once.
+    """
+    if array is None or not array.nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+        return  # (no madvise on Windows: the pages stay until the table closes)
+    address = array.__array_interface__["data"][0]
+    for base, (size, view) in _MAPS.items():
+        if base <= address < base + size:
+            start = (address - base) // mmap.PAGESIZE * mmap.PAGESIZE
+            view.madvise(mmap.MADV_DONTNEED, start, min(size, address - base + array.nbytes) - start)
+            return
+
+
+def release_graph(model: onnx.ModelProto) -> None:
+    """:func:`release_pages` of every weight of ``model`` held as a stub."""
+    for init in model.graph.initializer:
+        release_pages(in_memory_array(init))
 
 
 def _entries(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -431,8 +461,43 @@ def _bytes_of(array: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
-def _write_self_contained(f: BinaryIO, model: onnx.ModelProto) -> None:
-    """Writes ``model`` with every stub's data inline, one tensor in memory at a time."""
+def _array_key(array: np.ndarray) -> tuple:
+    """What tells one array's bytes from another's without reading them."""
+    interface = array.__array_interface__
+    # strides too: a square weight and its transposed view share data, bytes and shape
+    return interface["data"][0], array.nbytes, array.dtype.str, array.shape, array.strides
+
+
+def _copy_from(f: BinaryIO, source: tuple[str, int], length: int) -> bool:
+    """Appends ``length`` bytes of an earlier written file at ``f``'s position, in the kernel;
+    False (nothing appended) where the file system cannot."""
+    f.flush()
+    start = f.tell()
+    try:
+        with open(source[0], "rb") as src:
+            offset, left = source[1], length
+            while left:
+                done = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
+                if not done:
+                    raise OSError("copy_file_range copied nothing")
+                offset, left = offset + done, left - done
+    except (AttributeError, OSError):  # no copy_file_range, or not between these files
+        f.seek(start)
+        f.truncate()
+        return False
+    f.seek(start + length)
+    return True
+
+
+def _write_self_contained(
+    f: BinaryIO, model: onnx.ModelProto, written: dict[tuple, tuple[str, int]]
+) -> None:
+    """Writes ``model`` with every stub's data inline, one tensor in memory at a time.
+
+    ``written`` maps each array already written (:func:`_array_key`) to (file, offset); such an
+    array's bytes are copied from there (the pair's second file would otherwise transpose and
+    write every weight again), and the ones written here are added.
+    """
     light, stubs = onnx.ModelProto(), []
     light.CopyFrom(model)
     inits = list(light.graph.initializer)
@@ -446,22 +511,28 @@ def _write_self_contained(f: BinaryIO, model: onnx.ModelProto) -> None:
     f.write(structure)
     position = len(structure)
     for stub in stubs:
-        data = _bytes_of(in_memory_array(stub))
+        array = in_memory_array(stub)
+        length = array.nbytes
         # A doc_string of spaces puts the raw data at a multiple of _RAW_ALIGN in the file, so
         # validation maps it in place (load_mapped) instead of copying it.
-        for pad in range(_RAW_ALIGN):
+        # k spaces lengthen the prefix by 2 + k bytes (k >= 1): pads 0..64 reach every residue
+        for pad in range(_RAW_ALIGN + 1):
             head = onnx.TensorProto(name=stub.name, data_type=stub.data_type, dims=stub.dims)
             if pad:
                 head.doc_string = " " * pad
-            head_bytes = head.SerializeToString() + _field(_TENSOR_RAW_DATA, len(data))
-            tensor_len = len(head_bytes) + len(data)
+            head_bytes = head.SerializeToString() + _field(_TENSOR_RAW_DATA, length)
+            tensor_len = len(head_bytes) + length
             in_graph = _field(_GRAPH_INITIALIZER, tensor_len)
             prefix = _field(_MODEL_GRAPH, len(in_graph) + tensor_len) + in_graph + head_bytes
             if (position + len(prefix)) % _RAW_ALIGN == 0:
                 break
         f.write(prefix)
-        f.write(data)
-        position += len(prefix) + len(data)
+        position += len(prefix)
+        key = _array_key(array)
+        if key not in written or not _copy_from(f, written[key], length):
+            f.write(_bytes_of(array))
+            written[key] = (f.name, position)
+        position += length
 
 
 def _write_external(
@@ -474,9 +545,7 @@ def _write_external(
         array = in_memory_array(init)
         if array is None:
             continue
-        interface = array.__array_interface__
-        # strides too: a square weight and its transposed view share data, bytes and shape
-        key = (interface["data"][0], array.nbytes, array.dtype.str, array.shape, array.strides)
+        key = _array_key(array)
         if key not in offsets:
             position = data.tell()
             pad = -position % _ALIGN
@@ -496,6 +565,8 @@ def write_graphs(
 ) -> None:
     """Writes each graph to ``paths[name]``; with ``data_path``, their weights to it, shared.
 
+    The files are not flushed to disk (``fsync``): the caller does it before renaming them.
+
     Args:
         paths: Where each graph goes (temporary files the caller renames into place).
         graphs: The graphs, stubs included.
@@ -503,21 +574,16 @@ def write_graphs(
             to it by :data:`DATA_FILE`, relative to their folder.
     """
     if data_path is None:
+        written: dict[tuple, tuple[str, int]] = {}
         for name, model in graphs.items():
             with open(paths[name], "wb") as f:
-                _write_self_contained(f, model)
-                f.flush()
-                os.fsync(f.fileno())
+                _write_self_contained(f, model, written)
         return
     offsets: dict[tuple, int] = {}
     with open(data_path, "wb") as data:
         for name, model in graphs.items():
             with open(paths[name], "wb") as f:
                 _write_external(f, model, data, offsets, DATA_FILE)
-                f.flush()
-                os.fsync(f.fileno())
-        data.flush()
-        os.fsync(data.fileno())
 
 
 def resolve_external(

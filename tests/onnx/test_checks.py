@@ -23,6 +23,7 @@ from graphtricks.onnx.checks.dropout import _measure, check_dropout_count
 from graphtricks.onnx.checks.graphs import (
     check_infer_has_no_train_ops,
     check_operators,
+    check_weights,
     eager_mode_difference,
 )
 from graphtricks.onnx.checks.numeric import compare_output
@@ -466,3 +467,30 @@ def test_portable_mask_that_reaches_no_data_fails(tmp_path):
     assert not ops.passed and "Identity=(1, 0)" in ops.message
     (rate,) = by_name(report, "dropout_rate")
     assert not rate.passed and "not data * mask" in rate.message
+
+
+def _matmul_graph(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``y = x @ W0 @ W1 ...``, one MatMul per initializer, named as given."""
+    nodes, prev = [], "x"
+    for i, name in enumerate(weights):
+        nodes.append(helper.make_node("MatMul", [prev, name], [f"h{i}"]))
+        prev = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(prev, onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph)
+
+
+def test_weights_check_matches_by_name_then_by_content():
+    a, b = np.eye(4, dtype=np.float32), np.full((4, 4), 2, np.float32)
+    train = _matmul_graph({"fc.weight": a, "head.weight": b})
+    renamed = check_weights(train, _matmul_graph({"fc.weight": a, "onnx::MatMul_7": b}))
+    assert renamed.passed, renamed.message
+    changed = check_weights(train, _matmul_graph({"fc.weight": a, "onnx::MatMul_7": b + 1}))
+    assert not changed.passed
+    assert changed.details["only_train"] == ["head.weight"]
+    assert changed.details["only_infer"] == ["onnx::MatMul_7"]
+    other_shape = check_weights(train, _matmul_graph({"fc.weight": a, "w": b.reshape(2, 8)}))
+    assert other_shape.details["only_train"] == ["head.weight"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 
 import numpy as np
 import onnx
@@ -319,3 +321,92 @@ def test_graph_the_onnx_checker_rejects_is_not_written(tmp_path, cnn, monkeypatc
     with pytest.raises(ExportError, match="not valid ONNX"):
         export_pair(model, inputs, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*")), "a graph or a temporary file was left behind"
+
+
+class Positions(nn.Module):
+    """Weights, and buffers shape inference needs the values of (positions sliced by length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.emb = nn.Linear(32, 32), nn.Embedding(16, 32)
+        self.register_buffer("positions", torch.arange(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.emb(self.positions[: x.shape[1]])
+
+
+def test_shape_inference_gets_no_weights_and_the_graphs_stay_the_same(monkeypatch):
+    from graphtricks.onnx import torchscript
+    from graphtricks.onnx.weights import WeightTable
+
+    torch.manual_seed(0)
+    model, inputs = Positions(), (torch.randn(2, 8, 32),)
+    full = torch._C._jit_pass_onnx_graph_shape_type_inference
+    seen: list[dict[str, tuple]] = []
+
+    def recorded(graph, params, opset):
+        seen.append({k: (v.dtype, v.numel()) for k, v in params.items()})
+        return full(graph, params, opset)
+
+    def structure(train: bool) -> bytes:
+        with WeightTable() as table:
+            graph, _ = torchscript.export_mode(model, inputs, train=train, opset=18, table=table)
+        for init in graph.graph.initializer:  # stubs name their table
+            init.ClearField("external_data")
+        return graph.SerializeToString()
+
+    monkeypatch.setattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", recorded)
+    light = [structure(train) for train in (True, False)]
+    # the positions' values are kept (they decide a shape), the weights' are not
+    assert seen and all("positions" in p and not {"fc.weight", "emb.weight"} & set(p) for p in seen)
+    seen.clear()
+    monkeypatch.setattr(torchscript, "_shape_inference_on_types", contextlib.nullcontext)
+    assert [structure(train) for train in (True, False)] == light
+    assert seen and all({"fc.weight", "emb.weight", "positions"} <= set(params) for params in seen)
+    assert torch._C._jit_pass_onnx_graph_shape_type_inference is recorded  # put back
+
+
+def test_files_are_flushed_to_disk_before_they_are_renamed_into_place(tmp_path, cnn, monkeypatch):
+    model, inputs = cnn
+    synced: set[str] = set()
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        fsync(fd)
+        synced.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+
+    def checked_replace(src, dst) -> None:
+        assert os.path.basename(src) in synced, f"{src} renamed before it was flushed"
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", checked_replace)
+    for external in (False, True):
+        synced.clear()
+        export_pair(model, inputs, tmp_path / str(external), external_data=external)
+        assert synced == {"model.train.onnx", "model.infer.onnx"} | ({"model.data"} if external else set())
+
+
+class FailsInTrainMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = x.view(-1, 3)  # the example inputs do not fit this
+        return self.fc(x)
+
+
+class ReturnsNoTensor(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"shape": tuple(x.shape)}
+
+
+def test_models_rejecting_the_inputs_in_a_mode_or_returning_no_tensor_are_one_line_errors(tmp_path):
+    with pytest.raises(ExportError, match="rejects the example inputs in train mode") as info:
+        export_pair(FailsInTrainMode(), (torch.randn(2, 4),), tmp_path / "a")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ExportError, match="returns no tensor"):
+        export_pair(ReturnsNoTensor(), (torch.randn(2, 4),), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,90 @@ def test_export_refuses_files_whose_written_weights_differ_from_the_model(tmp_pa
         export_pair(model, inputs, tmp_path / "out", external_data=True)
     assert "nothing was written" in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def _resident_kib(path: Path) -> int:
+    """Resident KiB of this process's maps of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_released_weights_leave_memory_and_read_back_the_same(tmp_path):
+    from graphtricks.onnx.weights import release_pages
+
+    path = tmp_path / "weights.bin"
+    values = np.arange(2**20, dtype=np.float32)  # 4 MiB
+    values.tofile(path)
+    with WeightTable() as table:
+        mapped = table.mapped(path)[4096:].view(np.float32)  # a weight at a page boundary
+        assert float(mapped.sum()) == float(values[1024:].sum())
+        assert _resident_kib(path.resolve()) >= 4000
+        release_pages(mapped)
+        assert _resident_kib(path.resolve()) <= 8
+        assert np.array_equal(mapped, values[1024:])
+    release_pages(values)  # not a map: nothing happens
+
+
+@pytest.mark.parametrize("copy_works", [True, False])
+def test_second_self_contained_file_copies_the_weights_the_first_wrote(tmp_path, net, monkeypatch, copy_works):
+    """Each weight is read from the model (a transposed one made contiguous) once for the pair;
+    where the kernel cannot copy between the files, it is written again, with the same bytes."""
+    from graphtricks.onnx import weights
+
+    made: list[tuple] = []
+    bytes_of = weights._bytes_of
+
+    def counted(array):
+        made.append(weights._array_key(array))
+        return bytes_of(array)
+
+    def refused(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(weights, "_bytes_of", counted)
+    if not copy_works:
+        monkeypatch.setattr(os, "copy_file_range", refused)
+    model, inputs = net
+    result = export_pair(model, inputs, tmp_path)
+    assert made and len(made) == len(set(made)) * (1 if copy_works else 2)
+    train, infer = (onnx.load(str(p)) for p in (result.train_path, result.infer_path))
+    want = {i.name: numpy_helper.to_array(i) for i in infer.graph.initializer}
+    assert want["fc.weight"].size == 8 * 8 * 8 * 10
+    for init in train.graph.initializer:
+        if init.name in want:
+            np.testing.assert_array_equal(numpy_helper.to_array(init), want[init.name])
+    assert validate_pair(model, inputs, tmp_path, device="cpu").passed
+
+
+def test_self_contained_writer_aligns_every_weight_whatever_came_before(tmp_path):
+    """Every large weight lands at a multiple of 64 in the file, whatever the bytes before it
+    (each residue needs its own padding), so validation maps it instead of copying it."""
+    from onnx import helper
+
+    from graphtricks.onnx.weights import (
+        file_source,
+        in_memory_array,
+        load_mapped,
+        write_graphs,
+    )
+
+    with WeightTable() as table:  # names of every length: the bytes before each weight vary
+        arrays = {"w" * (k + 1): np.full(256 + k, k, np.float32) for k in range(70)}
+        graph = helper.make_graph(
+            [helper.make_node("Identity", [name], [f"out{name}"]) for name in arrays], "g", [],
+            [helper.make_tensor_value_info(f"out{name}", onnx.TensorProto.FLOAT, None) for name in arrays],
+            [table.stub(name, a) for name, a in arrays.items()],
+        )
+        write_graphs({"m": str(tmp_path / "m.onnx")}, {"m": helper.make_model(graph)}, None)
+    with WeightTable() as table:
+        loaded = load_mapped(tmp_path / "m.onnx", table)
+        mapped = table.mapped(tmp_path / "m.onnx")
+        for init in loaded.graph.initializer:
+            assert file_source(init)[1] % 64 == 0, init.name
+            assert np.shares_memory(in_memory_array(init), mapped), init.name
+            np.testing.assert_array_equal(in_memory_array(init), arrays[init.name])

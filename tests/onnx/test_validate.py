@@ -214,6 +214,31 @@ def test_extra_inputs_and_tolerances_reach_the_report(mlp_pair):
     }
 
 
+def test_float64_reference_runs_only_where_the_fixed_tolerance_fails(mlp_pair, monkeypatch):
+    model, inputs, out = mlp_pair
+    made: list[str] = []
+    original = validate_module.float64_copy
+
+    def counted(*args, **kwargs):
+        made.append(kwargs["device"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(validate_module, "float64_copy", counted)
+    default = validate_pair(model, inputs, out, device="cpu")
+    numeric = [c for c in default.checks if c.name in ("infer_vs_eager", "train_deterministic")]
+    assert default.passed and not made
+    assert {c.details["judged_by"] for c in numeric} == {"fixed tolerance"}
+    assert not any("onnx_vs_float64_max_abs" in c.details for c in numeric)
+    # No tolerance: float32's rounding fails every output the fixed rule judges, the copy rescues it.
+    exact = validate_pair(model, inputs, out, device="cpu", atol=0.0, rtol=0.0)
+    numeric = [c for c in exact.checks if c.name in ("infer_vs_eager", "train_deterministic")]
+    assert exact.passed, exact.summary()
+    assert made == ["cpu"]  # one copy serves both graphs
+    rescued = [c for c in numeric if c.max_abs > 0]
+    assert rescued and all(c.details["judged_by"] == "float64 reference" for c in rescued)
+    assert exact.tolerances["float64_reference"] == {"noise_factor": NOISE_FACTOR}
+
+
 @pytest.mark.skipif(CUDA, reason="checks the error raised when CUDA is missing")
 def test_cuda_asked_without_cuda_is_a_validation_error(mlp_pair):
     model, inputs, out = mlp_pair

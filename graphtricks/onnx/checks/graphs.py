@@ -44,6 +44,7 @@ from graphtricks.onnx.train_only import (
     train_only_feeds,
     train_only_output_nodes,
 )
+from graphtricks.onnx.weights import release_pages
 
 __all__ = [
     "check_infer_has_no_train_ops",
@@ -123,8 +124,11 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _unmatched(mine: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray]) -> list[str]:
     """Names in ``mine`` absent from ``theirs`` whose content no weight of ``theirs`` has."""
-    keys = {_content_key(v) for v in theirs.values()}
-    return sorted(k for k, v in mine.items() if k not in theirs and _content_key(v) not in keys)
+    absent = {k: v for k, v in mine.items() if k not in theirs}
+    # Hashing reads every byte: only the candidates of the same dtype and shape are hashed.
+    kinds = {(str(v.dtype), v.shape) for v in absent.values()}
+    keys = {_content_key(v) for v in theirs.values() if (str(v.dtype), v.shape) in kinds}
+    return sorted(k for k, v in absent.items() if _content_key(v) not in keys)
 
 
 def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
@@ -145,6 +149,9 @@ def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult
             differing.append(name)
             if a.shape == b.shape and a.dtype.kind in "fiu":
                 max_abs = max(max_abs, float(np.abs(a.astype(np.float64) - b).max(initial=0)))
+        # read once: two self-contained files' weights would otherwise end up resident together
+        release_pages(a)
+        release_pages(b)
     only_train, only_infer = _unmatched(tw, iw), _unmatched(iw, tw)
     problems = []
     if differing:

@@ -32,7 +32,6 @@ from torch import nn
 
 from graphtricks.capture.guards import expect_equal, expect_none, expect_value
 from graphtricks.capture.tracing import InlinedCall, one_line
-from graphtricks.fxgraph.codecache import shared_compiles
 from graphtricks.fxgraph.adopt import (
     adopt_graph,
     adoption_conflict,
@@ -40,6 +39,7 @@ from graphtricks.fxgraph.adopt import (
     is_adopted,
     original_class,
 )
+from graphtricks.fxgraph.codecache import shared_compiles
 
 __all__ = ["Fold", "flat_view", "fold_graph", "fold_region"]
 

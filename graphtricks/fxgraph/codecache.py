@@ -38,7 +38,7 @@ def method_from_src(src: str, globals_: dict[str, Any], name: str = "forward",
             _compiled.clear()
         _compiled[key] = code
     namespace = dict(globals_)
-    exec(code, namespace)  # defines the function: its defaults are evaluated with these globals
+    exec(code, namespace)  # noqa: S102 - fx's generated forward; its defaults are evaluated with these globals
     return namespace[name]
 
 
@@ -50,8 +50,8 @@ def shared_compiles() -> Iterator[None]:
     so a recompile elsewhere during this (another thread's) gets what it would have got.
     """
     saved = graph_module._forward_from_src
-    graph_module._forward_from_src = lambda src, globals, co_fields=None: method_from_src(  # noqa: A006
-        src, globals, "forward", co_fields)
+    graph_module._forward_from_src = lambda src, globals_, co_fields=None: method_from_src(
+        src, globals_, "forward", co_fields)
     try:
         yield
     finally:

@@ -163,12 +163,7 @@ class _Folder:
         """
         if inst is self.top or inst.added or not self.captured:
             return False
-        back = {}
-        for result in self.stand_in:
-            node = result
-            while node in self.stand_in:
-                node = self.stand_in[node]
-            back[node] = result
+        back = self._results_back
         for node in inst.span:
             if self.called_below(node, inst) is not None:
                 continue  # inside a call it makes: that module's own concern
@@ -185,6 +180,18 @@ class _Folder:
             if self._level(owner, inst):
                 return False
         return True
+
+    @functools.cached_property
+    def _results_back(self) -> dict[fx.Node, fx.Node]:
+        """The node that now stands for each callee result a pass put a node after -> that result
+        (``stand_in`` is complete once every call was checked, before any graph is made)."""
+        back = {}
+        for result in self.stand_in:
+            node = result
+            while node in self.stand_in:
+                node = self.stand_in[node]
+            back[node] = result
+        return back
 
     def _level(self, owner: _Instance, inst: _Instance) -> bool:
         """True when a node of ``owner`` is part of ``inst``'s own graph (no folded call between them)."""

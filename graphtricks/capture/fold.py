@@ -27,17 +27,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from graphtricks.capture.guards import expect_equal, expect_none, expect_value
+from graphtricks.capture.hooks import hook_kinds
 from graphtricks.capture.tracing import InlinedCall, one_line
 from graphtricks.fxgraph.adopt import (
     adopt_graph,
     adoption_conflict,
     adoption_snapshot,
+    install_guard,
     is_adopted,
     original_class,
+    release_graph,
 )
 from graphtricks.fxgraph.codecache import shared_compiles
 
@@ -45,6 +49,7 @@ __all__ = ["Fold", "flat_view", "fold_graph", "fold_region"]
 
 _CONSTANTS = (type(None), bool, int, float, str)
 _MAX_ROUNDS = 64
+_ADDED = "gt_added"  # node.meta key of the nodes of a module's graph that a pass added
 
 
 @dataclass
@@ -54,10 +59,13 @@ class Fold:
     Attributes:
         called: module paths (relative to the region) that are called modules with graphs of their own.
         inlined: module path -> why its calls stay inlined in its caller's graph.
+        unified: module path of a module a pass added to one call of a module called more than once
+            -> the equal module, added to its first call, that every call uses now (the other is removed).
     """
 
     called: list[str] = field(default_factory=list)
     inlined: dict[str, str] = field(default_factory=dict)
+    unified: dict[str, str] = field(default_factory=dict)  # a module a pass added -> the equal one used instead
 
 
 class _Unfoldable(Exception):
@@ -161,7 +169,7 @@ class _Folder:
         trace would have specialised on). A node a pass put after a callee's result, standing in
         for it, counts as that result (the callee returns it now).
         """
-        if inst is self.top or inst.added or not self.captured:
+        if inst.added or not self.captured:
             return False
         back = self._results_back
         for node in inst.span:
@@ -353,6 +361,8 @@ class _Folder:
                 g.output(fx.node.map_arg(node.args[0], lambda a: self._get(env, inst, a)))
                 continue
             new = g.node_copy(node, lambda a: self._get(env, inst, a))
+            if self.captured and node not in self.captured:
+                new.meta[_ADDED] = True  # a pass's node: calls of one module may differ only in these
             if node.op in ("call_module", "get_attr"):
                 new.target = self.relative(inst, str(node.target))
             new._rename(_local_name(node, inst.path))
@@ -537,17 +547,25 @@ def _canonical(g: fx.Graph) -> list:
 
 
 def fold_graph(
-    root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall], captured: dict | None = None
-) -> tuple[fx.Graph, dict, Fold]:
+    root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall], captured: dict | None = None,
+    reads: list | tuple = (),
+) -> tuple[fx.Graph | None, dict, Fold, dict]:
     """Cut ``graph`` (the flat graph of region ``root``) into one graph per called module.
 
     ``captured`` (node -> its target, args and kwargs when traced) tells which modules no pass
-    edited: those keep their own forward and get no graph (:meth:`_Folder.unedited`).
+    edited: those keep their own forward and get no graph (:meth:`_Folder.unedited`), the region
+    root included. A module called more than once folds when its calls got equal graphs, or
+    graphs that differ only in equal modules a pass added to each call (one dropout per call of
+    a block): those are unified into the first call's (:attr:`Fold.unified`). ``reads``
+    (``(reader stack keys, module, name, value)``, ``flag_reads``) are given to the graph that
+    holds the code that read them.
 
     Returns:
-        ``(root_graph, graphs, fold)``: the region root's new graph, ``{module: graph}`` for every
-        called module that runs a graph now, and the report of what was folded and what stays
-        inlined. Nothing is installed: :func:`install` does that.
+        ``(root_graph, graphs, fold, guards)``: the region root's new graph (None: it keeps its own
+        forward), ``{id(module): (module, graph)}`` for every called module that runs a graph now,
+        the report of what was folded and what stays inlined, and ``{id(module): (module,
+        [(owner, name, value)])}`` for the values each graph was specialised on. Nothing is
+        installed: :func:`install` does that.
     """
     folder = _Folder(root, graph, calls, captured)
     instances = [i for i in folder.instances.values() if i is not folder.top]
@@ -556,6 +574,7 @@ def fold_graph(
     for _ in range(_MAX_ROUNDS):
         try:
             graphs: dict[int, tuple[nn.Module, fx.Graph, list]] = {}
+            unified: dict[str, str] = {}
             edited = {id(i.module) for i in instances if i.reason is None and not folder.unedited(i)}
             for inst in instances:
                 if inst.reason is not None or id(inst.module) not in edited:
@@ -570,8 +589,14 @@ def fold_graph(
                 if seen is None:
                     graphs[id(inst.module)] = (inst.module, g, _canonical(g))
                 elif seen[2] != _canonical(g):
-                    raise _Unfoldable(inst, "its calls trace to different graphs (called with different arguments)")
+                    renamed = _unify(inst.module, seen[1], g)
+                    if renamed is None:
+                        raise _Unfoldable(inst, "its calls trace to different graphs (called with different"
+                                                " arguments, or edited differently)")
+                    unified.update({_join(inst.path, a): _join(inst.path, b) for a, b in renamed.items()})
             root_graph = folder.emit(folder.top)
+            if folder.unedited(folder.top):
+                root_graph = None
             break
         except _Unfoldable as e:
             for inst in instances:  # every call of that module stays inlined
@@ -581,18 +606,84 @@ def fold_graph(
                 raise
     else:
         raise RuntimeError("folding did not settle")
-    fold = Fold()
+    fold = Fold(unified=unified)
     for inst in instances:
         if inst.reason is None:
             if inst.path not in fold.called:
                 fold.called.append(inst.path)
         else:
             fold.inlined.setdefault(inst.path, inst.reason)
-    return root_graph, {k: (m, g) for k, (m, g, _) in graphs.items()}, fold
+    guards = _guarded_reads(folder, graphs, root_graph is not None, reads)
+    return root_graph, {k: (m, g) for k, (m, g, _) in graphs.items()}, fold, guards
 
 
-def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
-    """Give every called module its graph (children first), then the region root its own.
+def _guarded_reads(folder: _Folder, graphs: dict, root_has_graph: bool, reads) -> dict[int, tuple]:
+    """The values each regenerated forward was specialised on: a read belongs to the graph that holds
+    the code that made it (the reader's call, or the call it is inlined in); a module that keeps its
+    own forward reads its values again on each call and needs no check."""
+    out: dict[int, tuple] = {}
+    for reader, owner, name, value in reads:
+        inst, keys = folder.top, tuple(reader)
+        while keys and keys not in folder.instances:
+            keys = keys[:-1]  # a call a pass moved (into a wrapper): the nearest call around it
+        inst = folder.instances.get(keys, folder.top)
+        while inst is not folder.top and inst.reason is not None:
+            inst = inst.parent
+        if inst is folder.top:
+            if not root_has_graph:
+                continue
+        elif id(inst.module) not in graphs:
+            continue
+        out.setdefault(id(inst.module), (inst.module, []))[1].append((owner, name, value))
+    return out
+
+
+def _unify(module: nn.Module, first: fx.Graph, other: fx.Graph) -> dict[str, str] | None:
+    """Make ``other`` (a second call's graph of ``module``) call the modules a pass added to the first
+    call where it calls equal ones added to itself; ``{its target: the first's}``, or None when the
+    graphs differ otherwise."""
+    a, b = list(first.nodes), list(other.nodes)
+    if len(a) != len(b):
+        return None
+    renamed: dict[str, str] = {}
+    for x, y in zip(a, b):
+        if x.op == y.op == "call_module" and x.target != y.target and x.meta.get(_ADDED) and y.meta.get(_ADDED):
+            if renamed.setdefault(y.target, x.target) != x.target:
+                return None
+            if not _equal_modules(module.get_submodule(x.target), module.get_submodule(y.target)):
+                return None
+    if not renamed:
+        return None
+    for y in b:
+        if y.op == "call_module" and y.target in renamed:
+            y.target = renamed[y.target]
+    return renamed if _canonical(first) == _canonical(other) else None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _equal_modules(a: nn.Module, b: nn.Module) -> bool:
+    """Same class, settings and tensors, no hooks and no children: one may stand for the other."""
+    if type(a) is not type(b) or any(True for _ in a.children()) or any(True for _ in b.children()):
+        return False
+    if hook_kinds(a) or hook_kinds(b):
+        return False
+    settings = [{k: v for k, v in vars(m).items() if not k.startswith("_")} for m in (a, b)]
+    if settings[0].keys() != settings[1].keys():
+        return False
+    for k, v in settings[0].items():
+        w = settings[1][k]
+        if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor) or type(v) is not type(w) or v != w:
+            return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def install(root: nn.Module, root_graph: fx.Graph | None, graphs: dict) -> None:
+    """Give every called module its graph (children first), then the region root its own
+    (``root_graph`` None: the root runs its own forward again).
 
     All or nothing: if one module cannot take its graph, every module installed so far is put
     back as it was, and the error is raised.
@@ -602,7 +693,10 @@ def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
         with shared_compiles():  # blocks of one design: one compile
             for module, g in [*reversed(list(graphs.values())), (root, root_graph)]:
                 undo.append(adoption_snapshot(module))
-                adopt_graph(module, g)
+                if g is None:
+                    release_graph(module)
+                else:
+                    adopt_graph(module, g)
     except Exception:
         for snapshot in reversed(undo):
             snapshot.restore()
@@ -646,15 +740,21 @@ def fold_region(region) -> Fold:
         region.inlined = {region.path: "the region root runs fx's own GraphModule (its class defines a name fx needs)"}
         return Fold(inlined={"": region.inlined[region.path]})
     try:
-        root_graph, graphs, fold = fold_graph(gm, gm.graph, region.calls, region.captured)
+        root_graph, graphs, fold, guards = fold_graph(gm, gm.graph, region.calls, region.captured, region.reads)
         flat = gm.graph
         install(gm, root_graph, graphs)
     except Exception as e:  # noqa: BLE001 - a graph this cannot cut keeps running flat, and says why
         reason = e.reason if isinstance(e, _Unfoldable) else f"{type(e).__name__}: {one_line(e)}"
         region.inlined = {region.path: f"its graph was not cut into per-module graphs: {reason}"}
         return Fold(inlined={"": region.inlined[region.path]})
+    for removed in fold.unified:  # no graph calls it any more
+        parent, _, leaf = removed.rpartition(".")
+        del gm.get_submodule(parent)._modules[leaf]
+    for module in [gm] * (root_graph is not None) + [m for m, _ in graphs.values()]:
+        reads = guards.get(id(module), (module, []))[1]
+        install_guard(module, reads, None, {"concrete": region.concrete if module is gm else None})
     region.module = flat_view(gm, flat)
-    region.calls, region.captured = {}, {}
+    region.calls, region.captured, region.reads = {}, {}, []
     region.folded = [region.qualify(p) for p in fold.called]
     region.inlined = {region.qualify(p): reason for p, reason in fold.inlined.items()}
     return fold

@@ -1,0 +1,41 @@
+"""Activation checkpointing stays a call: the functions a trace records as calls, not traces through.
+
+fx traces *through* ``torch.utils.checkpoint.checkpoint``: the graph calls the block directly,
+so a rewritten model that checkpointed its blocks (timm ``set_grad_checkpointing(True)``, a
+user's ``checkpoint(self.block, h)``) would keep every activation and run each block once per
+forward and backward. A region's tracer records these functions as calls instead
+(``fx.Tracer(autowrap_functions=...)``), with the modules they are given as arguments kept as
+the modules themselves (a ``get_attr`` of the module: the generated forward passes
+``self.block``), and capture makes each such module a region of its own, so passes still reach
+inside it. Hugging Face's gradient-checkpointing layers checkpoint from their own ``forward``,
+which reads ``self.training``: they are kept as written (opaque) while checkpointing is on, and
+an unedited layer keeps its own forward when it is turned on later.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch.utils.checkpoint as torch_checkpoint
+
+__all__ = ["checkpoint_functions"]
+
+# Checkpointing functions of libraries that may be loaded: module name -> function names.
+_LIBRARY_FUNCTIONS = {
+    "timm.models._manipulate": ("checkpoint", "checkpoint_seq"),
+}
+
+
+def checkpoint_functions() -> tuple[tuple, list[types.ModuleType]]:
+    """The checkpointing functions a trace records as calls, and the modules whose attribute
+    of that name is patched while tracing (``torch.utils.checkpoint.checkpoint(...)``).
+
+    Only libraries already imported are looked at: a model of theirs imported them.
+    """
+    functions = [torch_checkpoint.checkpoint, torch_checkpoint.checkpoint_sequential]
+    for module_name, names in _LIBRARY_FUNCTIONS.items():
+        module = sys.modules.get(module_name)
+        if module is not None:
+            functions += [f for f in (getattr(module, n, None) for n in names) if callable(f)]
+    return tuple(functions), [torch_checkpoint]

@@ -19,7 +19,7 @@ import types
 
 import torch.utils.checkpoint as torch_checkpoint
 
-__all__ = ["checkpoint_functions"]
+__all__ = ["checkpoint", "checkpoint_functions", "checkpoint_sequential", "name_checkpoint_calls"]
 
 # Checkpointing functions of libraries that may be loaded: module name -> function names.
 _LIBRARY_FUNCTIONS = {
@@ -33,9 +33,31 @@ def checkpoint_functions() -> tuple[tuple, list[types.ModuleType]]:
 
     Only libraries already imported are looked at: a model of theirs imported them.
     """
-    functions = [torch_checkpoint.checkpoint, torch_checkpoint.checkpoint_sequential]
+    functions = [torch_checkpoint.checkpoint, torch_checkpoint.checkpoint_sequential, checkpoint, checkpoint_sequential]
     for module_name, names in _LIBRARY_FUNCTIONS.items():
         module = sys.modules.get(module_name)
         if module is not None:
             functions += [f for f in (getattr(module, n, None) for n in names) if callable(f)]
     return tuple(functions), [torch_checkpoint]
+
+
+# fx names a torch function in generated code by its dotted path, and a recorded call of it by
+# ``wrap("torch.utils.checkpoint.checkpoint")``, which breaks every later trace in the process once
+# that code runs (the same fault as fx's ``_assert_is_none``, guards.py). Graphs call these instead.
+def checkpoint(function, *args, **kwargs):
+    """``torch.utils.checkpoint.checkpoint``, under a plain name a generated forward can record."""
+    return torch_checkpoint.checkpoint(function, *args, **kwargs)
+
+
+def checkpoint_sequential(functions, segments, input, *args, **kwargs):
+    """``torch.utils.checkpoint.checkpoint_sequential``, under a plain name."""
+    return torch_checkpoint.checkpoint_sequential(functions, segments, input, *args, **kwargs)
+
+
+def name_checkpoint_calls(graph) -> None:
+    """Make the graph's recorded calls of torch's checkpointing functions call :func:`checkpoint` and
+    :func:`checkpoint_sequential` (same behaviour, a name fx can record again after a pickle)."""
+    for node in graph.find_nodes(op="call_function", target=torch_checkpoint.checkpoint):
+        node.target = checkpoint
+    for node in graph.find_nodes(op="call_function", target=torch_checkpoint.checkpoint_sequential):
+        node.target = checkpoint_sequential

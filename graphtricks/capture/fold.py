@@ -33,6 +33,7 @@ from torch import nn
 
 from graphtricks.capture.guards import expect_equal, expect_none, expect_value
 from graphtricks.capture.hooks import hook_kinds
+from graphtricks.capture.respecialise import ADDED, respecialise
 from graphtricks.capture.tracing import InlinedCall, one_line
 from graphtricks.fxgraph.adopt import (
     adopt_graph,
@@ -49,7 +50,6 @@ __all__ = ["Fold", "flat_view", "fold_graph", "fold_region"]
 
 _CONSTANTS = (type(None), bool, int, float, str)
 _MAX_ROUNDS = 64
-_ADDED = "gt_added"  # node.meta key of the nodes of a module's graph that a pass added
 
 
 @dataclass
@@ -188,6 +188,23 @@ class _Folder:
             if self._level(owner, inst):
                 return False
         return True
+
+    def replay_obstacle(self, inst: _Instance) -> str | None:
+        """What a pass did to ``inst``'s own code that re-specialising cannot do again (it adds nodes
+        after others and reroutes their readers; it does not change or erase a node), or None."""
+        if inst.added:
+            return "added this module"
+        for node in inst.span:
+            if self.called_below(node, inst) is not None or node not in self.captured:
+                continue
+            target, args, kwargs = self.captured[node]
+            if node.target != target:
+                return f"changed what {node.name} calls"
+            if _constants(node.args, node.kwargs) != _constants(args, kwargs):
+                return f"changed an argument of {node.name}"
+        if any(self._level(owner, inst) for owner in self.erased_in):
+            return "erased a node of its code"
+        return None
 
     @functools.cached_property
     def _results_back(self) -> dict[fx.Node, fx.Node]:
@@ -362,7 +379,7 @@ class _Folder:
                 continue
             new = g.node_copy(node, lambda a: self._get(env, inst, a))
             if self.captured and node not in self.captured:
-                new.meta[_ADDED] = True  # a pass's node: calls of one module may differ only in these
+                new.meta[ADDED] = True  # a pass's node: calls of one module may differ only in these
             if node.op in ("call_module", "get_attr"):
                 new.target = self.relative(inst, str(node.target))
             new._rename(_local_name(node, inst.path))
@@ -461,6 +478,27 @@ def _map(value, fn):
     if type(value) is dict:
         return {k: _map(v, fn) for k, v in value.items()}
     return value
+
+
+def _constants(*values) -> list:
+    """The constants of node arguments, in order (nodes left out): what a pass may have changed."""
+    out = []
+
+    def walk(v):
+        if isinstance(v, fx.Node):
+            return
+        if isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                out.append(k)
+                walk(x)
+        else:
+            out.append(repr(v))
+
+    walk(values)
+    return out
 
 
 def _same(a, b) -> bool:
@@ -614,6 +652,9 @@ def fold_graph(
         else:
             fold.inlined.setdefault(inst.path, inst.reason)
     guards = _guarded_reads(folder, graphs, root_graph is not None, reads)
+    for inst in [folder.top, *instances]:  # what stops each graph from being re-specialised
+        if id(inst.module) in guards and (inst is folder.top or inst.reason is None):
+            guards[id(inst.module)][2].setdefault("lossy", folder.replay_obstacle(inst))
     return root_graph, {k: (m, g) for k, (m, g, _) in graphs.items()}, fold, guards
 
 
@@ -634,7 +675,7 @@ def _guarded_reads(folder: _Folder, graphs: dict, root_has_graph: bool, reads) -
                 continue
         elif id(inst.module) not in graphs:
             continue
-        out.setdefault(id(inst.module), (inst.module, []))[1].append((owner, name, value))
+        out.setdefault(id(inst.module), (inst.module, [], {}))[1].append((owner, name, value))
     return out
 
 
@@ -647,7 +688,7 @@ def _unify(module: nn.Module, first: fx.Graph, other: fx.Graph) -> dict[str, str
         return None
     renamed: dict[str, str] = {}
     for x, y in zip(a, b):
-        if x.op == y.op == "call_module" and x.target != y.target and x.meta.get(_ADDED) and y.meta.get(_ADDED):
+        if x.op == y.op == "call_module" and x.target != y.target and x.meta.get(ADDED) and y.meta.get(ADDED):
             if renamed.setdefault(y.target, x.target) != x.target:
                 return None
             if not _equal_modules(module.get_submodule(x.target), module.get_submodule(y.target)):
@@ -751,8 +792,9 @@ def fold_region(region) -> Fold:
         parent, _, leaf = removed.rpartition(".")
         del gm.get_submodule(parent)._modules[leaf]
     for module in [gm] * (root_graph is not None) + [m for m, _ in graphs.values()]:
-        reads = guards.get(id(module), (module, []))[1]
-        install_guard(module, reads, None, {"concrete": region.concrete if module is gm else None})
+        _, reads, context = guards.get(id(module), (module, [], {}))
+        context["concrete"] = region.concrete if module is gm else None
+        install_guard(module, reads, respecialise, context)
     region.module = flat_view(gm, flat)
     region.calls, region.captured, region.reads = {}, {}, []
     region.folded = [region.qualify(p) for p in fold.called]

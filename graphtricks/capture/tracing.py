@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.checkpoints import checkpoint_functions
+from graphtricks.capture.checkpoints import checkpoint_functions, name_checkpoint_calls
 from graphtricks.capture.flag_reads import ValueReads
 from graphtricks.capture.hooks import hooks_detached
 from graphtricks.capture.mode_reads import TrainingReads, overrides_train
@@ -241,6 +241,7 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())
         return None, (stack[-1][0] if stack else "", e), True, {}
+    name_checkpoint_calls(graph)
     graph._gt_calls = tracer.calls
     # Reads made while a leaf was being called (its forward is not in the graph) are not the graph's.
     graph._gt_reads = [r for r in values.reads.values() if not r[0] or r[0][-1] in tracer.calls]

@@ -181,7 +181,7 @@ def _replay(edited: fx.Graph, graph: fx.Graph) -> None:
             return copies[node]
         found = new_nodes.get(old_keys[node])
         if found is None:
-            raise _CannotReplay(f"{node.format_node()} has no counterpart now, and an edit is placed by it")
+            raise _CannotReplay(f"{node.name}, which an edit follows or reads, is not computed now")
         return found
 
     for node in edited.nodes:
@@ -203,7 +203,7 @@ def _replay(edited: fx.Graph, graph: fx.Graph) -> None:
                     anchor = _followed(anchor)
                 reader, was = counterpart(node), counterpart(anchor)
                 if was not in reader.all_input_nodes:
-                    raise _CannotReplay(f"{node.format_node()} reads other values now")
+                    raise _CannotReplay(f"{node.name}, which reads an edited value, reads other values now")
                 reader.replace_input_with(was, copies[a])
     matched = {new_nodes[k] for n, k in old_keys.items() if k in new_nodes}
     _new_readers(copies, counterpart, matched)

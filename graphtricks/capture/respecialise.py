@@ -201,9 +201,9 @@ def _replay(edited: fx.Graph, graph: fx.Graph) -> None:
                 anchor = a
                 while anchor.meta.get(ADDED):
                     anchor = _followed(anchor)
-                reader, was = counterpart(node), counterpart(anchor)
-                if was not in reader.all_input_nodes:
-                    raise _CannotReplay(f"{node.name}, which reads an edited value, reads other values now")
+                reader, was = new_nodes.get(old_keys[node]), counterpart(anchor)
+                if reader is None or was not in reader.all_input_nodes:
+                    continue  # that reader is gone, or reads other values now; new readers are rerouted below
                 reader.replace_input_with(was, copies[a])
     matched = {new_nodes[k] for n, k in old_keys.items() if k in new_nodes}
     _new_readers(copies, counterpart, matched)

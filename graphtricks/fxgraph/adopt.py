@@ -23,6 +23,7 @@ from torch.fx.graph_module import _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
 from graphtricks.errors import GraphtricksError
+from graphtricks.fxgraph.fastpath import speed_up
 from graphtricks.fxgraph.lookup import submodule
 
 __all__ = [
@@ -101,6 +102,7 @@ def _adopted_class(cls: type) -> type:
             "__reduce__": _reduce,
             "__str__": _str,
             "code": property(_code, doc="The graph's generated Python (generated now if an edit made it stale)."),
+            "recompile": _recompile,
             "__jit_unused_properties__": [*getattr(fx.GraphModule, "__jit_unused_properties__", ()), "code"],
             # Each adopted child was compiled when it took its graph; fx would compile the subtree again.
             "_recompile_submodules": lambda self: [],
@@ -209,6 +211,15 @@ def _placeholder_signature(graph: fx.Graph) -> inspect.Signature | None:
         return inspect.Signature(params)
     except ValueError:  # not a signature Python takes: fx's own compile says why
         return None
+
+
+def _recompile(self):
+    """``GraphModule.recompile``; a module with a guard then gets the forward that checks it
+    (``fastpath.speed_up``): copies, pickles and edits never run a graph unchecked."""
+    python_code = fx.GraphModule.recompile(self)
+    if "_gt_guard" in self.__dict__:
+        speed_up(self)
+    return python_code
 
 
 def _code(self) -> str:

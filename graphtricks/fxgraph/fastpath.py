@@ -230,7 +230,8 @@ def _above(self: nn.Module, name: str, fn) -> super:
 def _recompile(self: fx.GraphModule):
     """``GraphModule.recompile``, then the fast forward again from the (possibly edited) graph."""
     python_code = _above(self, "recompile", _recompile).recompile()
-    speed_up(self)
+    if not is_sped_up(self):  # a guarded module's own recompile sped it up already
+        speed_up(self)
     return python_code
 
 
@@ -242,8 +243,9 @@ def _deepcopy(self: fx.GraphModule, memo: dict):
 
 
 def _prepare_scriptable(self: fx.GraphModule):
-    """TorchScript compiles ``forward`` from its source and cannot compile this one: back to fx's."""
-    _above(self, "__prepare_scriptable__", _prepare_scriptable).recompile()
+    """TorchScript compiles ``forward`` from its source and cannot compile this one: back to fx's
+    (which checks no guard: TorchScript compiles the graph's constants as they are)."""
+    fx.GraphModule.recompile(self)
     return self
 
 
@@ -289,12 +291,13 @@ def speed_up(gm: fx.GraphModule) -> bool:
 
 
 def restore_fx_forward(gm: fx.GraphModule) -> None:
-    """Undo :func:`speed_up`: ``gm`` runs fx's own forward again (to compare, or to debug)."""
+    """Undo :func:`speed_up`: ``gm`` runs fx's own forward again (to compare, or to debug; it checks
+    no guard until its next ``recompile()``)."""
     cls = type(gm)
     for name in _CLASS_ATTRIBUTES:
         if name in vars(cls):
             delattr(cls, name)
-    gm.recompile()
+    fx.GraphModule.recompile(gm)
 
 
 def is_sped_up(gm: nn.Module) -> bool:

@@ -87,7 +87,6 @@ def test_a_pickled_checkpointing_model_keeps_checkpointing_and_fx_keeps_working(
     fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))  # fx's own tracing is not broken by what ran
 
 
-@pytest.mark.slow
 def test_timm_resnet_set_grad_checkpointing_before_the_rewrite():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

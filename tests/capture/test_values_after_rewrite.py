@@ -188,7 +188,6 @@ def test_timm_vit_reset_classifier_with_another_pooling_is_honoured():
         assert torch.equal(out, model(x))
 
 
-@pytest.mark.slow
 def test_timm_resnet_drop_rate_set_later_is_applied():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

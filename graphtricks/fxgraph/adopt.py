@@ -18,6 +18,7 @@ import copy
 import inspect
 
 import torch.fx as fx
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch import nn
 from torch.fx.graph_module import _format_import_block, reduce_graph_module
 from torch.package import sys_importer
@@ -298,7 +299,9 @@ class Guard:
         """Re-specialise ``module`` to the values now and return its new forward, or raise."""
         changed = self._first_change(now)
         why = "its regenerated forward cannot be rebuilt"
-        if self.respecialise is not None and now is not None:
+        if is_fx_symbolic_tracing():
+            why = "it is being traced (call it once first, then trace it)"
+        elif self.respecialise is not None and now is not None:
             why = self.respecialise(module, self)
             if why is None:
                 return module.forward

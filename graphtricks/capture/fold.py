@@ -12,10 +12,15 @@ A node belongs to the innermost module call in its ``nn_module_stack``; what pas
 the stack of the module they add it to. A call is folded back only when its graph can be cut out
 exactly: it received its inputs as arguments (nothing read from its caller's scope), each value
 once, its result is a tensor or a tuple/list/dict of them, everything of it that its caller uses
-is in that result, and every call of the same module folds to the same graph. A call that cannot
+is in that result, and every call of the same module folds to the same graph (or to graphs that
+differ only in equal modules a pass added to each call: those are unified). A call that cannot
 is left inlined in its caller's graph, as the flat graph had it, and named with the reason
 (:attr:`Fold.inlined`): the computation is the same, but that module is not called (its hooks
 do not fire, ``checkpoint(module)`` runs its original code).
+
+A module whose own code no pass edited, the region root included, keeps its own forward. Each
+module that runs a graph gets a guard of the attribute values its own code read while traced
+(``flag_reads.py``), which re-specialises it when one changes (``respecialise.py``).
 """
 
 from __future__ import annotations
@@ -744,6 +749,30 @@ def install(root: nn.Module, root_graph: fx.Graph | None, graphs: dict) -> None:
         raise
 
 
+def _remove_unified(root: nn.Module, unified: dict[str, str]) -> list[tuple]:
+    """Remove the modules a pass added that equal ones now stand for (no graph calls them); returns
+    what :func:`_undo` needs to put them back where they were (a container's order included)."""
+    undo = []
+    for removed in unified:
+        parent, _, leaf = removed.rpartition(".")
+        modules = root.get_submodule(parent)._modules
+        undo.append((modules, None, dict(modules)))
+        del modules[leaf]
+    return undo
+
+
+def _undo(undo: list[tuple]) -> None:
+    """Put back dict entries: ``(dict, key, old value or None)``, or ``(dict, None, old contents)``."""
+    for where, key, old in reversed(undo):
+        if key is None:
+            where.clear()
+            where.update(old)
+        elif old is None:
+            where.pop(key, None)
+        else:
+            where[key] = old
+
+
 class _FlatView(fx.GraphModule):
     """A region's flat graph over the model's own modules, for reading; its code is made when asked."""
 
@@ -783,18 +812,22 @@ def fold_region(region) -> Fold:
     try:
         root_graph, graphs, fold, guards = fold_graph(gm, gm.graph, region.calls, region.captured, region.reads)
         flat = gm.graph
-        install(gm, root_graph, graphs)
+        undo = _remove_unified(gm, fold.unified)
+        # Guards before the graphs: each forward is compiled once, with its checks.
+        for module in [gm] * (root_graph is not None) + [m for m, _ in graphs.values()]:
+            _, reads, context = guards.get(id(module), (module, [], {}))
+            context["concrete"] = region.concrete if module is gm else None
+            undo.append((module.__dict__, "_gt_guard", module.__dict__.get("_gt_guard")))
+            install_guard(module, reads, respecialise, context)
+        try:
+            install(gm, root_graph, graphs)
+        except Exception:
+            _undo(undo)
+            raise
     except Exception as e:  # noqa: BLE001 - a graph this cannot cut keeps running flat, and says why
         reason = e.reason if isinstance(e, _Unfoldable) else f"{type(e).__name__}: {one_line(e)}"
         region.inlined = {region.path: f"its graph was not cut into per-module graphs: {reason}"}
         return Fold(inlined={"": region.inlined[region.path]})
-    for removed in fold.unified:  # no graph calls it any more
-        parent, _, leaf = removed.rpartition(".")
-        del gm.get_submodule(parent)._modules[leaf]
-    for module in [gm] * (root_graph is not None) + [m for m, _ in graphs.values()]:
-        _, reads, context = guards.get(id(module), (module, [], {}))
-        context["concrete"] = region.concrete if module is gm else None
-        install_guard(module, reads, respecialise, context)
     region.module = flat_view(gm, flat)
     region.calls, region.captured, region.reads = {}, {}, []
     region.folded = [region.qualify(p) for p in fold.called]

@@ -335,7 +335,8 @@ _LENGTH = "__len__"  # capture.flag_reads.LENGTH (capture comes after fxgraph)
 
 
 def install_guard(module: nn.Module, reads: list, respecialise=None, context: dict | None = None) -> Guard | None:
-    """Make ``module``'s regenerated forward check, on every call, the values its trace read.
+    """Make ``module``'s regenerated forward check, on every call, the values its trace read
+    (from its next compile: ``adopt_graph``, ``recompile()``).
 
     Args:
         module: an adopted module.

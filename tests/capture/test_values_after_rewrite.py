@@ -256,6 +256,8 @@ def test_a_block_called_twice_with_equal_edits_stays_one_called_module():
     assert _fired(rewritten, "block", x) == _fired(model, "block", x) == 2
     dropouts = [name for name, m in rewritten.named_modules() if isinstance(m, nn.Dropout)]
     assert dropouts == ["block.1_dropout"], "the second call's equal dropout was unified into the first's"
+    guard = vars(rewritten.block)["_gt_guard"]  # the Sequential iterates itself: its length is guarded
+    assert guard.now(rewritten.block) == guard.expected == (4,)
     with torch.no_grad():
         assert torch.equal(rewritten(x), model(x))
     rewritten.train()

@@ -14,12 +14,16 @@ an unedited layer keeps its own forward when it is turned on later.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
+from collections.abc import Iterator
 
 import torch.utils.checkpoint as torch_checkpoint
 
-__all__ = ["checkpoint", "checkpoint_functions", "checkpoint_sequential", "name_checkpoint_calls"]
+from graphtricks.errors import CaptureError
+
+__all__ = ["checkpoint", "checkpoint_functions", "checkpoint_sequential", "name_checkpoint_calls", "not_traced_through"]
 
 # Checkpointing functions of libraries that may be loaded: module name -> function names.
 _LIBRARY_FUNCTIONS = {
@@ -61,3 +65,21 @@ def name_checkpoint_calls(graph) -> None:
         node.target = checkpoint
     for node in graph.find_nodes(op="call_function", target=torch_checkpoint.checkpoint_sequential):
         node.target = checkpoint_sequential
+
+
+@contextlib.contextmanager
+def not_traced_through() -> Iterator[None]:
+    """While open, a checkpoint that runs (fx tracing through it: called through an object a trace
+    cannot record, as Hugging Face's ``partial(checkpoint)`` of ``partial(forward, self)``) raises,
+    so the module that calls it is kept as written instead of losing its checkpointing."""
+    saved = torch_checkpoint._checkpoint_impl
+
+    def refuse(*args, **kwargs):
+        raise CaptureError("it checkpoints through a function or object a graph cannot call (not a module):"
+                           " kept as written, with its checkpointing")
+
+    torch_checkpoint._checkpoint_impl = refuse
+    try:
+        yield
+    finally:
+        torch_checkpoint._checkpoint_impl = saved

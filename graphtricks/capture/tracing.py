@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.checkpoints import checkpoint_functions, name_checkpoint_calls
+from graphtricks.capture.checkpoints import checkpoint_functions, name_checkpoint_calls, not_traced_through
 from graphtricks.capture.flag_reads import ValueReads
 from graphtricks.capture.hooks import hooks_detached
 from graphtricks.capture.mode_reads import TrainingReads, overrides_train
@@ -236,7 +236,7 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
     tracer = RegionTracer(leaves)
     try:
         with (hooks_detached(None), TrainingReads() as reads, StateWrites(module, tracer) as writes,
-              ValueReads(module.modules(), tracer) as values):
+              ValueReads(module.modules(), tracer) as values, not_traced_through()):
             graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())

@@ -8,6 +8,7 @@ backward, in the original and in the rewritten model.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections import Counter
@@ -141,3 +142,41 @@ def test_hugging_face_gradient_checkpointing(when):
     assert want["encoder.layer.0.intermediate"] == 2
     assert got == want
     assert "dropout" in rewritten.get_submodule("encoder.layer.0.intermediate").code
+
+
+class _PartialCheckpoint(nn.Module):
+    """Checkpoints through a partial and a closure, as Hugging Face's layers do: fx cannot record it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.grad_ckpt = True
+        self.ckpt = functools.partial(checkpoint, use_reentrant=False)
+
+    def forward(self, x):
+        def run(h):
+            return torch.relu(self.fc(h))
+
+        return self.ckpt(run, x) if self.grad_ckpt else run(x)
+
+
+def test_a_checkpoint_a_graph_cannot_call_keeps_its_caller_as_written():
+    torch.manual_seed(0)
+    model = nn.Sequential(_PartialCheckpoint(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    result = _rewrite(model, (x,))
+    region = next(r for r in result.tree.regions() if r.path == "0")
+    assert region.kind == "opaque" and "checkpoint" in region.reason
+    assert _calls(result.model, ["0.fc"], lambda m: m(x).sum().backward())["0.fc"] == 2
+
+
+def test_checkpointing_turned_on_where_it_cannot_be_recorded_is_refused_by_name():
+    torch.manual_seed(0)
+    inner = _PartialCheckpoint()
+    inner.grad_ckpt = False
+    model, x = nn.Sequential(inner, nn.Linear(4, 2)), torch.randn(3, 4)
+    rewritten = _rewrite(model, (x,)).model
+    assert "relu_dropout" in rewritten[0].code
+    rewritten[0].grad_ckpt = True
+    with pytest.raises(gt.GraphtricksError, match=r"_PartialCheckpoint.grad_ckpt was False .* checkpoints through"):
+        rewritten.train()(x)

@@ -806,6 +806,8 @@ def fold_region(region) -> Fold:
     root graph cannot be cut, keeps its flat graph; the returned fold names why.
     """
     gm = region.module
+    # The flat graph's guard, with paths as they are after the passes (a wrapper moves a block).
+    install_guard(gm, [(m, name, value) for _, m, name, value in region.reads])
     if not is_adopted(gm):
         region.inlined = {region.path: "the region root runs fx's own GraphModule (its class defines a name fx needs)"}
         return Fold(inlined={"": region.inlined[region.path]})

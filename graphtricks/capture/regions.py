@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphtricks.capture.flag_reads import LENGTH
 from graphtricks.capture.guards import install_input_guards
 from graphtricks.capture.hooks import copy_hooks, hook_kinds
 from graphtricks.capture.modes import ModeSnapshot
@@ -248,7 +249,8 @@ class _Capturer:
                         captured={n: (n.target, n.args, n.kwargs) for n in graph.nodes} if gm is module else {},
                         reads=reads if gm is module else [], concrete=dict(concrete))
         if gm is module:  # the flat graph holds every module's code: it checks every value read
-            install_guard(gm, [(m, name, value) for _, m, name, value in reads])
+            # (by object while passes move modules; container lengths from fold on, as passes add to them)
+            install_guard(gm, [(m, name, value) for _, m, name, value in reads if name != LENGTH], by_path=False)
         graph.__dict__.pop("_gt_calls", None)
         graph.__dict__.pop("_gt_reads", None)
         # Leaves made opaque here are regions of their own, with children captured below them;

@@ -334,7 +334,8 @@ _ABSENT = type("_Absent", (), {"__repr__": lambda self: "<no attribute>", "__red
 _LENGTH = "__len__"  # capture.flag_reads.LENGTH (capture comes after fxgraph)
 
 
-def install_guard(module: nn.Module, reads: list, respecialise=None, context: dict | None = None) -> Guard | None:
+def install_guard(module: nn.Module, reads: list, respecialise=None, context: dict | None = None,
+                  by_path: bool = True) -> Guard | None:
     """Make ``module``'s regenerated forward check, on every call, the values its trace read
     (from its next compile: ``adopt_graph``, ``recompile()``).
 
@@ -343,11 +344,13 @@ def install_guard(module: nn.Module, reads: list, respecialise=None, context: di
         reads: ``(owner module, name, value)`` for each value read (``capture.flag_reads``).
         respecialise: what to call when a value changed (see :class:`Guard`); None: refuse.
         context: what ``respecialise`` needs.
+        by_path: check the module at each owner's path (a submodule replaced later is checked);
+            False: the owner objects themselves (while passes still move modules about).
 
     Returns:
         The guard, or None when nothing was read.
     """
-    paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
+    paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)} if by_path else {}
     entries, expected, seen = [], [], set()
     for owner, name, value in reads:
         key = (id(owner), name)

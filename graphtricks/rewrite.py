@@ -227,6 +227,8 @@ def _run_pass(p: GraphtricksPass, run: PassRun, report: Report) -> None:
         warnings.warn(f"{p.name}: {note}", PassNoteWarning, stacklevel=4)
         report.warnings.append(f"{p.name}: {note}")
     if not run.changes:
-        message = f"pass {p.name!r} matched nothing in this model; it changed nothing"
+        left = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in run.skipped.items())
+        message = (f"pass {p.name!r} changed nothing in this model: it left alone {left} (its notes say where)"
+                   if left else f"pass {p.name!r} matched nothing in this model; it changed nothing")
         warnings.warn(message, NoChangeWarning, stacklevel=4)
         report.warnings.append(message)

@@ -60,6 +60,7 @@ def _flag_passes(
     dropout_kind: str,
     dropout_after: list[str],
     dropout_gates: bool,
+    dropout_constants: bool = False,
     init: str | None,
     seed: int,
     keep_bias: bool,
@@ -87,6 +88,8 @@ def _flag_passes(
             entry["activations"] = list(dropout_after)
         if dropout_gates:
             entry["gates"] = True
+        if dropout_constants:
+            entry["constants"] = True
         configs.append(entry)
     if init is not None:
         configs.append(
@@ -198,6 +201,7 @@ def rewrite(
     dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", metavar=choices(DropoutKind), help="element or channel dropout.")] = DropoutKind.element,
     dropout_after: Annotated[list[str] | None, typer.Option("--dropout-after", metavar="ACTIVATION", help="Only after these activations, e.g. ReLU, GELU (repeatable; default: all).")] = None,
     dropout_gates: Annotated[bool, typer.Option("--dropout-gates", help="Also after gates (a sigmoid whose output only scales another tensor: squeeze-excitation, gated units).")] = False,
+    dropout_constants: Annotated[bool, typer.Option("--dropout-constants", help="Also after activations whose value does not depend on the inputs (computed from parameters or buffers only: a learnt sigmoid(alpha), a position-bias MLP).")] = False,
     residual: Annotated[list[str] | None, typer.Option("--residual", metavar="GLOB", help="Wrap blocks whose qualified name matches (repeatable; * and ? stop at dots, ** crosses them).")] = None,
     residual_span: Annotated[list[str] | None, typer.Option("--residual-span", metavar="FIRST:LAST", help="Wrap a node span FIRST:LAST (or REGION/FIRST:LAST) of a traced region.")] = None,
     shortcut: Annotated[Shortcut, typer.Option("--shortcut", metavar=choices(Shortcut), help="Shortcut kind.")] = Shortcut.auto,
@@ -244,7 +248,7 @@ def rewrite(
             residual=residual or [], residual_span=residual_span or [], shortcut=shortcut.value,
             shortcut_norm=shortcut_norm, post_act=post_act.value, gate=gate.value, bn_to_ln=bn_to_ln,
             ln_over=ln_over.value, dropout=dropout, dropout_kind=dropout_kind.value,
-            dropout_after=dropout_after or [], dropout_gates=dropout_gates,
+            dropout_after=dropout_after or [], dropout_gates=dropout_gates, dropout_constants=dropout_constants,
             init=init.value if init else None, seed=seed, keep_bias=keep_bias, fan=fan.value,
             zero_init_residual=zero_init_residual, include_frozen=include_frozen,
             include=include or [], exclude=exclude or [],
@@ -289,6 +293,10 @@ def rewrite(
         if gates:
             out.print(f"[dim]dropout: {gates} gate(s) left without dropout (a sigmoid whose output only scales"
                       " another tensor); --dropout-gates includes them[/dim]")
+        constants = result.report.skipped.get("dropout", {}).get("constants", 0)
+        if constants:
+            out.print(f"[dim]dropout: {constants} activation(s) that do not depend on the inputs left without dropout"
+                      " (parameters or buffers only); --dropout-constants includes them[/dim]")
         counts = ", ".join(f"{k}: {v}" for k, v in result.report.changes_by_pass().items()) or "no passes"
         action = "would write" if dry_run else "wrote"
         target = f" {action} {out_dir}" if out_dir is not None and not dry_run else (" (dry run: nothing written)" if dry_run else "")

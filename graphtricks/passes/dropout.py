@@ -22,9 +22,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.capture import Region
 from graphtricks.capture.shapes import tensor_meta
-from graphtricks.errors import GraphtricksError, PassError
+from graphtricks.errors import PassError
 from graphtricks.fxgraph.activations import activation_name, normalise_activation_name
 from graphtricks.fxgraph.adopt import compile_when_called
 from graphtricks.fxgraph.dataflow import data_nodes
@@ -39,9 +38,9 @@ from graphtricks.fxgraph.nodes import (
     owner_path,
     unique_attr_name,
 )
-from graphtricks.layers.caller_dropout import CallerDropout, caller_dropout_of
 from graphtricks.passes.base import GraphtricksPass, PassRun, register_pass
-from graphtricks.passes.dropout_sites import ActivationCall, opaque_activations, probe_sites
+from graphtricks.passes.dropout_opaque import GATES, OpaqueDropout
+from graphtricks.passes.dropout_sites import probe_sites
 
 __all__ = ["InsertDropout", "DROPOUT_KINDS"]
 
@@ -58,7 +57,7 @@ _WHY = {
 
 
 @register_pass
-class InsertDropout(GraphtricksPass):
+class InsertDropout(OpaqueDropout, GraphtricksPass):
     """Insert dropout after activations.
 
     Args:
@@ -182,7 +181,7 @@ class InsertDropout(GraphtricksPass):
             if not self.constants and node not in data:
                 self._skip(where, "constants", act)
                 continue
-            if not self.gates and act in _GATES and _only_scales(node):
+            if not self.gates and act in GATES and _only_scales(node):
                 self._skip(where, "gates", act)  # dropping a gate zeroes what it scales
                 continue
             followers = [u for u in (*node.users, *aliases) if is_dropout(u, gm)]
@@ -234,119 +233,7 @@ class InsertDropout(GraphtricksPass):
             changed = True
         return changed
 
-    # -- opaque regions ------------------------------------------------------------------------
-    def call_opaque(self, region: Region) -> bool:
-        """Dropout after the activation children an opaque module calls, applied at the caller."""
-        probe = getattr(self.state, "probe", None)
-        if self.p == 0 or probe is None:
-            return False
-        parent = region.module
-        own = probe.own_code.get(id(parent), [])
-        for act in own:
-            if self._wanted(act, region.path):
-                self._skip(region.path or "<root>", "opaque_code", act)
-        modified = False
-        for name, child, act in opaque_activations(parent):
-            where = region.qualify(name)
-            if not self._wanted(act, where):
-                continue
-            taken = caller_dropout_of(parent)
-            if taken is not None and name in taken.sites:
-                self._skip(where, "followed_by_dropout", act, f"{taken.sites[name][0]} (graphtricks)")
-                continue
-            calls = probe.calls.get((id(parent), name)) or []
-            if not calls:
-                self.notes.append(f"{where}: {act} was not called by {type(parent).__name__}'s forward"
-                                  " on the example inputs; left alone")
-                continue
-            chosen = [c for c in calls if self._opaque_call_wanted(region, name, act, c, len(calls))]
-            if chosen:
-                self._wrap(region, name, act, chosen, len(calls))
-                modified = True
-        return modified
 
-    def _opaque_call_wanted(self, region: Region, name: str, act: str, call: ActivationCall, n: int) -> bool:
-        """Whether one call of an activation child gets dropout (the rules of traced code)."""
-        where = region.qualify(name) + (f" (call {call.index + 1} of {n})" if n > 1 else "")
-        if call.output:
-            self.notes.append(f"{where}: {act} output is a model output; no dropout after it")
-            return False
-        if not self.constants and not call.data:
-            self._skip(where, "constants", act)
-            return False
-        if not self.gates and act in _GATES and call.consumers and all(c[0] == "mul" for c in call.consumers):
-            self._skip(where, "gates", act)
-            return False
-        drops = [c for c in call.consumers if c[0] == "dropout"]
-        if not call.consumers or len(drops) < len(call.consumers):
-            return True
-        for _, p, module in drops:
-            if p != 0:
-                kind = type(module).__name__ if module is not None else "F.dropout"
-                self._skip(where, "followed_by_dropout", act, f"{kind}(p={p:g})" if p is not None else kind)
-            elif module is not None:
-                if module.p != self.p:
-                    module.p = self.p
-                    self.record(where, "updated", f"existing {type(module).__name__} after {act}: p 0 -> {self.p}",
-                                details={"module": _path_of(self.tree.model, module), "p": self.p})
-            else:
-                self._set_placeholder_attribute(region, where, act)
-        return False
-
-    def _wrap(self, region: Region, name: str, act: str, chosen: list[ActivationCall], n: int) -> None:
-        """Register the dropout beside the activation and apply it at the caller, on ``chosen`` calls."""
-        parent = region.module
-        shape = chosen[0].shape
-        module = self._dropout(len(shape) if shape is not None else None)
-        drop = unique_attr_name(parent, "", f"{name}_dropout")
-        parent.add_module(drop, module)
-        hooks = caller_dropout_of(parent)
-        if hooks is None:
-            hooks = CallerDropout({})
-            hooks.install(parent)
-        hooks.sites[name] = (drop, tuple(c.index for c in chosen))
-        calls = "" if n == 1 else f"; calls {', '.join(str(c.index + 1) for c in chosen)} of {n}"
-        self.record(
-            region.qualify(name),
-            "wrapped",
-            f"{module} after {act} (applied where opaque {type(parent).__name__} calls it{calls})",
-            details={"module": region.qualify(drop), "p": self.p, "calls": [c.index for c in chosen]},
-        )
-
-    def _set_placeholder_attribute(self, region: Region, where: str, act: str) -> None:
-        """Find the attribute that holds a functional placeholder's p (confirmed by a second probe)."""
-        parent = region.module
-        names = [k for k, v in vars(parent).items()
-                 if not k.startswith("_") and type(v) is float and v == 0.0 and "drop" in k.lower()]
-        if len(names) != 1:
-            found = f"candidates {', '.join(names)}" if names else "no float attribute named *drop* holds it"
-            self.notes.append(f"{where}: {act} is followed by F.dropout(p=0) in {type(parent).__name__}'s own"
-                              f" code ({found}); set its p in the model's code or config")
-            return
-        if any(m is parent and a == names[0] for m, a, *_ in self.state.pending):
-            return
-        setattr(parent, names[0], self.p)
-        self.state.pending.append((parent, names[0], region.qualify(names[0]), where, act))
-
-    def _confirm_placeholders(self) -> None:
-        """Keep each attribute set for a placeholder only where a second probe shows it now gives p."""
-        try:
-            probe = probe_sites(self.tree, self.example_inputs, self.example_kwargs)
-        except Exception as e:  # the model's own error, whatever its type
-            raise PassError(f"dropout: the forward that checks placeholder dropouts failed: {e}") from e
-        for parent, attr, path, where, act in self.state.pending:
-            ps = {c[1] for (owner, _), calls in probe.calls.items() if owner == id(parent)
-                  for call in calls for c in call.consumers if c[0] == "dropout" and c[2] is None}
-            if self.p in ps and 0.0 not in ps:
-                self.record(where, "updated", f"F.dropout after {act}: p 0 -> {self.p} by setting {path}",
-                            details={"attribute": path, "p": self.p})
-                continue
-            setattr(parent, attr, 0.0)
-            self.notes.append(f"{where}: {act} is followed by F.dropout(p=0) in {type(parent).__name__}'s own"
-                              f" code; {path} does not set it: set its p in the model's code or config")
-
-
-_GATES = ("Sigmoid", "Hardsigmoid")
 _MULS = {operator.mul, operator.imul, torch.mul}
 
 
@@ -374,11 +261,6 @@ def _set_functional_p(node: fx.Node, p: float) -> None:
         node.update_kwarg("p", p)
     else:
         node.update_arg(1, p)
-
-
-def _path_of(model: nn.Module, module: nn.Module) -> str:
-    """The qualified name of ``module`` in ``model`` ("" when not found)."""
-    return next((name for name, m in model.named_modules() if m is module), "")
 
 
 def _dropout_path(node: fx.Node) -> tuple[str, str]:

@@ -136,6 +136,8 @@ class _Flow(TorchFunctionMode):
             call = self.watched.get(t)
             if call is not None:
                 call.consumers.append(self._consumer(func, name, args, kwargs, t))
+                if func in DROPOUT_FUNCTIONS and any(o is t for o in produced):
+                    self.watched.add(t, None)  # eval-mode dropout returns its input: later readers read the dropout's
         if name in _VIEWS and inputs:
             origin = self.views.get(inputs[0])
             if origin is not None:
@@ -207,10 +209,10 @@ def probe_sites(tree: RegionTree, inputs: tuple, kwargs: dict[str, Any] | None =
 
     pre, post = [(m, enter) for m in opaque], [(m, leave) for m in opaque]
     ids = {id(m) for m in opaque}
-    # While a child runs, its parent's own code does not (an opaque child has frames of its own).
-    children = {id(c): c for m in opaque for c in m.children() if id(c) not in ids}
-    pre += [(c, lambda m, a, k: flow.frames.append((m, False))) for c in children.values()]
-    post += [(c, lambda m, a, k, o: flow.frames.pop() and None) for c in children.values()]  # a hook's value replaces the output
+    # While any other module runs, an opaque module's own code does not.
+    others = [m for m in tree.model.modules() if id(m) not in ids]
+    pre += [(m, lambda m, a, k: flow.frames.append((m, False))) for m in others]
+    post += [(m, lambda m, a, k, o: flow.frames.pop() and None) for m in others]  # a hook's value replaces the output
     drops = [m for m in tree.model.modules() if isinstance(m, DROPOUT_MODULES)]
     pre += [(d, lambda m, a, k: flow.dropouts.append(m)) for d in drops]
     post += [(d, lambda m, a, k, o: flow.dropouts.pop() and None) for d in drops]

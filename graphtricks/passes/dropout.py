@@ -184,7 +184,8 @@ class InsertDropout(OpaqueDropout, GraphtricksPass):
             if not self.gates and act in GATES and _only_scales(node):
                 self._skip(where, "gates", act)  # dropping a gate zeroes what it scales
                 continue
-            followers = [u for u in (*node.users, *aliases) if is_dropout(u, gm)]
+            # A functional dropout with p = 0 in a graph has its mode baked in: no placeholder to raise.
+            followers = [u for u in (*node.users, *aliases) if is_dropout(u, gm) and (u.op == "call_module" or _functional_p(u) != 0)]
             if followers:
                 # Already followed by dropout: applying twice changes nothing. A placeholder with
                 # p = 0 (timm, Hugging Face) is given the requested p instead.
@@ -221,15 +222,9 @@ class InsertDropout(OpaqueDropout, GraphtricksPass):
                 what = f"{type(module).__name__}(p={p})" if module is not None else f"{user.target.__name__}(p={p})"
                 self._skip(where, "followed_by_dropout", act, what)
                 continue
-            if module is not None:
-                module.p = self.p
-                name = self.qualify(str(user.target))
-            else:
-                _set_functional_p(user, self.p)  # the regenerated forward calls it with p
-                name = f"{self.prefix + '.' if self.prefix else ''}{user.name}"
-            kind = type(module).__name__ if module is not None else f"{user.target.__name__}(p=0)"
-            self.record(where, "updated", f"existing {kind} after {act}: p 0 -> {self.p}",
-                        details={"module": name, "p": self.p})
+            module.p = self.p
+            self.record(where, "updated", f"existing {type(module).__name__} after {act}: p 0 -> {self.p}",
+                        details={"module": self.qualify(str(user.target)), "p": self.p})
             changed = True
         return changed
 
@@ -253,14 +248,6 @@ def _functional_p(node: fx.Node) -> float | None:
     """The p of a functional dropout node (``F.dropout(x, p)``, ``torch.dropout(x, p, train)``)."""
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     return float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None
-
-
-def _set_functional_p(node: fx.Node, p: float) -> None:
-    """Make a functional dropout node drop with ``p``."""
-    if "p" in node.kwargs or len(node.args) < 2:
-        node.update_kwarg("p", p)
-    else:
-        node.update_arg(1, p)
 
 
 def _dropout_path(node: fx.Node) -> tuple[str, str]:

@@ -150,7 +150,11 @@ class _Flow(TorchFunctionMode):
     def _consumer(self, func, name: str, args: tuple, kwargs: dict, value: torch.Tensor) -> tuple:
         if func in DROPOUT_FUNCTIONS:
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            return ("dropout", float(p) if isinstance(p, (int, float)) else None, self.dropouts[-1] if self.dropouts else None)
+            p = float(p) if isinstance(p, (int, float)) else None
+            training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+            if p == 0 and training is True:
+                return ("other",)  # on in eval mode too: giving it p would change eval outputs
+            return ("dropout", p, self.dropouts[-1] if self.dropouts else None)
         others = [a for a in args if isinstance(a, torch.Tensor) and a is not value]
         if name in _MULS and len(args) == 2 and len(others) == 1:
             return ("mul",)

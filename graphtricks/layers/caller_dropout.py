@@ -23,10 +23,29 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["ActivationThenDropout", "CallerDropout", "caller_dropout_of"]
+__all__ = ["ActivationThenDropout", "ActivationView", "CallerDropout", "caller_dropout_of"]
 
 
-class ActivationThenDropout(nn.Module):
+class ActivationView(nn.Module):
+    """Stands for an activation module in its caller: the activation's attributes read through."""
+
+    def __init__(self, activation: nn.Module):
+        super().__init__()
+        # Not registered as a child: a view is never part of the model's tree.
+        object.__setattr__(self, "activation", activation)
+
+    def __getattr__(self, name: str):
+        # The caller may read the activation's settings (``self.act.inplace``): they are its.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            activation = self.__dict__.get("activation")
+            if activation is None:
+                raise
+            return getattr(activation, name)
+
+
+class ActivationThenDropout(ActivationView):
     """What an opaque module sees as its activation child while its forward runs.
 
     Args:
@@ -36,9 +55,7 @@ class ActivationThenDropout(nn.Module):
     """
 
     def __init__(self, activation: nn.Module, dropout: nn.Module, calls: tuple[int, ...]):
-        super().__init__()
-        # Not registered as children: this view is never part of the model's tree.
-        object.__setattr__(self, "activation", activation)
+        super().__init__(activation)
         object.__setattr__(self, "dropout", dropout)
         self.calls = frozenset(calls)
         self.count = 0  # calls so far in this forward

@@ -34,7 +34,7 @@ from graphtricks.capture import RegionTree
 from graphtricks.capture.probe import probe_forward
 from graphtricks.fxgraph.activations import ACTIVATION_FUNCTIONS, module_activation_name
 from graphtricks.fxgraph.kinds import DROPOUT_FUNCTIONS, DROPOUT_MODULES, VIEW_METHODS
-from graphtricks.layers.caller_dropout import caller_dropout_of
+from graphtricks.layers.caller_dropout import ActivationView, caller_dropout_of
 
 __all__ = ["ActivationCall", "SiteProbe", "probe_sites", "opaque_activations"]
 
@@ -161,12 +161,11 @@ class _Flow(TorchFunctionMode):
         return ("other",)
 
 
-class _RecordingView(nn.Module):
+class _RecordingView(ActivationView):
     """An activation child as its opaque parent sees it during the probe: each call recorded."""
 
     def __init__(self, activation: nn.Module, flow: _Flow, calls: list[ActivationCall]):
-        super().__init__()
-        object.__setattr__(self, "activation", activation)
+        super().__init__(activation)
         object.__setattr__(self, "flow", flow)
         object.__setattr__(self, "calls", calls)
         self.count = 0

@@ -85,6 +85,18 @@ def test_hooks_and_direct_calls_see_the_activation_alone():
     assert not any(isinstance(m, ActivationThenDropout) for m in model.modules())  # views only during forward
 
 
+def test_the_caller_reads_the_activations_attributes_through_the_view():
+    class ReadsAct(SharedAct):
+        def forward(self, x):
+            if self.training:
+                x = x * 1.0
+            assert self.act.inplace is False  # the caller reads its activation's settings
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = _rewrite(nn.Sequential(ReadsAct(), nn.ReLU())).model.train()
+    assert model(X).shape == X.shape
+
+
 def test_the_view_is_removed_when_the_forward_raises():
     model = _rewrite(Holder()).model.train()
     with pytest.raises(RuntimeError):

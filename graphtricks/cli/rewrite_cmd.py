@@ -293,7 +293,7 @@ def rewrite(
         if gates:
             out.print(f"[dim]dropout: {gates} gate(s) left without dropout (a sigmoid whose output only scales"
                       " another tensor); --dropout-gates includes them[/dim]")
-        constants = result.report.skipped.get("dropout", {}).get("constants", 0)
+        constants = result.report.skipped.get("dropout", {}).get("input_independent", 0)
         if constants:
             out.print(f"[dim]dropout: {constants} activation(s) that do not depend on the inputs left without dropout"
                       " (parameters or buffers only); --dropout-constants includes them[/dim]")

@@ -49,10 +49,10 @@ _CHANNEL_BY_RANK = {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}
 # Why an activation is left alone by design: the keys of the pass's ``skipped`` counts.
 _WHY = {
     "gates": "a gate (its output only scales another tensor); gates=True / --dropout-gates includes it",
-    "constants": "does not depend on the model's inputs (parameters, buffers or shapes only);"
+    "input_independent": "does not depend on the model's inputs (parameters, buffers or shapes only);"
                  " constants=True / --dropout-constants includes it",
     "followed_by_dropout": "already followed by",
-    "opaque_code": "computed by opaque code itself",
+    "in_opaque_code": "computed by opaque code itself; no dropout can follow it",
 }
 
 
@@ -73,6 +73,10 @@ class InsertDropout(OpaqueDropout, GraphtricksPass):
             position-bias MLP on a coordinates table). Off by default: they are no data.
         include: qualified-name globs to edit; empty = everything.
         exclude: qualified-name globs never edited.
+
+    What it leaves alone by design is counted in the run's ``skipped`` (``gates``,
+    ``input_independent``, ``followed_by_dropout``, ``in_opaque_code``); a model output is a note.
+    When it changes nothing, each of those activations is a note of its own, saying why.
 
     Raises:
         PassError: p outside [0, 1), an unknown kind or activation name.
@@ -179,7 +183,7 @@ class InsertDropout(OpaqueDropout, GraphtricksPass):
             if not node.users and not aliases:
                 continue  # dead value
             if not self.constants and node not in data:
-                self._skip(where, "constants", act)
+                self._skip(where, "input_independent", act)
                 continue
             if not self.gates and act in GATES and _only_scales(node):
                 self._skip(where, "gates", act)  # dropping a gate zeroes what it scales

@@ -37,7 +37,7 @@ class OpaqueDropout:
         parent = region.module
         for act in probe.own_code.get(id(parent), []):
             if self._wanted(act, region.path):
-                self._skip(region.path or "<root>", "opaque_code", act)
+                self._skip(region.path or "<root>", "in_opaque_code", act)
         modified = False
         for name, _child, act in opaque_activations(parent):
             where = region.qualify(name)
@@ -68,7 +68,7 @@ class OpaqueDropout:
             self.notes.append(f"{where}: {act} output is a model output; no dropout after it")
             return False
         if not self.constants and not call.data:
-            self._skip(where, "constants", act)
+            self._skip(where, "input_independent", act)
             return False
         if not self.gates and act in GATES and call.consumers and all(c[0] == "mul" for c in call.consumers):
             self._skip(where, "gates", act)

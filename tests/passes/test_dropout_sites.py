@@ -273,7 +273,7 @@ def test_input_independent_activations_are_skipped_and_counted():
     result = _rewrite(model)
     assert [c.where for c in result.report.changes] == ["0.relu"]
     # tanh(alpha) and the coordinates MLP's ReLU are no data; sigmoid(alpha) is one too (and a gate)
-    assert result.report.skipped == {"dropout": {"constants": 3}}
+    assert result.report.skipped == {"dropout": {"input_independent": 3}}
     with_constants = _rewrite(model, constants=True)
     assert sorted(c.where for c in with_constants.report.changes) == ["0.relu", "0.tanh", "1.cpb.1"]
     assert with_constants.report.skipped == {"dropout": {"gates": 1}}  # sigmoid(alpha).view(...) * x
@@ -305,15 +305,15 @@ def test_activations_of_opaque_code_itself_are_counted_and_named_when_nothing_ch
             return F.gelu(self.fc(x))
 
     result = _rewrite(nn.Sequential(Own(), nn.Linear(8, 2)))
-    assert result.report.skipped == {"dropout": {"opaque_code": 1}}
-    assert any(w == "dropout: 0: GELU computed by opaque code itself" for w in result.report.warnings)
+    assert result.report.skipped == {"dropout": {"in_opaque_code": 1}}
+    assert any(w == "dropout: 0: GELU computed by opaque code itself; no dropout can follow it" for w in result.report.warnings)
 
 
 def test_cli_dropout_constants_flag(tmp_path):
     runner = CliRunner()
     base = ["rewrite", f"{HERE}:LearntGate", "--input-shape", "4,8", "--dropout", "0.1", "--dry-run", "--json"]
     default = json.loads(runner.invoke(app, base).stdout)
-    assert default["report"]["skipped"] == {"dropout": {"constants": 2}}
+    assert default["report"]["skipped"] == {"dropout": {"input_independent": 2}}
     assert default["report"]["changes_by_pass"] == {"dropout": 1}
     both = json.loads(runner.invoke(app, [*base, "--dropout-constants", "--dropout-gates"]).stdout)
     assert both["report"]["changes_by_pass"] == {"dropout": 3}

@@ -130,10 +130,10 @@ class InsertDropout(OpaqueDropout, GraphtricksPass):
     # -- the run: a probe of opaque code first, the reasons per activation last -----------------
     def begin(self) -> None:
         self.state.sites = []  # (where, why) of each activation left alone, for notes
-        self.state.pending = []  # placeholder attributes set, to be confirmed by a second probe
+        self.state.pending = []  # functional placeholders whose p's attribute a second probe finds
         self.state.probe = None
         tree = self.tree
-        if tree is not None and tree.root.children and self.p > 0:
+        if tree is not None and (tree.root.kind == "opaque" or tree.root.children) and self.p > 0:
             try:
                 self.state.probe = probe_sites(tree, self.example_inputs, self.example_kwargs)
             except Exception as e:  # the model's own error, whatever its type

@@ -73,6 +73,11 @@ def test_shared_opaque_activation_gets_no_dropout_after_the_model_output():
     assert torch.equal(y, torch.relu(block.fc2(dropped[0])))  # the output is the activation's, undropped
 
 
+def test_an_opaque_root_is_handled_like_an_opaque_child():
+    result = _rewrite(SharedAct())
+    assert [(c.where, c.details["calls"]) for c in result.report.changes] == [("act", [0])]
+
+
 def test_hooks_and_direct_calls_see_the_activation_alone():
     torch.manual_seed(0)
     model = _rewrite(Holder()).model.train()

@@ -48,7 +48,7 @@ DROPOUT_KINDS = ("element", "channel")
 _CHANNEL_BY_RANK = {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}
 # Why an activation is left alone by design: the keys of the pass's ``skipped`` counts.
 _WHY = {
-    "gates": "a gate (its output only scales another tensor); gates=True / --dropout-gates includes it",
+    "gates": "is a gate (its output only scales another tensor); gates=True / --dropout-gates includes it",
     "input_independent": "does not depend on the model's inputs (parameters, buffers or shapes only);"
                  " constants=True / --dropout-constants includes it",
     "followed_by_dropout": "already followed by",

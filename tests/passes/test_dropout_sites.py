@@ -324,3 +324,15 @@ def test_cli_dropout_constants_flag(tmp_path):
     assert both["report"]["changes_by_pass"] == {"dropout": 3}
     summary = runner.invoke(app, base[:-1], terminal_width=200).output
     assert "--dropout-constants includes them" in summary
+
+
+def test_dropout_at_the_caller_survives_a_later_batchnorm_swap():
+    layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), layers.BatchNormAct2d(8, act_layer=nn.ReLU), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    result = gt.rewrite(model, [gt.InsertDropout(0.5), gt.BatchNormToLayerNorm()], (x,))
+    rewritten = result.model.train()
+    ran = []
+    rewritten[1].act_dropout.register_forward_hook(lambda m, i, o: ran.append(m))
+    rewritten(x)
+    assert len(ran) == 1 and type(rewritten[1]).__name__ == "NormAct"

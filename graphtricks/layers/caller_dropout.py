@@ -82,10 +82,12 @@ class CallerDropout:
         children = module._modules
         for name, (drop, calls) in self.sites.items():
             current = children.get(name)
+            dropout = children.get(drop)
             if isinstance(current, ActivationThenDropout):
                 current.depth += 1  # a nested call of the same module keeps the outer view
-            elif current is not None and children.get(drop) is not None:
-                children[name] = ActivationThenDropout(current, children[drop], calls)
+            elif current is not None and dropout is not None and dropout.training:
+                # (an eval-mode dropout is the identity: no view, no cost; MC dropout sets it training)
+                children[name] = ActivationThenDropout(current, dropout, calls)
 
     def leave(self, module: nn.Module, args, output) -> None:
         """Put the activation children back once ``module``'s forward has returned (or raised)."""

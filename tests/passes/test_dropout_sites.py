@@ -120,6 +120,15 @@ def test_eval_is_bitwise_equal_and_train_drops_at_the_hidden_call():
     assert not torch.equal(a, rewritten(X))  # p = 0.5 changed the train output
 
 
+def test_mc_dropout_in_an_eval_model_still_drops_at_the_caller():
+    model = _rewrite(Holder()).model.eval()
+    model.block.act_dropout.train()  # MC dropout: the dropouts on, everything else in eval mode
+    ran = []
+    model.block.act_dropout.register_forward_hook(lambda m, i, o: ran.append(m))
+    model(X)
+    assert len(ran) == 1
+
+
 def test_copies_and_pickles_keep_the_caller_dropout():
     rewritten = _rewrite(Holder()).model.train()
     buffer = io.BytesIO()

@@ -100,11 +100,15 @@ def inspect(
     \b
         graphtricks inspect models/control_flow.py:DataDependent --input-shape 2,3,16,16
     """
-    from graphtricks.capture.summary import summarize
-    from graphtricks.passes import candidate_blocks
-    from graphtricks.rewrite import rewrite as run_rewrite
+    from graphtricks.io.precheck import check_spec_path
 
     with user_errors(verbose):
+        check_spec_path(spec)  # before torch: a wrong path answers at once
+
+        from graphtricks.capture.summary import summarize
+        from graphtricks.passes import candidate_blocks
+        from graphtricks.rewrite import rewrite as run_rewrite
+
         with status("capturing the model…", as_json):
             model, inputs, _, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
                                                             trust_pickle, device, named_input, pretrained=pretrained)

@@ -31,7 +31,7 @@ from graphtricks.cli.common import (
     user_errors,
     warn,
 )
-from graphtricks.errors import GraphtricksError
+from graphtricks.errors import GraphtricksError, ValidationError
 
 OnnxDevice = Enum("OnnxDevice", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
 TrainGraph = Enum("TrainGraph", {k: k for k in ("portable", "standard")}, type=str)
@@ -62,44 +62,72 @@ def export(
     \b
         graphtricks export out/cnn
     """
-    from graphtricks.io.folder import check_output_dir, is_saved_model, save
+    from graphtricks.io.files import staged_folder
+    from graphtricks.io.precheck import check_output_dir, check_spec_path, is_saved_model
+
+    with user_errors(verbose):
+        # what needs no torch first: a wrong path answers at once
+        check_spec_path(spec)
+        saved = is_saved_model(spec)
+        if not saved and out_dir is None:
+            raise GraphtricksError(f"exporting the model spec {spec} needs --out DIR (it receives the saved model and"
+                                   " the ONNX files)")
+        in_place = saved and (out_dir is None or Path(out_dir).resolve() == Path(spec).resolve())
+        if not in_place:
+            check_output_dir(out_dir, force)
+        target = Path(spec) if in_place else Path(out_dir)
+        if in_place:  # the ONNX files appear in the folder together, or not at all
+            _export(spec, target, target, input_shape, input_dtype, named_input, model_arg, weights, pretrained,
+                    trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first=False)
+        else:  # the saved model and its graphs appear together, or nothing does
+            with staged_folder(target) as folder:
+                _export(spec, folder, target, input_shape, input_dtype, named_input, model_arg, weights,
+                        pretrained, trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json,
+                        save_first=True)
+
+
+def _export(spec, folder: Path, target: Path, input_shape, input_dtype, named_input, model_arg, weights, pretrained,
+            trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first: bool) -> None:
+    """Export into ``folder`` (saving the model there first when ``save_first``); report as ``target``."""
+    from graphtricks.io.folder import save
     from graphtricks.io.inputs import positional_inputs
     from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
     from graphtricks.rewrite import rewrite as run_rewrite
 
-    with user_errors(verbose):
-        if not MIN_OPSET <= opset <= MAX_OPSET:
-            raise GraphtricksError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
-        saved = is_saved_model(spec)
-        if not saved and out_dir is None:
-            raise GraphtricksError("exporting a model spec needs --out DIR (it receives the saved model and the ONNX files)")
-        if out_dir is not None and not (saved and Path(out_dir).resolve() == Path(spec).resolve()):
-            check_output_dir(out_dir, force)
-        with status("loading the model…", as_json):
-            model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
-                                                                 trust_pickle, named_inputs=named_input,
-                                                                 pretrained=pretrained)
-        target = Path(spec) if saved and out_dir is None else Path(out_dir)
-        if target != Path(spec) or not saved:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
-            save(result, target, source, force=force, prior_passes=prior)
-            model = result.model
-        # keyword inputs go in their parameter places, and name the graph inputs
-        inputs, names = positional_inputs(model.forward, inputs, keywords) if keywords else (inputs, None)
-        with progress(f"exporting to {target}…", as_json) as say:
-            exported = export_pair(
-                model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
-                external_data=external_data, input_names=names, progress=say,
-            )
-        if as_json:
-            print(json.dumps(exported.to_dict(), indent=2, default=str))
-            return
-        warn(list(exported.warnings), as_json)
-        note(exported.notes)
-        data = f" with weights in {exported.data_path.name}" if exported.data_path else ""
-        out.print(f"wrote {exported.train_path} and {exported.infer_path}{data} (opset {exported.opset}, {exported.seconds:.1f}s)")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise GraphtricksError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+    with status("loading the model…", as_json):
+        model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
+                                                             trust_pickle, named_inputs=named_input,
+                                                             pretrained=pretrained)
+    if save_first:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
+        save(result, folder, source, force=force, prior_passes=prior)
+        model = result.model
+    # keyword inputs go in their parameter places, and name the graph inputs
+    inputs, names = positional_inputs(model.forward, inputs, keywords) if keywords else (inputs, None)
+    with progress(f"exporting to {target}…", as_json) as say:
+        exported = export_pair(
+            model, inputs, folder, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
+            external_data=external_data, input_names=names, progress=say,
+        )
+    if as_json:
+        print(json.dumps({**exported.to_dict(), **_paths_in(exported, folder, target)}, indent=2, default=str))
+        return
+    warn(list(exported.warnings), as_json)
+    note(exported.notes)
+    paths = _paths_in(exported, folder, target)
+    data = f" with weights in {Path(paths['data_path']).name}" if paths.get("data_path") else ""
+    out.print(f"wrote {paths['train_path']} and {paths['infer_path']}{data} (opset {exported.opset},"
+              f" {exported.seconds:.1f}s)")
+
+
+def _paths_in(exported, folder: Path, target: Path) -> dict[str, str]:
+    """The export's file paths as they will be once ``folder`` is renamed to ``target``."""
+    paths = {"train_path": exported.train_path, "infer_path": exported.infer_path, "data_path": exported.data_path}
+    return {k: str(target / Path(v).name) for k, v in paths.items() if v is not None}
 
 
 def _read_npz(path: Path) -> list[tuple]:
@@ -107,10 +135,6 @@ def _read_npz(path: Path) -> list[tuple]:
     import numpy as np
     import torch
 
-    from graphtricks.errors import ValidationError
-
-    if not path.is_file():
-        raise ValidationError(f"inputs file {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = [torch.from_numpy(np.array(data[name])) for name in data.files]
@@ -137,11 +161,17 @@ def validate(
     \b
         graphtricks validate out/cnn
     """
-    from graphtricks.io.folder import load_saved
-    from graphtricks.io.inputs import positional_inputs
-    from graphtricks.onnx import digest_model, validate_pair
+    from graphtricks.io.precheck import check_onnx_folder
 
     with user_errors(verbose):
+        check_onnx_folder(folder)  # before torch: a wrong path answers at once
+        if inputs_file is not None and not inputs_file.is_file():
+            raise ValidationError(f"inputs file {inputs_file} does not exist")
+
+        from graphtricks.io.folder import load_saved
+        from graphtricks.io.inputs import positional_inputs
+        from graphtricks.onnx import digest_model, validate_pair
+
         extra = _read_npz(inputs_file) if inputs_file else None
         with status("rebuilding the model…", as_json):
             saved = load_saved(folder)

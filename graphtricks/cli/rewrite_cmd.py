@@ -31,7 +31,7 @@ from graphtricks.cli.common import (
     user_errors,
     warn,
 )
-from graphtricks.errors import GraphtricksError, PassError
+from graphtricks.errors import GraphtricksError, PassError, RecipeError
 
 # the pass's own tables (passes.dropout.DROPOUT_KINDS, ...) import torch: their names are
 # repeated here so --help stays fast; tests/cli checks that they agree
@@ -228,17 +228,24 @@ def rewrite(
     \b
         graphtricks rewrite models/plain_cnn.py:PlainCNN --input-shape 8,3,32,32 --dropout 0.1 --out out/cnn
     """
-    from graphtricks.io.folder import check_output_dir, save
-    from graphtricks.io.recipe import read_recipe
-    from graphtricks.rewrite import rewrite as run_rewrite
+    from graphtricks.io.precheck import check_output_dir, check_spec_path
 
     with user_errors(verbose):
+        # what needs no torch first: a wrong path answers at once
         if out_dir is None and not dry_run:
             raise GraphtricksError("give --out DIR to write the rewritten model, or --dry-run to only see the plan")
         if device is Device.meta and not dry_run:
             raise GraphtricksError("a model on the meta device has no weights to write: add --dry-run to plan the rewrite")
         if out_dir is not None and not dry_run:
             check_output_dir(out_dir, force)
+        check_spec_path(spec)
+        if recipe is not None and not recipe.exists():
+            raise RecipeError(f"recipe {recipe} does not exist")
+
+        from graphtricks.io.folder import save
+        from graphtricks.io.recipe import read_recipe
+        from graphtricks.rewrite import rewrite as run_rewrite
+
         planned = read_recipe(recipe).build_passes() if recipe else []
         planned += _flag_passes(
             residual=residual or [], residual_span=residual_span or [], shortcut=shortcut.value,

@@ -214,7 +214,7 @@ def load_source(
     import torch
 
     from graphtricks.io.folder import is_saved_model, load_saved
-    from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs
+    from graphtricks.io.inputs import check_inputs_agree, make_example_inputs, make_keyword_inputs
     from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
@@ -238,6 +238,7 @@ def load_source(
             high = source.get("token_high", 100)
             source.update(input_shapes=[list(s) for s in shapes], input_dtype=dtype)
             inputs = make_example_inputs(shapes, dtype, high=high)
+        check_inputs_agree(inputs, keywords, saved.model.forward)
         if weights:
             load_weights(saved.model, weights)
         return saved.model, inputs, source, list(saved.recipe.passes), keywords
@@ -269,7 +270,9 @@ def load_source(
     if not shapes:
         del source["input_shapes"]
     keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high)
-    return model, make_example_inputs(shapes, dtype, device=device_name, high=high), source, [], keywords
+    inputs = make_example_inputs(shapes, dtype, device=device_name, high=high)
+    check_inputs_agree(inputs, keywords, model.forward)
+    return model, inputs, source, [], keywords
 
 
 def _named(values: list[str]) -> dict[str, str]:

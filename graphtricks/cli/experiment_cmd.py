@@ -11,7 +11,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from graphtricks.cli.common import ForceOpt, JsonOpt, ModelArgOpt, VerboseOpt, choices, err, out, user_errors
+from graphtricks.cli.common import (
+    ForceOpt, JsonOpt, ModelArgOpt, VerboseOpt, choices, err, out, print_table, table, user_errors,
+)
 from graphtricks.errors import GraphtricksError
 
 Schedule = Enum("Schedule", {k: k for k in ("constant", "step", "exponential", "cosine")}, type=str)
@@ -36,14 +38,12 @@ def _sizes(text: str | None) -> tuple[int, ...]:
 
 
 def _verdict_table(panels) -> Table:
-    table = Table(title="claims", show_lines=False)
-    for column in ("variant", "claim", "original → variant (±std)", "verdict"):
-        table.add_column(column, overflow="fold")
+    made = table("claims", {"variant": "name", "claim": "text", "original → variant (±std)": "text", "verdict": "name"})
     for p in panels:
         color = COLORS[p["verdict"]]
-        table.add_row(escape(p["variant"]), escape(p["claim"]), f"{p['before_mean']:.3g} → {p['after_mean']:.3g} (±{p['spread']:.2g})",
+        made.add_row(escape(p["variant"]), escape(p["claim"]), f"{p['before_mean']:.3g} → {p['after_mean']:.3g} (±{p['spread']:.2g})",
                       f"[{color}]{p['verdict']}[/{color}]")
-    return table
+    return made
 
 
 def experiment(
@@ -139,6 +139,6 @@ def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, 
                    "seconds": result.seconds, "panels": [{k: p[k] for k in keys} for p in result.panels]}
         print(json.dumps(payload, indent=2))
         return
-    out.print(_verdict_table(result.panels))
+    print_table(_verdict_table(result.panels))
     panels = f"{len(result.panels)} panel" + "s" * (len(result.panels) != 1)
     out.print(f"wrote {out_dir / 'report.html'} ({panels}, {result.seconds:.0f} CPU s)")

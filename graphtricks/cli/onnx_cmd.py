@@ -26,8 +26,10 @@ from graphtricks.cli.common import (
     load_source,
     note,
     out,
+    print_table,
     progress,
     status,
+    table,
     user_errors,
     warn,
 )
@@ -184,7 +186,7 @@ def validate(
         if as_json:
             print(json.dumps(report.to_dict(), indent=2, default=str))
         else:
-            out.print(_checks_table(report, folder, every_row=verbose))
+            print_table(_checks_table(report, folder, every_row=verbose))
             note(report.notes)
             for c in report.failures:
                 err.print(f"[red]failed:[/red] {c.name}: {c.message}", markup=True, highlight=False)
@@ -195,32 +197,37 @@ def validate(
 
 def _checks_table(report, folder: Path, every_row: bool) -> Table:
     """One row per check family (counts, worst figures); every row with ``--verbose``."""
-    table = Table(title=f"ONNX validation of {folder}")
     if every_row:
-        for column in ("check", "graph", "provider", "output", "seed", "max abs", "max rel", "ok"):
-            table.add_column(column, overflow="fold")
+        made = table(f"ONNX validation of {folder}", {"check": "name", "graph": "name", "provider": "name",
+                     "output": "name", "seed": "name", "max\nabs": "name", "max\nrel": "name", "ok": "name"})
         for c in report.checks:
-            table.add_row(
-                c.name, c.graph or "", c.provider or "", c.output or "", "" if c.seed is None else str(c.seed),
+            made.add_row(
+                c.name, c.graph or "", _provider(c.provider), c.output or "", "" if c.seed is None else str(c.seed),
                 _fmt(c.max_abs), _fmt(c.max_rel), "[green]yes[/green]" if c.passed else "[red]NO[/red]",
             )
-        return table
+        return made
     families: dict[str, list] = {}
     for c in report.checks:
         families.setdefault(c.name, []).append(c)
-    for column in ("check", "passed", "graphs", "provider", "worst abs", "worst rel", "ok"):
-        table.add_column(column, overflow="fold")
+    made = table(f"ONNX validation of {folder}", {"check": "name", "passed": "name", "graphs": "text",
+                 "provider": "text", "worst\nabs": "name", "worst\nrel": "name"})
     for name, checks in families.items():
         passed = sum(c.passed for c in checks)
         worst_abs = max((c.max_abs for c in checks if c.max_abs is not None), default=None)
         worst_rel = max((c.max_rel for c in checks if c.max_rel is not None), default=None)
-        table.add_row(
-            name, f"{passed}/{len(checks)}", ",".join(dict.fromkeys(c.graph for c in checks if c.graph)),
-            ",".join(dict.fromkeys(c.provider for c in checks if c.provider)), _fmt(worst_abs), _fmt(worst_rel),
-            "[green]yes[/green]" if passed == len(checks) else "[red]NO[/red]",
+        count = f"[green]{passed}/{len(checks)}[/green]" if passed == len(checks) else f"[red]{passed}/{len(checks)} ✗[/red]"
+        made.add_row(
+            name, count, ", ".join(dict.fromkeys(c.graph for c in checks if c.graph)),
+            ", ".join(dict.fromkeys(_provider(c.provider) for c in checks if c.provider)), _fmt(worst_abs),
+            _fmt(worst_rel),
         )
-    table.caption = "one row per check family; --verbose lists every check, --json gives them all"
-    return table
+    made.caption = "one row per check family (✗: some failed); --verbose lists every check, --json gives them all"
+    return made
+
+
+def _provider(name: str | None) -> str:
+    """An execution provider as the tables show it: ``CPU`` for ``CPUExecutionProvider``."""
+    return (name or "").replace("ExecutionProvider", "")
 
 
 def _fmt(value) -> str:

@@ -60,10 +60,15 @@ def check_spec_path(spec: str) -> None:
         if not is_saved_model(path):
             raise SpecError(f"{spec} is a folder but not a graphtricks model (no {RECIPE})")
         return
-    if not path.exists():
-        what = "model file" if spec.endswith(_PICKLE_SUFFIXES) else "folder"
-        raise SpecError(f"{what} {spec} does not exist (give a saved folder DIR, a model spec file.py:Name or"
+    if path.exists():
+        return
+    if spec.endswith(_PICKLE_SUFFIXES):
+        raise SpecError(f"model file {spec} does not exist")
+    if "/" in spec or "\\" in spec:
+        raise SpecError(f"folder {spec} does not exist (give a saved folder DIR, a model spec file.py:Name or"
                         " package.module:Name, or tv:/timm:/hf:NAME)")
+    raise SpecError(f"model spec {spec!r} must be path/to/file.py:Name or package.module:Name (or tv:/timm:/hf:NAME,"
+                    " or a folder written by graphtricks)")
 
 
 def check_saved_folder(folder: str | Path) -> Path:

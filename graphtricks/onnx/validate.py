@@ -233,7 +233,7 @@ def _validate_loaded(
     def step() -> None:
         i, what = next(steps)
         if progress is not None:
-            progress(f"validating: {i}/{len(_STEPS)} checks ({what})…")
+            progress(f"validating: {what} (step {i}/{len(_STEPS)})")  # steps, not the check families
 
     asked = resolve_device(device)
     strict = device == "cuda"

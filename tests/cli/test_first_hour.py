@@ -172,3 +172,17 @@ def test_path_errors_are_answered_before_torch_is_imported(tmp_path):
         code, stderr, torch_loaded = _cli_without_torch(args, tmp_path)
         assert code == 1 and message in stderr and stderr.count("\n") == 1, (args, stderr)
         assert not torch_loaded, args
+
+
+def test_import_from_the_folder_holding_a_clone_gives_the_package(tmp_path):
+    clone = tmp_path / "graphtricks"  # `git clone .../graphtricks.git` names the folder after the package
+    clone.mkdir()
+    (clone / "__init__.py").write_text((ROOT / "__init__.py").read_text())
+    (clone / "graphtricks").symlink_to(ROOT / "graphtricks", target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed package, as a user has it
+    code = "import graphtricks as gt; print(gt.__version__, callable(gt.rewrite), gt.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr  # not an empty namespace package (AttributeError: __version__)
+    version, rewrite_callable, path = done.stdout.split()
+    assert rewrite_callable == "True" and path.endswith("__init__.py")

@@ -186,3 +186,29 @@ def test_import_from_the_folder_holding_a_clone_gives_the_package(tmp_path):
     assert done.returncode == 0, done.stderr  # not an empty namespace package (AttributeError: __version__)
     version, rewrite_callable, path = done.stdout.split()
     assert rewrite_callable == "True" and path.endswith("__init__.py")
+
+
+def test_experiment_help_speaks_like_the_other_commands():
+    help_text = runner.invoke(app, ["experiment", "--help"], terminal_width=200).stdout
+    assert "Example:" in help_text and "graphtricks experiment docs/evidence/models.py:WideMLP" in help_text
+    for generic in ("INTEGER", "FLOAT", "TEXT", "PATH"):  # typer's defaults; the other commands name theirs
+        assert generic not in help_text, generic
+    for metavar in ("--out DIR", "--recipe FILE", "--seeds N", "--lr X", "--optimizer adam|sgd"):
+        assert metavar in help_text, metavar
+
+
+def test_experiment_report_words(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "dropout.toml"
+    recipe.write_text('[[passes]]\npass = "dropout"\np = 0.5\n')
+    out = tmp_path / "exp"
+    result = runner.invoke(app, ["experiment", "tests/experiment/tiny.py:TinyMLP", "--data", "digits", "--recipe",
+                                 str(recipe), "--out", str(out), "--seeds", "2", "--epochs", "1", "--train-size", "100"])
+    assert result.exit_code == 0, result.output
+    assert "(1 panel," in result.stdout  # not "1 panels"
+    html = (out / "report.html").read_text()
+    assert "64 features" in html and "layout (" not in html
+    # no batch-size sweep is listed where no panel shows one (only BN→LN's does)
+    assert "batch_sizes" not in json.loads((out / "results.json").read_text())["config"]

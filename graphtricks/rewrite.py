@@ -116,7 +116,7 @@ def rewrite(
         example_kwargs: the model's keyword inputs by name (``{"input_ids": ids, "attention_mask": m}``),
             bound to its forward's signature: the graph takes them as inputs like positional ones.
         inplace: edit ``model``'s modules instead of a deep copy (no memory for a copy).
-        progress: called with a line at each stage (``"rewrite: pass 2/3 (dropout)…"``), for
+        progress: called with a line at each stage (``"rewrite: pass dropout (3/4)"``), for
             long rewrites; the CLI prints it on stderr.
 
     Returns:

@@ -154,9 +154,10 @@ def progress(message: str, quiet: bool):
     """Report a long stage on stderr: a spinner on a terminal, plain lines elsewhere (a log, CI).
 
     Yields the callback the library takes (``progress=``): on a terminal each line becomes the
-    spinner's text; elsewhere each is printed (``validating: 3/6 checks …``) once its stage has
-    run for ``PROGRESS_DELAY`` seconds, so a 30-80 s export is not silent while a quick command,
-    or an error, stays the one line it was. Nothing is shown when ``quiet`` (``--json``).
+    spinner's text; elsewhere each is printed, one whole line ending with the stage's count
+    (``validating: random draws (step 3/6)``), once its stage has run for ``PROGRESS_DELAY``
+    seconds, so a 30-80 s export is not silent while a quick command, or an error, stays the one
+    line it was. Nothing is shown when ``quiet`` (``--json``).
     """
     if quiet:
         yield lambda line: None

@@ -98,5 +98,5 @@ def check_onnx_folder(folder: str | Path) -> Path:
     folder = check_saved_folder(folder)
     missing = [name for name in ONNX_FILES if not (folder / name).is_file()]
     if missing:
-        raise SavedModelError(f"{folder} holds no {' or '.join(missing)}; run `graphtricks export {folder}` first")
+        raise SavedModelError(f"{' and '.join(missing)} not found in {folder}; run `graphtricks export {folder}` first")
     return folder

@@ -338,7 +338,7 @@ def export_pair(
             once for both graphs) whatever the size.
         external_data_threshold: Above this many bytes, a graph's weights go to ``model.data``
             even without ``external_data``.
-        progress: called with a line as each stage starts (``"exporting the train graph…"``).
+        progress: called with a line as each stage starts (``"exporting the train graph (1/4)"``).
 
     Returns:
         The paths, names, repairs and warnings of the export.

@@ -638,7 +638,7 @@ def fold_graph(
                                                 " arguments, or edited differently)")
                     unified.update({_join(inst.path, a): _join(inst.path, b) for a, b in renamed.items()})
             root_graph = folder.emit(folder.top)
-            if folder.unedited(folder.top):
+            if folder.unedited(folder.top) and not _keyword_only(root):
                 root_graph = None
             break
         except _Unfoldable as e:
@@ -661,6 +661,13 @@ def fold_graph(
         if id(inst.module) in guards and (inst is folder.top or inst.reason is None):
             guards[id(inst.module)][2].setdefault("lossy", folder.replay_obstacle(inst))
     return root_graph, {k: (m, g) for k, (m, g, _) in graphs.items()}, fold, guards
+
+
+def _keyword_only(module: nn.Module) -> bool:
+    """True when ``module``'s forward has keyword-only parameters: its graph, which takes every input
+    by position too, is kept (exporters feed inputs by position)."""
+    params, _ = _forward_signature(original_class(module))
+    return any(p.kind is p.KEYWORD_ONLY for p in params)
 
 
 def _guarded_reads(folder: _Folder, graphs: dict, root_has_graph: bool, reads) -> dict[int, tuple]:

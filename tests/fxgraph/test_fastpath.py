@@ -66,6 +66,10 @@ def _dropout_calls(monkeypatch) -> list[nn.Module]:
 def test_outputs_match_fx_forward_in_both_modes(spec):
     model, inputs = example(spec)
     passes = lambda: [gt.InsertDropout(p=0.5), gt.BatchNormToLayerNorm()]
+    if not _traced(gt.rewrite(model, passes(), inputs).model):
+        # TinyEncoder: its blocks read the mode (kept as written, their GELU gets dropout at the
+        # caller) and its root's own code has no edit (its own forward): no module runs a graph.
+        pytest.skip("no module of this rewrite runs a graph")
     plain, fast = _pair(model, inputs, passes)
     with torch.no_grad():
         assert torch.equal(plain.eval()(*inputs), fast.eval()(*inputs))

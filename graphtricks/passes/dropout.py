@@ -34,7 +34,7 @@ from graphtricks.fxgraph.nodes import (
     owner_path,
     unique_attr_name,
 )
-from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.passes.base import GraphtricksPass, as_patterns, register_pass
 
 __all__ = ["InsertDropout", "DROPOUT_KINDS"]
 
@@ -70,16 +70,17 @@ class InsertDropout(GraphtricksPass):
     preserves_eval = True
 
     def __init__(
-        self, p: float = 0.1, *, kind: str = "element", activations=(), gates: bool = False, include=(), exclude=()
+        self, p: float = 0.1, *, kind: str = "element", activations=(), gates: bool = False, include=(), exclude=(),
+        strict: bool = True,
     ):
-        super().__init__(include=include, exclude=exclude)
+        super().__init__(include=include, exclude=exclude, strict=strict)
         self.gates = bool(gates)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise PassError(f"dropout probability must be in [0, 1), got {p!r}")
         if kind not in DROPOUT_KINDS:
             raise PassError(f"unknown dropout kind {kind!r}; choose one of {', '.join(DROPOUT_KINDS)}")
         try:
-            self.activations = tuple(normalise_activation_name(a) for a in activations)
+            self.activations = tuple(normalise_activation_name(a) for a in as_patterns(activations, "dropout: activations"))
         except ValueError as e:
             raise PassError(f"dropout: {e}") from e
         self.p = float(p)

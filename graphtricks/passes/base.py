@@ -279,7 +279,7 @@ class GraphtricksPass(PassBase):
             hint = names.hint(pattern)
             message = f"{self.name}: {option} pattern {pattern!r} matches nothing in this model{hint}"
             if self.strict:
-                raise SelectionError(message + " (strict=False makes it a warning)", option=option, pattern=pattern,
+                raise SelectionError(f"{message}; strict=False makes it a warning", option=option, pattern=pattern,
                                      hint=hint)
             found.append(message)
         return found

@@ -33,7 +33,7 @@ from graphtricks.passes.base import (
 )
 from graphtricks.report import Report
 
-__all__ = ["rewrite", "RewriteResult"]
+__all__ = ["rewrite", "RewriteResult", "model_structure"]
 
 
 @dataclass
@@ -47,6 +47,8 @@ class RewriteResult:
         passes: the passes that were run, in order (their configs form the recipe).
         example_inputs: the positional inputs used for capture and shapes.
         runs: one :class:`PassRun` per pass, in order: what each application changed and noted.
+        given: the structure of the model the rewrite was given (:func:`model_structure`), for
+            ``save`` to check that the source it is told rebuilds that model.
     """
 
     model: nn.Module
@@ -56,6 +58,7 @@ class RewriteResult:
     example_inputs: tuple
     runs: list[PassRun] = field(default_factory=list)
     example_kwargs: dict[str, Any] = field(default_factory=dict)
+    given: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         # a few lines, not the model twice (the dataclass repr printed the model and its tree)
@@ -66,6 +69,16 @@ class RewriteResult:
     def recipe(self) -> list[dict[str, Any]]:
         """The pass list as recipe entries (``[{"pass": "dropout", "p": 0.1, ...}]``)."""
         return [p.config() for p in self.passes]
+
+
+def model_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What a rebuild of ``model`` must reproduce: the type of every leaf module by name, and the
+    shape of every state-dict entry by key (``None`` for a lazy parameter, whose shape is not known yet).
+    """
+    leaves = {name: type(m).__name__ for name, m in model.named_modules() if next(m.children(), None) is None}
+    shapes = {key: None if isinstance(t, nn.parameter.UninitializedTensorMixin) else list(getattr(t, "shape", ()))
+              for key, t in model.state_dict(keep_vars=True).items()}
+    return {"leaves": leaves, "shapes": shapes}
 
 
 def _as_inputs(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -182,11 +195,16 @@ def rewrite(
     inputs, kwargs = _as_inputs(example_inputs, example_kwargs)
     _check_binds(model, inputs, kwargs)
     with _collector_paused():
+        given = model_structure(model)
         if not inplace:
-            return _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
+            result = _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
+            result.given = given
+            return result
         snapshot = ModelSnapshot(model, parameter_values=any(p.writes_values for p in passes))
         try:
-            return _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
+            result = _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
+            result.given = given
+            return result
         except BaseException as e:
             lost = snapshot.restore()
             if lost and hasattr(e, "add_note"):  # a pass wrote values it did not declare (writes_values)

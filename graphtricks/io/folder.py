@@ -35,7 +35,7 @@ from graphtricks.io.recipe import Recipe, read_recipe, write_recipe
 from graphtricks.io.files import from_folder, public_modes, relative_to_folder
 from graphtricks.io.specs import file_sha256, load_matching_weights, load_model
 from graphtricks.report import Report
-from graphtricks.rewrite import RewriteResult, rewrite
+from graphtricks.rewrite import RewriteResult, model_structure, rewrite
 
 __all__ = ["save", "load", "load_saved", "SavedModel", "is_saved_model", "check_output_dir"]
 
@@ -49,6 +49,9 @@ STRUCTURE = "structure.json"
 # Change actions that set values without changing the structure: a replay onto the saved
 # weights need not repeat them (init finds its own draws there and leaves them).
 VALUE_ACTIONS = {"initialized"}
+# A model with more parameter bytes than this is rebuilt on the meta device to prove its source
+# (no memory for the weights, no time to initialise them).
+PROOF_ON_META_BYTES = 1 << 30
 
 
 def is_saved_model(path: str | Path) -> bool:
@@ -110,12 +113,21 @@ def save(
     Returns:
         The folder written.
 
+    Before anything is written, ``source`` is proven: the model it builds (on the meta device
+    when the model is large) must have the structure and parameter shapes of the model the
+    rewrite was given, so that :func:`load` can rebuild the folder.
+
     Raises:
         OutputError: ``out_dir`` is a file, or non-empty without ``force``.
+        SpecError: ``source`` has no spec, cannot be built (a missing file), or builds another
+            model (the first difference is named: ``tv:resnet18`` for a model built with
+            ``num_classes=10``).
     """
     from safetensors.torch import save_model
 
     out = check_output_dir(out_dir, force)
+    if not prior_passes:  # a chain's source was proven by the load of the folder it started from
+        _prove_source(result, source, out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(result.model, str(staging / WEIGHTS))
@@ -137,6 +149,46 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _prove_source(result: RewriteResult, source: dict[str, Any], out: Path) -> None:
+    """Refuse, in one line, a source that does not build the model ``result`` was given."""
+    spec = source.get("spec") if isinstance(source, dict) else None
+    if not isinstance(spec, str) or not spec:
+        raise SpecError(f"cannot save {out}: give source={{'spec': ...}}, how to build the model again"
+                          " (e.g. {'spec': 'models/plain_cnn.py:PlainCNN'} or {'spec': 'tv:resnet18', 'model_args': ...})")
+    if result.given is None:
+        return  # a RewriteResult not made by rewrite(): nothing recorded to compare with
+    large = sum(t.numel() * t.element_size() for t in result.model.state_dict().values()) > PROOF_ON_META_BYTES
+    args = source.get("model_args")
+    try:
+        with torch.device("meta" if large else "cpu"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rebuilt = load_model(spec, args, trust_pickle=bool(source.get("trust_pickle")))
+    except GraphtricksError as e:
+        raise SpecError(f"cannot save {out}: its source does not build: {e}") from e
+    except Exception as e:  # the model's own constructor failed
+        raise SpecError(f"cannot save {out}: building {spec} failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+    problem = _first_difference(model_structure(rebuilt), result.given)
+    if problem:
+        given = f"{spec} with model_args {args}" if args else spec
+        raise SpecError(f"cannot save {out}: the source {given} builds another model than the one rewritten: {problem}"
+                          " (give the spec and model_args the model was built with); nothing written")
+
+
+def _first_difference(rebuilt: dict[str, dict], given: dict[str, dict]) -> str | None:
+    """The first way the rebuilt structure differs from the given one, in words, or None."""
+    for what, noun in (("leaves", "module"), ("shapes", "state-dict entry")):
+        mine, theirs = rebuilt[what], given[what]
+        for name in (n for n in mine if n not in theirs):
+            return f"{noun} {name or '<root>'} is in the rebuilt model only"
+        for name in (n for n in theirs if n not in mine):
+            return f"{noun} {name or '<root>'} is missing from the rebuilt model"
+        for name, value in theirs.items():
+            if mine[name] != value and None not in (mine[name], value):
+                kind = "is a" if what == "leaves" else "has shape"
+                return f"{name or '<root>'} {kind} {mine[name]} in the rebuilt model, {value} in the one rewritten"
+    return None
 
 
 @dataclass

@@ -224,7 +224,8 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
         raise SavedModelError(f"{folder} holds no graphtricks model ({RECIPE} is missing)")
     if not (folder / WEIGHTS).is_file():
         raise SavedModelError(f"{folder} holds no weights ({WEIGHTS} is missing)")
-    recipe = read_recipe(folder / RECIPE)
+    # what the release that wrote the folder meant, written out (a chain's prior passes keep it)
+    recipe = read_recipe(folder / RECIPE, unversioned=_written_format(folder)).upgraded()
     source = recipe.source
     if "spec" not in source:
         raise SavedModelError(f"{folder / RECIPE} has no [source] spec; cannot rebuild the model")
@@ -260,6 +261,21 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
     except (ValueError, TypeError) as e:
         raise SavedModelError(f"{report_path} is not valid JSON: {e}") from e
     return SavedModel(result.model, recipe, report, inputs, result, kwargs)
+
+
+def _written_format(folder: Path) -> int:
+    """The recipe format of a folder whose recipe names none (the first two releases wrote none).
+
+    The second release (format 1) recorded the user's state (``user``) in ``structure.json`` and
+    the sites passes skip by design (``skipped``) in ``report.json``; the first wrote neither.
+    """
+    for name, key in ((STRUCTURE, "user"), (REPORT, "skipped")):
+        try:
+            if key in json.loads((folder / name).read_text()):
+                return 1
+        except (OSError, ValueError, TypeError):
+            continue  # missing or unreadable: the other file, or the first release
+    return 0
 
 
 # -- what a replay needs, and what it is checked against --------------------------------------

@@ -234,6 +234,7 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
         source["spec"] = f"{from_folder(target, folder)}:{name}"
     inputs, kwargs = _saved_inputs(folder, source)
     spec = _resolve_source_spec(folder, source)
+    source["spec"] = spec  # the copy kept in the folder where the file is gone: a chain saves that one
     structure = _read_structure(folder)
     trust = trust_pickle or bool(source.get("trust_pickle"))
     result, moved = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, (inputs, kwargs),

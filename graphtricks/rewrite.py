@@ -260,16 +260,19 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplac
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
         stale = False
-        names = SelectionNames(tree)
+        names = SelectionNames(tree, now=any(p.selections() for p in passes))
         for i, (p, run) in enumerate(zip(passes, runs), 1):
             progress(f"rewrite: pass {i}/{len(passes)} ({p.name})…")
-            for message in p.check_selections(names):  # strict passes raise instead
-                warnings.warn(message, SelectionWarning, stacklevel=3)
-                report.warnings.append(message)
             if stale:  # a pass built something no forward has measured yet
                 propagate_shapes(tree, inputs, example_kwargs=kwargs)
             _run_pass(p, run, report)
             stale = run.stale_shapes
+        # Once every pass has run: a pattern may name what a later pass built (the command line
+        # gives its --include to every pass); strict passes raise, the others warn.
+        for p in passes:
+            for message in p.check_selections(names):
+                warnings.warn(message, SelectionWarning, stacklevel=3)
+                report.warnings.append(message)
     finally:
         snapshot.restore()
     adopt_parent_modes(tree.model, known)

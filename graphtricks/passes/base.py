@@ -94,11 +94,17 @@ class SelectionNames:
     A name counts once it existed at any point of the rewrite: a later pass may select what an
     earlier one built (a residual block's ``body``), or name what an earlier one replaced.
     The tree is read again only when a pattern matches none of the names known so far.
+
+    Args:
+        tree: the region tree being rewritten.
+        now: read its names now (before the passes edit it), not at the first check.
     """
 
-    def __init__(self, tree: RegionTree):
+    def __init__(self, tree: RegionTree, *, now: bool = False):
         self.tree = tree
         self._names: dict[str, None] | None = None
+        if now:
+            self._read()
 
     def _read(self) -> None:
         self._names = {**(self._names or {}), **dict.fromkeys(selection_names(self.tree))}

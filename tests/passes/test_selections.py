@@ -8,6 +8,7 @@ command line alike.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -182,3 +183,13 @@ def test_functional_twins_take_positional_and_keyword_inputs_together():
         warnings.simplefilter("ignore")
         result = gt.initialize(model, (x,), "auto", example_kwargs={"scale": torch.full((3, 4), 2.0)})
     assert result.example_kwargs["scale"].shape == (3, 4) and result.report.changes
+
+
+def test_cli_pattern_given_to_every_pass_may_name_what_one_of_them_builds():
+    # --exclude goes to the residual pass too, before it has built stages.1.relu (the activation after the sum)
+    result = CliRunner().invoke(app, ["rewrite", f"{ROOT}/models/plain_vgg.py:PlainVGG", "--input-shape", "2,3,32,32",
+                                      "--residual", "stages.1", "--post-act", "relu", "--dropout", "0.1",
+                                      "--exclude", "stages.1.relu", "--dry-run", "--json"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    where = [c["where"] for c in json.loads(result.stdout)["report"]["changes"]]
+    assert "stages.1" in where and "stages.1.body.2" in where and "stages.1.relu" not in where

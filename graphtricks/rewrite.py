@@ -196,21 +196,18 @@ def rewrite(
     _check_binds(model, inputs, kwargs)
     with _collector_paused():
         given = model_structure(model)
-        if not inplace:
-            result = _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
-            result.given = given
-            return result
-        snapshot = ModelSnapshot(model, parameter_values=any(p.writes_values for p in passes))
+        # in place: a transaction (without copying the weights, but those a pass will write)
+        snapshot = ModelSnapshot(model, parameter_values=any(p.writes_values for p in passes)) if inplace else None
         try:
             result = _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
-            result.given = given
-            return result
         except BaseException as e:
-            lost = snapshot.restore()
+            lost = snapshot.restore() if snapshot is not None else []
             if lost and hasattr(e, "add_note"):  # a pass wrote values it did not declare (writes_values)
                 e.add_note(f"graphtricks: {len(lost)} tensor value(s) written in place could not be put back: "
                            + ", ".join(lost[:5]))
             raise
+    result.given = given
+    return result
 
 
 @contextlib.contextmanager

@@ -52,12 +52,14 @@ def test_a_folder_of_each_release_loads_and_computes_the_same(version):
     assert not torch.equal(model(expected["input"]), model(expected["input"]))  # dropout is on in train mode
 
 
-@pytest.mark.parametrize("version, gates", [(0, True), (1, False), (2, False)])
-def test_each_release_s_recipe_is_read_as_that_release_meant_it(version, gates):
+@pytest.mark.parametrize("version, gates, constants", [(0, True, True), (1, False, True), (2, False, False)])
+def test_each_release_s_recipe_is_read_as_that_release_meant_it(version, gates, constants):
+    # the first two releases also put dropout after activations of parameters alone (``constants``)
     recipe = load_saved(FIXTURES / f"format{version}").recipe
     assert recipe.format == FORMAT
     assert recipe.passes[0].get("gates", False) is gates
     assert recipe.build_passes()[0].gates is gates
+    assert recipe.build_passes()[0].constants is constants
 
 
 def test_a_recipe_file_without_format_is_the_current_format(tmp_path):

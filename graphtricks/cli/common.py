@@ -214,7 +214,7 @@ def load_source(
     import torch
 
     from graphtricks.io.folder import is_saved_model, load_saved
-    from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs
+    from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs, value_limits
     from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
@@ -230,7 +230,8 @@ def load_source(
         inputs, keywords = saved.example_inputs, saved.example_kwargs
         if named_inputs:
             dtype = dtype_name or source.get("input_dtype", "float32")
-            keywords = make_keyword_inputs(_named(named_inputs), dtype, high=source.get("token_high", 100))
+            keywords = make_keyword_inputs(_named(named_inputs), dtype, high=source.get("token_high", 100),
+                                           highs=value_limits(saved.model))
             inputs = () if not input_shape else inputs
         if input_shape:
             shapes = parse_input_shapes(input_shape)
@@ -268,7 +269,8 @@ def load_source(
         source["trust_pickle"] = True
     if not shapes:
         del source["input_shapes"]
-    keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high)
+    keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high,
+                                   highs=value_limits(model))
     return model, make_example_inputs(shapes, dtype, device=device_name, high=high), source, [], keywords
 
 

@@ -214,7 +214,7 @@ def load_source(
     import torch
 
     from graphtricks.io.folder import is_saved_model, load_saved
-    from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs, value_limits
+    from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs, positional_names, value_limits
     from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
@@ -238,7 +238,8 @@ def load_source(
             dtype = dtype_name or source.get("input_dtype", "float32")
             high = source.get("token_high", 100)
             source.update(input_shapes=[list(s) for s in shapes], input_dtype=dtype)
-            inputs = make_example_inputs(shapes, dtype, high=high)
+            inputs = make_example_inputs(shapes, dtype, high=high, names=positional_names(saved.model.forward),
+                                         highs=value_limits(saved.model))
         if weights:
             load_weights(saved.model, weights)
         return saved.model, inputs, source, list(saved.recipe.passes), keywords
@@ -271,7 +272,9 @@ def load_source(
         del source["input_shapes"]
     keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high,
                                    highs=value_limits(model))
-    return model, make_example_inputs(shapes, dtype, device=device_name, high=high), source, [], keywords
+    inputs = make_example_inputs(shapes, dtype, device=device_name, high=high, names=positional_names(model.forward),
+                                 highs=value_limits(model))
+    return model, inputs, source, [], keywords
 
 
 def _named(values: list[str]) -> dict[str, str]:

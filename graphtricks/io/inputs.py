@@ -24,6 +24,7 @@ __all__ = [
     "padded_masks",
     "parse_input_shapes",
     "parse_named_input",
+    "positional_names",
     "value_limits",
 ]
 
@@ -114,6 +115,17 @@ def make_valued_input(name: str | None, shape, dtype, seed: int = 0, high: int =
     return rule(tuple(shape), dtype, high, torch.Generator().manual_seed(seed))
 
 
+def positional_names(forward) -> list[str]:
+    """The names of ``forward``'s parameters that can be given by position, in order."""
+    import inspect
+
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C-level forward: no names to go by
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def value_limits(model) -> dict[str, int]:
     """One above the largest valid value of the :data:`VALUED_INPUTS` a model's config bounds:
     ``{"token_type_ids": type_vocab_size}`` for a Hugging Face config that has one."""
@@ -161,9 +173,14 @@ def parse_input_shapes(text: str) -> list[tuple[int, ...]]:
 
 
 def make_example_inputs(
-    shapes: list[tuple[int, ...]], dtype: str = "float32", seed: int = 0, device: str = "cpu", high: int = 100
+    shapes: list[tuple[int, ...]], dtype: str = "float32", seed: int = 0, device: str = "cpu", high: int = 100,
+    names: list[str] | None = None, highs: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Seeded random inputs: normal floats, or integers in ``[0, high)`` for token ids."""
+    """Seeded random inputs: normal floats, or integers in ``[0, high)`` for token ids.
+
+    With ``names`` (the forward's parameters, :func:`positional_names`), an input named as in
+    :data:`VALUED_INPUTS` gets its valid values instead (``highs`` bounds them by name).
+    """
     import torch
 
     if dtype not in DTYPE_NAMES:
@@ -171,8 +188,12 @@ def make_example_inputs(
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for shape in shapes:
-        if torch_dtype.is_floating_point:
+    for i, shape in enumerate(shapes):
+        name = names[i] if names and i < len(names) else None
+        valued = make_valued_input(name, shape, torch_dtype, seed + i, (highs or {}).get(name or "", 2))
+        if valued is not None:
+            t = valued
+        elif torch_dtype.is_floating_point:
             t = torch.randn(shape, generator=gen).to(torch_dtype)
         else:
             t = torch.randint(0, high, shape, generator=gen, dtype=torch_dtype)

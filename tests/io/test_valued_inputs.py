@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -106,3 +108,22 @@ def test_validation_sets_follow_the_names_and_the_examples_bounds():
     assert wider[1].shape == (5, 10) and len(set(_lengths(wider[1]))) == 5
     unnamed = random_like(examples, seed=1)  # no names: as before, integers below the example's max + 1
     assert set(unnamed[1].unique().tolist()) <= {0, 1} and unnamed[0].max() < 30
+
+
+class TextNet(torch.nn.Module):
+    """Takes token ids, a mask and segment ids by position; its config bounds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=50, type_vocab_size=1)
+        self.embed = torch.nn.Embedding(50, 4)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.embed(input_ids + token_type_ids) * attention_mask[..., None]
+
+
+def test_positional_examples_are_named_after_the_forwards_parameters():
+    _, (ids, mask, types), *_ = load_source(f"{__file__}:TextNet", "2,16;2,16;2,16", None, None, None, False)
+    assert ids.dtype == mask.dtype == torch.int64 and ids.max() > 1
+    assert _lengths(mask)[0] == 16 and _lengths(mask)[1] < 16
+    assert types.eq(0).all()  # type_vocab_size 1

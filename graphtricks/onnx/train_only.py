@@ -7,6 +7,10 @@ meets the data in a *consumer* node (``Mul(x, mask)``). The inference graph has 
 Channel dropout exports the same way around a *mask Dropout*, a Dropout of a tensor of ones
 (``x * Dropout(ones(N, C, 1, ..., 1))``, see :func:`mask_dropouts`).
 
+A mask computes from its draw and from constants that are no data (scalars, shapes): where it
+meets data, even data no input reaches (a dropout in Swin V2's relative-position MLP, whose table
+and weights are fixed), that node applies it, and what follows is the model's again.
+
 This module finds those nodes, so the graph comparison can set them aside, and makes the
 deterministic copy of a train graph that check 2a compares with PyTorch: every Dropout ratio 0,
 every random operator replaced by a fixed value (a uniform's lower bound, a normal's mean),
@@ -112,8 +116,9 @@ def data_values(model: onnx.ModelProto) -> set[str]:
     when the data is fixed too (a dropout on an input-independent path, such as Swin V2's
     relative-position MLP).
     """
-    data = {v.name for v in model.graph.input}
-    data |= {i.name for i in model.graph.initializer if _is_weight(i)}
+    inits = {i.name: i for i in model.graph.initializer}
+    data = {v.name for v in model.graph.input if v.name not in inits}  # an old IR lists weights as inputs too
+    data |= {name for name, init in inits.items() if _is_weight(init)}
     for node in model.graph.node:  # graph order is topological
         if node.op_type == "Constant":
             value = next((a.t for a in node.attribute if a.name == "value"), None)

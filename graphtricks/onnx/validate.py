@@ -49,7 +49,7 @@ from graphtricks.onnx.graph import (
     opset_of,
     train_mode_batchnorms,
 )
-from graphtricks.io.inputs import VALUED_INPUTS, padded_masks
+from graphtricks.io.inputs import MASK_INPUTS, VALUED_INPUTS, padded_masks
 from graphtricks.onnx.inputs import InputSet, as_input_tuple, random_like, session_feed
 from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE, train_only_names
 from graphtricks.onnx.portable import portable_dropouts
@@ -266,11 +266,13 @@ def _validate_loaded(
     valued = [n for n in names if n in VALUED_INPUTS]
     if valued and seeds:
         padded = sorted({n for s in input_sets if s.seed is not None for n in padded_masks(names, s.tensors)})
+        kinds = {"0/1 masks padded at the end of every row but the first": set(valued) & MASK_INPUTS,
+                 "segment ids 0 then 1": "token_type_ids" in valued, "positions 0, 1, 2, ...": "position_ids" in valued}
         report.notes.append(
             f"input(s) {', '.join(valued)} named as Hugging Face names them: random sets give them valid "
-            "values (0/1 masks padded at the end of every row but the first, segment ids 0 then 1, "
-            "positions 0, 1, 2, ...)" + (f"; padded {', '.join(padded)} checked" if padded else "")
-            + ("; the --inputs sets are used as given" if extra else "")
+            f"values ({', '.join(k for k, present in kinds.items() if present)})"
+            + (f"; padded {', '.join(padded)} checked" if padded else "")
+            + ("; the extra input sets are used as given" if extra else "")
         )
     only_train = train_only_names([o.name for o in train.graph.output])
     if only_train:

@@ -101,9 +101,14 @@ def _rewrite(base: nn.Module, variant: Variant, seed: int, example: torch.Tensor
     passes = variant.build_passes(seed)
     if not passes:
         return copy.deepcopy(base)
+    from graphtricks.errors import SelectionError
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = gt.rewrite(base, passes, example_inputs=(example,))
+        try:
+            result = gt.rewrite(base, passes, example_inputs=(example,))
+        except SelectionError as e:  # a pattern that names nothing in this model
+            raise ExperimentError(f"recipe {variant.name} does not apply to this model: {e}") from e
     done = result.report.changes_by_pass()
     idle = [p.name for p in passes if not done.get(p.name)]
     if idle:
@@ -226,7 +231,7 @@ def experiment(
         model=model_name,
         data={"name": dataset.name, "train": len(dataset.x_train), "val": len(dataset.x_val),
               "classes": dataset.n_classes, "layout": list(dataset.x_train.shape[1:]), "notes": list(dataset.notes)},
-        config={**config.to_dict(), "batch_sizes": sizes}, seeds=seed_list,
+        config={**config.to_dict(), **({"batch_sizes": sizes} if "batch" in needs[ORIGINAL] else {})}, seeds=seed_list,
         variants=[{"name": ORIGINAL, "parameters": sum(p.numel() for p in build(seed_list[0]).parameters())},
                   *[details[n] for n in names]],
         runs=runs, panels=panels)

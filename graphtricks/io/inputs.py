@@ -18,6 +18,7 @@ __all__ = [
     "DTYPE_NAMES",
     "MASK_INPUTS",
     "VALUED_INPUTS",
+    "check_inputs_agree",
     "make_example_inputs",
     "make_keyword_inputs",
     "make_valued_input",
@@ -113,17 +114,6 @@ def make_valued_input(name: str | None, shape, dtype, seed: int = 0, high: int =
     if rule is None or not len(shape) or 0 in tuple(shape):
         return None
     return rule(tuple(shape), dtype, high, torch.Generator().manual_seed(seed))
-
-
-def positional_names(forward) -> list[str]:
-    """The names of ``forward``'s parameters that can be given by position, in order."""
-    import inspect
-
-    try:
-        params = inspect.signature(forward).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C-level forward: no names to go by
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def value_limits(model) -> dict[str, int]:
@@ -288,3 +278,53 @@ def positional_inputs(forward, args: tuple, kwargs: dict) -> tuple[tuple, list[s
                               f"{', '.join(given) or 'none'}; forward takes {', '.join(names)}): pass the ones"
                               " before them too, or fewer keywords")
     return tuple(out), names[: len(out)]
+
+
+def check_inputs_agree(args: tuple, kwargs: dict, forward=None) -> None:
+    """Keyword inputs have the batch of the positional ones, and token inputs their length.
+
+    Inputs of rank ≥ 2 share dimension 0 (the batch; a keyword input of batch 1 broadcasts),
+    and integer inputs of rank 2 (token ids, masks: ``(batch, sequence)``) share dimension 1.
+    The first positional input of each kind is the reference (the first keyword input when
+    there is none). A mismatch would otherwise pass the rewrite and fail later, in the export,
+    with the exporter's own message. ``forward`` (optional) names the positional inputs.
+
+    Raises:
+        InputShapeError: naming the keyword input, the dimension and the size it should have.
+    """
+    names = positional_names(forward)
+    arg_names = [names[i] if i < len(names) else f"input {i}" for i in range(len(args))]
+    named = [(n, t, False) for n, t in zip(arg_names, args)] + [(k, t, True) for k, t in kwargs.items()]
+    named = [(n, t, kw) for n, t, kw in named if hasattr(t, "shape") and hasattr(t, "dtype")]
+    batched = [(n, t, kw) for n, t, kw in named if len(t.shape) >= 2]
+    tokens = [(n, t, kw) for n, t, kw in batched if len(t.shape) == 2 and not t.dtype.is_floating_point
+              and not t.dtype.is_complex]
+    for dim, what, group, spare in ((0, "batch size", batched, 1), (1, "sequence length", tokens, None)):
+        if not group:
+            continue
+        ref_name, ref, _ = group[0]
+        for name, t, keyword in group[1:]:
+            size, want = int(t.shape[dim]), int(ref.shape[dim])
+            if keyword and size != want and size != spare:
+                shape = list(t.shape)
+                shape[dim] = want
+                raise InputShapeError(
+                    f"keyword input {name} has {what} {size} (dimension {dim} of {_dims(t.shape)}) but {ref_name} has"
+                    f" {want} ({_dims(ref.shape)}); give {name}={_dims(shape)}:{str(t.dtype).replace('torch.', '')}"
+                )
+
+
+def positional_names(forward) -> list[str]:
+    """The names of ``forward``'s positional parameters (none when it has no signature)."""
+    import inspect
+
+    try:
+        params = inspect.signature(forward).parameters.values() if forward is not None else []
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _dims(shape) -> str:
+    """``2,16``: a shape as users write it."""
+    return ",".join(str(int(d)) for d in shape)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from graphtricks.errors import ValidationError
+from graphtricks.io.inputs import MASK_INPUTS, VALUED_INPUTS, padded_masks
 from graphtricks.onnx.checks.dropout import check_dropout_count, check_dropout_rates
 from graphtricks.onnx.checks.graphs import (
     check_infer_has_no_train_ops,
@@ -49,7 +50,6 @@ from graphtricks.onnx.graph import (
     opset_of,
     train_mode_batchnorms,
 )
-from graphtricks.io.inputs import MASK_INPUTS, VALUED_INPUTS, padded_masks
 from graphtricks.onnx.inputs import InputSet, as_input_tuple, random_like, session_feed
 from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE, train_only_names
 from graphtricks.onnx.portable import portable_dropouts
@@ -108,6 +108,22 @@ def _input_sets(
     if batch is not None and seeds:
         sets.append(made(f"seed={seeds[0]},batch={batch}", seeds[0], batch))
     return sets
+
+
+def _valued_inputs_note(names: Sequence[str], input_sets: Sequence[InputSet], extra: bool) -> list[str]:
+    """What the random sets gave the inputs named as Hugging Face names them, and what was padded."""
+    valued = [n for n in names if n in VALUED_INPUTS]
+    if not valued or not any(s.seed is not None for s in input_sets):
+        return []
+    padded = sorted({n for s in input_sets if s.seed is not None for n in padded_masks(names, s.tensors)})
+    kinds = {"0/1 masks padded at the end of every row but the first": set(valued) & MASK_INPUTS,
+             "segment ids 0 then 1": "token_type_ids" in valued, "positions 0, 1, 2, ...": "position_ids" in valued}
+    return [
+        f"input(s) {', '.join(valued)} named as Hugging Face names them: random sets give them valid "
+        f"values ({', '.join(k for k, present in kinds.items() if present)})"
+        + (f"; padded {', '.join(padded)} checked" if padded else "")
+        + ("; the extra input sets are used as given" if extra else "")
+    ]
 
 
 def _random_checks(
@@ -190,7 +206,7 @@ def validate_pair(
         extra_inputs: More input sets to compare on, e.g. real data.
         baseline: A snapshot taken before export, so the side-effect check covers it too.
         progress: called with a line as each of the check families starts
-            (``"validating: 3/6 checks (random draws)…"``).
+            (``"validating: random draws (step 3/6)"``).
 
     Returns:
         The report; ``report.passed`` tells whether every check passed.
@@ -251,7 +267,7 @@ def _validate_loaded(
     def step() -> None:
         i, what = next(steps)
         if progress is not None:
-            progress(f"validating: {i}/{len(_STEPS)} checks ({what})…")
+            progress(f"validating: {what} (step {i}/{len(_STEPS)})")  # steps, not the check families
 
     asked = resolve_device(device)
     strict = device == "cuda"
@@ -263,17 +279,7 @@ def _validate_loaded(
         report.notes.append(f"dimension 0 is dynamic: also validated at batch size {batch}")
     names = _graph_input_names(infer)
     input_sets = _input_sets(inputs, seeds, extra, batch, names)
-    valued = [n for n in names if n in VALUED_INPUTS]
-    if valued and seeds:
-        padded = sorted({n for s in input_sets if s.seed is not None for n in padded_masks(names, s.tensors)})
-        kinds = {"0/1 masks padded at the end of every row but the first": set(valued) & MASK_INPUTS,
-                 "segment ids 0 then 1": "token_type_ids" in valued, "positions 0, 1, 2, ...": "position_ids" in valued}
-        report.notes.append(
-            f"input(s) {', '.join(valued)} named as Hugging Face names them: random sets give them valid "
-            f"values ({', '.join(k for k, present in kinds.items() if present)})"
-            + (f"; padded {', '.join(padded)} checked" if padded else "")
-            + ("; the extra input sets are used as given" if extra else "")
-        )
+    report.notes += _valued_inputs_note(names, input_sets, bool(extra))
     only_train = train_only_names([o.name for o in train.graph.output])
     if only_train:
         report.notes.append(

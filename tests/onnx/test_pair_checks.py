@@ -2,7 +2,8 @@
 registry's false failures of ``graphs_same_weights`` / ``graphs_same_operators``.
 
 - a dropout on a path that reads no input (Swin V2's ``cpb_mlp``, timm's relative-position MLP,
-  EfficientViM's ``sigmoid(alpha)`` gates): what feeds it is the model's, shared by both graphs;
+  EfficientViM's ``sigmoid(alpha)`` gates; in the model, or inserted with ``constants=True``):
+  what feeds it is the model's, shared by both graphs;
 - shape arithmetic the exporter folds in one mode only (timm NASNet's ``Conv2dSame`` padding).
 
 Each test also checks the case still fails when the graphs really differ.
@@ -97,9 +98,10 @@ def _models():
     torch.manual_seed(0)
     x = torch.randn(2, 16, 4)
     in_model = RelativeBias(0.1).eval()  # timm swinv2_cr / vit_relpos: dropout in the MLP already
-    inserted = gt.rewrite(RelativeBias(None).eval(), [gt.InsertDropout(p=0.1)], (x,)).model  # swin_v2
+    # swin_v2 and efficientvim: dropout inserted where no input reaches, as constants=True asks
+    inserted = gt.rewrite(RelativeBias(None).eval(), [gt.InsertDropout(p=0.1, constants=True)], (x,)).model
     gated_x = torch.randn(2, 4, 3, 3)
-    gated = gt.rewrite(Gated().eval(), [gt.InsertDropout(p=0.1)], (gated_x,)).model  # efficientvim
+    gated = gt.rewrite(Gated().eval(), [gt.InsertDropout(p=0.1, constants=True)], (gated_x,)).model
     return {"dropout_in_model": (in_model, x), "dropout_inserted": (inserted, x), "gate": (gated, gated_x)}
 
 

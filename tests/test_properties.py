@@ -59,7 +59,7 @@ import graphtricks.passes
 from graphtricks.errors import GraphtricksError
 from graphtricks.onnx import export_pair, validate_pair
 from graphtricks.passes import PASSES
-from graphtricks.capture.shapes import propagate_shapes, tensor_meta
+from graphtricks.capturing.shapes import propagate_shapes, tensor_meta
 from graphtricks.io.inputs import make_example_inputs
 from tests.strategies import (
     TUNED_VALUES,

@@ -222,7 +222,7 @@ def test_pickle_and_deepcopy_keep_the_class_and_tree():
 
 
 def test_a_fold_that_fails_halfway_leaves_the_flat_graph_and_says_why(monkeypatch):
-    fold = importlib.import_module("graphtricks.capture.fold")
+    fold = importlib.import_module("graphtricks.capturing.fold")
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -284,7 +284,7 @@ def test_a_module_no_pass_edited_keeps_its_own_forward():
 
 
 def test_what_a_pass_erased_or_rewired_is_an_edit():
-    fold = importlib.import_module("graphtricks.capture.fold")
+    fold = importlib.import_module("graphtricks.capturing.fold")
     model = nn.Sequential(_Act(), _Act(), _Switch()).eval()
     x = torch.randn(3, 4)
     tree = gt.capture(model, (x,))

@@ -36,7 +36,7 @@ from graphtricks.io.files import from_folder, public_modes, relative_to_folder
 from graphtricks.io.precheck import RECIPE, WEIGHTS, check_output_dir, check_saved_folder, is_saved_model
 from graphtricks.io.specs import file_sha256, load_matching_weights, load_model
 from graphtricks.report import Report
-from graphtricks.rewrite import RewriteResult, model_structure, rewrite
+from graphtricks.rewriting import RewriteResult, model_structure, rewrite
 
 __all__ = ["save", "load", "load_saved", "SavedModel", "is_saved_model", "check_output_dir"]
 
@@ -78,7 +78,7 @@ def save(
     """Write a rewritten model to ``out_dir`` atomically.
 
     Args:
-        result: what :func:`~graphtricks.rewrite` returned.
+        result: what :func:`~graphtricks.rewriting` returned.
         out_dir: the folder to create (must be absent or empty, unless ``force``).
         source: how to rebuild the original model: ``spec`` plus optional ``model_args``,
             ``input_shapes``, ``input_dtype``, ``trust_pickle``. The keyword inputs of ``result``

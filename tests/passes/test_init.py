@@ -15,7 +15,7 @@ from graphtricks.passes.base import PASSES, pass_from_config
 from graphtricks.functional import initialize
 from graphtricks.passes.init import SCHEMES, Initialize
 from graphtricks.passes.residual import AddResidual
-from graphtricks.rewrite import rewrite
+from graphtricks.rewriting import rewrite
 
 GAIN = {
     "ReLU": math.sqrt(2.0),

@@ -16,12 +16,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.checkpoints import checkpoint_functions, name_checkpoint_calls, not_traced_through
-from graphtricks.capture.flag_reads import ValueReads
-from graphtricks.capture.hooks import hooks_detached
-from graphtricks.capture.mode_reads import TrainingReads, overrides_train
-from graphtricks.capture.probe import probe_forward
-from graphtricks.capture.state import StateWrites
+from graphtricks.capturing.checkpoints import checkpoint_functions, name_checkpoint_calls, not_traced_through
+from graphtricks.capturing.flag_reads import ValueReads
+from graphtricks.capturing.hooks import hooks_detached
+from graphtricks.capturing.mode_reads import TrainingReads, overrides_train
+from graphtricks.capturing.probe import probe_forward
+from graphtricks.capturing.state import StateWrites
 from graphtricks.errors import CaptureError
 from graphtricks.fxgraph.activations import zoo_activation_name
 from graphtricks.fxgraph.adopt import is_adopted
@@ -230,7 +230,7 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
         on failure; ``writes`` maps the path of each module whose own forward updated state a
         graph would not keep to what it updated (:class:`StateWrites`). The inlined calls are
         kept on the graph as ``graph._gt_calls`` (:class:`InlinedCall` by stack key), the values it
-        read as ``graph._gt_reads`` (:class:`~graphtricks.capture.flag_reads.ValueReads`).
+        read as ``graph._gt_reads`` (:class:`~graphtricks.capturing.flag_reads.ValueReads`).
     """
     module.train(training)
     tracer = RegionTracer(leaves)

@@ -20,11 +20,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.flag_reads import LENGTH
-from graphtricks.capture.guards import install_input_guards
-from graphtricks.capture.hooks import copy_hooks, hook_kinds
-from graphtricks.capture.modes import ModeSnapshot
-from graphtricks.capture.tracing import (
+from graphtricks.capturing.flag_reads import LENGTH
+from graphtricks.capturing.guards import install_input_guards
+from graphtricks.capturing.hooks import copy_hooks, hook_kinds
+from graphtricks.capturing.modes import ModeSnapshot
+from graphtricks.capturing.tracing import (
     Call,
     concrete_args,
     mode_dependent_owners,

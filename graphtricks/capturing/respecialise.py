@@ -22,9 +22,9 @@ import operator
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.guards import expect_equal, expect_none, expect_value, install_input_guards
-from graphtricks.capture.modes import ModeSnapshot
-from graphtricks.capture.tracing import mode_dependent_owners, one_line, restore_placeholder_names, trace_once
+from graphtricks.capturing.guards import expect_equal, expect_none, expect_value, install_input_guards
+from graphtricks.capturing.modes import ModeSnapshot
+from graphtricks.capturing.tracing import mode_dependent_owners, one_line, restore_placeholder_names, trace_once
 from graphtricks.fxgraph.adopt import adopt_graph, install_guard, original_class
 from graphtricks.fxgraph.fastpath import speed_up
 

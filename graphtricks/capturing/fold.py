@@ -4,7 +4,7 @@ A traced region is one graph: fx inlines every module it goes through. Passes ed
 graph, because their analyses look across module boundaries (the nonlinearity a layer feeds, a
 block's shapes). The model users get back must still be their model: :func:`fold_region` cuts
 the edited flat graph back along the calls the trace went through (recorded by
-:class:`~graphtricks.capture.tracing.RegionTracer`), gives each module its own graph with its
+:class:`~graphtricks.capturing.tracing.RegionTracer`), gives each module its own graph with its
 children as calls (:func:`~graphtricks.fxgraph.adopt.adopt_graph`: same object, same class,
 its hooks fire), and leaves the region root with a graph that calls its children.
 
@@ -36,10 +36,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.guards import expect_equal, expect_none, expect_value
-from graphtricks.capture.hooks import hook_kinds
-from graphtricks.capture.respecialise import ADDED, respecialise
-from graphtricks.capture.tracing import InlinedCall, one_line
+from graphtricks.capturing.guards import expect_equal, expect_none, expect_value
+from graphtricks.capturing.hooks import hook_kinds
+from graphtricks.capturing.respecialise import ADDED, respecialise
+from graphtricks.capturing.tracing import InlinedCall, one_line
 from graphtricks.fxgraph.adopt import (
     adopt_graph,
     adoption_conflict,

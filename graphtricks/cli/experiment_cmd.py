@@ -112,10 +112,9 @@ def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, 
          step_size, gamma, clip_norm, label_smoothing, l1, l2, penalty_layer, precision, loss_weight,
          train_size, label_noise, batch_sizes, model_arg, force, as_json, torch) -> None:
     """The command's body: settings → experiment → table or JSON."""
-    import graphtricks as gt
     from graphtricks.experiment import TrainConfig
     from graphtricks.experiment import experiment as run_experiment
-    from graphtricks.io.specs import parse_model_args
+    from graphtricks.io.specs import load_model, parse_model_args
 
     torch.set_num_threads(1)
     config = TrainConfig(
@@ -124,12 +123,12 @@ def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, 
         label_smoothing=label_smoothing, l1=l1, l2=l2, penalty_layers=tuple(penalty_layer or ()),
         precision=precision.value, loss_weights=tuple(loss_weight or ()))
     kwargs = parse_model_args(model_arg)
-    gt.load_model(spec, kwargs)  # a bad spec fails here, once, before anything else
+    load_model(spec, kwargs)  # a bad spec fails here, once, before anything else
 
     def progress(line: str) -> None:
         err.print(line, style="dim", markup=False, highlight=False)
 
-    result = run_experiment(lambda: gt.load_model(spec, kwargs), data, recipe, seeds=seeds, config=config,
+    result = run_experiment(lambda: load_model(spec, kwargs), data, recipe, seeds=seeds, config=config,
                             batch_sizes=_sizes(batch_sizes), train_size=train_size, label_noise=label_noise,
                             model_name=spec, out=out_dir, force=force, progress=progress)
     if as_json:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphtricks.onnx.checks import SIGMAS, binomial_bound
+from graphtricks.onnx.checks.bounds import SIGMAS, binomial_bound
 from graphtricks.onnx.graph import DropoutInfo
 from graphtricks.onnx.inputs import InputSet, session_feed
 from graphtricks.onnx.report import CheckResult

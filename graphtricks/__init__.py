@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "RewriteResult": "graphtricks.rewrite",
     "rewrite": "graphtricks.rewrite",
     "experiment": "graphtricks.experiment",
+    "MCSamples": "graphtricks.onnx.sampling",
+    "mc_sample": "graphtricks.onnx.sampling",
     **{
         name: "graphtricks.passes"
         for name in (
@@ -94,5 +96,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from graphtricks.passes import (  # noqa: F401
         PASSES, AddResidual, BatchNormToLayerNorm, GraphtricksPass, Initialize, InsertDropout, NoChangeWarning,
     )
+    from graphtricks.onnx.sampling import MCSamples, mc_sample  # noqa: F401
     from graphtricks.report import Change, Report  # noqa: F401
     from graphtricks.rewrite import RewriteResult, rewrite  # noqa: F401

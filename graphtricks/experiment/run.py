@@ -21,7 +21,7 @@ from graphtricks.experiment.data import Dataset, load_data
 from graphtricks.experiment.errors import ExperimentError
 from graphtricks.experiment.loop import train
 from graphtricks.experiment.panels import PANELS, judge, panels_for
-from graphtricks.experiment.probes import calibration, fit_data, signal
+from graphtricks.experiment.probes import calibration, fit_data, signal, uncertainty
 from graphtricks.experiment.techniques import TrainConfig
 from graphtricks.experiment.variants import Variant, read_variant
 
@@ -118,11 +118,13 @@ def _measure(model, data, config, seed, needs, batch_sizes, label, progress) -> 
     if "signal" in needs:
         record["signal"] = signal(model, data.x_train[:SIGNAL_BATCH], data.y_train[:SIGNAL_BATCH], seed)
     initial = copy.deepcopy(model) if "batch" in needs else None
-    history = train(model, data, config, seed, label=label)
+    history = train(model, data, config, seed, label=label, steps="steps" in needs)
     probs = history.pop("val_probs")
     record.update(history=history, diverged=history.pop("diverged"), seconds=history.pop("seconds"))
     if "calibration" in needs:
         record["calibration"] = calibration(probs, data.y_val)
+    if "uncertainty" in needs:
+        record["uncertainty"] = uncertainty(model, data, config.mc_samples, seed)
     if "batch" in needs:
         record["batch"] = {}
         for size in batch_sizes:
@@ -145,6 +147,8 @@ def experiment(
     batch_sizes: Sequence[int] = (),
     train_size: int | None = None,
     label_noise: float = 0.0,
+    known_classes: int | None = None,
+    baseline: str | None = None,
     model_name: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
@@ -161,7 +165,12 @@ def experiment(
         config: the training settings every variant shares (a variant's techniques add to them).
         batch_sizes: batch sizes of the accuracy-against-batch-size panel (BN→LN); default
             ``(2, config.batch_size)``.
-        train_size, label_noise: see :func:`~graphtricks.experiment.data.load_data`.
+        train_size, label_noise, known_classes: see :func:`~graphtricks.experiment.data.load_data`
+            (``known_classes``: train on classes 0 … K−1; the uncertainty panels of MC dropout
+            score the held-out ones).
+        baseline: the name of a variant to judge the others against instead of the original
+            (identity shortcuts against a gated form); the original model is then only the
+            starting point of the rewrites and is not trained.
         model_name: how the report names the model.
         out: also write ``report.html``, one PNG per figure and ``results.json`` to this folder
             (atomically; it must not exist or be empty unless ``force``).
@@ -190,20 +199,29 @@ def experiment(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ExperimentError("give at least one seed")
-    dataset = data if isinstance(data, Dataset) else load_data(data, train_size=train_size, label_noise=label_noise)
+    dataset = data if isinstance(data, Dataset) else load_data(data, train_size=train_size, label_noise=label_noise,
+                                                               known_classes=known_classes)
     arms = [_as_variant(v) for v in variants]
     if not arms:
         raise ExperimentError("give at least one variant (a recipe) to compare with the original model")
     names = [a.name for a in arms]
     if len(set(names)) != len(names) or ORIGINAL in names:
         raise ExperimentError(f"variant names must be unique and not {ORIGINAL!r}: {names}")
+    if baseline is not None and (baseline not in names or len(names) < 2):
+        raise ExperimentError(f"baseline {baseline!r} must name one of the variants ({', '.join(names)}) "
+                              "and at least one other variant to judge against it")
+    base_name = baseline or ORIGINAL
     configs = {a.name: a.config(config) for a in arms}
-    kinds = {a.name: panels_for(a.technique_names) for a in arms}
-    needs = {a.name: {PANELS[k].needs for k, _ in kinds[a.name]} - {""} for a in arms}
-    needs[ORIGINAL] = set().union(*needs.values())
+    judged = [a for a in arms if a.name != base_name]
+    kinds = {a.name: panels_for(a.entries) for a in judged}
+    needs = {a.name: {PANELS[k].needs for k, _ in kinds[a.name]} - {""} for a in judged}
+    needs[base_name] = set().union(*needs.values())
+    if "uncertainty" in needs[base_name] and dataset.x_unseen is None:
+        raise ExperimentError("MC dropout's panels score classes held out of training: pass known_classes "
+                              "(--known-classes K) to train on classes 0 … K−1")
     sizes = sorted({int(s) for s in (batch_sizes or (2, config.batch_size))})
     build = _builder(model)
-    runs: dict[str, list[dict[str, Any]]] = {ORIGINAL: [], **{n: [] for n in names}}
+    runs: dict[str, list[dict[str, Any]]] = {**({} if baseline else {ORIGINAL: []}), **{n: [] for n in names}}
     details: dict[str, dict[str, Any]] = {}
     for seed in seed_list:
         base = build(seed)
@@ -217,9 +235,12 @@ def experiment(
                 n_params = sum(p.numel() for p in models[arm.name].parameters())
                 details[arm.name] = {**arm.to_dict(), "config": configs[arm.name].to_dict(), "parameters": n_params}
         for name, m in models.items():
+            if name not in runs:  # the original, when a variant is the baseline
+                continue
             cfg = config if name == ORIGINAL else configs[name]
             runs[name].append(_measure(m, dataset, cfg, seed, needs[name], sizes, name, progress))
-    panels = [judge(kind, claim, a.name, runs[ORIGINAL], runs[a.name]) for a in arms for kind, claim in kinds[a.name]]
+    panels = [judge(kind, claim, a.name, runs[base_name], runs[a.name], base_name)
+              for a in judged for kind, claim in kinds[a.name]]
     if model_name is None:
         model_name = getattr(model, "__name__", None) or type(model).__name__
     result = ExperimentResult(

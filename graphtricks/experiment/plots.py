@@ -55,6 +55,7 @@ def _curves(plt, panel, before, after, names):
             _band(ax, epochs, [r["history"][f"train_{what}"] for r in runs], color, f"{name} train", "--")
             _band(ax, epochs, [r["history"][f"val_{what}"] for r in runs], color, f"{name} val")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("cross-entropy" if what == "loss" else "accuracy")
         ax.grid(alpha=0.3)
     losses = np.asarray([r["history"][k] for r in (*before, *after) for k in ("train_loss", "val_loss")], dtype=float)
@@ -168,7 +169,7 @@ def _unseen(plt, panel, before, after, names):
 
 
 def _calibration_mc(plt, panel, before, after, names):
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.6, 3.8))
     _reliability_axes(ax)
     for records, color, label, style in _uncertainty_sides(before, after, names):
         _reliability(ax, [r["calibration"] for r in records], color, label, style + "o")

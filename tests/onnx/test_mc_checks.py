@@ -154,3 +154,15 @@ def test_a_weight_that_differs_from_the_inference_graph_fails(exported, tmp_path
 
     report = _validate_with(exported, tmp_path, nudge)
     assert not _mc(report, "mc_same_weights")[0].passed
+
+
+def test_an_mc_graph_with_a_fixed_batch_beside_a_dynamic_pair_fails_its_io_check(exported, tmp_path):
+    model, out = exported  # its MC graph has batch 4 fixed
+    folder = tmp_path / "dynamic"
+    export_pair(model, INPUTS, folder, dynamic_batch=True)
+    shutil.copy(out / MC_FILE, folder / MC_FILE)
+    report = validate_pair(model, INPUTS, folder, device="cpu", seeds=(0,))
+    io = _mc(report, "mc_same_io")[0]
+    assert not io.passed and "dim 0: 4 in the MC graph" in io.message
+    assert any("does not take input set" in n for n in report.notes)
+    assert all(c.passed for c in _mc(report, "mc_vs_eager"))  # the sets it takes still ran

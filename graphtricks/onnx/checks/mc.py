@@ -29,6 +29,7 @@ import torch
 from onnx import helper
 from torch import nn
 
+from graphtricks.errors import ValidationError
 from graphtricks.onnx.checks.dropout import check_dropout_count, check_dropout_rates
 from graphtricks.onnx.checks.graphs import check_io, check_weights
 from graphtricks.onnx.checks.numeric import check_infer_vs_eager, compare_output
@@ -84,14 +85,40 @@ def check_mc_eval_elsewhere(mc: onnx.ModelProto) -> CheckResult:
                        details={"train_batchnorms": len(bns), "portable_batchnorms": portable, "extra_outputs": extra})
 
 
+def _dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Each graph input's and output's dimensions: a size, a symbol's name, or None (unknown)."""
+    inits = {i.name for i in model.graph.initializer}
+    values = [v for v in model.graph.input if v.name not in inits] + list(model.graph.output)
+    return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in v.type.tensor_type.shape.dim] for v in values}
+
+
+def _fixed_differently(mc: onnx.ModelProto, infer: onnx.ModelProto) -> list[str]:
+    """Dimensions fixed in one graph and symbolic or another size in the other, one phrase each."""
+    theirs, out = _dims(infer), []
+    for name, dims in _dims(mc).items():
+        for d, (a, b) in enumerate(zip(dims, theirs.get(name, []))):
+            if a is not None and b is not None and a != b and (isinstance(a, int) or isinstance(b, int)):
+                out.append(f"'{name}' dim {d}: {a} in the MC graph, {b} in the inference graph")
+    return out
+
+
 def check_mc_same_io_and_weights(mc: onnx.ModelProto, infer: onnx.ModelProto) -> list[CheckResult]:
-    """The inference graph's inputs, outputs and weights (check 3's comparisons, as graph ``mc``)."""
+    """The inference graph's inputs, outputs (and their fixed and symbolic dimensions) and weights
+    (check 3's comparisons, as graph ``mc``)."""
     out = []
     for check, name in ((check_io, "mc_same_io"), (check_weights, "mc_same_weights")):
         result = check(mc, infer)
         result.name, result.graph = name, MC_GRAPH
         result.message = re.sub(r"\btrain\b", "mc", result.message)
         out.append(result)
+    differing = _fixed_differently(mc, infer)
+    if differing:
+        io = out[0]
+        io.passed = False
+        io.message = ("dimensions differ: " + "; ".join(differing[:4]) + "; export both graphs with the same "
+                      "dynamic dimensions" + ("" if io.message.startswith("same") else f"; {io.message}"))
+        io.details["dimensions"] = differing
     return out
 
 
@@ -198,6 +225,18 @@ def check_mc_batch_independent(
     return result
 
 
+def _taken(session: Session, input_sets: Sequence[InputSet]) -> list[InputSet]:
+    """The input sets the session's graph accepts (names, dtypes, fixed dimensions)."""
+    taken = []
+    for input_set in input_sets:
+        try:
+            session_feed(session.inner, input_set.tensors, input_set.label)
+        except ValidationError:
+            continue
+        taken.append(input_set)
+    return taken
+
+
 def check_mc_graph(
     model: nn.Module,
     mc: onnx.ModelProto,
@@ -229,6 +268,15 @@ def check_mc_graph(
     """
     results: list[CheckResult] = [check_mc_eval_elsewhere(mc), *check_mc_same_io_and_weights(mc, infer)]
     sessions = [make_session(deterministic_train_copy(mc), device, "mc_deterministic", strict)]
+    notes = []
+    taken = _taken(sessions[0], input_sets)
+    if len(taken) < len(input_sets):
+        skipped = [s.label for s in input_sets if s not in taken]
+        notes.append(f"the MC graph does not take input set(s) {skipped} that the inference graph takes "
+                     "(see mc_same_io); its checks ran on the others")
+    if not taken:
+        return results, sessions, notes
+    input_sets = taken
     results += [r for r in check_infer_vs_eager(sessions[0], model, input_sets, tolerance, reference, truth,
                                                 graph=MC_GRAPH) if r.name == "mc_vs_eager"]
     seed = input_sets[0].seed if input_sets and input_sets[0].seed is not None else 0
@@ -236,7 +284,6 @@ def check_mc_graph(
     results.append(check_mc_batch_independent(sessions[0], inputs, seed, batch if rows < 2 else None, tolerance))
     infos = portable_dropouts(mc)
     results.append(check_dropout_count(infos, eager_forced_dropouts(reference, inputs, device), graph=MC_GRAPH))
-    notes = []
     if not infos:
         notes.append("the MC graph has no dropout: its samples are all the same")
         return results, sessions, notes

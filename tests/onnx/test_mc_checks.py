@@ -166,3 +166,20 @@ def test_an_mc_graph_with_a_fixed_batch_beside_a_dynamic_pair_fails_its_io_check
     assert not io.passed and "dim 0: 4 in the MC graph" in io.message
     assert any("does not take input set" in n for n in report.notes)
     assert all(c.passed for c in _mc(report, "mc_vs_eager"))  # the sets it takes still ran
+
+
+@pytest.mark.slow
+def test_a_torchvision_model_with_its_own_and_inserted_dropout_passes(tmp_path):
+    from graphtricks.io.specs import load_model
+
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    base = load_model("tv:mobilenet_v3_small", {}).eval()  # BatchNorm, Hardswish, squeeze-excitation, its own Dropout
+    x = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)),)
+    model = gt.rewrite(base, [gt.InsertDropout(p=0.1)], example_inputs=x).model.eval()
+    export_pair(model, x, tmp_path / "pair")
+    write_mc_graph(model, x, tmp_path / "pair", tmp_path / "scratch")
+    report = validate_pair(model, x, tmp_path / "pair", device="cpu", seeds=(0,))
+    assert report.passed, report.summary()
+    [count] = _mc(report, "dropout_count")
+    assert len(count.details["pytorch_p"]) > 10  # the inserted dropouts and the classifier's own

@@ -188,3 +188,15 @@ def test_hand_built_random_uniform_graph_pads_the_last_fixed_batch_call(tmp_path
     mc = gt.mc_sample(str(path), np.ones((3, 50), np.float32), samples=3, keep_samples=True)
     assert mc.runs == 3 and mc.samples.shape == (3, 3, 50)
     assert set(np.unique(mc.samples)) <= {0.0, 2.0}
+
+
+def test_a_timm_model_samples_its_own_dropout_with_drop_path_off():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, drop_rate=0.2, drop_path_rate=0.1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    mc = gt.mc_sample(model, x, samples=6, seed=0, keep_samples=True)
+    assert mc.samples.shape == (6, 2, 1000) and (mc.std > 0).any()
+    with DropoutInterceptor(neutralise=False, force=True) as seen, torch.no_grad():
+        model(x)
+    assert seen.calls == [0.2] and not seen.draws  # the head's dropout forced on; stochastic depth stays off in eval

@@ -112,6 +112,43 @@ def _rewrite(base: nn.Module, variant: Variant, seed: int, example: torch.Tensor
     return result.model
 
 
+def _plan(arms: list[Variant], baseline: str | None, dataset: Dataset) -> tuple[str, list[Variant], dict, dict]:
+    """Who is judged against whom: the baseline's name, the judged variants, each one's panel kinds,
+    and what each run must measure (the baseline measures what any panel needs)."""
+    names = [a.name for a in arms]
+    if not arms:
+        raise ExperimentError("give at least one variant (a recipe) to compare with the original model")
+    if len(set(names)) != len(names) or ORIGINAL in names:
+        raise ExperimentError(f"variant names must be unique and not {ORIGINAL!r}: {names}")
+    if baseline is not None and (baseline not in names or len(names) < 2):
+        raise ExperimentError(f"baseline {baseline!r} must name one of the variants ({', '.join(names)}) "
+                              "and at least one other variant to judge against it")
+    base_name = baseline or ORIGINAL
+    judged = [a for a in arms if a.name != base_name]
+    kinds = {a.name: panels_for(a.entries) for a in judged}
+    needs = {a.name: {PANELS[k].needs for k, _ in kinds[a.name]} - {""} for a in judged}
+    needs[base_name] = set().union(*needs.values())
+    if "uncertainty" in needs[base_name] and dataset.x_unseen is None:
+        raise ExperimentError("MC dropout's panels score classes held out of training: pass known_classes "
+                              "(--known-classes K) to train on classes 0 … K−1")
+    return base_name, judged, kinds, needs
+
+
+def _rewrites(base: nn.Module, arms: list[Variant], seed: int, dataset: Dataset, configs: dict,
+              details: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
+    """Every variant's rewrite of ``base``, before any training (a recipe that does not apply fails at
+    once); ``details`` gets each variant's description the first time."""
+    example = dataset.x_train[:min(len(dataset.x_train), 8)]
+    models = {}
+    for arm in arms:
+        models[arm.name] = _rewrite(base, arm, seed, example)
+        fit_data(models[arm.name], dataset)
+        if arm.name not in details:
+            n_params = sum(p.numel() for p in models[arm.name].parameters())
+            details[arm.name] = {**arm.to_dict(), "config": configs[arm.name].to_dict(), "parameters": n_params}
+    return models
+
+
 def _measure(model, data, config, seed, needs, batch_sizes, label, progress) -> dict[str, Any]:
     """Signal at init (if needed), one training run, then calibration and the batch-size runs (if needed)."""
     record: dict[str, Any] = {"seed": seed}
@@ -202,23 +239,9 @@ def experiment(
     dataset = data if isinstance(data, Dataset) else load_data(data, train_size=train_size, label_noise=label_noise,
                                                                known_classes=known_classes)
     arms = [_as_variant(v) for v in variants]
-    if not arms:
-        raise ExperimentError("give at least one variant (a recipe) to compare with the original model")
     names = [a.name for a in arms]
-    if len(set(names)) != len(names) or ORIGINAL in names:
-        raise ExperimentError(f"variant names must be unique and not {ORIGINAL!r}: {names}")
-    if baseline is not None and (baseline not in names or len(names) < 2):
-        raise ExperimentError(f"baseline {baseline!r} must name one of the variants ({', '.join(names)}) "
-                              "and at least one other variant to judge against it")
-    base_name = baseline or ORIGINAL
+    base_name, judged, kinds, needs = _plan(arms, baseline, dataset)
     configs = {a.name: a.config(config) for a in arms}
-    judged = [a for a in arms if a.name != base_name]
-    kinds = {a.name: panels_for(a.entries) for a in judged}
-    needs = {a.name: {PANELS[k].needs for k, _ in kinds[a.name]} - {""} for a in judged}
-    needs[base_name] = set().union(*needs.values())
-    if "uncertainty" in needs[base_name] and dataset.x_unseen is None:
-        raise ExperimentError("MC dropout's panels score classes held out of training: pass known_classes "
-                              "(--known-classes K) to train on classes 0 … K−1")
     sizes = sorted({int(s) for s in (batch_sizes or (2, config.batch_size))})
     build = _builder(model)
     runs: dict[str, list[dict[str, Any]]] = {**({} if baseline else {ORIGINAL: []}), **{n: [] for n in names}}
@@ -226,14 +249,7 @@ def experiment(
     for seed in seed_list:
         base = build(seed)
         dataset = fit_data(base, dataset)
-        example = dataset.x_train[:min(len(dataset.x_train), 8)]
-        models = {ORIGINAL: base}
-        for arm in arms:  # every rewrite before any training: a recipe that does not apply fails at once
-            models[arm.name] = _rewrite(base, arm, seed, example)
-            fit_data(models[arm.name], dataset)
-            if arm.name not in details:
-                n_params = sum(p.numel() for p in models[arm.name].parameters())
-                details[arm.name] = {**arm.to_dict(), "config": configs[arm.name].to_dict(), "parameters": n_params}
+        models = {ORIGINAL: base, **_rewrites(base, arms, seed, dataset, configs, details)}
         for name, m in models.items():
             if name not in runs:  # the original, when a variant is the baseline
                 continue

@@ -8,8 +8,9 @@ medians of per-rep ratios, one thread, CPU time of the process (ONNX Runtime ses
 with one intra-op thread, so their work runs on the calling thread and is counted).
 
 Cases: a PyTorch module rewritten with dropout (an MLP; torchvision ResNet-18 with BatchNorm),
-and an ONNX Runtime session of the MLP's MC graph (``model.mc.onnx`` when the exporter writes
-one, else the portable train graph of the BatchNorm-free MLP, which is the same graph).
+and an ONNX Runtime session of the MLP's MC graph (``model.mc.onnx`` when the exporter writes one
+with a symbolic batch, else the portable train graph of the BatchNorm-free MLP, which is the same
+graph).
 
 Usage::
 
@@ -82,10 +83,23 @@ def _mc_graph(model: nn.Module, shape: tuple[int, ...], folder: Path) -> str:
     with bench._quiet():
         if "mc_dropout" in inspect.signature(export_pair).parameters:
             result = export_pair(model, example, folder, dynamic_batch=True, mc_dropout=True)
-            return str(result.mc_path)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise RuntimeError("this exporter writes no MC graph; only a BatchNorm-free model's train graph stands in")
-        return str(export_pair(model, example, folder, dynamic_batch=True).train_path)
+            if _symbolic_batch(result.mc_path):
+                return str(result.mc_path)
+        else:
+            result = export_pair(model, example, folder, dynamic_batch=True)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise RuntimeError("no MC graph with a symbolic batch; only a BatchNorm-free model's train graph stands in")
+    return str(result.train_path)
+
+
+def _symbolic_batch(path: Path) -> bool:
+    """Whether dimension 0 of every graph input is symbolic (a fixed one would make tiling T runs)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    return all(not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+               for v in graph.input if v.name not in inits and v.type.tensor_type.shape.dim)
 
 
 def _side(target: Any, x: torch.Tensor, samples: int, max_rows: int | None) -> Callable[[], float]:

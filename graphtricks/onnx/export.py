@@ -338,7 +338,7 @@ def export_pair(
             once for both graphs) whatever the size.
         external_data_threshold: Above this many bytes, a graph's weights go to ``model.data``
             even without ``external_data``.
-        progress: called with a line as each stage starts (``"exporting the train graph…"``).
+        progress: called with a line as each stage starts (``"exporting the train graph (1/4)"``).
 
     Returns:
         The paths, names, repairs and warnings of the export.
@@ -365,6 +365,7 @@ def export_pair(
     inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
     out_dir = Path(out_dir)
     say = progress or (lambda message: None)
+    steps = 4 if verify else 3  # each progress line ends with its step's count
     with torch_numerics("cpu"), WeightTable() as table:
         named, left_out, in_train = mode_outputs(model, inputs)
         outputs = [t for _, t in named]
@@ -385,7 +386,7 @@ def export_pair(
             return kwargs
 
         updated: list[str] = []
-        say("exporting the train graph…")
+        say(f"exporting the train graph (1/{steps})")
         try:
             train, caught = export_mode(
                 model, inputs, train=True, opset=opset, table=table, updated=updated,
@@ -398,7 +399,7 @@ def export_pair(
                 f"{e} (train mode returns train-only output(s) {', '.join(train_only)} on top of "
                 "eval mode's; the exporter cannot export what computes them)"
             ) from e
-        say("exporting the inference graph…")
+        say(f"exporting the inference graph (2/{steps})")
         infer, more = export_mode(
             model, inputs, train=False, opset=opset, table=table, **names_of(out_names, outputs)
         )
@@ -419,10 +420,10 @@ def export_pair(
         )
 
         def verify_staged(staging: Path) -> None:
-            say("checking the train graph against PyTorch train mode…")
+            say(f"checking the train graph against PyTorch train mode (4/{steps})")
             _verify_written_train_graph(model, inputs, staging / TRAIN_FILE)
 
-        say(f"writing {TRAIN_FILE} and {INFER_FILE}…")
+        say(f"writing {TRAIN_FILE} and {INFER_FILE} (3/{steps})")
         data_path = _write_atomically(out_dir, graphs, external, verify_staged if verify else None)
     notes = export_notes(model)
     if left_out:

@@ -126,6 +126,12 @@ def _pick(outputs: list, output: int | str, names: Sequence[str]) -> int:
     return output
 
 
+def _first_line(e: Exception) -> str:
+    """``Type: first line of the message``, for one-line errors."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _check_args(samples: int, max_rows: int | None) -> None:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise GraphtricksError(f"mc_sample needs samples ≥ 2 (a spread needs two draws), got {samples!r}")
@@ -154,7 +160,10 @@ def _sample_torch(model: nn.Module, inputs: tuple, samples: int, output: int | s
             if seed is not None:
                 torch.manual_seed(seed)
             for start, stop in spans:
-                outs = flatten_outputs(model(*[t[start:stop] for t in tiled]))
+                try:
+                    outs = flatten_outputs(model(*[t[start:stop] for t in tiled]))
+                except Exception as e:  # noqa: BLE001 - the model's own error, as one line naming it
+                    raise GraphtricksError(f"mc_sample: {type(model).__name__} rejects the inputs ({_first_line(e)})") from e
                 pieces.append(outs[_pick(outs, output, [])].detach())
     finally:
         for m, flag in modes.items():
@@ -227,7 +236,11 @@ def _sample_onnx(graph: Any, inputs: Any, samples: int, output: int | str,
         rows = [t[start:stop] for t in tiled]
         if stop - start < size and fixed:  # a fixed-batch graph's last call: pad, then drop the padding
             rows = [torch.cat([r, t[:size - (stop - start)]]) for r, t in zip(rows, tiled)]
-        result = session.run([out_names[index]], {k: r.numpy() for k, r in zip(feeds, rows)})[0]
+        try:
+            result = session.run([out_names[index]], {k: r.numpy() for k, r in zip(feeds, rows)})[0]
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's error on these inputs, as one line
+            raise GraphtricksError(f"mc_sample: ONNX Runtime rejects the inputs ({_first_line(e)}); pass what the "
+                                   "graph takes (names, dtypes, fixed dimensions)") from e
         pieces.append(torch.from_numpy(np.asarray(result))[:stop - start])
     out = torch.cat(pieces)
     out = out.reshape(samples, n, *out.shape[1:])

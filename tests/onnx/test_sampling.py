@@ -156,6 +156,14 @@ def test_onnx_fixed_batch_runs_in_calls_of_its_size(portable_pair):
     assert not np.array_equal(mc.samples[0], mc.samples[1])
 
 
+def test_inputs_a_model_or_graph_rejects_are_one_line_errors(portable_pair):
+    model, pairs = portable_pair
+    with pytest.raises(GraphtricksError, match="rejects the inputs"):
+        gt.mc_sample(model, torch.randn(2, 7), samples=2)
+    with pytest.raises(GraphtricksError, match="ONNX Runtime rejects the inputs"):
+        gt.mc_sample(str(pairs[True].train_path), np.zeros((2, 6), np.int64), samples=2)
+
+
 def test_onnx_inference_graph_is_refused(portable_pair):
     _, pairs = portable_pair
     with pytest.raises(GraphtricksError, match="draws no dropout mask"):

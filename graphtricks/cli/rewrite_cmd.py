@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from enum import Enum
@@ -147,35 +148,22 @@ def _changes_table(report, every_row: bool) -> tuple[Table, str | None]:
     return made, hint + (f"; {DRIFT_UNIT}" if with_drift else "")
 
 
-def _selection_names(tree) -> list[str]:
-    """Every qualified name a selection can match: modules, inlined blocks, graph nodes."""
-    from graphtricks.fxgraph.nodes import node_where, stack_types
-
-    names = [name for name, _ in tree.model.named_modules() if name]
-    for region in tree.regions():
-        if region.kind == "traced":
-            names += map(region.qualify, stack_types(region.graph_module.graph))
-            names += [node_where(region.path, n) for n in region.graph_module.graph.nodes if n.op.startswith("call_")]
-    return list(dict.fromkeys(names))
+# the CLI flag that gives each pass option a selection error can name
+SELECTION_FLAGS = {"include": "--include", "exclude": "--exclude", "blocks": "--residual"}
 
 
-def _check_selections(tree, residual: list[str], include: list[str]) -> None:
-    """An explicit selection that matches nothing is an error naming it and the closest names."""
-    import fnmatch
+@contextlib.contextmanager
+def _selection_flags(given: dict[str, list[str]]):
+    """A pattern typed on the command line that matches nothing is named by its flag."""
+    from graphtricks.errors import SelectionError
 
-    from graphtricks.fxgraph.nodes import name_glob
-    from graphtricks.suggest import did_you_mean
-
-    names = None
-    for flag, patterns, matches in (
-        ("--residual", residual, lambda p, n: name_glob(p).fullmatch(n) is not None),
-        ("--include", include, fnmatch.fnmatchcase),
-    ):
-        for pattern in patterns:
-            names = names if names is not None else _selection_names(tree)
-            if not any(matches(pattern, n) for n in names):
-                hint = did_you_mean(pattern, names) or " (graphtricks inspect lists the model's blocks)"
-                raise PassError(f"{flag} {pattern!r} matches nothing in this model{hint}")
+    try:
+        yield
+    except SelectionError as e:
+        flag = SELECTION_FLAGS.get(e.option)
+        if flag is None or e.pattern not in given.get(e.option, ()):
+            raise  # from a recipe: the library's message names the pass and its option
+        raise GraphtricksError(f"{flag} {e.pattern!r} matches nothing in this model{e.hint}") from e
 
 
 def _group_warnings(messages: list[str]) -> list[str]:
@@ -264,10 +252,10 @@ def rewrite(
         with progress("loading and capturing the model…", as_json) as say:
             model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
                                                                  trust_pickle, device, named_input, pretrained=pretrained)
-            with warnings.catch_warnings(record=True) as caught:
+            given = {"include": include or [], "exclude": exclude or [], "blocks": residual or []}
+            with warnings.catch_warnings(record=True) as caught, _selection_flags(given):
                 warnings.simplefilter("always")
                 result = run_rewrite(model, planned, inputs, example_kwargs=keywords, inplace=True, progress=say)
-        _check_selections(result.tree, list(residual or []), list(include or []))
         # every warning a pass recorded (notes included), then any other library warning
         messages = list(result.report.warnings)
         messages += [str(w.message) for w in caught if issubclass(w.category, UserWarning) and str(w.message) not in messages]

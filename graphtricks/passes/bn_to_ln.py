@@ -139,8 +139,8 @@ class BatchNormToLayerNorm(GraphtricksPass):
     name = "bn_to_ln"
     preserves_eval = False
 
-    def __init__(self, *, over: str = "c", include=(), exclude=()):
-        super().__init__(include=include, exclude=exclude)
+    def __init__(self, *, over: str = "c", include=(), exclude=(), strict: bool = True):
+        super().__init__(include=include, exclude=exclude, strict=strict)
         if over not in LN_OVER:
             raise PassError(f"unknown LayerNorm layout over={over!r}; choose one of {', '.join(LN_OVER)}")
         self.over = over

@@ -38,7 +38,7 @@ from graphtricks.fxgraph.nodes import (
     owner_path,
     unique_attr_name,
 )
-from graphtricks.passes.base import GraphtricksPass, PassRun, register_pass
+from graphtricks.passes.base import GraphtricksPass, PassRun, as_patterns, register_pass
 from graphtricks.passes.dropout_opaque import GATES, OpaqueDropout
 from graphtricks.passes.dropout_sites import probe_sites
 
@@ -90,9 +90,9 @@ class InsertDropout(OpaqueDropout, GraphtricksPass):
 
     def __init__(
         self, p: float = 0.1, *, kind: str = "element", activations=(), gates: bool = False, constants: bool = False,
-        include=(), exclude=(),
+        include=(), exclude=(), strict: bool = True,
     ):
-        super().__init__(include=include, exclude=exclude)
+        super().__init__(include=include, exclude=exclude, strict=strict)
         self.gates = bool(gates)
         self.constants = bool(constants)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
@@ -100,7 +100,7 @@ class InsertDropout(OpaqueDropout, GraphtricksPass):
         if kind not in DROPOUT_KINDS:
             raise PassError(f"unknown dropout kind {kind!r}; choose one of {', '.join(DROPOUT_KINDS)}")
         try:
-            self.activations = tuple(normalise_activation_name(a) for a in activations)
+            self.activations = tuple(normalise_activation_name(a) for a in as_patterns(activations, "dropout: activations"))
         except ValueError as e:
             raise PassError(f"dropout: {e}") from e
         self.p = float(p)

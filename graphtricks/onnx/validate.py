@@ -327,7 +327,7 @@ def _validate_loaded(
             step()
             found, made, notes = check_mc_graph(
                 model, mc, infer, inputs, input_sets, asked, tolerance, reference=reference,
-                truth=truths[0], batch=batch, strict=strict,
+                truth=truths[0], strict=strict,
             )
             report.checks += found
             report.notes += notes

@@ -36,13 +36,13 @@ def _eval_only(self, mode=True):
     return self
 
 
-def write_mc_graph(model: nn.Module, inputs: tuple, out: Path, scratch: Path) -> Path:
+def write_mc_graph(model: nn.Module, inputs: tuple, out: Path, scratch: Path, **export) -> Path:
     """``out/model.mc.onnx``: the train graph of a copy whose BatchNorms ignore train()."""
     twin = copy.deepcopy(model)
     for m in twin.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train = types.MethodType(_eval_only, m)
-    result = export_pair(twin, inputs, scratch)
+    result = export_pair(twin, inputs, scratch, **export)
     return Path(shutil.copy(result.train_path, out / MC_FILE))
 
 
@@ -183,3 +183,13 @@ def test_a_torchvision_model_with_its_own_and_inserted_dropout_passes(tmp_path):
     assert report.passed, report.summary()
     [count] = _mc(report, "dropout_count")
     assert len(count.details["pytorch_p"]) > 10  # the inserted dropouts and the classifier's own
+
+
+def test_one_example_with_a_dynamic_batch_is_tested_on_a_batch_of_two(tmp_path):
+    model = conv_bn_net()
+    one = (INPUTS[0][:1],)
+    export_pair(model, one, tmp_path / "pair", dynamic_batch=True)
+    write_mc_graph(model, one, tmp_path / "pair", tmp_path / "scratch", dynamic_batch=True)
+    report = validate_pair(model, one, tmp_path / "pair", device="cpu", seeds=(0,))
+    [independent] = _mc(report, "mc_batch_independent")
+    assert independent.passed and independent.details == {"batch": 2, "conclusive": True}

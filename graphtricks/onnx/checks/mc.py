@@ -225,6 +225,12 @@ def check_mc_batch_independent(
     return result
 
 
+def _symbolic_batch(model: onnx.ModelProto) -> bool:
+    """Whether dimension 0 of every ranked graph input is symbolic."""
+    dims = [d for name, d in _dims(model).items() if name not in {o.name for o in model.graph.output} and d]
+    return bool(dims) and all(not isinstance(d[0], int) for d in dims)
+
+
 def _taken(session: Session, input_sets: Sequence[InputSet]) -> list[InputSet]:
     """The input sets the session's graph accepts (names, dtypes, fixed dimensions)."""
     taken = []
@@ -248,7 +254,6 @@ def check_mc_graph(
     *,
     reference: nn.Module,
     truth: Callable[[], nn.Module | None] | None = None,
-    batch: int | None = None,
     strict: bool = False,
 ) -> tuple[list[CheckResult], list[Session], list[str]]:
     """Every check of the MC graph (see the module docstring).
@@ -260,7 +265,6 @@ def check_mc_graph(
         device: Where the sessions run (resolved). tolerance: Gives the tolerance of an output dtype.
         reference: A copy of ``model`` (:func:`~graphtricks.onnx.eager.reference_copy`), run in eval mode.
         truth: Gives a float64 copy of the model in eval mode (see check 1), or None.
-        batch: A second batch size when dimension 0 is symbolic (for the batch-independence test).
         strict: Raise when CUDA was asked and a session fell back to CPU.
 
     Returns:
@@ -281,7 +285,8 @@ def check_mc_graph(
                                                 graph=MC_GRAPH) if r.name == "mc_vs_eager"]
     seed = input_sets[0].seed if input_sets and input_sets[0].seed is not None else 0
     rows = next((int(t.shape[0]) for t in inputs if t.ndim), 0)
-    results.append(check_mc_batch_independent(sessions[0], inputs, seed, batch if rows < 2 else None, tolerance))
+    grown = 2 if rows < 2 and _symbolic_batch(mc) else None  # one example: a batch of two where the graph takes it
+    results.append(check_mc_batch_independent(sessions[0], inputs, seed, grown, tolerance))
     infos = portable_dropouts(mc)
     results.append(check_dropout_count(infos, eager_forced_dropouts(reference, inputs, device), graph=MC_GRAPH))
     if not infos:

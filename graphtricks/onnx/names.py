@@ -25,7 +25,7 @@ __all__ = [
 
 TRAIN_FILE = "model.train.onnx"
 INFER_FILE = "model.infer.onnx"
-MC_FILE = "model.mc.onnx"  # every dropout on, everything else as in eval (MC dropout)
+MC_FILE = "model.mc.onnx"  # the MC-dropout graph: eval mode with every dropout on
 # The train graph's outputs the model returns in train mode only: train_only.aux_logits1
 TRAIN_ONLY_PREFIX = "train_only."
 

@@ -40,7 +40,7 @@ _LAZY: dict[str, str] = {
     "Report": "graphtricks.report",
     "RewriteResult": "graphtricks.rewriting",
     "rewrite": "graphtricks.rewriting",
-    "experiment": "graphtricks.experiment",
+    "experiment": "graphtricks.experiments",
     "MCSamples": "graphtricks.onnx.sampling",
     "mc_sample": "graphtricks.onnx.sampling",
     **{
@@ -74,9 +74,9 @@ class _Package(types.ModuleType):
     """The package object: importing a module by its old name never hides the public name.
 
     Every module's name differs from every public name now; the old names of the renamed modules
-    (``graphtricks.rewrite``, ``graphtricks.capture``: see ``_compat.RENAMED``) and the old path
-    ``graphtricks.recipe`` still import for one release, and must leave ``gt.rewrite``,
-    ``gt.capture`` and ``gt.recipe`` what they are.
+    (``graphtricks.rewrite``, ``graphtricks.capture``, ``graphtricks.experiment``: see
+    ``_compat.RENAMED``) and the old path ``graphtricks.recipe`` still import for one release, and
+    must leave ``gt.rewrite``, ``gt.capture``, ``gt.experiment`` and ``gt.recipe`` what they are.
     """
 
     def __setattr__(self, name: str, value) -> None:
@@ -91,7 +91,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from graphtricks.capturing import Region, RegionTree, capture  # noqa: F401
     from graphtricks.errors import GraphtricksError, SelectionError  # noqa: F401
-    from graphtricks.experiment import experiment  # noqa: F401
+    from graphtricks.experiments import experiment  # noqa: F401
     from graphtricks.io import recipe  # noqa: F401
     from graphtricks.io.folder import load, save  # noqa: F401
     from graphtricks.io.specs import load_model  # noqa: F401

@@ -47,6 +47,7 @@ MOVED: dict[str, tuple[str, ...]] = {
 RENAMED: dict[str, str] = {
     "graphtricks.rewrite": "graphtricks.rewriting",
     "graphtricks.capture": "graphtricks.capturing",
+    "graphtricks.experiment": "graphtricks.experiments",
 }
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 
 import models  # noqa: E402  (the gallery's own models, beside this script)
 
-from graphtricks.experiment import TrainConfig, experiment  # noqa: E402
+from graphtricks.experiments import TrainConfig, experiment  # noqa: E402
 
 R = HERE / "recipes"
 

@@ -24,7 +24,7 @@ COLORS = {"held": "green", "not shown": "bright_black", "reversed": "red"}
 
 def _sizes(text: str | None) -> tuple[int, ...]:
     """``"2,8,64"`` → (2, 8, 64), or a one-line error."""
-    from graphtricks.experiment.errors import ExperimentError
+    from graphtricks.experiments.errors import ExperimentError
 
     if not text:
         return ()
@@ -117,8 +117,8 @@ def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, 
          train_size, label_noise, batch_sizes, model_arg, force, as_json, torch, known_classes=None,
          baseline=None) -> None:
     """The command's body: settings → experiment → table or JSON."""
-    from graphtricks.experiment import TrainConfig
-    from graphtricks.experiment import experiment as run_experiment
+    from graphtricks.experiments import TrainConfig
+    from graphtricks.experiments import experiment as run_experiment
     from graphtricks.io.specs import load_model, parse_model_args
 
     torch.set_num_threads(1)

@@ -268,13 +268,13 @@ def _validate_loaded(
     mc: onnx.ModelProto | None = None,
 ) -> ValidationReport:
     """:func:`validate_pair` on graphs already loaded (their weights held by a table)."""
-    names = _STEPS[:1] + (("MC-dropout graph",) if mc is not None else ()) + _STEPS[1:]
-    steps = iter(enumerate(names, 1))
+    stages = _STEPS[:1] + (("MC-dropout graph",) if mc is not None else ()) + _STEPS[1:]
+    steps, total = iter(enumerate(stages, 1)), len(stages)
 
     def step() -> None:
         i, what = next(steps)
         if progress is not None:
-            progress(f"validating: {what} (step {i}/{len(names)})")  # steps, not the check families
+            progress(f"validating: {what} (step {i}/{total})")  # steps, not the check families
 
     asked = resolve_device(device)
     strict = device == "cuda"

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from graphtricks.experiment import DataError, ExperimentError, TrainConfig, experiment, load_data
-from graphtricks.experiment.panels import claim_key, panels_for
-from graphtricks.experiment.probes import ROC_GRID, auroc, roc_curve
-from graphtricks.experiment.techniques import apply_technique
+from graphtricks.experiments import DataError, ExperimentError, TrainConfig, experiment, load_data
+from graphtricks.experiments.panels import claim_key, panels_for
+from graphtricks.experiments.probes import ROC_GRID, auroc, roc_curve
+from graphtricks.experiments.techniques import apply_technique
 
 
 def test_known_classes_hold_the_others_out_of_training_and_validation():

@@ -6,7 +6,7 @@ import json
 import re
 import time
 
-from graphtricks.experiment import TrainConfig, experiment, load_data
+from graphtricks.experiments import TrainConfig, experiment, load_data
 
 
 def test_same_seeds_same_numbers(recipe):

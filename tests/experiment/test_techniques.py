@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from graphtricks.experiment import ExperimentError, TrainConfig, autocast, clip, experiment, lr_factor, multi_head_loss, penalty
-from graphtricks.experiment.techniques import apply_technique
+from graphtricks.experiments import ExperimentError, TrainConfig, autocast, clip, experiment, lr_factor, multi_head_loss, penalty
+from graphtricks.experiments.techniques import apply_technique
 
 
 def test_schedules_and_warmup():

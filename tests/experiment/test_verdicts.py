@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from graphtricks.experiment import PANELS, TrainConfig, experiment, verdict
-from graphtricks.experiment.panels import judge, panels_for
+from graphtricks.experiments import PANELS, TrainConfig, experiment, verdict
+from graphtricks.experiments.panels import judge, panels_for
 
 
 def fake_run(seed: int, value: float) -> dict:

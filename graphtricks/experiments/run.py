@@ -17,13 +17,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from graphtricks.experiment.data import Dataset, load_data
-from graphtricks.experiment.errors import ExperimentError
-from graphtricks.experiment.loop import train
-from graphtricks.experiment.panels import PANELS, judge, panels_for
-from graphtricks.experiment.probes import calibration, fit_data, signal, uncertainty
-from graphtricks.experiment.techniques import TrainConfig
-from graphtricks.experiment.variants import Variant, read_variant
+from graphtricks.experiments.data import Dataset, load_data
+from graphtricks.experiments.errors import ExperimentError
+from graphtricks.experiments.loop import train
+from graphtricks.experiments.panels import PANELS, judge, panels_for
+from graphtricks.experiments.probes import calibration, fit_data, signal, uncertainty
+from graphtricks.experiments.techniques import TrainConfig
+from graphtricks.experiments.variants import Variant, read_variant
 
 __all__ = ["ExperimentResult", "experiment"]
 
@@ -207,7 +207,7 @@ def experiment(
         config: the training settings every variant shares (a variant's techniques add to them).
         batch_sizes: batch sizes of the accuracy-against-batch-size panel (BN→LN); default
             ``(2, config.batch_size)``.
-        train_size, label_noise, known_classes: see :func:`~graphtricks.experiment.data.load_data`
+        train_size, label_noise, known_classes: see :func:`~graphtricks.experiments.data.load_data`
             (``known_classes``: train on classes 0 … K−1; the uncertainty panels of MC dropout
             score the held-out ones).
         baseline: the name of a variant to judge the others against instead of the original
@@ -233,7 +233,7 @@ def experiment(
     """
     started = time.process_time()
     if out is not None:
-        from graphtricks.experiment.report import check_out, require_plots
+        from graphtricks.experiments.report import check_out, require_plots
 
         require_plots()
         check_out(Path(out), force)
@@ -274,7 +274,7 @@ def experiment(
         runs=runs, panels=panels)
     result.seconds = time.process_time() - started
     if out is not None:
-        from graphtricks.experiment.report import write_report
+        from graphtricks.experiments.report import write_report
 
         write_report(result, Path(out), force=force)
     return result

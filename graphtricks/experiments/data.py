@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphtricks.experiment.errors import DataError, require
+from graphtricks.experiments.errors import DataError, require
 
 __all__ = ["DATASETS", "Dataset", "load_data"]
 

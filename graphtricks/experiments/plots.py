@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from graphtricks.experiment.errors import require
+from graphtricks.experiments.errors import require
 
 __all__ = ["FIGURES", "draw"]
 
@@ -103,7 +103,7 @@ def _batch(plt, panel, before, after, names):
 
 
 def _reliability(ax, records: list[dict], color: str, name: str, style: str = "-o") -> None:
-    """One reliability curve from :func:`~graphtricks.experiment.probes.calibration` records (one per seed), pooled."""
+    """One reliability curve from :func:`~graphtricks.experiments.probes.calibration` records (one per seed), pooled."""
     n = np.asarray([r["count"] for r in records], dtype=float)
     conf = np.asarray([[c if c is not None else 0 for c in r["confidence"]] for r in records])
     acc = np.asarray([[a if a is not None else 0 for a in r["accuracy"]] for r in records])
@@ -144,7 +144,7 @@ def _uncertainty_sides(before, after, names):
 
 
 def _unseen(plt, panel, before, after, names):
-    from graphtricks.experiment.probes import ROC_GRID
+    from graphtricks.experiments.probes import ROC_GRID
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     sides = _uncertainty_sides(before, after, names)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphtricks.experiment.errors import ExperimentError
-from graphtricks.experiment.techniques import TECHNIQUES, TrainConfig, apply_technique
+from graphtricks.experiments.errors import ExperimentError
+from graphtricks.experiments.techniques import TECHNIQUES, TrainConfig, apply_technique
 
 __all__ = ["Variant", "read_variant"]
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from graphtricks.experiment.errors import ExperimentError, require
+from graphtricks.experiments.errors import ExperimentError, require
 
 __all__ = ["check_out", "figure_name", "render_html", "require_plots", "write_report"]
 
@@ -120,7 +120,7 @@ def write_report(result, out: Path, *, force: bool = False) -> Path:
     Raises:
         ExperimentError: ``out`` is a file, a non-empty folder without ``force``, or has no parent.
     """
-    from graphtricks.experiment.plots import draw
+    from graphtricks.experiments.plots import draw
 
     out = Path(out)
     check_out(out, force)

@@ -8,11 +8,11 @@ Example:
 ``graphtricks experiment`` is the command-line form; see ``docs/evidence/`` for a gallery.
 """
 
-from graphtricks.experiment.data import DATASETS, Dataset, load_data
-from graphtricks.experiment.errors import DataError, ExperimentError, MissingExtraError
-from graphtricks.experiment.panels import CLAIMS, PANELS
-from graphtricks.experiment.run import ExperimentResult, experiment
-from graphtricks.experiment.techniques import (
+from graphtricks.experiments.data import DATASETS, Dataset, load_data
+from graphtricks.experiments.errors import DataError, ExperimentError, MissingExtraError
+from graphtricks.experiments.panels import CLAIMS, PANELS
+from graphtricks.experiments.run import ExperimentResult, experiment
+from graphtricks.experiments.techniques import (
     TECHNIQUES,
     TrainConfig,
     autocast,
@@ -22,8 +22,8 @@ from graphtricks.experiment.techniques import (
     penalty,
     smoothed_loss,
 )
-from graphtricks.experiment.variants import Variant, read_variant
-from graphtricks.experiment.verdict import verdict
+from graphtricks.experiments.variants import Variant, read_variant
+from graphtricks.experiments.verdict import verdict
 
 __all__ = [
     "CLAIMS",

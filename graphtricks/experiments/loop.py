@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from graphtricks.experiment.data import Dataset
-from graphtricks.experiment.techniques import (
+from graphtricks.experiments.data import Dataset
+from graphtricks.experiments.techniques import (
     TrainConfig,
     autocast,
     clip,

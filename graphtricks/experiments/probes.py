@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from graphtricks.experiment.data import Dataset
-from graphtricks.experiment.errors import ExperimentError
-from graphtricks.experiment.loop import first_head
+from graphtricks.experiments.data import Dataset
+from graphtricks.experiments.errors import ExperimentError
+from graphtricks.experiments.loop import first_head
 
 __all__ = ["ROC_GRID", "auroc", "calibration", "fit_data", "roc_curve", "signal", "uncertainty"]
 

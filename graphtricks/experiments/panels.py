@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from graphtricks.experiment.verdict import verdict
+from graphtricks.experiments.verdict import verdict
 
 __all__ = ["CLAIMS", "PANELS", "PanelKind", "claim_key", "judge", "panels_for", "signal_decades"]
 

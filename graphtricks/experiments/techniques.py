@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from graphtricks.experiment.errors import ExperimentError
+from graphtricks.experiments.errors import ExperimentError
 
 __all__ = [
     "OPTIMIZERS",

@@ -1,0 +1,209 @@
+"""One graph from torch's ``torch.export``-based ONNX exporter: a twin captured, translated, weighed.
+
+The model (a copy, see :mod:`graphtricks.onnx.twin`) is captured with
+``torch.export.export(..., strict=False)`` and translated with ``torch.onnx.export(program)``,
+unoptimised. Its weights then become graph inputs before onnxscript's optimizer runs, as the
+TorchScript path exports them (``export_params=False``): the optimizer folds no weight (BatchNorm
+into a Conv, a transposed copy of a Linear's matrix), so both graphs keep the model's exact
+weights under its own names, and :func:`graphtricks.onnx.weights.attach_state` adds them from the
+model itself, without a copy.
+
+Where torch.export cannot capture the model (data-dependent control flow), :class:`CaptureFailed`
+says why, and the caller falls back to TorchScript. A dimension declared dynamic that the trace
+specialises is an :class:`~graphtricks.errors.ExportError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from graphtricks.errors import ExportError, ValidationError
+from graphtricks.onnx.eager import reference_copy
+from graphtricks.onnx.portable import name_twin_sites
+from graphtricks.onnx.torchscript import first_line, silenced_output, strip_fx_guards
+from graphtricks.onnx.twin import make_twin, updated_names
+from graphtricks.onnx.weights import WeightTable, attach_state
+
+__all__ = ["DYNAMO_MIN_OPSET", "CaptureFailed", "dynamic_shapes_for", "export_twin"]
+
+DYNAMO_MIN_OPSET = 18  # the opset torch's torch.export-based exporter writes natively
+
+
+class CaptureFailed(Exception):
+    """torch.export (or the ONNX translation of its program) cannot handle this model."""
+
+
+def dynamic_shapes_for(
+    inputs: Sequence[torch.Tensor], names: Sequence[str], dims: Mapping[str, Sequence[int]]
+) -> tuple[dict[int, Any] | None, ...] | None:
+    """``torch.export`` dynamic shapes: a ``Dim`` per (input name, dimension) in ``dims``.
+
+    Dimension 0 of several inputs is one ``Dim("batch")``; any other is ``Dim("<input>_<dim>")``,
+    except a dimension of the same size in another input at the same position (a mask and its
+    ids share the sequence length): those share one ``Dim`` too.
+    """
+    if not dims:
+        return None
+    shared: dict[tuple[int, int], Any] = {}
+    spec: list[dict[int, Any] | None] = []
+    for name, tensor in zip(names, inputs):
+        wanted = dims.get(name, ())
+        entry = {}
+        for d in wanted:
+            key = (d, int(tensor.shape[d]))
+            if key not in shared:
+                label = "batch" if d == 0 else f"{re.sub(r'[^0-9a-zA-Z_]', '_', name)}_{d}"
+                shared[key] = torch.export.Dim(label)
+            entry[d] = shared[key]
+        spec.append(entry or None)
+    return tuple(spec)
+
+
+def _is_noise(w: warnings.WarningMessage) -> bool:
+    """Warnings of torch.export and the ONNX exporter that say nothing about the model."""
+    if issubclass(w.category, (DeprecationWarning, FutureWarning, UserWarning)):
+        torch_dir = os.path.dirname(torch.__file__)
+        return w.filename.startswith(torch_dir) or "site-packages" in w.filename
+    return False
+
+
+def _specialised(error: BaseException) -> str | None:
+    """The dynamic dimension a failed capture specialised, as torch names it, else None."""
+    text = str(error)
+    if "Constraints violated" not in text and "specialized" not in text.lower():
+        return None
+    found = re.search(r"\b([A-Za-z_][A-Za-z0-9_]*)\b[^\n]*?(?:must be specialized|specialized|was inferred to be a constant)", text)
+    return found.group(1) if found else "a dynamic dimension"
+
+
+def _capture(twin: nn.Module, inputs: tuple, dynamic: Any, role: str) -> torch.export.ExportedProgram:
+    """``torch.export.export(strict=False)`` of the twin, failures sorted out."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(twin, inputs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001 -- any capture failure falls back, with its reason
+        dim = _specialised(e)
+        if dim is not None and dynamic is not None:
+            raise ExportError(
+                f"the {role} graph cannot keep {dim} dynamic: the model's code fixes it to the "
+                f"example's size ({first_line(e)}); drop that dimension from --dynamic-dim/--dynamic-batch"
+            ) from e
+        raise CaptureFailed(f"torch.export cannot capture the {role} graph: {first_line(e)}") from e
+
+
+def _weights_as_inputs(model: Any, state: Mapping[str, torch.Tensor]) -> int:
+    """Moves the initializers that are the model's parameters and buffers to graph inputs (after
+    the real ones), so no pass folds them; returns how many real inputs there are."""
+    graph = model.graph
+    n_inputs = len(graph.inputs)
+    for name in list(graph.initializers):
+        if name in state:
+            value = graph.initializers.pop(name)
+            value.const_value = None
+            graph.inputs.append(value)
+    return n_inputs
+
+
+def _translate(program: torch.export.ExportedProgram, inputs: tuple, opset: int,
+               in_names: Sequence[str], out_names: Sequence[str], role: str) -> Any:
+    """The ONNX IR model of a captured program, unoptimised."""
+    try:
+        with silenced_output():
+            onnx_program = torch.onnx.export(
+                program, inputs, dynamo=True, optimize=False, verbose=False, opset_version=opset,
+                input_names=list(in_names), output_names=list(out_names), external_data=False,
+            )
+    except Exception as e:  # noqa: BLE001 -- an op the translator lacks: fall back, with its reason
+        raise CaptureFailed(f"the ONNX translation of the {role} graph failed: {first_line(e)}") from e
+    return onnx_program.model
+
+
+def _optimised_proto(model: Any) -> onnx.ModelProto:
+    """onnxscript's optimizer (constant folding, its default rewrites) on the weightless graph."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(model)
+    return ir.serde.serialize_model(model)
+
+
+@contextlib.contextmanager
+def _recorded() -> Iterator[list[warnings.WarningMessage]]:
+    with warnings.catch_warnings(record=True) as recorded:
+        warnings.simplefilter("always")
+        yield recorded
+
+
+def export_twin(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    role: str,
+    opset: int,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic: Any = None,
+    table: WeightTable,
+) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """Exports one twin of ``model``: ``role`` ``"train"``, ``"infer"`` (the eval forward) or
+    ``"mc"`` (eval with every dropout on).
+
+    Args:
+        model: The model; not changed (a copy sharing its parameters is exported).
+        inputs: The example inputs.
+        opset: The ONNX opset (``DYNAMO_MIN_OPSET`` or more).
+        input_names: The graph input names.
+        output_names: The names of the model's outputs; a train twin's running statistics
+            follow as ``updated.<buffer>``.
+        dynamic: ``torch.export`` dynamic shapes (:func:`dynamic_shapes_for`), or None.
+        table: Holds views of the large weights.
+
+    Returns:
+        The graph, the warnings worth showing, and the ``updated.*`` output names.
+
+    Raises:
+        CaptureFailed: torch.export or the ONNX translation cannot handle the model.
+        ExportError: The model cannot be copied, a dynamic dimension is specialised, or the
+            graph reads tensors that are not the model's parameters or buffers.
+    """
+    from graphtricks.onnx.torchscript import describe_warning
+
+    try:
+        copy = reference_copy(model, train=role == "train", device="cpu")
+    except ValidationError as e:
+        raise ExportError(str(e)) from e
+    strip_fx_guards(copy)
+    twin, mode = make_twin(copy, mc=role == "mc")
+    with _recorded() as recorded:
+        with torch.no_grad():
+            try:  # registers the sites, so that the trace records each site's module
+                twin(*inputs)
+            except Exception as e:  # noqa: BLE001
+                raise CaptureFailed(f"the {role} twin does not run: {first_line(e)}") from e
+        program = _capture(twin, inputs, dynamic, role)
+        extra = updated_names(mode)
+        ir_model = _translate(program, inputs, opset, input_names, list(output_names) + extra, role)
+        del program
+        state = dict(model.named_parameters()) | dict(model.named_buffers())
+        n_inputs = _weights_as_inputs(ir_model, state)
+        proto = _optimised_proto(ir_model)
+    shown = list(dict.fromkeys(describe_warning(w) for w in recorded if not _is_noise(w)))
+    missing = attach_state(proto, n_inputs, {k: v for k, v in state.items() if v.device.type != "meta"}, table)
+    if missing:
+        raise ExportError(
+            f"the {role} graph reads weights {missing[:3]} that are not parameters or buffers of "
+            "the model; register them as buffers"
+        )
+    if role != "infer":
+        name_twin_sites(proto, set(state))
+    return proto, shown, extra

@@ -35,6 +35,22 @@ from graphtricks.errors import GraphtricksError
 
 OnnxDevice = Enum("OnnxDevice", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
 TrainGraph = Enum("TrainGraph", {k: k for k in ("portable", "standard")}, type=str)
+Exporter = Enum("Exporter", {k: k for k in ("dynamo", "torchscript")}, type=str)
+
+
+def _parse_dynamic_dims(specs: list[str] | None) -> dict[str, list[int]]:
+    """``INPUT:DIM`` options as ``{input: [dims]}``; a malformed one is a one-line error."""
+    dims: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, sep, dim = spec.rpartition(":")
+        try:
+            value = int(dim)
+        except ValueError:
+            value = None
+        if not sep or not name or value is None:
+            raise GraphtricksError(f"--dynamic-dim {spec!r}: write INPUT:DIM, e.g. input_ids:1 (input names as in --input)")
+        dims.setdefault(name, []).append(value)
+    return dims
 
 
 def export(
@@ -49,13 +65,16 @@ def export(
     trust_pickle: TrustPickleOpt = False,
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset (14-20).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
+    dynamic_dim: Annotated[list[str] | None, typer.Option("--dynamic-dim", metavar="INPUT:DIM", help="Make dimension DIM of input INPUT symbolic (repeatable; names as in --input, e.g. input_ids:1).")] = None,
+    exporter: Annotated[Exporter, typer.Option("--exporter", help="dynamo: torch.export (default; TorchScript for a model it cannot capture, with a note); torchscript: the legacy exporter.")] = Exporter.dynamo,
+    mc_dropout: Annotated[bool, typer.Option("--mc-dropout", help="Also write model.mc.onnx: eval mode with every dropout on (Monte Carlo dropout).")] = False,
     train_graph: Annotated[TrainGraph, typer.Option("--train-graph", help="portable: dropout and BatchNorm as primitive ops any runtime runs as written (running stats as updated.* outputs); standard: ONNX Dropout and train-mode BatchNormalization.")] = TrainGraph.portable,
     external_data: Annotated[bool, typer.Option("--external-data", help="Write the weights once, to model.data beside both graphs (ONNX external data); automatic for graphs over 2 GiB.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs).
+    """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs), and with --mc-dropout model.mc.onnx.
 
     Example:
 
@@ -68,6 +87,7 @@ def export(
     from graphtricks.rewrite import rewrite as run_rewrite
 
     with user_errors(verbose):
+        dims = _parse_dynamic_dims(dynamic_dim)
         if not MIN_OPSET <= opset <= MAX_OPSET:
             raise GraphtricksError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
         saved = is_saved_model(spec)
@@ -91,7 +111,8 @@ def export(
         with progress(f"exporting to {target}…", as_json) as say:
             exported = export_pair(
                 model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
-                external_data=external_data, input_names=names, progress=say,
+                external_data=external_data, input_names=names, progress=say, dynamic_dims=dims,
+                exporter=exporter.value, mc_dropout=mc_dropout,
             )
         if as_json:
             print(json.dumps(exported.to_dict(), indent=2, default=str))
@@ -99,7 +120,9 @@ def export(
         warn(list(exported.warnings), as_json)
         note(exported.notes)
         data = f" with weights in {exported.data_path.name}" if exported.data_path else ""
-        out.print(f"wrote {exported.train_path} and {exported.infer_path}{data} (opset {exported.opset}, {exported.seconds:.1f}s)")
+        mc = f" and {exported.mc_path.name}" if exported.mc_path else ""
+        out.print(f"wrote {exported.train_path} and {exported.infer_path}{mc}{data} (opset {exported.opset}, "
+                  f"{exported.exporter} exporter, {exported.seconds:.1f}s)")
 
 
 def _read_npz(path: Path) -> list[tuple]:

@@ -16,13 +16,14 @@ specialises is an :class:`~graphtricks.errors.ExportError` naming it.
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
 import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -137,6 +138,51 @@ def _optimised_proto(model: Any) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
+def _name_constants_by_content(model: onnx.ModelProto, state: Mapping[str, torch.Tensor]) -> None:
+    """Renames the exporter's own constants (``val_63``: folded masks, shapes) after their content.
+
+    The exporter numbers them per graph, so one name holds different values in the train and the
+    inference graph; named by content, equal constants share a name in both, and the weight
+    comparison matches the graphs' real weights by name.
+    """
+    from graphtricks.onnx.portable import BN_TAG, DROPOUT_TAG
+    from graphtricks.onnx.weights import tensor_value
+
+    in_subgraphs = {
+        name for node in model.graph.node for a in node.attribute
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)
+        for inner in g.node for name in inner.input
+    }
+    renamed: dict[str, str] = {}
+    for init in model.graph.initializer:
+        if init.name in state or init.name.startswith((DROPOUT_TAG, BN_TAG)) or init.name in in_subgraphs:
+            continue
+        array = np.ascontiguousarray(tensor_value(init))
+        digest = hashlib.blake2b(
+            repr((init.data_type, tuple(init.dims))).encode() + array.tobytes(), digest_size=8
+        ).hexdigest()
+        renamed[init.name] = f"constant.{digest}"
+    taken: set[str] = set()
+    kept = []
+    for init in model.graph.initializer:
+        new = renamed.get(init.name)
+        if new is not None:
+            if new in taken:
+                continue  # the same value twice: one initializer
+            init.name = new
+        taken.add(init.name)
+        kept.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    for value in model.graph.output:
+        if value.name in renamed:  # an output that is a constant keeps its name through an Identity
+            raise ExportError(f"graph output {value.name} is a constant; return a computed tensor")
+
+
 @contextlib.contextmanager
 def _recorded() -> Iterator[list[warnings.WarningMessage]]:
     with warnings.catch_warnings(record=True) as recorded:
@@ -206,4 +252,5 @@ def export_twin(
         )
     if role != "infer":
         name_twin_sites(proto, set(state))
+    _name_constants_by_content(proto, state)
     return proto, shown, extra

@@ -138,7 +138,10 @@ def _attention(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    return drop(scores.softmax(dim=-1)) @ v
+    probs = scores.softmax(dim=-1)
+    if is_causal or (attn_mask is not None and attn_mask.dtype == torch.bool):
+        probs = probs.nan_to_num(0.0)  # a fully masked row attends to nothing, as PyTorch's math backend
+    return drop(probs) @ v
 
 
 class TwinMode(TorchFunctionMode):
@@ -235,15 +238,19 @@ class TwinMode(TorchFunctionMode):
         return out[0]
 
     def _sdpa(self, func, args, kwargs):
-        """Attention with dropout as a dropout site, else as it is."""
+        """Attention in plain ops, its dropout (when on) a dropout site.
+
+        Every twin decomposes attention alike, with or without dropout: the train and inference
+        graphs then hold the same attention operators and constants, the train graph's dropout
+        on top (as TorchScript's symbolic gave them).
+        """
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         defaults = (None, None, None, None, 0.0, False, None, False)
         a = {n: call_argument(args, kwargs, n, i, d) for i, (n, d) in enumerate(zip(names, defaults))}
         p = float(a["dropout_p"])
-        if p <= 0:
-            return func(*args, **kwargs)
+        drop = (lambda t: self._dropout(t, p, None)) if p > 0 else (lambda t: t)
         return _attention(a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]),
-                          a["scale"], bool(a["enable_gqa"]), lambda t: self._dropout(t, p, None))
+                          a["scale"], bool(a["enable_gqa"]), drop)
 
     def _through(self, func, args, kwargs):
         """Runs a composite (``multi_head_attention_forward``) with its inner dropout and attention
@@ -267,32 +274,46 @@ class TwinMode(TorchFunctionMode):
             F.dropout, F.scaled_dot_product_attention = saved["dropout"], saved["scaled_dot_product_attention"]
 
 
+class _Twin(nn.Module):
+    """The exported module: the model's children, parameters and buffers under their own names,
+    plus the sites; its forward calls the model (a child of nothing, so that no container of
+    the model ever iterates over the sites) under the mode."""
+
+    def __init__(self, model: nn.Module, mode_factory: Callable[[nn.Module], TwinMode]) -> None:
+        super().__init__()
+        self._modules = dict(model._modules)  # the same objects: the same qualified names
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._non_persistent_buffers_set = model._non_persistent_buffers_set
+        self.__dict__["model"] = model  # not a submodule
+        self.training = model.training
+        self.mode = mode_factory(self)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.mode.start()
+        with self.mode:
+            out = flatten_outputs(self.model(*inputs))
+        return tuple(out) + tuple(t for _, t in self.mode.updated)
+
+
 def make_twin(model: nn.Module, *, mc: bool = False) -> tuple[nn.Module, TwinMode]:
-    """Gives ``model`` (a copy, in the mode to export) the forward of its twin.
+    """The twin of ``model`` (a copy, in the mode to export): a module with the model's qualified
+    parameter and buffer names whose forward is the model's under :class:`TwinMode`.
 
     The forward takes the inputs positionally and returns a flat tuple: the model's output
     tensors (:func:`~graphtricks.onnx.eager.flatten_outputs`), then, in the train twin, the new
-    running statistics (names in ``mode.updated`` after a call). Sites are registered on the copy
+    running statistics (names in ``mode.updated`` after a call). Sites are registered on the twin
     as they are first used: run it once eagerly before tracing, so that the tracer knows them.
 
     Args:
-        model: The copy; changed in place.
+        model: The copy; it is called, not changed (its buffers are not written).
         mc: The MC-dropout twin (the copy is in eval mode).
 
     Returns:
-        The copy, and its mode.
+        The twin, and its mode.
     """
-    mode = TwinMode(model, mc=mc)
-    forward = model.forward
-
-    def twin_forward(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mode.start()
-        with mode:
-            out = flatten_outputs(forward(*inputs))
-        return tuple(out) + tuple(t for _, t in mode.updated)
-
-    model.forward = twin_forward  # an instance attribute: Module.__call__ still wraps it
-    return model, mode
+    twin = _Twin(model, lambda root: TwinMode(root, mc=mc))
+    return twin, twin.mode
 
 
 def updated_names(mode: TwinMode) -> list[str]:

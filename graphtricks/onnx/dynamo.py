@@ -47,27 +47,17 @@ class CaptureFailed(Exception):
 def dynamic_shapes_for(
     inputs: Sequence[torch.Tensor], names: Sequence[str], dims: Mapping[str, Sequence[int]]
 ) -> tuple[dict[int, Any] | None, ...] | None:
-    """``torch.export`` dynamic shapes: a ``Dim`` per (input name, dimension) in ``dims``.
+    """``torch.export`` dynamic shapes: ``Dim.DYNAMIC`` for each (input name, dimension) in ``dims``.
 
-    Dimension 0 of several inputs is one ``Dim("batch")``; any other is ``Dim("<input>_<dim>")``,
-    except a dimension of the same size in another input at the same position (a mask and its
-    ids share the sequence length): those share one ``Dim`` too.
+    torch.export infers each dimension's range and which ones are equal (a mask and its ids share
+    the sequence length); one that the code fixes to a size is an error naming it.
     """
     if not dims:
         return None
-    shared: dict[tuple[int, int], Any] = {}
-    spec: list[dict[int, Any] | None] = []
-    for name, tensor in zip(names, inputs):
-        wanted = dims.get(name, ())
-        entry = {}
-        for d in wanted:
-            key = (d, int(tensor.shape[d]))
-            if key not in shared:
-                label = "batch" if d == 0 else f"{re.sub(r'[^0-9a-zA-Z_]', '_', name)}_{d}"
-                shared[key] = torch.export.Dim(label)
-            entry[d] = shared[key]
-        spec.append(entry or None)
-    return tuple(spec)
+    return tuple(
+        {d: torch.export.Dim.DYNAMIC for d in dims[name]} if dims.get(name) else None
+        for name, _ in zip(names, inputs)
+    )
 
 
 def _is_noise(w: warnings.WarningMessage) -> bool:
@@ -78,26 +68,35 @@ def _is_noise(w: warnings.WarningMessage) -> bool:
     return False
 
 
-def _specialised(error: BaseException) -> str | None:
-    """The dynamic dimension a failed capture specialised, as torch names it, else None."""
+def _specialised(error: BaseException, names: Sequence[str]) -> str | None:
+    """The dynamic dimensions a failed capture specialised, as torch names them, else None."""
     text = str(error)
-    if "Constraints violated" not in text and "specialized" not in text.lower():
+    found = re.search(r"Constraints violated \(([^)]*)\)", text)
+    if found is None:
         return None
-    found = re.search(r"\b([A-Za-z_][A-Za-z0-9_]*)\b[^\n]*?(?:must be specialized|specialized|was inferred to be a constant)", text)
-    return found.group(1) if found else "a dynamic dimension"
+    value = re.search(r"specialized it to be a constant \((\d+)\)", text)
+    dims = [  # L['inputs'][0].size()[1]: input 0, dimension 1
+        f"{names[int(i)] if int(i) < len(names) else i}:{d}"
+        for i, d in re.findall(r"L\['inputs'\]\[(\d+)\]\.size\(\)\[(\d+)\]", text)
+    ]
+    where = "dimension " + ", ".join(dict.fromkeys(dims)) if dims else found.group(1)
+    return where + (f" (fixed to {value.group(1)})" if value else "")
 
 
-def _capture(twin: nn.Module, inputs: tuple, dynamic: Any, role: str) -> torch.export.ExportedProgram:
+def _capture(twin: nn.Module, inputs: tuple, dynamic: Any, role: str,
+             names: Sequence[str]) -> torch.export.ExportedProgram:
     """``torch.export.export(strict=False)`` of the twin, failures sorted out."""
     try:
         with torch.no_grad():
-            return torch.export.export(twin, inputs, dynamic_shapes=dynamic, strict=False)
+            # the twin's forward takes *inputs: its one (variadic) argument gets the whole spec
+            shapes = None if dynamic is None else (dynamic,)
+            return torch.export.export(twin, inputs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 -- any capture failure falls back, with its reason
-        dim = _specialised(e)
+        dim = _specialised(e, names)
         if dim is not None and dynamic is not None:
             raise ExportError(
-                f"the {role} graph cannot keep {dim} dynamic: the model's code fixes it to the "
-                f"example's size ({first_line(e)}); drop that dimension from --dynamic-dim/--dynamic-batch"
+                f"the {role} graph cannot keep {dim} dynamic: the model's code fixes its size; "
+                "drop it from --dynamic-dim/--dynamic-batch"
             ) from e
         raise CaptureFailed(f"torch.export cannot capture the {role} graph: {first_line(e)}") from e
 
@@ -236,7 +235,7 @@ def export_twin(
                 twin(*inputs)
             except Exception as e:  # noqa: BLE001
                 raise CaptureFailed(f"the {role} twin does not run: {first_line(e)}") from e
-        program = _capture(twin, inputs, dynamic, role)
+        program = _capture(twin, inputs, dynamic, role, input_names)
         extra = updated_names(mode)
         ir_model = _translate(program, inputs, opset, input_names, list(output_names) + extra, role)
         del program

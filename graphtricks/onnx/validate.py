@@ -262,7 +262,9 @@ def _validate_loaded(
     tolerance = ToleranceTable(asked, atol, rtol)
     sizes = _dynamic_sizes(infer, inputs)
     if sizes:
-        dims = ", ".join(f"input {i} dim {d} at {n}" for (i, d), n in sizes.items())
+        inits = {i.name for i in infer.graph.initializer}
+        graph_inputs = [v.name for v in infer.graph.input if v.name not in inits]
+        dims = ", ".join(f"{graph_inputs[i]}:{d} at {n}" for (i, d), n in sizes.items())
         report.notes.append(f"dynamic dimensions: also validated with {dims}")
     input_sets = _input_sets(inputs, seeds, extra, sizes)
     only_train = train_only_names([o.name for o in train.graph.output])

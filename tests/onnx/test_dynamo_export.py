@@ -17,7 +17,8 @@ from graphtricks.onnx import INFER_FILE, TRAIN_FILE, export_pair, validate_pair
 from graphtricks.onnx.names import MC_FILE
 from graphtricks.onnx.portable import BN_TAG, DROPOUT_TAG, portable_dropouts
 from graphtricks.onnx.twin import make_twin
-from tests.conftest import example
+from graphtricks.onnx.cuda_kernels import cuda_gaps
+from tests.conftest import EXAMPLE_MODELS, example
 
 
 class ConvBnDrop(nn.Module):
@@ -190,3 +191,39 @@ def test_mc_dropout_graph_by_torchscript_too(tmp_path):
     ops = [n.op_type for n in mc.graph.node]
     assert "Dropout" not in ops and ops.count("RandomUniformLike") == 3
     assert len(portable_dropouts(mc)) == 3
+
+
+@pytest.mark.parametrize("spec", sorted(EXAMPLE_MODELS), ids=lambda s: s.split(":")[1])
+def test_every_op_the_default_exporter_emits_has_a_cuda_kernel(tmp_path, spec):
+    import graphtricks as gt
+
+    model, inputs = example(spec)
+    result = gt.rewrite(model, [gt.InsertDropout(p=0.1)], example_inputs=inputs)
+    exported = export_pair(result.model, inputs, tmp_path, mc_dropout=True)
+    for name in (TRAIN_FILE, INFER_FILE, MC_FILE):
+        assert cuda_gaps(onnx.load(tmp_path / name)) == [], (name, exported.exporter)
+
+
+@pytest.mark.slow
+def test_bert_with_a_dynamic_sequence_validates_at_another_length_and_has_cuda_kernels(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    model = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(0, 100, (2, 16)), torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 11:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        result = export_pair(model, (ids, mask), tmp_path, input_names=["input_ids", "attention_mask"],
+                             dynamic_batch=True, dynamic_dims={"input_ids": [1], "attention_mask": [1]},
+                             mc_dropout=True)
+    assert result.exporter == "dynamo"
+    longer = torch.ones(2, 24, dtype=torch.int64)
+    longer[0, 19:] = 0
+    report = validate_pair(model, (ids, mask), tmp_path, device="cpu", seeds=(0,),
+                           extra_inputs=[(torch.randint(0, 100, (2, 24)), longer)])
+    assert report.passed, report.summary()
+    for name in (TRAIN_FILE, INFER_FILE, MC_FILE):
+        assert cuda_gaps(onnx.load(tmp_path / name)) == [], name

@@ -116,7 +116,7 @@ def rewrite(
         example_kwargs: the model's keyword inputs by name (``{"input_ids": ids, "attention_mask": m}``),
             bound to its forward's signature: the graph takes them as inputs like positional ones.
         inplace: edit ``model``'s modules instead of a deep copy (no memory for a copy).
-        progress: called with a line at each stage (``"rewrite: pass 2/3 (dropout)…"``), for
+        progress: called with a line at each stage (``"rewrite: pass dropout (3/4)"``), for
             long rewrites; the CLI prints it on stderr.
 
     Returns:
@@ -170,9 +170,10 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplac
             work = model if inplace else copy.deepcopy(model)
         except Exception as e:
             raise GraphtricksError(f"cannot copy the model ({e}); pass inplace=True to rewrite it without a copy") from e
-        progress("rewrite: capturing the model (tracing in train and eval mode)…")
+        steps = 2 + len(passes)  # each progress line ends with its step's count
+        progress(f"rewrite: capturing the model, tracing in train and eval mode (1/{steps})")
         tree = capture(work, inputs, kwargs)
-        progress("rewrite: recording shapes (one forward)…")
+        progress(f"rewrite: recording shapes, one forward (2/{steps})")
         # One forward records shapes, and what passes measure, for as long as the model's eval
         # outputs stay as they are: passes record shapes on what they add.
         runs = [PassRun(tree, inputs, kwargs) for _ in passes]
@@ -188,7 +189,7 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplac
         report = Report(passes=[p.config() for p in passes])
         stale = False
         for i, (p, run) in enumerate(zip(passes, runs), 1):
-            progress(f"rewrite: pass {i}/{len(passes)} ({p.name})…")
+            progress(f"rewrite: pass {p.name} ({i + 2}/{steps})")
             if stale:  # a pass built something no forward has measured yet
                 propagate_shapes(tree, inputs, example_kwargs=kwargs)
             _run_pass(p, run, report)

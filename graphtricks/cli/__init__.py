@@ -7,6 +7,7 @@ builds the app from them.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Annotated
 
@@ -51,9 +52,26 @@ def _root(
     ] = False,
 ) -> None:
     """Apply classic training techniques to an existing PyTorch model with torch.fx, and prove it deploys."""
+INTERRUPTED = "interrupted; nothing written"  # every output folder is written atomically
+
+
+def _interruptible(command):
+    """The command, with Ctrl-C as one line on stderr and exit code 130 (128 + SIGINT)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            err.print(INTERRUPTED, highlight=False)
+            raise typer.Exit(code=130) from None
+
+    return run
+
+
 # registration order is the order `graphtricks --help` lists them in
 for command in (rewrite, inspect, export, validate, experiment):
-    app.command()(command)
+    app.command(name=command.__name__)(_interruptible(command))
 
 
 def main() -> None:
@@ -66,7 +84,7 @@ def main() -> None:
         hint = f" (see `graphtricks {e.ctx.info_name} --help`)" if e.ctx and e.ctx.parent else " (see `graphtricks --help`)"
         err.print(f"[red]error:[/red] {e.format_message()}{hint}", markup=True, highlight=False)
         code = 2
-    except typer.Abort:
-        err.print("aborted", highlight=False)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command (while parsing)
+        err.print(INTERRUPTED, highlight=False)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

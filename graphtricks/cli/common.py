@@ -17,6 +17,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.cells import cell_len
+from rich.table import Table
+from rich.text import Text
 
 from graphtricks.errors import GraphtricksError, InputShapeError, SpecError
 from graphtricks.io.inputs import DTYPE_NAMES, parse_input_shapes, parse_named_input
@@ -151,9 +154,10 @@ def progress(message: str, quiet: bool):
     """Report a long stage on stderr: a spinner on a terminal, plain lines elsewhere (a log, CI).
 
     Yields the callback the library takes (``progress=``): on a terminal each line becomes the
-    spinner's text; elsewhere each is printed (``validating: 3/6 checks …``) once its stage has
-    run for ``PROGRESS_DELAY`` seconds, so a 30-80 s export is not silent while a quick command,
-    or an error, stays the one line it was. Nothing is shown when ``quiet`` (``--json``).
+    spinner's text; elsewhere each is printed, one whole line ending with the stage's count
+    (``validating: random draws (step 3/6)``), once its stage has run for ``PROGRESS_DELAY``
+    seconds, so a 30-80 s export is not silent while a quick command, or an error, stays the one
+    line it was. Nothing is shown when ``quiet`` (``--json``).
     """
     if quiet:
         yield lambda line: None
@@ -179,6 +183,47 @@ def progress(message: str, quiet: bool):
     finally:
         for t in timer:
             t.cancel()
+
+
+def table(title: str | None, columns: dict[str, str], **options) -> Table:
+    """A table whose ``"name"`` columns are never broken and whose ``"text"`` columns wrap at spaces.
+
+    Args:
+        title: shown above the table.
+        columns: header → ``"name"`` (module paths, check names, numbers: one line per cell;
+            write a long header on two lines, ``"worst\\nabs"``) or ``"text"`` (sentences:
+            wrapped at spaces to fit).
+        options: passed to :class:`rich.table.Table`.
+    """
+    made = Table(title=title, **options)
+    for header, kind in columns.items():
+        made.add_column(header, no_wrap=kind == "name", overflow="fold")
+    return made
+
+
+def _needed(cell, whole: bool) -> int:
+    """The width a cell needs: its longest line when kept whole, else its longest word."""
+    text = cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+    parts = text.splitlines() if whole else text.split()
+    return max((cell_len(p) for p in parts), default=0)
+
+
+def print_table(made: Table, console: Console | None = None) -> None:
+    """Print a table within the console's width (80 columns in a pipe), wrapping text columns
+    only at spaces; a table whose names alone are wider is printed wider rather than break one."""
+    console = console or out
+    needed = len(made.columns) + 1 + 2 * len(made.columns)  # borders, and a space either side of a cell
+    for column in made.columns:
+        needed += max(_needed(c, whole=column.no_wrap) for c in [column.header, *column.cells])
+    if needed <= console.width:
+        console.print(made, soft_wrap=False)
+        return
+    previous = console._width  # rich caps a print's width at the console's: widen it for this table
+    console.width = needed
+    try:
+        console.print(made, soft_wrap=False)
+    finally:
+        console._width = previous
 
 
 def warn(messages: list[str], as_json: bool) -> None:
@@ -214,7 +259,7 @@ def load_source(
     import torch
 
     from graphtricks.io.folder import is_saved_model, load_saved
-    from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs
+    from graphtricks.io.inputs import check_inputs_agree, make_example_inputs, make_keyword_inputs
     from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
@@ -238,6 +283,7 @@ def load_source(
             high = source.get("token_high", 100)
             source.update(input_shapes=[list(s) for s in shapes], input_dtype=dtype)
             inputs = make_example_inputs(shapes, dtype, high=high)
+        check_inputs_agree(inputs, keywords, saved.model.forward)
         if weights:
             load_weights(saved.model, weights)
         return saved.model, inputs, source, list(saved.recipe.passes), keywords
@@ -269,7 +315,9 @@ def load_source(
     if not shapes:
         del source["input_shapes"]
     keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high)
-    return model, make_example_inputs(shapes, dtype, device=device_name, high=high), source, [], keywords
+    inputs = make_example_inputs(shapes, dtype, device=device_name, high=high)
+    check_inputs_agree(inputs, keywords, model.forward)
+    return model, inputs, source, [], keywords
 
 
 def _named(values: list[str]) -> dict[str, str]:

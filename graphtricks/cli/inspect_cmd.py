@@ -23,7 +23,9 @@ from graphtricks.cli.common import (
     WeightsOpt,
     load_source,
     out,
+    print_table,
     status,
+    table,
     user_errors,
 )
 
@@ -45,22 +47,21 @@ _SHORTCUT_MARK = {"graphtricks": "yes (wrapped)", "own": "yes (its own)", None: 
 
 def _blocks_table(title: str, blocks: list[dict]) -> Table:
     """One row per candidate: shapes, the shortcut ``auto`` would pick, and a shortcut it already has."""
-    table = Table(title=title)
-    for column in ("block", "type", "input", "output", "auto shortcut", "has shortcut"):
-        table.add_column(column)
+    made = table(title, {"block": "name", "type": "name", "input": "text", "output": "text",
+                         "auto\nshortcut": "text", "has\nshortcut": "text"})
     for block in blocks:
-        table.add_row(
+        made.add_row(
             block["name"], block.get("type", ""), str(block.get("input_shape")), str(block.get("output_shape")),
             str(block.get("shortcut") or "none fits"), _SHORTCUT_MARK.get(block.get("has_shortcut"), ""),
         )
-    return table
+    return made
 
 
 def _print_candidates(blocks: list[dict], layers: list[dict], every_row: bool) -> None:
     """Blocks in a table (cut after ``LONG_LIST`` rows), single layers as a count by type."""
     if blocks:
         shown = blocks if every_row else blocks[:LONG_LIST]
-        out.print(_blocks_table("candidate blocks for --residual", shown))
+        print_table(_blocks_table("candidate blocks for --residual", shown))
         if len(shown) < len(blocks):
             out.print(f"[dim]{len(blocks) - len(shown)} more of {len(blocks)} blocks; --verbose lists every one,"
                       " --json gives them all[/dim]")
@@ -71,7 +72,7 @@ def _print_candidates(blocks: list[dict], layers: list[dict], every_row: bool) -
     else:
         out.print("candidate blocks for --residual: none (no child of a Sequential takes one tensor and returns one)")
     if layers and every_row:
-        out.print(_blocks_table("single layers (--residual accepts them too)", layers))
+        print_table(_blocks_table("single layers (--residual accepts them too)", layers))
     elif layers:
         kinds = Counter(b.get("type", "") for b in layers)
         listed = ", ".join(f"{k} ×{v}" for k, v in kinds.most_common())
@@ -100,11 +101,15 @@ def inspect(
     \b
         graphtricks inspect models/control_flow.py:DataDependent --input-shape 2,3,16,16
     """
-    from graphtricks.capture.summary import summarize
-    from graphtricks.passes import candidate_blocks
-    from graphtricks.rewrite import rewrite as run_rewrite
+    from graphtricks.io.precheck import check_spec_path
 
     with user_errors(verbose):
+        check_spec_path(spec)  # before torch: a wrong path answers at once
+
+        from graphtricks.capture.summary import summarize
+        from graphtricks.passes import candidate_blocks
+        from graphtricks.rewrite import rewrite as run_rewrite
+
         with status("capturing the model…", as_json):
             model, inputs, _, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
                                                             trust_pickle, device, named_input, pretrained=pretrained)
@@ -121,12 +126,13 @@ def inspect(
         out.print(
             f"[bold]{summary['model']}[/bold]: {summary['parameters']:,} parameters "
             f"({summary['trainable_parameters']:,} trainable); traced {summary['traced_fraction']:.0%} "
-            f"in {summary['regions']['traced']} traced / {summary['regions']['opaque']} opaque regions"
+            f"in {summary['regions']['traced']} traced / {summary['regions']['opaque']} opaque regions",
+            soft_wrap=False,
         )
         tree = Tree("regions")
         _render_region(tree, summary["tree"])
-        out.print(tree)
+        out.print(tree, soft_wrap=False)  # an opaque region's reason wraps in full
         for title in ("activations", "activation_forms", "norms"):
             items = ", ".join(f"{k} ×{v}" for k, v in summary[title].items()) or "none"
-            out.print(f"{title.replace('_', ' ')}: {items}")
+            out.print(f"{title.replace('_', ' ')}: {items}", soft_wrap=False)
         _print_candidates(summary["candidate_blocks"], summary["candidate_layers"], every_row=verbose)

@@ -26,12 +26,14 @@ from graphtricks.cli.common import (
     load_source,
     note,
     out,
+    print_table,
     progress,
     status,
+    table,
     user_errors,
     warn,
 )
-from graphtricks.errors import GraphtricksError
+from graphtricks.errors import GraphtricksError, ValidationError
 
 OnnxDevice = Enum("OnnxDevice", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
 TrainGraph = Enum("TrainGraph", {k: k for k in ("portable", "standard")}, type=str)
@@ -81,48 +83,80 @@ def export(
     \b
         graphtricks export out/cnn
     """
-    from graphtricks.io.folder import check_output_dir, is_saved_model, save
+    from graphtricks.io.files import staged_folder
+    from graphtricks.io.precheck import check_output_dir, check_spec_path, is_saved_model
+
+    with user_errors(verbose):
+        # what needs no torch first: a wrong path answers at once
+        check_spec_path(spec)
+        saved = is_saved_model(spec)
+        if not saved and out_dir is None:
+            raise GraphtricksError(f"exporting the model spec {spec} needs --out DIR (it receives the saved model and"
+                                   " the ONNX files)")
+        options = {"dynamic_dims": _parse_dynamic_dims(dynamic_dim), "exporter": exporter.value,
+                   "mc_dropout": mc_dropout}
+        in_place = saved and (out_dir is None or Path(out_dir).resolve() == Path(spec).resolve())
+        if not in_place:
+            check_output_dir(out_dir, force)
+        target = Path(spec) if in_place else Path(out_dir)
+        if in_place:  # the ONNX files appear in the folder together, or not at all
+            _export(spec, target, target, input_shape, input_dtype, named_input, model_arg, weights, pretrained,
+                    trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first=False,
+                    options=options)
+        else:  # the saved model and its graphs appear together, or nothing does
+            with staged_folder(target) as folder:
+                _export(spec, folder, target, input_shape, input_dtype, named_input, model_arg, weights,
+                        pretrained, trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json,
+                        save_first=True, options=options)
+
+
+def _export(spec, folder: Path, target: Path, input_shape, input_dtype, named_input, model_arg, weights, pretrained,
+            trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first: bool,
+            options: dict) -> None:
+    """Export into ``folder`` (saving the model there first when ``save_first``); report as ``target``.
+
+    ``options``: ``dynamic_dims``, ``exporter`` and ``mc_dropout`` for ``export_pair``."""
+    from graphtricks.io.folder import save
     from graphtricks.io.inputs import positional_inputs
     from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
     from graphtricks.rewrite import rewrite as run_rewrite
 
-    with user_errors(verbose):
-        dims = _parse_dynamic_dims(dynamic_dim)
-        if not MIN_OPSET <= opset <= MAX_OPSET:
-            raise GraphtricksError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
-        saved = is_saved_model(spec)
-        if not saved and out_dir is None:
-            raise GraphtricksError("exporting a model spec needs --out DIR (it receives the saved model and the ONNX files)")
-        if out_dir is not None and not (saved and Path(out_dir).resolve() == Path(spec).resolve()):
-            check_output_dir(out_dir, force)
-        with status("loading the model…", as_json):
-            model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
-                                                                 trust_pickle, named_inputs=named_input,
-                                                                 pretrained=pretrained)
-        target = Path(spec) if saved and out_dir is None else Path(out_dir)
-        if target != Path(spec) or not saved:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
-            save(result, target, source, force=force, prior_passes=prior)
-            model = result.model
-        # keyword inputs go in their parameter places, and name the graph inputs
-        inputs, names = positional_inputs(model.forward, inputs, keywords) if keywords else (inputs, None)
-        with progress(f"exporting to {target}…", as_json) as say:
-            exported = export_pair(
-                model, inputs, target, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
-                external_data=external_data, input_names=names, progress=say, dynamic_dims=dims,
-                exporter=exporter.value, mc_dropout=mc_dropout,
-            )
-        if as_json:
-            print(json.dumps(exported.to_dict(), indent=2, default=str))
-            return
-        warn(list(exported.warnings), as_json)
-        note(exported.notes)
-        data = f" with weights in {exported.data_path.name}" if exported.data_path else ""
-        mc = f" and {exported.mc_path.name}" if exported.mc_path else ""
-        out.print(f"wrote {exported.train_path} and {exported.infer_path}{mc}{data} (opset {exported.opset}, "
-                  f"{exported.exporter} exporter, {exported.seconds:.1f}s)")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise GraphtricksError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+    with status("loading the model…", as_json):
+        model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
+                                                             trust_pickle, named_inputs=named_input,
+                                                             pretrained=pretrained)
+    if save_first:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_rewrite(model, [], inputs, example_kwargs=keywords, inplace=True)
+        save(result, folder, source, force=force, prior_passes=prior)
+        model = result.model
+    # keyword inputs go in their parameter places, and name the graph inputs
+    inputs, names = positional_inputs(model.forward, inputs, keywords) if keywords else (inputs, None)
+    with progress(f"exporting to {target}…", as_json) as say:
+        exported = export_pair(
+            model, inputs, folder, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
+            external_data=external_data, input_names=names, progress=say, **options,
+        )
+    if as_json:
+        print(json.dumps({**exported.to_dict(), **_paths_in(exported, folder, target)}, indent=2, default=str))
+        return
+    warn(list(exported.warnings), as_json)
+    note(exported.notes)
+    paths = _paths_in(exported, folder, target)
+    data = f" with weights in {Path(paths['data_path']).name}" if paths.get("data_path") else ""
+    mc = f" and {Path(paths['mc_path']).name}" if paths.get("mc_path") else ""
+    out.print(f"wrote {paths['train_path']} and {paths['infer_path']}{mc}{data} (opset {exported.opset},"
+              f" {exported.exporter} exporter, {exported.seconds:.1f}s)")
+
+
+def _paths_in(exported, folder: Path, target: Path) -> dict[str, str]:
+    """The export's file paths as they will be once ``folder`` is renamed to ``target``."""
+    paths = {"train_path": exported.train_path, "infer_path": exported.infer_path, "data_path": exported.data_path,
+             "mc_path": exported.mc_path}
+    return {k: str(target / Path(v).name) for k, v in paths.items() if v is not None}
 
 
 def _read_npz(path: Path) -> list[tuple]:
@@ -130,10 +164,6 @@ def _read_npz(path: Path) -> list[tuple]:
     import numpy as np
     import torch
 
-    from graphtricks.errors import ValidationError
-
-    if not path.is_file():
-        raise ValidationError(f"inputs file {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = [torch.from_numpy(np.array(data[name])) for name in data.files]
@@ -160,11 +190,17 @@ def validate(
     \b
         graphtricks validate out/cnn
     """
-    from graphtricks.io.folder import load_saved
-    from graphtricks.io.inputs import positional_inputs
-    from graphtricks.onnx import digest_model, validate_pair
+    from graphtricks.io.precheck import check_onnx_folder
 
     with user_errors(verbose):
+        check_onnx_folder(folder)  # before torch: a wrong path answers at once
+        if inputs_file is not None and not inputs_file.is_file():
+            raise ValidationError(f"inputs file {inputs_file} does not exist")
+
+        from graphtricks.io.folder import load_saved
+        from graphtricks.io.inputs import positional_inputs
+        from graphtricks.onnx import digest_model, validate_pair
+
         extra = _read_npz(inputs_file) if inputs_file else None
         with status("rebuilding the model…", as_json):
             saved = load_saved(folder)
@@ -177,7 +213,7 @@ def validate(
         if as_json:
             print(json.dumps(report.to_dict(), indent=2, default=str))
         else:
-            out.print(_checks_table(report, folder, every_row=verbose))
+            print_table(_checks_table(report, folder, every_row=verbose))
             note(report.notes)
             for c in report.failures:
                 err.print(f"[red]failed:[/red] {c.name}: {c.message}", markup=True, highlight=False)
@@ -188,32 +224,37 @@ def validate(
 
 def _checks_table(report, folder: Path, every_row: bool) -> Table:
     """One row per check family (counts, worst figures); every row with ``--verbose``."""
-    table = Table(title=f"ONNX validation of {folder}")
     if every_row:
-        for column in ("check", "graph", "provider", "output", "seed", "max abs", "max rel", "ok"):
-            table.add_column(column, overflow="fold")
+        made = table(f"ONNX validation of {folder}", {"check": "name", "graph": "name", "provider": "name",
+                     "output": "name", "seed": "name", "max\nabs": "name", "max\nrel": "name", "ok": "name"})
         for c in report.checks:
-            table.add_row(
-                c.name, c.graph or "", c.provider or "", c.output or "", "" if c.seed is None else str(c.seed),
+            made.add_row(
+                c.name, c.graph or "", _provider(c.provider), c.output or "", "" if c.seed is None else str(c.seed),
                 _fmt(c.max_abs), _fmt(c.max_rel), "[green]yes[/green]" if c.passed else "[red]NO[/red]",
             )
-        return table
+        return made
     families: dict[str, list] = {}
     for c in report.checks:
         families.setdefault(c.name, []).append(c)
-    for column in ("check", "passed", "graphs", "provider", "worst abs", "worst rel", "ok"):
-        table.add_column(column, overflow="fold")
+    made = table(f"ONNX validation of {folder}", {"check": "name", "passed": "name", "graphs": "text",
+                 "provider": "text", "worst\nabs": "name", "worst\nrel": "name"})
     for name, checks in families.items():
         passed = sum(c.passed for c in checks)
         worst_abs = max((c.max_abs for c in checks if c.max_abs is not None), default=None)
         worst_rel = max((c.max_rel for c in checks if c.max_rel is not None), default=None)
-        table.add_row(
-            name, f"{passed}/{len(checks)}", ",".join(dict.fromkeys(c.graph for c in checks if c.graph)),
-            ",".join(dict.fromkeys(c.provider for c in checks if c.provider)), _fmt(worst_abs), _fmt(worst_rel),
-            "[green]yes[/green]" if passed == len(checks) else "[red]NO[/red]",
+        count = f"[green]{passed}/{len(checks)}[/green]" if passed == len(checks) else f"[red]{passed}/{len(checks)} ✗[/red]"
+        made.add_row(
+            name, count, ", ".join(dict.fromkeys(c.graph for c in checks if c.graph)),
+            ", ".join(dict.fromkeys(_provider(c.provider) for c in checks if c.provider)), _fmt(worst_abs),
+            _fmt(worst_rel),
         )
-    table.caption = "one row per check family; --verbose lists every check, --json gives them all"
-    return table
+    made.caption = "one row per check family (✗: some failed); --verbose lists every check, --json gives them all"
+    return made
+
+
+def _provider(name: str | None) -> str:
+    """An execution provider as the tables show it: ``CPU`` for ``CPUExecutionProvider``."""
+    return (name or "").replace("ExecutionProvider", "")
 
 
 def _fmt(value) -> str:

@@ -26,12 +26,14 @@ from graphtricks.cli.common import (
     WeightsOpt,
     load_source,
     out,
+    print_table,
     progress,
     status,
+    table,
     user_errors,
     warn,
 )
-from graphtricks.errors import GraphtricksError, PassError
+from graphtricks.errors import GraphtricksError, PassError, RecipeError
 
 # the pass's own tables (passes.dropout.DROPOUT_KINDS, ...) import torch: their names are
 # repeated here so --help stays fast; tests/cli checks that they agree
@@ -123,24 +125,23 @@ def _drift(change) -> str:
 def _changes_table(report, every_row: bool) -> tuple[Table, str | None]:
     """The report's changes, one row each; grouped by (pass, action, what) when there are many."""
     with_drift = any(_drift(c) for c in report.changes)
-    table = Table(title="changes", show_lines=False)
     if every_row or len(report.changes) <= LONG_TABLE:
-        for column in ("pass", "where", "action", "what", *(["drift"] if with_drift else [])):
-            table.add_column(column, overflow="fold")
+        made = table("changes", {"pass": "name", "where": "name", "action": "name", "what": "text",
+                                 **({"drift": "name"} if with_drift else {})})
         for c in report.changes:
-            table.add_row(c.pass_name, c.where, c.action, c.what, *([_drift(c)] if with_drift else []))
-        return table, DRIFT_UNIT if with_drift else None
+            made.add_row(c.pass_name, c.where, c.action, c.what, *([_drift(c)] if with_drift else []))
+        return made, DRIFT_UNIT if with_drift else None
     groups: dict[tuple, list] = {}
     for c in report.changes:
         groups.setdefault((c.pass_name, c.action, c.what), []).append(c)
-    for column in ("pass", "count", "where", "action", "what", *(["drift (max)"] if with_drift else [])):
-        table.add_column(column, overflow="fold")
+    made = table("changes", {"pass": "name", "count": "name", "where": "text", "action": "name", "what": "text",
+                             **({"drift\n(max)": "name"} if with_drift else {})})
     for (pass_name, action, what), changes in groups.items():
         where = changes[0].where if len(changes) == 1 else f"{changes[0].where} … {changes[-1].where}"
         drifts = [c.details["drift"] for c in changes if c.details and c.details.get("drift") is not None]
-        table.add_row(pass_name, str(len(changes)), where, action, what, *([f"{max(drifts):.3g}" if drifts else ""] if with_drift else []))
+        made.add_row(pass_name, str(len(changes)), where, action, what, *([f"{max(drifts):.3g}" if drifts else ""] if with_drift else []))
     hint = f"{len(report.changes)} changes in {len(groups)} groups; --verbose lists every change, --json gives them all"
-    return table, hint + (f"; {DRIFT_UNIT}" if with_drift else "")
+    return made, hint + (f"; {DRIFT_UNIT}" if with_drift else "")
 
 
 def _selection_names(tree) -> list[str]:
@@ -228,17 +229,24 @@ def rewrite(
     \b
         graphtricks rewrite models/plain_cnn.py:PlainCNN --input-shape 8,3,32,32 --dropout 0.1 --out out/cnn
     """
-    from graphtricks.io.folder import check_output_dir, save
-    from graphtricks.io.recipe import read_recipe
-    from graphtricks.rewrite import rewrite as run_rewrite
+    from graphtricks.io.precheck import check_output_dir, check_spec_path
 
     with user_errors(verbose):
+        # what needs no torch first: a wrong path answers at once
         if out_dir is None and not dry_run:
             raise GraphtricksError("give --out DIR to write the rewritten model, or --dry-run to only see the plan")
         if device is Device.meta and not dry_run:
             raise GraphtricksError("a model on the meta device has no weights to write: add --dry-run to plan the rewrite")
         if out_dir is not None and not dry_run:
             check_output_dir(out_dir, force)
+        check_spec_path(spec)
+        if recipe is not None and not recipe.exists():
+            raise RecipeError(f"recipe {recipe} does not exist")
+
+        from graphtricks.io.folder import save
+        from graphtricks.io.recipe import read_recipe
+        from graphtricks.rewrite import rewrite as run_rewrite
+
         planned = read_recipe(recipe).build_passes() if recipe else []
         planned += _flag_passes(
             residual=residual or [], residual_span=residual_span or [], shortcut=shortcut.value,
@@ -276,8 +284,8 @@ def rewrite(
             return
         warn(messages, as_json)
         if result.report.changes:
-            table, hint = _changes_table(result.report, every_row=verbose)
-            out.print(table)
+            changes, hint = _changes_table(result.report, every_row=verbose)
+            print_table(changes)
             if hint:
                 out.print(f"[dim]{hint}[/dim]")
         inlined = result.report.inlined

@@ -95,7 +95,7 @@ table{{border-collapse:collapse;width:100%;font-size:14px}}td,th{{border-bottom:
 img{{max-width:100%}}section{{margin-top:2em}}.rule{{color:#57606a;font-size:13px}}.claim{{font-size:15px}}
 </style></head><body>
 <h1>{e(result.model)} on {e(data['name'])}</h1>
-<p>{data['train']} training and {data['val']} validation examples, {data['classes']} classes, layout {tuple(data['layout'])}{'; ' + e(notes) if notes else ''}.
+<p>{data['train']} training and {data['val']} validation examples, {data['classes']} classes, {_layout(data['layout'])}{'; ' + e(notes) if notes else ''}.
 Seeds {', '.join(map(str, result.seeds))}: every variant starts from the original model built under the same seed and sees the same batches in the same order. Settings: {e(config)}. {result.seconds:.0f} CPU seconds.</p>
 {'<p><b>Diverged:</b> ' + e(', '.join(diverged)) + '</p>' if diverged else ''}
 <h2>Verdicts</h2>
@@ -104,6 +104,13 @@ Seeds {', '.join(map(str, result.seeds))}: every variant starts from the origina
 {''.join(sections)}
 </body></html>
 """
+
+
+def _layout(shape: list[int]) -> str:
+    """What one example is: ``64 features``, or ``inputs of shape 1×8×8``."""
+    if len(shape) == 1:
+        return f"{shape[0]} feature" + "s" * (shape[0] != 1)
+    return "inputs of shape " + "×".join(map(str, shape))
 
 
 def write_report(result, out: Path, *, force: bool = False) -> Path:

@@ -226,7 +226,7 @@ def experiment(
         model=model_name,
         data={"name": dataset.name, "train": len(dataset.x_train), "val": len(dataset.x_val),
               "classes": dataset.n_classes, "layout": list(dataset.x_train.shape[1:]), "notes": list(dataset.notes)},
-        config={**config.to_dict(), "batch_sizes": sizes}, seeds=seed_list,
+        config={**config.to_dict(), **({"batch_sizes": sizes} if "batch" in needs[ORIGINAL] else {})}, seeds=seed_list,
         variants=[{"name": ORIGINAL, "parameters": sum(p.numel() for p in build(seed_list[0]).parameters())},
                   *[details[n] for n in names]],
         runs=runs, panels=panels)

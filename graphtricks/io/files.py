@@ -10,9 +10,13 @@ relative to it where possible (:func:`relative_to_folder`) and read back with :f
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["umask", "public_modes", "relative_to_folder", "from_folder"]
+__all__ = ["umask", "public_modes", "relative_to_folder", "from_folder", "staged_folder"]
 
 
 def umask() -> int:
@@ -53,3 +57,29 @@ def from_folder(path: str, folder: Path) -> Path:
     (folders written before paths were relative) as they are."""
     p = Path(path)
     return p if p.is_absolute() else (Path(folder).resolve() / p).resolve()
+
+
+@contextmanager
+def staged_folder(out_dir: str | Path) -> Iterator[Path]:
+    """A path beside ``out_dir`` for several writers to fill; renamed to ``out_dir`` at the end.
+
+    For outputs made in steps (a saved model, then its ONNX graphs): a failure or an interrupt
+    in any step removes everything the steps wrote, so ``out_dir`` is either complete or as it
+    was. The path is a sibling of ``out_dir``, so paths recorded relative to it stay right after
+    the rename. ``out_dir`` must have been checked (absent, empty, or to be replaced).
+
+    Example:
+        >>> with staged_folder("out/cnn") as folder:
+        ...     save(result, folder, source)
+        ...     export_pair(model, inputs, folder)
+    """
+    out = Path(out_dir)
+    pending = out.parent / f".{out.name}.pending-{uuid.uuid4().hex[:8]}"
+    try:
+        yield pending
+        if out.is_dir():  # empty, or --force: replaced
+            shutil.rmtree(out)
+        pending.rename(out)
+    except BaseException:
+        shutil.rmtree(pending, ignore_errors=True)
+        raise

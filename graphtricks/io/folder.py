@@ -28,19 +28,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.errors import GraphtricksError, OutputError, SavedModelError, SpecError
+from graphtricks.errors import GraphtricksError, SavedModelError, SpecError
 from graphtricks.io import user_state
 from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs, named_input_text
 from graphtricks.io.recipe import Recipe, read_recipe, write_recipe
 from graphtricks.io.files import from_folder, public_modes, relative_to_folder
+from graphtricks.io.precheck import RECIPE, WEIGHTS, check_output_dir, check_saved_folder, is_saved_model
 from graphtricks.io.specs import file_sha256, load_matching_weights, load_model
 from graphtricks.report import Report
 from graphtricks.rewrite import RewriteResult, rewrite
 
 __all__ = ["save", "load", "load_saved", "SavedModel", "is_saved_model", "check_output_dir"]
 
-WEIGHTS = "model.safetensors"
-RECIPE = "recipe.toml"
 REPORT = "report.json"
 CODE = "model_code.py"
 INPUTS = "example_inputs.safetensors"
@@ -49,27 +48,6 @@ STRUCTURE = "structure.json"
 # Change actions that set values without changing the structure: a replay onto the saved
 # weights need not repeat them (init finds its own draws there and leaves them).
 VALUE_ACTIONS = {"initialized"}
-
-
-def is_saved_model(path: str | Path) -> bool:
-    """True when ``path`` is a folder written by :func:`save`."""
-    return Path(path).is_dir() and (Path(path) / RECIPE).is_file()
-
-
-def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """Refuse an output path that is a file, or a non-empty folder unless ``force``.
-
-    Raises:
-        OutputError: with what to do instead.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output folder {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"output folder {out} is not empty; pass force=True to replace it or choose another folder")
-    if not out.parent.exists():
-        raise OutputError(f"cannot write {out}: its parent folder {out.parent} does not exist")
-    return out
 
 
 def _source_with_copy(source: dict[str, Any], staging: Path, out: Path) -> dict[str, Any]:
@@ -163,15 +141,7 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
             fit the rebuilt structure, or a replay that built another structure than the saved
             one (e.g. the model's source changed).
     """
-    folder = Path(path)
-    if not folder.exists():
-        raise SavedModelError(f"{folder} does not exist")
-    if not folder.is_dir():
-        raise SavedModelError(f"{folder} is not a folder written by graphtricks")
-    if not (folder / RECIPE).is_file():
-        raise SavedModelError(f"{folder} holds no graphtricks model ({RECIPE} is missing)")
-    if not (folder / WEIGHTS).is_file():
-        raise SavedModelError(f"{folder} holds no weights ({WEIGHTS} is missing)")
+    folder = check_saved_folder(path)
     recipe = read_recipe(folder / RECIPE)
     source = recipe.source
     if "spec" not in source:

@@ -13,7 +13,10 @@ from graphtricks.errors import InputShapeError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "make_example_inputs", "make_keyword_inputs", "parse_input_shapes", "parse_named_input"]
+__all__ = [
+    "DTYPES", "DTYPE_NAMES", "check_inputs_agree", "make_example_inputs", "make_keyword_inputs", "parse_input_shapes",
+    "parse_named_input",
+]
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
 
@@ -148,3 +151,53 @@ def positional_inputs(forward, args: tuple, kwargs: dict) -> tuple[tuple, list[s
                               f"{', '.join(given) or 'none'}; forward takes {', '.join(names)}): pass the ones"
                               " before them too, or fewer keywords")
     return tuple(out), names[: len(out)]
+
+
+def check_inputs_agree(args: tuple, kwargs: dict, forward=None) -> None:
+    """Keyword inputs have the batch of the positional ones, and token inputs their length.
+
+    Inputs of rank ≥ 2 share dimension 0 (the batch; a keyword input of batch 1 broadcasts),
+    and integer inputs of rank 2 (token ids, masks: ``(batch, sequence)``) share dimension 1.
+    The first positional input of each kind is the reference (the first keyword input when
+    there is none). A mismatch would otherwise pass the rewrite and fail later, in the export,
+    with the exporter's own message. ``forward`` (optional) names the positional inputs.
+
+    Raises:
+        InputShapeError: naming the keyword input, the dimension and the size it should have.
+    """
+    names = _parameter_names(forward)
+    arg_names = [names[i] if i < len(names) else f"input {i}" for i in range(len(args))]
+    named = [(n, t, False) for n, t in zip(arg_names, args)] + [(k, t, True) for k, t in kwargs.items()]
+    named = [(n, t, kw) for n, t, kw in named if hasattr(t, "shape") and hasattr(t, "dtype")]
+    batched = [(n, t, kw) for n, t, kw in named if len(t.shape) >= 2]
+    tokens = [(n, t, kw) for n, t, kw in batched if len(t.shape) == 2 and not t.dtype.is_floating_point
+              and not t.dtype.is_complex]
+    for dim, what, group, spare in ((0, "batch size", batched, 1), (1, "sequence length", tokens, None)):
+        if not group:
+            continue
+        ref_name, ref, _ = group[0]
+        for name, t, keyword in group[1:]:
+            size, want = int(t.shape[dim]), int(ref.shape[dim])
+            if keyword and size != want and size != spare:
+                shape = list(t.shape)
+                shape[dim] = want
+                raise InputShapeError(
+                    f"keyword input {name} has {what} {size} (dimension {dim} of {_dims(t.shape)}) but {ref_name} has"
+                    f" {want} ({_dims(ref.shape)}); give {name}={_dims(shape)}:{str(t.dtype).replace('torch.', '')}"
+                )
+
+
+def _parameter_names(forward) -> list[str]:
+    """The names of ``forward``'s positional parameters (none when it has no signature)."""
+    import inspect
+
+    try:
+        params = inspect.signature(forward).parameters.values() if forward is not None else []
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _dims(shape) -> str:
+    """``2,16``: a shape as users write it."""
+    return ",".join(str(int(d)) for d in shape)

@@ -376,7 +376,7 @@ def _torchscript_pair(
         return kwargs
 
     updated: list[str] = []
-    say("exporting the train graph (TorchScript)…")
+    say("exporting the train graph")
     try:
         train, caught = export_mode(model, inputs, train=True, opset=opset, table=table, updated=updated,
                                     **names_of(names.train, names.train_tensors))
@@ -387,7 +387,7 @@ def _torchscript_pair(
             f"{e} (train mode returns train-only output(s) {', '.join(names.train_only)} on top of "
             "eval mode's; the exporter cannot export what computes them)"
         ) from e
-    say("exporting the inference graph (TorchScript)…")
+    say("exporting the inference graph")
     infer, more = export_mode(model, inputs, train=False, opset=opset, table=table,
                               **names_of(names.outputs, names.out_tensors))
     caught = list(dict.fromkeys(caught + more))  # most warnings come once per mode
@@ -419,15 +419,15 @@ def _dynamo_graphs(
     """
     dynamic = dynamic_shapes_for(inputs, names.inputs, dims)
     common = dict(opset=opset, input_names=names.inputs, dynamic=dynamic, table=table)
-    say("exporting the train graph (torch.export)…")
+    say("exporting the train graph")
     train, caught, updated = export_twin(model, inputs, role="train", output_names=names.train, **common)
     _check_outputs(train, "train", names.train + updated)
-    say("exporting the inference graph (torch.export)…")
+    say("exporting the inference graph")
     infer, more, _ = export_twin(model, inputs, role="infer", output_names=names.outputs, **common)
     _check_outputs(infer, "eval", names.outputs)
     graphs = {TRAIN_FILE: train, INFER_FILE: infer}
     if mc_dropout:
-        say("exporting the MC-dropout graph (torch.export)…")
+        say("exporting the MC-dropout graph")
         graphs[MC_FILE], mc_warnings, _ = export_twin(
             model, inputs, role="mc", output_names=names.outputs, **common
         )
@@ -472,7 +472,7 @@ def _export_graphs(
         warnings.simplefilter("ignore", DeprecationWarning)
         graphs, repairs, caught = _torchscript_pair(model, inputs, names, dims, opset, train_graph, table, say)
         if mc_dropout:
-            say("exporting the MC-dropout graph (TorchScript)…")
+            say("exporting the MC-dropout graph")
             graphs[MC_FILE] = _mc_by_torchscript(model, inputs, names, opset, table)
     return graphs, "torchscript", repairs, caught, notes
 
@@ -524,6 +524,19 @@ def _export_notes(model: nn.Module, names: _Names, train: onnx.ModelProto, mc: b
         notes.append(f"{MC_FILE}: the inference graph with every dropout on (fresh masks at every run); "
                      "run it T times, or on a batch tiled T times, for Monte Carlo dropout")
     return notes
+
+
+def _counted(progress: Callable[[str], None] | None, total: int) -> Callable[[str], None]:
+    """``progress`` with each line ending in its step's count: ``"exporting the train graph (1/4)"``
+    (a TorchScript fallback restarts the graphs: the count stays at most ``total``)."""
+    done = [0]
+
+    def say(message: str) -> None:
+        done[0] = min(done[0] + 1, total)
+        if progress is not None:
+            progress(f"{message} ({done[0]}/{total})")
+
+    return say
 
 
 def export_pair(
@@ -582,7 +595,7 @@ def export_pair(
             once for every graph) whatever the size.
         external_data_threshold: Above this many bytes, a graph's weights go to ``model.data``
             even without ``external_data``.
-        progress: called with a line as each stage starts (``"exporting the train graph…"``).
+        progress: called with a line as each stage starts (``"exporting the train graph (1/4)"``).
 
     Returns:
         The paths, names, exporter, repairs and warnings of the export.
@@ -601,7 +614,7 @@ def export_pair(
     _check_arguments(opset, train_graph, exporter)
     inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
     out_dir = Path(out_dir)
-    say = progress or (lambda message: None)
+    say = _counted(progress, 3 + mc_dropout + verify)
     with torch_numerics("cpu"), WeightTable() as table:
         names = _graph_names(model, inputs, input_names, output_names)
         dims = _dynamic_dims(inputs, names.inputs, dynamic_batch, dynamic_dims)
@@ -613,10 +626,10 @@ def export_pair(
         )
 
         def verify_staged(staging: Path) -> None:
-            say("checking the train graph against PyTorch train mode…")
+            say("checking the train graph against PyTorch train mode")
             _verify_written_train_graph(model, inputs, staging / TRAIN_FILE)
 
-        say(f"writing {', '.join(graphs)}…")
+        say(f"writing {' and '.join(graphs)}")
         data_path = _write_atomically(out_dir, graphs, external, verify_staged if verify else None)
     train = graphs[TRAIN_FILE]
     notes = fallback + _export_notes(model, names, train, mc_dropout)

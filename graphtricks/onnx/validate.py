@@ -192,7 +192,7 @@ def validate_pair(
         extra_inputs: More input sets to compare on, e.g. real data.
         baseline: A snapshot taken before export, so the side-effect check covers it too.
         progress: called with a line as each of the check families starts
-            (``"validating: 3/6 checks (random draws)…"``).
+            (``"validating: random draws (step 3/6)"``).
 
     Returns:
         The report; ``report.passed`` tells whether every check passed.
@@ -253,7 +253,7 @@ def _validate_loaded(
     def step() -> None:
         i, what = next(steps)
         if progress is not None:
-            progress(f"validating: {i}/{len(_STEPS)} checks ({what})…")
+            progress(f"validating: {what} (step {i}/{len(_STEPS)})")  # steps, not the check families
 
     asked = resolve_device(device)
     strict = device == "cuda"

@@ -8,15 +8,19 @@ from collections import Counter
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import graphtricks as gt
 
 
+def _torchvision():
+    """torchvision, or a skip where the `zoo` extra is not installed."""
+    return pytest.importorskip("torchvision")
+
+
 def _hooked_resnet(counts: Counter):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
+    model = _torchvision().models.resnet18(weights=None).eval()
 
     def count(name):
         def hook(*_):

@@ -20,13 +20,14 @@ def run(*args: str):
 
 @pytest.mark.parametrize(
     "spec, package, near",
-    [("tv:resnet19", "torchvision", "tv:resnet18"), ("timm:resnet-18", "timm", "timm:resnet18"), ("hf:bertt", "transformers", "hf:bert")],
+    [("tv:resnet19", "torchvision", "tv:resnet18"), ("timm:resnet-18", "timm", "timm:resnet18"), ("hf:bertt", "transformers", "hf:bert"),
+     ("timm:efficientnet_bo", "timm", "timm:efficientnet_b0")],
 )
 def test_unknown_zoo_names_suggest_the_closest(spec, package, near):
     pytest.importorskip(package)
     result = run("inspect", spec, "--input-shape", "1,3,32,32")
     assert result.exit_code == 1, result.output
-    assert near in result.output
+    assert f"did you mean {near}" in result.output  # the closest first
     assert len(result.output.strip().splitlines()) == 1 and len(result.output) < 300
 
 
@@ -64,3 +65,15 @@ def test_save_errors_speak_python_and_the_cli_speaks_flags(tmp_path):
     assert "force=True" in str(e.value) and "--" not in str(e.value)
     cli = run("rewrite", CNN, "--input-shape", "2,3,32,32", "--dropout", "0.1", "--out", str(out))
     assert cli.exit_code == 1 and "--force" in cli.output and "--out" in cli.output
+
+
+def test_suggestions_rank_by_edits_within_the_family():
+    from graphtricks.suggest import closest
+
+    family = [f"efficientnet_b{i}" for i in range(9)] + ["efficientnet_lite0", "tf_efficientnet_b0", "efficientvit_b0"]
+    assert closest("efficientnet_bo", family)[0] == "efficientnet_b0"  # o for 0: half an edit
+    assert closest("efficientnet_b", family)[0] == "efficientnet_b0"
+    vits = ["samvit_base_patch16", "vit_base_patch16_224", "vit_base_patch16_384"]
+    assert closest("vit_base_patch16", vits)[:2] == ["vit_base_patch16_224", "vit_base_patch16_384"]
+    assert closest("resnet19", ["resnet18", "resnet101", "regnet_y_16gf"])[0] == "resnet18"
+    assert closest("zzzz", family) == []

@@ -311,7 +311,7 @@ def test_ddp_trains_the_fast_model_like_fx(tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_models_match(name):
-    import torchvision
+    torchvision = pytest.importorskip("torchvision")
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()

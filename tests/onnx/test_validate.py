@@ -31,7 +31,7 @@ from graphtricks.onnx.eager import DropoutInterceptor
 from graphtricks.onnx.graph import exposed_dropout_copy
 from graphtricks.onnx.inputs import random_like
 from graphtricks.onnx.portable import portable_dropouts
-from graphtricks.onnx.runtime import make_session, prepare_graph
+from graphtricks.onnx.runtime import Session, make_session, prepare_graph
 from graphtricks.onnx.train_only import deterministic_train_copy
 
 CUDA = cuda_available()
@@ -214,6 +214,18 @@ def test_extra_inputs_and_tolerances_reach_the_report(mlp_pair):
     }
 
 
+def _one_step_off(run, roles: tuple[str, ...]):
+    """``Session.run`` whose float outputs, for sessions of ``roles``, are one float step larger."""
+
+    def moved(self, feed):
+        outputs = run(self, feed)
+        if self.role not in roles:
+            return outputs
+        return [np.nextafter(o, np.inf).astype(o.dtype) if o.dtype.kind == "f" else o for o in outputs]
+
+    return moved
+
+
 def test_float64_reference_runs_only_where_the_fixed_tolerance_fails(mlp_pair, monkeypatch):
     model, inputs, out = mlp_pair
     made: list[str] = []
@@ -229,7 +241,10 @@ def test_float64_reference_runs_only_where_the_fixed_tolerance_fails(mlp_pair, m
     assert default.passed and not made
     assert {c.details["judged_by"] for c in numeric} == {"fixed tolerance"}
     assert not any("onnx_vs_float64_max_abs" in c.details for c in numeric)
-    # No tolerance: float32's rounding fails every output the fixed rule judges, the copy rescues it.
+    # No tolerance, and ONNX Runtime's float outputs moved by one float32 step, so that they differ
+    # from PyTorch's on every machine (on some CPUs the two agree exactly): the fixed rule fails every
+    # output, and the float64 copy rescues it (one step is far inside PyTorch's own float32 error x4).
+    monkeypatch.setattr(Session, "run", _one_step_off(Session.run, roles=("infer", "train_deterministic")))
     exact = validate_pair(model, inputs, out, device="cpu", atol=0.0, rtol=0.0)
     numeric = [c for c in exact.checks if c.name in ("infer_vs_eager", "train_deterministic")]
     assert exact.passed, exact.summary()

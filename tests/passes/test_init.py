@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from graphtricks.errors import PassError
@@ -28,6 +27,11 @@ GAIN = {
     None: 1.0,
 }
 HE_FAMILY = {"ReLU", "LeakyReLU", "SELU", "GELU"}
+
+
+def _torchvision():
+    """torchvision, or a skip where the `zoo` extra is not installed."""
+    return pytest.importorskip("torchvision")
 
 
 def _changes(result) -> dict:
@@ -218,7 +222,7 @@ def test_types_include_exclude_select_what_is_set():
 
 def test_zero_init_residual_on_resnet18_makes_blocks_identity_plus_shortcut():
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
+    model = _torchvision().models.resnet18(weights=None).eval()
     # inplace: the rewritten graph shares its parameters with the original BasicBlocks, whose
     # own forward is then run block by block.
     result = _run(model, torch.randn(2, 3, 32, 32), zero_init_residual=True, inplace=True)
@@ -234,7 +238,7 @@ def test_zero_init_residual_on_resnet18_makes_blocks_identity_plus_shortcut():
             out = block(h)
             assert torch.equal(out, torch.relu(shortcut))
             h = out
-    plain = _run(torchvision.models.resnet18(weights=None), torch.randn(2, 3, 32, 32)).model
+    plain = _run(_torchvision().models.resnet18(weights=None), torch.randn(2, 3, 32, 32)).model
     assert torch.all(plain.get_submodule("layer1.0.bn2").weight == 1)
 
 

@@ -35,7 +35,7 @@ from graphtricks.onnx.torchscript import first_line, silenced_output, strip_fx_g
 from graphtricks.onnx.twin import make_twin, updated_names
 from graphtricks.onnx.weights import WeightTable, attach_state
 
-__all__ = ["DYNAMO_MIN_OPSET", "CaptureFailed", "dynamic_shapes_for", "export_twin"]
+__all__ = ["DYNAMO_MIN_OPSET", "CaptureFailed", "dynamic_shapes_for", "export_copy", "export_twin"]
 
 DYNAMO_MIN_OPSET = 18  # the opset torch's torch.export-based exporter writes natively
 
@@ -182,6 +182,34 @@ def _name_constants_by_content(model: onnx.ModelProto, state: Mapping[str, torch
             raise ExportError(f"graph output {value.name} is a constant; return a computed tensor")
 
 
+def export_copy(model: nn.Module) -> nn.Module:
+    """The copy every twin of ``model`` is made from: its parameters shared, its fx guards gone
+    (they check eager calls, and would fix a dynamic dimension's size)."""
+    try:
+        copy = reference_copy(model, train=False, device="cpu")
+    except ValidationError as e:
+        raise ExportError(str(e)) from e
+    strip_fx_guards(copy)
+    return copy
+
+
+def _name_dynamic_dims(model: onnx.ModelProto) -> None:
+    """Names torch's symbols (``s21``) after the first input dimension they size: ``batch`` for a
+    dimension 0, else ``<input>_<dim>``; outputs and inner values follow."""
+    names: dict[str, str] = {}
+    for value in model.graph.input:
+        for d, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param and dim.dim_param not in names:
+                label = "batch" if d == 0 else f"{value.name}_{d}"
+                names[dim.dim_param] = label if label not in names.values() else f"{label}_{len(names)}"
+    if not names:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+
+
 @contextlib.contextmanager
 def _recorded() -> Iterator[list[warnings.WarningMessage]]:
     with warnings.catch_warnings(record=True) as recorded:
@@ -199,6 +227,7 @@ def export_twin(
     output_names: Sequence[str],
     dynamic: Any = None,
     table: WeightTable,
+    copy: nn.Module | None = None,
 ) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """Exports one twin of ``model``: ``role`` ``"train"``, ``"infer"`` (the eval forward) or
     ``"mc"`` (eval with every dropout on).
@@ -212,6 +241,8 @@ def export_twin(
             follow as ``updated.<buffer>``.
         dynamic: ``torch.export`` dynamic shapes (:func:`dynamic_shapes_for`), or None.
         table: Holds views of the large weights.
+        copy: A copy of ``model`` from :func:`export_copy`, to use (in the role's mode) rather
+            than make one: a deep copy of a model with fx regions regenerates their code.
 
     Returns:
         The graph, the warnings worth showing, and the ``updated.*`` output names.
@@ -223,16 +254,14 @@ def export_twin(
     """
     from graphtricks.onnx.torchscript import describe_warning
 
-    try:
-        copy = reference_copy(model, train=role == "train", device="cpu")
-    except ValidationError as e:
-        raise ExportError(str(e)) from e
-    strip_fx_guards(copy)
+    copy = (copy or export_copy(model)).train(role == "train")
     twin, mode = make_twin(copy, mc=role == "mc")
     with _recorded() as recorded:
         with torch.no_grad():
             try:  # registers the sites, so that the trace records each site's module
                 twin(*inputs)
+            except ExportError:
+                raise
             except Exception as e:  # noqa: BLE001
                 raise CaptureFailed(f"the {role} twin does not run: {first_line(e)}") from e
         program = _capture(twin, inputs, dynamic, role, input_names)
@@ -249,7 +278,7 @@ def export_twin(
             f"the {role} graph reads weights {missing[:3]} that are not parameters or buffers of "
             "the model; register them as buffers"
         )
-    if role != "infer":
-        name_twin_sites(proto, set(state))
+    name_twin_sites(proto, set(state))  # the inference twin has sites too: eval-mode batch statistics
     _name_constants_by_content(proto, state)
+    _name_dynamic_dims(proto)
     return proto, shown, extra

@@ -41,7 +41,13 @@ from graphtricks.onnx.checks.stochastic import check_random_count
 from graphtricks.onnx.eager import torch_numerics
 from graphtricks.onnx.graph import dropout_infos, train_mode_batchnorms
 from graphtricks.onnx.inputs import InputSet, as_input_tuple
-from graphtricks.onnx.dynamo import DYNAMO_MIN_OPSET, CaptureFailed, dynamic_shapes_for, export_twin
+from graphtricks.onnx.dynamo import (
+    DYNAMO_MIN_OPSET,
+    CaptureFailed,
+    dynamic_shapes_for,
+    export_copy,
+    export_twin,
+)
 from graphtricks.onnx.names import (
     INFER_FILE,
     MC_FILE,
@@ -418,7 +424,7 @@ def _dynamo_graphs(
         CaptureFailed: torch.export or the ONNX translation cannot handle one of the graphs.
     """
     dynamic = dynamic_shapes_for(inputs, names.inputs, dims)
-    common = dict(opset=opset, input_names=names.inputs, dynamic=dynamic, table=table)
+    common = dict(opset=opset, input_names=names.inputs, dynamic=dynamic, table=table, copy=export_copy(model))
     say("exporting the train graph")
     train, caught, updated = export_twin(model, inputs, role="train", output_names=names.train, **common)
     _check_outputs(train, "train", names.train + updated)

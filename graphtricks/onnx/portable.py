@@ -406,10 +406,15 @@ _SITE = re.compile(r"(?:^|[/ ])graphtricks\.(dropout|bn|count)\.(\d+):")
 _DROPOUT_ROLES = {"RandomUniformLike": "draw", "GreaterOrEqual": "keep", "Cast": "kept"}
 
 
+# The same in a TorchScript export's node name: /2/dropout.0/RandomUniformLike (the site's scope
+# is the node's own)
+_SCOPED_SITE = re.compile(r"/(dropout|bn|count)\.(\d+)/[^/]+$")
+
+
 def _site_of(node: onnx.NodeProto) -> str | None:
     """``dropout.<k>`` or ``bn.<k>`` for a node a twin's site wrote, else None."""
-    scope = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-    found = _SITE.findall(scope)
+    scope = next((p.value for p in node.metadata_props if p.key == "namespace"), None)
+    found = _SITE.findall(scope) if scope is not None else _SCOPED_SITE.findall(node.name)
     if not found:
         return None
     kind, k = found[-1]
@@ -456,11 +461,7 @@ def name_twin_sites(model: onnx.ModelProto, state: set[str] | frozenset = frozen
             tensor.CopyFrom(node.attribute[0].t)
             tensor.name = node.output[0]
             values.setdefault(node.output[0], tensor)
-    groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        site = _site_of(node)
-        if site is not None:
-            groups.setdefault(site, []).append(node)
+    groups = _site_groups(model)
     for site, nodes in groups.items():
         prefix = f"graphtricks.{site}"
         if site.startswith("dropout"):
@@ -473,6 +474,36 @@ def name_twin_sites(model: onnx.ModelProto, state: set[str] | frozenset = frozen
                     _own_constant(model, node, slot, f"{prefix}.{name.rsplit('.', 1)[-1]}", values)
     _drop_unused_initializers(model)
     return sorted(groups)
+
+
+def _site_groups(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes of each site, in graph order, with the nodes that compute only for one site (the
+    sizes it reads off a symbolic shape, which the trace may record outside the site)."""
+    nodes = list(model.graph.node)
+    site_of = {i: _site_of(n) for i, n in enumerate(nodes)}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    outputs = {o.name for o in model.graph.output}
+    # shape arithmetic: Shape/Size, and what computes from them and constants alone
+    constants = {i.name for i in model.graph.initializer}
+    sized: set[str] = set()
+    for node in nodes:
+        fed = [v for v in node.input if v and v not in constants]
+        if node.op_type in ("Shape", "Size") or (node.op_type == "Constant") or (fed and all(v in sized for v in fed)):
+            sized.update(node.output)
+    for i in range(len(nodes) - 1, -1, -1):  # readers come later in graph order: decided first
+        if site_of[i] is not None or not nodes[i].output or not set(nodes[i].output) <= sized:
+            continue
+        read = [site_of.get(j) for o in nodes[i].output for j in readers.get(o, [])]
+        if read and None not in read and len(set(read)) == 1 and not outputs & set(nodes[i].output):
+            site_of[i] = read[0]
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for i, node in enumerate(nodes):
+        if site_of[i] is not None:
+            groups.setdefault(site_of[i], []).append(node)
+    return groups
 
 
 def _name_dropout(model: onnx.ModelProto, prefix: str, nodes: list[onnx.NodeProto],

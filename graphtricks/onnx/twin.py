@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from graphtricks.errors import ExportError
 from graphtricks.onnx.draws import call_argument
 from graphtricks.onnx.eager import flatten_outputs
 
@@ -63,6 +64,8 @@ _DROPOUTS: dict[Any, tuple[int | None, int, int]] = {
     torch.feature_dropout: (-1, 1, 2),
     torch.feature_dropout_: (-1, 1, 2),
 }
+# Alpha dropout keeps the self-normalising mean and variance: no portable form is written for it
+_ALPHA = (F.alpha_dropout, F.feature_alpha_dropout, torch.alpha_dropout, torch.feature_alpha_dropout)
 _TORCH_LEVEL = (torch.dropout, torch.dropout_, torch.feature_dropout, torch.feature_dropout_)
 _BATCH_NORMS = (F.batch_norm, torch.batch_norm)
 
@@ -158,6 +161,7 @@ class TwinMode(TorchFunctionMode):
     def __init__(self, root: nn.Module, mc: bool = False) -> None:
         super().__init__()
         self.root, self.mc = root, mc
+        self.inference = not root.training and not mc  # the inference twin: no dropout may apply
         self.updated: list[tuple[str, torch.Tensor]] = []
         self.counts = {"dropout": 0, "bn": 0}
         self.buffer_names: dict[int, str] = {}
@@ -182,11 +186,21 @@ class TwinMode(TorchFunctionMode):
         return sites[kind][k]
 
     def _dropout(self, x: torch.Tensor, p: float, spatial: int | None, inplace: bool = False) -> torch.Tensor:
+        if self.inference:
+            raise ExportError(
+                "the inference graph applies dropout: the model drops out in eval mode (an fx graph "
+                "traced in train mode bakes training=True in); trace it in eval mode"
+            )
         out = self._site("dropout", DropoutSite)(x, p, spatial)
         return x.copy_(out) if inplace else out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in _ALPHA and float(call_argument(args, kwargs, "p", 1, 0.5)) > 0 and (
+            self.mc or call_argument(args, kwargs, "training" if func in (F.alpha_dropout, F.feature_alpha_dropout)
+                                     else "train", 2, False)
+        ):
+            raise NotImplementedError(f"{func.__name__} in train mode has no portable form in the twin")
         if func in _DROPOUTS:
             spatial, p_at, train_at = _DROPOUTS[func]
             p = float(call_argument(args, kwargs, "p", p_at, 0.5))

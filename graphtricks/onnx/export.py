@@ -590,17 +590,13 @@ def export_pair(
             ``"torchscript"``: the legacy exporter.
         mc_dropout: Also writes ``model.mc.onnx``: eval mode with every dropout on.
         verify: Checks the train graph against PyTorch train mode (dropout neutralised, random
-            draws such as stochastic depth fixed), as written to a private folder, with its
-            weights read from the files, before the files are renamed into place.
+            draws fixed), as written to a private folder, before the files are put in place.
         train_graph: ``"portable"`` (default): train-mode dropout and BatchNorm as primitive
-            ops any runtime runs as written, BatchNorm's running statistics as extra outputs
-            ``updated.<buffer>``; ``"standard"`` (TorchScript only): ONNX Dropout and
-            train-mode BatchNormalization (ONNX Runtime needs optimizers off to run them as
-            meant, and not on CUDA).
+            ops any runtime runs as written, running statistics as outputs ``updated.<buffer>``;
+            ``"standard"`` (TorchScript only): ONNX Dropout and train-mode BatchNormalization.
         external_data: Writes the weights to ``model.data`` (ONNX external data, each weight
-            once for every graph) whatever the size.
-        external_data_threshold: Above this many bytes, a graph's weights go to ``model.data``
-            even without ``external_data``.
+            once for every graph) whatever the size; automatic above ``external_data_threshold``.
+        external_data_threshold: The graph size, in bytes, above which weights go to ``model.data``.
         progress: called with a line as each stage starts (``"exporting the train graph (1/4)"``).
 
     Returns:
@@ -612,8 +608,7 @@ def export_pair(
             disagrees with PyTorch, or the files cannot be written.
 
     Example:
-        >>> result = export_pair(model, (torch.randn(2, 3, 32, 32),), Path("out"))
-        >>> result.train_path.name
+        >>> export_pair(model, (torch.randn(2, 3, 32, 32),), Path("out")).train_path.name
         'model.train.onnx'
     """
     start = time.perf_counter()

@@ -147,7 +147,7 @@ def _export(spec, folder: Path, target: Path, input_shape, input_dtype, named_in
     note(exported.notes)
     paths = _paths_in(exported, folder, target)
     data = f" with weights in {Path(paths['data_path']).name}" if paths.get("data_path") else ""
-    mc = f" and {Path(paths['mc_path']).name}" if paths.get("mc_path") else ""
+    mc = f" and {paths['mc_path']}" if paths.get("mc_path") else ""
     out.print(f"wrote {paths['train_path']} and {paths['infer_path']}{mc}{data} (opset {exported.opset},"
               f" {exported.exporter} exporter, {exported.seconds:.1f}s)")
 

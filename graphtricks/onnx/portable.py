@@ -477,8 +477,8 @@ def name_twin_sites(model: onnx.ModelProto, state: set[str] | frozenset = frozen
 
 
 def _site_groups(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """The nodes of each site, in graph order, with the nodes that compute only for one site (the
-    sizes it reads off a symbolic shape, which the trace may record outside the site)."""
+    """The nodes of each site, in graph order, with the shape arithmetic that computes only for
+    sites (sizes read off a symbolic shape, which the trace records outside any site)."""
     nodes = list(model.graph.node)
     site_of = {i: _site_of(n) for i, n in enumerate(nodes)}
     readers: dict[str, list[int]] = {}
@@ -497,8 +497,8 @@ def _site_groups(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
         if site_of[i] is not None or not nodes[i].output or not set(nodes[i].output) <= sized:
             continue
         read = [site_of.get(j) for o in nodes[i].output for j in readers.get(o, [])]
-        if read and None not in read and len(set(read)) == 1 and not outputs & set(nodes[i].output):
-            site_of[i] = read[0]
+        if read and None not in read and not outputs & set(nodes[i].output):
+            site_of[i] = read[0]  # a size several sites read (the batch) goes to the first
     groups: dict[str, list[onnx.NodeProto]] = {}
     for i, node in enumerate(nodes):
         if site_of[i] is not None:

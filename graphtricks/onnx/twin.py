@@ -93,22 +93,24 @@ class BatchNormSite(nn.Module):
         running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
         momentum: float, eps: float,
     ) -> tuple[torch.Tensor, ...]:
-        """The normalised ``x``, then the new running mean and variance when tracked."""
-        shape = x.shape
-        x3 = x.reshape(shape[0], shape[1], -1)
-        mean = x3.mean(dim=(0, 2), keepdim=True)
-        centred = x3 - mean
-        var = (centred * centred).mean(dim=(0, 2), keepdim=True)
+        """The normalised ``x``, then the new running mean and variance when tracked.
+
+        The statistics reduce every dimension but 1 in place (no view of the data: the exporter
+        would move a view's nodes to its reader, out of the site)."""
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims, keepdim=True)
+        centred = x - mean
+        var = (centred * centred).mean(dim=dims, keepdim=True)
+        channel = [1, -1] + [1] * (x.dim() - 2)
         scale = (var + eps).sqrt().reciprocal()
         if weight is not None:
-            scale = scale * weight.reshape(1, -1, 1)
+            scale = scale * weight.reshape(channel)
         y = centred * scale
         if bias is not None:
-            y = y + bias.reshape(1, -1, 1)
-        y = y.reshape(shape)
+            y = y + bias.reshape(channel)
         if running_mean is None or running_var is None:
             return (y,)
-        count = x3.shape[0] * x3.shape[2]
+        count = x.numel() // x.shape[1]
         unbiased = var.reshape(-1) * (count / max(count - 1, 1))
         new_mean = running_mean * (1.0 - momentum) + mean.reshape(-1) * momentum
         new_var = running_var * (1.0 - momentum) + unbiased * momentum

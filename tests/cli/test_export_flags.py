@@ -42,6 +42,7 @@ def test_torchscript_is_selectable_and_the_fallback_is_noted(tmp_path):
     result = runner.invoke(app, ["export", out, "--exporter", "torchscript"])
     assert result.exit_code == 0, result.output
     assert "torchscript exporter" in result.stdout
+    (tmp_path / "flow").mkdir()
     flow = _rewritten(tmp_path / "flow", FLOW, "2,3,16,16")
     result = runner.invoke(app, ["export", flow])
     assert result.exit_code == 0, result.output

@@ -331,9 +331,11 @@ class _Names:
     train_tensors: list[torch.Tensor]
 
 
-def _graph_names(model: nn.Module, inputs: tuple, input_names: Any, output_names: Any) -> _Names:
-    """Runs the model in both modes and settles the graph input and output names."""
-    named, left_out, in_train = mode_outputs(model, inputs)
+def _graph_names(model: nn.Module, inputs: tuple, input_names: Any, output_names: Any,
+                 copy: nn.Module | None) -> _Names:
+    """Runs the model (``copy``, a copy of it) in both modes and settles the graph input and
+    output names."""
+    named, left_out, in_train = mode_outputs(model, inputs, copy)
     outputs = [t for _, t in named]
     in_names = checked_names(input_names, len(inputs), default_input_names(model, len(inputs)), "input_names")
     out_names = checked_names(output_names, len(outputs), [n for n, _ in named], "output_names")
@@ -416,7 +418,7 @@ def _check_outputs(graph: onnx.ModelProto, mode: str, want: list[str]) -> None:
 
 def _dynamo_graphs(
     model: nn.Module, inputs: tuple, names: _Names, dims: dict[str, list[int]], opset: int,
-    mc_dropout: bool, table: WeightTable, say: Callable[[str], None],
+    mc_dropout: bool, table: WeightTable, say: Callable[[str], None], copy: nn.Module | None = None,
 ) -> tuple[dict[str, onnx.ModelProto], list[str]]:
     """The graphs from torch.export twins (:mod:`graphtricks.onnx.twin`).
 
@@ -424,7 +426,8 @@ def _dynamo_graphs(
         CaptureFailed: torch.export or the ONNX translation cannot handle one of the graphs.
     """
     dynamic = dynamic_shapes_for(inputs, names.inputs, dims)
-    common = dict(opset=opset, input_names=names.inputs, dynamic=dynamic, table=table, copy=export_copy(model))
+    common = dict(opset=opset, input_names=names.inputs, dynamic=dynamic, table=table,
+                  copy=copy if copy is not None else export_copy(model))
     say("exporting the train graph")
     train, caught, updated = export_twin(model, inputs, role="train", output_names=names.train, **common)
     _check_outputs(train, "train", names.train + updated)
@@ -453,6 +456,7 @@ def _mc_by_torchscript(model: nn.Module, inputs: tuple, names: _Names, opset: in
 def _export_graphs(
     model: nn.Module, inputs: tuple, names: _Names, dims: dict[str, list[int]], opset: int,
     exporter: str, train_graph: str, mc_dropout: bool, table: WeightTable, say: Callable[[str], None],
+    copy: nn.Module | None = None,
 ) -> tuple[dict[str, onnx.ModelProto], str, list[str], list[str], list[str]]:
     """Every graph, from the exporter asked for, else from TorchScript with a note saying why.
 
@@ -469,7 +473,7 @@ def _export_graphs(
             why = f"a {train_graph} train graph (ONNX Dropout, BatchNormalization) comes from TorchScript only"
         else:
             try:
-                graphs, caught = _dynamo_graphs(model, inputs, names, dims, opset, mc_dropout, table, say)
+                graphs, caught = _dynamo_graphs(model, inputs, names, dims, opset, mc_dropout, table, say, copy)
                 return graphs, "dynamo", [], caught, notes
             except CaptureFailed as e:
                 why = str(e)
@@ -617,10 +621,11 @@ def export_pair(
     out_dir = Path(out_dir)
     say = _counted(progress, 3 + mc_dropout + verify)
     with torch_numerics("cpu"), WeightTable() as table:
-        names = _graph_names(model, inputs, input_names, output_names)
+        copy = export_copy(model) if exporter == "dynamo" else None  # for every twin, and the names
+        names = _graph_names(model, inputs, input_names, output_names, copy)
         dims = _dynamic_dims(inputs, names.inputs, dynamic_batch, dynamic_dims)
         graphs, used, repairs, caught, fallback = _export_graphs(
-            model, inputs, names, dims, opset, exporter, train_graph, mc_dropout, table, say
+            model, inputs, names, dims, opset, exporter, train_graph, mc_dropout, table, say, copy
         )
         external = external_data or any(
             graph_bytes(g) > external_data_threshold for g in graphs.values()

@@ -87,7 +87,8 @@ def _capture(twin: nn.Module, inputs: tuple, dynamic: Any, role: str,
              names: Sequence[str]) -> torch.export.ExportedProgram:
     """``torch.export.export(strict=False)`` of the twin, failures sorted out."""
     try:
-        with torch.no_grad():
+        # torch.export prints the graph and logs a warning when it cannot capture: the library never prints
+        with torch.no_grad(), silenced_output():
             # the twin's forward takes *inputs: its one (variadic) argument gets the whole spec
             shapes = None if dynamic is None else (dynamic,)
             return torch.export.export(twin, inputs, dynamic_shapes=shapes, strict=False)

@@ -384,9 +384,13 @@ def _torchscript_pair(
         return kwargs
 
     updated: list[str] = []
+    extra: list[str] = []
+    # the portable train graph is the train twin's export; a standard one, the model's
+    role = "train" if train_graph == "portable" else None
     say("exporting the train graph")
     try:
         train, caught = export_mode(model, inputs, train=True, opset=opset, table=table, updated=updated,
+                                    twin_role=role, extra_outputs=extra,
                                     **names_of(names.train, names.train_tensors))
     except ExportError as e:
         if not names.train_only:
@@ -399,11 +403,12 @@ def _torchscript_pair(
     infer, more = export_mode(model, inputs, train=False, opset=opset, table=table,
                               **names_of(names.outputs, names.out_tensors))
     caught = list(dict.fromkeys(caught + more))  # most warnings come once per mode
-    _check_outputs(train, "train", names.train)
+    _check_outputs(train, "train", names.train + extra)
     _check_outputs(infer, "eval", names.outputs)
     repairs = _repair(updated, train, infer)
-    if train_graph == "portable":
-        repairs += make_portable(train, model)
+    if role is not None:
+        name_twin_sites(train, set(dict(model.named_parameters()) | dict(model.named_buffers())))
+        repairs += make_portable(train, model)  # what the twin left: attention's ONNX Dropout
     return {TRAIN_FILE: train, INFER_FILE: infer}, repairs, caught
 
 
@@ -448,7 +453,7 @@ def _mc_by_torchscript(model: nn.Module, inputs: tuple, names: _Names, opset: in
                        table: WeightTable) -> onnx.ModelProto:
     """The MC-dropout graph when the pair came from TorchScript: the MC twin's eval export."""
     mc, _ = export_mode(model, inputs, train=False, opset=opset, table=table, input_names=names.inputs,
-                        output_names=names.outputs, mc_twin=True)
+                        output_names=names.outputs, twin_role="mc")
     name_twin_sites(mc, set(dict(model.named_parameters()) | dict(model.named_buffers())))
     return mc
 

@@ -470,8 +470,10 @@ def name_twin_sites(model: onnx.ModelProto, state: set[str] | frozenset = frozen
         for node in nodes:
             node.name = f"{prefix}.{node.name or node.op_type}"
             for slot, name in enumerate(node.input):
-                if name in values and (name not in state or name.endswith("num_batches_tracked")):
-                    _own_constant(model, node, slot, f"{prefix}.{name.rsplit('.', 1)[-1]}", values)
+                if name in values and name.endswith("num_batches_tracked"):
+                    _own_constant(model, node, slot, f"{prefix}.num_batches_tracked", values)
+                elif name in values and name not in state:
+                    _own_constant(model, node, slot, f"{prefix}.{name}", values)
     _drop_unused_initializers(model)
     return sorted(groups)
 
@@ -515,7 +517,7 @@ def _name_dropout(model: onnx.ModelProto, prefix: str, nodes: list[onnx.NodeProt
         if node.op_type not in ("GreaterOrEqual", "Mul"):  # a channel mask's Slice bounds
             for slot, name in enumerate(node.input):
                 if name in values and name not in state:
-                    _own_constant(model, node, slot, f"{prefix}.{name.rsplit('.', 1)[-1]}", values)
+                    _own_constant(model, node, slot, f"{prefix}.{name}", values)
         if role == "keep":
             _own_constant(model, node, 1, f"{prefix}.ratio", values)
         if node.op_type == "Mul":

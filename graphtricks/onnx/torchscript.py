@@ -382,7 +382,8 @@ def export_mode(
     opset: int,
     table: WeightTable | None = None,
     updated: list[str] | None = None,
-    mc_twin: bool = False,
+    twin_role: str | None = None,
+    extra_outputs: list[str] | None = None,
     **kwargs: Any,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Exports a copy of ``model`` in train or eval mode to an in-memory ONNX model.
@@ -401,7 +402,10 @@ def export_mode(
         table: Holds the large weights; None: every weight goes into the graph.
         updated: Receives the names of the buffers the export trace changed (their
             pre-export values are the ones exported).
-        mc_twin: Exports the MC-dropout twin (:mod:`graphtricks.onnx.twin`) of eval mode.
+        twin_role: ``"train"`` or ``"mc"``: exports that twin (:mod:`graphtricks.onnx.twin`) of the
+            model in its mode instead of the model, its running statistics as outputs after
+            ``output_names`` (their names go to ``extra_outputs``).
+        extra_outputs: Receives the names of a twin's ``updated.*`` outputs.
         **kwargs: ``input_names``, ``output_names``, ``dynamic_axes`` for ``torch.onnx.export``.
 
     Returns:
@@ -416,12 +420,16 @@ def export_mode(
         twin = reference_copy(model, train=train, device="cpu")
     except ValidationError as e:
         raise ExportError(str(e)) from e
-    if mc_twin:
-        from graphtricks.onnx.twin import make_twin
+    if twin_role is not None:
+        from graphtricks.onnx.twin import make_twin, updated_names
 
-        twin, _ = make_twin(twin, mc=True)
+        twin, mode = make_twin(twin, mc=twin_role == "mc")
         with torch.no_grad():
             twin(*inputs)  # registers the sites before the trace, so that scopes name them
+        more = updated_names(mode)
+        kwargs["output_names"] = list(kwargs.get("output_names") or []) + more
+        if extra_outputs is not None:
+            extra_outputs += more
     _traceable(twin)
     buffer = io.BytesIO()
     training = torch.onnx.TrainingMode.TRAINING if train else torch.onnx.TrainingMode.EVAL

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 import warnings
@@ -88,7 +89,8 @@ def _capture(twin: nn.Module, inputs: tuple, dynamic: Any, role: str,
     """``torch.export.export(strict=False)`` of the twin, failures sorted out."""
     try:
         # torch.export prints the graph and logs a warning when it cannot capture: the library never prints
-        with torch.no_grad(), silenced_output():
+        with torch.no_grad(), silenced_output(), _quiet_torch_logs(), \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             # the twin's forward takes *inputs: its one (variadic) argument gets the whole spec
             shapes = None if dynamic is None else (dynamic,)
             return torch.export.export(twin, inputs, dynamic_shapes=shapes, strict=False)
@@ -100,6 +102,26 @@ def _capture(twin: nn.Module, inputs: tuple, dynamic: Any, role: str,
                 "drop it from --dynamic-dim/--dynamic-batch"
             ) from e
         raise CaptureFailed(f"torch.export cannot capture the {role} graph: {first_line(e)}") from e
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silences torch's loggers while the block runs (their handlers hold the stream they were
+    made with, which no redirection of file descriptors reaches)."""
+    import logging
+
+    loggers = [
+        logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+        if name == "torch" or name.startswith("torch.")
+    ]
+    was = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, disabled in zip(loggers, was):
+            logger.disabled = disabled
 
 
 def _weights_as_inputs(model: Any, state: Mapping[str, torch.Tensor]) -> int:
@@ -282,4 +304,6 @@ def export_twin(
     name_twin_sites(proto, set(state))  # the inference twin has sites too: eval-mode batch statistics
     _name_constants_by_content(proto, state)
     _name_dynamic_dims(proto)
+    for node in proto.graph.node:  # stack traces and scopes, read: they would double the file
+        del node.metadata_props[:]
     return proto, shown, extra

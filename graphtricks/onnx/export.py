@@ -401,13 +401,16 @@ def _torchscript_pair(
         ) from e
     say("exporting the inference graph")
     infer, more = export_mode(model, inputs, train=False, opset=opset, table=table,
+                              twin_role="infer" if role else None,  # attention decomposed alike
                               **names_of(names.outputs, names.out_tensors))
     caught = list(dict.fromkeys(caught + more))  # most warnings come once per mode
     _check_outputs(train, "train", names.train + extra)
     _check_outputs(infer, "eval", names.outputs)
     repairs = _repair(updated, train, infer)
     if role is not None:
-        name_twin_sites(train, set(dict(model.named_parameters()) | dict(model.named_buffers())))
+        state = set(dict(model.named_parameters()) | dict(model.named_buffers()))
+        name_twin_sites(train, state)
+        name_twin_sites(infer, state)
         repairs += make_portable(train, model)  # what the twin left: attention's ONNX Dropout
     return {TRAIN_FILE: train, INFER_FILE: infer}, repairs, caught
 

@@ -402,7 +402,7 @@ def export_mode(
         table: Holds the large weights; None: every weight goes into the graph.
         updated: Receives the names of the buffers the export trace changed (their
             pre-export values are the ones exported).
-        twin_role: ``"train"`` or ``"mc"``: exports that twin (:mod:`graphtricks.onnx.twin`) of the
+        twin_role: ``"train"``, ``"infer"`` or ``"mc"``: exports that twin (:mod:`graphtricks.onnx.twin`) of the
             model in its mode instead of the model, its running statistics as outputs after
             ``output_names`` (their names go to ``extra_outputs``).
         extra_outputs: Receives the names of a twin's ``updated.*`` outputs.
@@ -423,10 +423,16 @@ def export_mode(
     if twin_role is not None:
         from graphtricks.onnx.twin import make_twin, updated_names
 
-        twin, mode = make_twin(twin, mc=twin_role == "mc")
-        with torch.no_grad():
-            twin(*inputs)  # registers the sites before the trace, so that scopes name them
-        more = updated_names(mode)
+        plain = twin
+        twin, twin_mode = make_twin(twin, mc=twin_role == "mc")
+        try:
+            with torch.no_grad():
+                twin(*inputs)  # registers the sites before the trace, so that scopes name them
+        except NotImplementedError as e:  # what the twin cannot express: the model itself, made portable after
+            if twin_role == "mc":
+                raise ExportError(f"cannot export the MC-dropout graph: {e}") from e
+            twin, twin_mode = plain, None
+        more = updated_names(twin_mode) if twin_mode is not None else []
         kwargs["output_names"] = list(kwargs.get("output_names") or []) + more
         if extra_outputs is not None:
             extra_outputs += more

@@ -219,6 +219,12 @@ class TwinMode(TorchFunctionMode):
         if func is torch.Tensor.add_ and not self.mc and args and id(args[0]) in self.buffer_names:
             name = self.buffer_names[id(args[0])]
             if name.endswith("num_batches_tracked"):  # the BatchNorm about to run counts a batch
+                owner = self.root.get_submodule(name.rpartition(".")[0]) if "." in name else self.root
+                if getattr(owner, "momentum", 0.1) is None:  # it would read the new count back
+                    raise NotImplementedError(
+                        f"BatchNorm '{name.rpartition('.')[0]}' averages cumulatively (momentum=None): "
+                        "the twin does not write its count back"
+                    )
                 step = args[1] if len(args) > 1 else kwargs.get("other", 1)
                 counter = self._site("count", CounterSite, counted=False)(args[0], step)
                 self.updated.append((name, counter))
@@ -301,14 +307,15 @@ class _Twin(nn.Module):
         self._parameters = model._parameters
         self._buffers = model._buffers
         self._non_persistent_buffers_set = model._non_persistent_buffers_set
-        self.__dict__["model"] = model  # not a submodule
+        # not a submodule, and under a name no child has (HF's LlamaForCausalLM has a child "model")
+        self.__dict__["_graphtricks_model"] = model
         self.training = model.training
         self.mode = mode_factory(self)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.mode.start()
         with self.mode:
-            out = flatten_outputs(self.model(*inputs))
+            out = flatten_outputs(self.__dict__["_graphtricks_model"](*inputs))
         return tuple(out) + tuple(t for _, t in self.mode.updated)
 
 

@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "RegionTree": "graphtricks.capture",
     "capture": "graphtricks.capture",
     "GraphtricksError": "graphtricks.errors",
+    "SelectionError": "graphtricks.errors",
     "recipe": "graphtricks.io.recipe",
     "load": "graphtricks.io.folder",
     "save": "graphtricks.io.folder",
@@ -44,7 +45,7 @@ _LAZY: dict[str, str] = {
         name: "graphtricks.passes"
         for name in (
             "PASSES", "AddResidual", "BatchNormToLayerNorm", "GraphtricksPass", "Initialize", "InsertDropout",
-            "NoChangeWarning", "PassNoteWarning",
+            "NoChangeWarning", "PassNoteWarning", "SelectionWarning",
         )
     },
     **{name: "graphtricks.functional" for name in ("add_residual", "bn_to_ln", "initialize", "insert_dropout")},
@@ -85,7 +86,7 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from graphtricks.capture import Region, RegionTree, capture  # noqa: F401
-    from graphtricks.errors import GraphtricksError  # noqa: F401
+    from graphtricks.errors import GraphtricksError, SelectionError  # noqa: F401
     from graphtricks.experiment import experiment  # noqa: F401
     from graphtricks.io import recipe  # noqa: F401
     from graphtricks.io.folder import load, save  # noqa: F401
@@ -93,6 +94,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from graphtricks.functional import add_residual, bn_to_ln, initialize, insert_dropout  # noqa: F401
     from graphtricks.passes import (  # noqa: F401
         PASSES, AddResidual, BatchNormToLayerNorm, GraphtricksPass, Initialize, InsertDropout, NoChangeWarning,
+        SelectionWarning,
     )
     from graphtricks.report import Change, Report  # noqa: F401
     from graphtricks.rewrite import RewriteResult, rewrite  # noqa: F401

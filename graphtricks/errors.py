@@ -13,6 +13,7 @@ __all__ = [
     "InputShapeError",
     "CaptureError",
     "PassError",
+    "SelectionError",
     "RecipeError",
     "OutputError",
     "SavedModelError",
@@ -39,6 +40,20 @@ class CaptureError(GraphtricksError):
 
 class PassError(GraphtricksError):
     """A pass was configured wrongly or cannot apply where it was asked to."""
+
+
+class SelectionError(PassError):
+    """An include/exclude/block pattern of a pass matches nothing in the model.
+
+    Attributes:
+        option: the pass option that held it (``include``, ``exclude``, ``blocks``).
+        pattern: the pattern itself.
+        hint: the closest names, as ``"; did you mean 'a' or 'b'?"`` (or where to look).
+    """
+
+    def __init__(self, message: str, *, option: str = "", pattern: str = "", hint: str = ""):
+        super().__init__(message)
+        self.option, self.pattern, self.hint = option, pattern, hint
 
 
 class RecipeError(GraphtricksError):

@@ -1,6 +1,7 @@
 """Functional twins of the passes: one call rewrites a model with one technique.
 
-Each is ``rewrite(model, [ThePass(...)], example_inputs)`` under the technique's name, as
+Each is ``rewrite(model, [ThePass(...)], example_inputs, example_kwargs=...)`` under the
+technique's name, as
 Composer pairs ``apply_blurpool`` with its algorithm class. They live above both the passes
 and the driver, so neither imports the other.
 """
@@ -16,16 +17,19 @@ from graphtricks.rewrite import rewrite
 __all__ = ["add_residual", "bn_to_ln", "initialize", "insert_dropout"]
 
 
-def insert_dropout(model, example_inputs, p: float = 0.1, *, kind: str = "element", inplace: bool = False, **kwargs):
+def insert_dropout(model, example_inputs=(), p: float = 0.1, *, kind: str = "element", inplace: bool = False,
+                   example_kwargs=None, **kwargs):
     """Functional twin of :class:`InsertDropout`: rewrite ``model`` and return the result.
 
     Args:
         model: the ``nn.Module`` to rewrite.
-        example_inputs: positional inputs, used for capture and shapes.
+        example_inputs: positional inputs, used for capture and shapes (``()`` when every input
+            is given by keyword).
         p: dropout probability in [0, 1).
         kind: ``"element"`` or ``"channel"``.
-        inplace: edit ``model`` itself instead of a copy.
-        **kwargs: ``activations``, ``include``, ``exclude``.
+        inplace: edit ``model`` itself instead of a copy (a transaction: on failure it is put back).
+        example_kwargs: the model's keyword inputs by name (``{"attention_mask": mask}``).
+        **kwargs: ``activations``, ``gates``, ``include``, ``exclude``, ``strict``.
 
     Returns:
         A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
@@ -33,18 +37,20 @@ def insert_dropout(model, example_inputs, p: float = 0.1, *, kind: str = "elemen
     Example:
         >>> result = insert_dropout(model, (torch.randn(8, 3, 32, 32),), p=0.1)
     """
-    return rewrite(model, [InsertDropout(p, kind=kind, **kwargs)], example_inputs, inplace=inplace)
+    return rewrite(model, [InsertDropout(p, kind=kind, **kwargs)], example_inputs, example_kwargs=example_kwargs, inplace=inplace)
 
 
-def add_residual(model, example_inputs, blocks=(), *, inplace: bool = False, **kwargs):
+def add_residual(model, example_inputs=(), blocks=(), *, inplace: bool = False, example_kwargs=None, **kwargs):
     """Functional twin of :class:`AddResidual`: rewrite ``model`` and return the result.
 
     Args:
         model: the ``nn.Module`` to rewrite.
-        example_inputs: positional inputs, used for capture and shapes.
+        example_inputs: positional inputs, used for capture and shapes (``()`` when every input
+            is given by keyword).
         blocks: qualified-name globs of the blocks to wrap.
-        inplace: edit ``model`` itself instead of a copy.
-        **kwargs: ``spans``, ``shortcut``, ``shortcut_norm``, ``post_act``, ``gate``, ``include``, ``exclude``.
+        inplace: edit ``model`` itself instead of a copy (a transaction: on failure it is put back).
+        example_kwargs: the model's keyword inputs by name (``{"attention_mask": mask}``).
+        **kwargs: ``spans``, ``shortcut``, ``shortcut_norm``, ``post_act``, ``gate``, ``include``, ``exclude``, ``strict``.
 
     Returns:
         A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
@@ -55,18 +61,19 @@ def add_residual(model, example_inputs, blocks=(), *, inplace: bool = False, **k
     Example:
         >>> result = add_residual(model, (torch.randn(8, 3, 32, 32),), ["stages.*"], shortcut="pad")
     """
-    return rewrite(model, [AddResidual(blocks, **kwargs)], example_inputs, inplace=inplace)
+    return rewrite(model, [AddResidual(blocks, **kwargs)], example_inputs, example_kwargs=example_kwargs, inplace=inplace)
 
 
-def bn_to_ln(model, example_inputs, *, over: str = "c", inplace: bool = False, **kwargs):
+def bn_to_ln(model, example_inputs=(), *, over: str = "c", inplace: bool = False, example_kwargs=None, **kwargs):
     """Functional twin of :class:`BatchNormToLayerNorm`: rewrite ``model`` and return the result.
 
     Args:
         model: the ``nn.Module`` to rewrite.
         example_inputs: positional inputs, used for capture, shapes and the drift figures.
         over: ``"c"`` (LayerNorm over channels) or ``"chw"`` (over channels and positions).
-        inplace: edit ``model`` itself instead of a copy.
-        **kwargs: ``include``, ``exclude``.
+        inplace: edit ``model`` itself instead of a copy (a transaction: on failure it is put back).
+        example_kwargs: the model's keyword inputs by name (``{"attention_mask": mask}``).
+        **kwargs: ``include``, ``exclude``, ``strict``.
 
     Returns:
         A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
@@ -78,19 +85,22 @@ def bn_to_ln(model, example_inputs, *, over: str = "c", inplace: bool = False, *
         >>> result = bn_to_ln(model, (torch.randn(8, 3, 32, 32),), over="c")
         >>> [c.details["drift"] for c in result.report.changes]
     """
-    return rewrite(model, [BatchNormToLayerNorm(over=over, **kwargs)], example_inputs, inplace=inplace)
+    return rewrite(model, [BatchNormToLayerNorm(over=over, **kwargs)], example_inputs, example_kwargs=example_kwargs, inplace=inplace)
 
 
-def initialize(model, example_inputs, scheme: str = "auto", *, inplace: bool = False, **kwargs):
+def initialize(model, example_inputs=(), scheme: str = "auto", *, inplace: bool = False, example_kwargs=None,
+               **kwargs):
     """Functional twin of :class:`Initialize`: re-initialise ``model`` and return the result.
 
     Args:
         model: the ``nn.Module`` to re-initialise.
-        example_inputs: positional inputs, used for capture and shapes.
+        example_inputs: positional inputs, used for capture and shapes (``()`` when every input
+            is given by keyword).
         scheme: auto, xavier-uniform, xavier-normal, he-uniform, he-normal or orthogonal.
-        inplace: edit ``model`` itself instead of a copy.
+        inplace: edit ``model`` itself instead of a copy (a transaction: on failure it is put back).
+        example_kwargs: the model's keyword inputs by name (``{"attention_mask": mask}``).
         **kwargs: ``seed``, ``keep_bias``, ``fan``, ``zero_init_residual``, ``include_frozen``,
-            ``types``, ``include``, ``exclude``.
+            ``types``, ``include``, ``exclude``, ``strict``.
 
     Returns:
         A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
@@ -101,4 +111,4 @@ def initialize(model, example_inputs, scheme: str = "auto", *, inplace: bool = F
     Example:
         >>> result = initialize(model, (torch.randn(8, 3, 32, 32),), "auto", zero_init_residual=True)
     """
-    return rewrite(model, [Initialize(scheme, **kwargs)], example_inputs, inplace=inplace)
+    return rewrite(model, [Initialize(scheme, **kwargs)], example_inputs, example_kwargs=example_kwargs, inplace=inplace)

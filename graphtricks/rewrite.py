@@ -20,12 +20,20 @@ from graphtricks.capture import RegionTree, capture
 from graphtricks.capture.fold import fold_region
 from graphtricks.capture.modes import ModeSnapshot, adopt_parent_modes
 from graphtricks.capture.shapes import propagate_shapes
+from graphtricks.capture.transaction import ModelSnapshot
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
 from graphtricks.fxgraph.fastpath import speed_up
-from graphtricks.passes.base import GraphtricksPass, NoChangeWarning, PassNoteWarning, PassRun
+from graphtricks.passes.base import (
+    GraphtricksPass,
+    NoChangeWarning,
+    PassNoteWarning,
+    PassRun,
+    SelectionNames,
+    SelectionWarning,
+)
 from graphtricks.report import Report
 
-__all__ = ["rewrite", "RewriteResult"]
+__all__ = ["rewrite", "RewriteResult", "model_structure"]
 
 
 @dataclass
@@ -39,6 +47,8 @@ class RewriteResult:
         passes: the passes that were run, in order (their configs form the recipe).
         example_inputs: the positional inputs used for capture and shapes.
         runs: one :class:`PassRun` per pass, in order: what each application changed and noted.
+        given: the structure of the model the rewrite was given (:func:`model_structure`), for
+            ``save`` to check that the source it is told rebuilds that model.
     """
 
     model: nn.Module
@@ -48,6 +58,7 @@ class RewriteResult:
     example_inputs: tuple
     runs: list[PassRun] = field(default_factory=list)
     example_kwargs: dict[str, Any] = field(default_factory=dict)
+    given: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         # a few lines, not the model twice (the dataclass repr printed the model and its tree)
@@ -58,6 +69,16 @@ class RewriteResult:
     def recipe(self) -> list[dict[str, Any]]:
         """The pass list as recipe entries (``[{"pass": "dropout", "p": 0.1, ...}]``)."""
         return [p.config() for p in self.passes]
+
+
+def model_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What a rebuild of ``model`` must reproduce: the type of every leaf module by name, and the
+    shape of every state-dict entry by key (``None`` for a lazy parameter, whose shape is not known yet).
+    """
+    leaves = {name: type(m).__name__ for name, m in model.named_modules() if next(m.children(), None) is None}
+    shapes = {key: None if isinstance(t, nn.parameter.UninitializedTensorMixin) else list(getattr(t, "shape", ()))
+              for key, t in model.state_dict(keep_vars=True).items()}
+    return {"leaves": leaves, "shapes": shapes}
 
 
 def _as_inputs(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -93,9 +114,39 @@ def _check_binds(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Non
         raise InputShapeError(f"the example inputs do not fit {type(model).__name__}.forward{sig}: {e}") from e
 
 
+def _as_passes(passes: Any) -> list[GraphtricksPass]:
+    """One pass or a list of passes, as a list; anything else is a one-line error."""
+    if isinstance(passes, GraphtricksPass):
+        return [passes]
+    if isinstance(passes, type) and issubclass(passes, GraphtricksPass):
+        raise PassError(f"{passes.__name__} is a pass class: give an instance, e.g. {passes.__name__}()")
+    if passes is None or isinstance(passes, (str, bytes, dict, nn.Module)) or not hasattr(passes, "__iter__"):
+        raise PassError(f"passes must be a pass or a list of passes (e.g. [InsertDropout(p=0.1)]), got {_kind(passes)}")
+    out = list(passes)
+    for i, p in enumerate(out):
+        if not isinstance(p, GraphtricksPass):
+            raise PassError(f"passes[{i}] is not a graphtricks pass but {_kind(p)} (build passes like InsertDropout(p=0.1))")
+    return out
+
+
+def _kind(value: Any) -> str:
+    """A short description of a value for an error message (its type, and its repr when short)."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 60 else f"a {type(value).__name__}"
+
+
+def _check_model(model: Any) -> None:
+    """Refuse anything but a module, in one line."""
+    if isinstance(model, nn.Module):
+        return
+    hint = ("; call it to build the model first" if isinstance(model, type) and issubclass(model, nn.Module)
+            else " (a function or a value cannot be rewritten: wrap it in an nn.Module)")
+    raise GraphtricksError(f"rewrite takes a torch.nn.Module, got {_kind(model)}{hint}")
+
+
 def rewrite(
     model: nn.Module,
-    passes: Sequence[GraphtricksPass],
+    passes: GraphtricksPass | Sequence[GraphtricksPass],
     example_inputs: Any = (),
     *,
     example_kwargs: dict[str, Any] | None = None,
@@ -105,12 +156,17 @@ def rewrite(
     """Capture ``model``, apply ``passes`` in order to every region, and report each edit.
 
     The caller's model is not modified unless ``inplace=True``, and its train/eval mode is
-    restored even when a pass fails. A pass that matches nothing warns (``NoChangeWarning``)
-    and the rewrite still returns the (unchanged) model.
+    restored even when a pass fails. An in-place rewrite is a transaction: when anything fails
+    (a pass, the fold, the install), the model is put back exactly as it was — class, modules,
+    parameters (the same objects), buffers, modes, hooks and forwards — without a copy of its
+    weights (only parameters a pass writes in place, e.g. ``Initialize``'s, are copied first).
+    A pass that matches nothing warns (``NoChangeWarning``) and the rewrite still returns the
+    (unchanged) model; a selection pattern that matches no name of the model is an error
+    (``SelectionError``; a ``SelectionWarning`` for a pass built with ``strict=False``).
 
     Args:
         model: the model to rewrite.
-        passes: pass instances, e.g. ``[InsertDropout(p=0.1)]``.
+        passes: a pass, or a list of passes, e.g. ``[InsertDropout(p=0.1)]``.
         example_inputs: a tensor or tuple of the model's positional inputs (shapes come from it);
             ``()`` when every input is given by keyword.
         example_kwargs: the model's keyword inputs by name (``{"input_ids": ids, "attention_mask": m}``),
@@ -123,21 +179,35 @@ def rewrite(
         A :class:`RewriteResult`.
 
     Raises:
+        GraphtricksError: ``model`` is not an ``nn.Module``.
         InputShapeError: the model rejects the example inputs, or its forward cannot take them.
-        PassError: a pass is misconfigured or fails on this model (names the region).
+        PassError: ``passes`` holds something that is not a pass, or a pass is misconfigured or
+            fails on this model (names the region); SelectionError: an include/exclude/block
+            pattern matches nothing (names it and the closest names).
 
     Example:
         >>> result = rewrite(model, [InsertDropout(p=0.1)], example_inputs=(torch.randn(8, 3, 32, 32),))
         >>> result.model, result.report.changes
     """
     started = time.perf_counter()
+    _check_model(model)
+    passes = _as_passes(passes)
     inputs, kwargs = _as_inputs(example_inputs, example_kwargs)
     _check_binds(model, inputs, kwargs)
-    for p in passes:
-        if not isinstance(p, GraphtricksPass):
-            raise PassError(f"not a graphtricks pass: {p!r} (build passes like InsertDropout(p=0.1))")
     with _collector_paused():
-        return _rewrite(model, list(passes), inputs, kwargs, inplace, started, progress or _silent)
+        given = model_structure(model)
+        # in place: a transaction (without copying the weights, but those a pass will write)
+        snapshot = ModelSnapshot(model, parameter_values=any(p.writes_values for p in passes)) if inplace else None
+        try:
+            result = _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
+        except BaseException as e:
+            lost = snapshot.restore() if snapshot is not None else []
+            if lost and hasattr(e, "add_note"):  # a pass wrote values it did not declare (writes_values)
+                e.add_note(f"graphtricks: {len(lost)} tensor value(s) written in place could not be put back: "
+                           + ", ".join(lost[:5]))
+            raise
+    result.given = given
+    return result
 
 
 @contextlib.contextmanager
@@ -188,12 +258,19 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplac
         known = {id(m) for m in tree.model.modules()}
         report = Report(passes=[p.config() for p in passes])
         stale = False
+        names = SelectionNames(tree, now=any(p.selections() for p in passes))
         for i, (p, run) in enumerate(zip(passes, runs), 1):
             progress(f"rewrite: pass {p.name} ({i + 2}/{steps})")
             if stale:  # a pass built something no forward has measured yet
                 propagate_shapes(tree, inputs, example_kwargs=kwargs)
             _run_pass(p, run, report)
             stale = run.stale_shapes
+        # Once every pass has run: a pattern may name what a later pass built (the command line
+        # gives its --include to every pass); strict passes raise, the others warn.
+        for p in passes:
+            for message in p.check_selections(names):
+                warnings.warn(message, SelectionWarning, stacklevel=3)
+                report.warnings.append(message)
     finally:
         snapshot.restore()
     adopt_parent_modes(tree.model, known)
@@ -228,6 +305,8 @@ def _run_pass(p: GraphtricksPass, run: PassRun, report: Report) -> None:
         warnings.warn(f"{p.name}: {note}", PassNoteWarning, stacklevel=4)
         report.warnings.append(f"{p.name}: {note}")
     if not run.changes:
-        message = f"pass {p.name!r} matched nothing in this model; it changed nothing"
+        left = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in run.skipped.items())
+        message = (f"pass {p.name!r} changed nothing in this model: it left alone {left} (its notes say where)"
+                   if left else f"pass {p.name!r} matched nothing in this model; it changed nothing")
         warnings.warn(message, NoChangeWarning, stacklevel=4)
         report.warnings.append(message)

@@ -344,7 +344,7 @@ def _layer_sites(spec: dict, path: str, ran: bool, opaque_parent: bool):
     opaque = bool(drop and drop["form"] == "functional")  # F.dropout(x, p, self.training)
     after = ops[ops.index("act") + 1] if ops.index("act") + 1 < len(ops) else None
     followed = None
-    if after == "drop" and not opaque:
+    if after == "drop":  # in opaque code too: F.dropout(x, p, self.training) follows it
         followed = "placeholder" if drop["p"] == 0 else "dropout"
     return [{
         "path": path,

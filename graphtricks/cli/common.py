@@ -259,7 +259,13 @@ def load_source(
     import torch
 
     from graphtricks.io.folder import is_saved_model, load_saved
-    from graphtricks.io.inputs import check_inputs_agree, make_example_inputs, make_keyword_inputs
+    from graphtricks.io.inputs import (
+        check_inputs_agree,
+        make_example_inputs,
+        make_keyword_inputs,
+        positional_names,
+        value_limits,
+    )
     from graphtricks.io.specs import load_model, load_weights, parse_model_args
 
     # the enums' plain strings: the dtype is written into the recipe, the device goes to torch
@@ -275,14 +281,16 @@ def load_source(
         inputs, keywords = saved.example_inputs, saved.example_kwargs
         if named_inputs:
             dtype = dtype_name or source.get("input_dtype", "float32")
-            keywords = make_keyword_inputs(_named(named_inputs), dtype, high=source.get("token_high", 100))
+            keywords = make_keyword_inputs(_named(named_inputs), dtype, high=source.get("token_high", 100),
+                                           highs=value_limits(saved.model))
             inputs = () if not input_shape else inputs
         if input_shape:
             shapes = parse_input_shapes(input_shape)
             dtype = dtype_name or source.get("input_dtype", "float32")
             high = source.get("token_high", 100)
             source.update(input_shapes=[list(s) for s in shapes], input_dtype=dtype)
-            inputs = make_example_inputs(shapes, dtype, high=high)
+            inputs = make_example_inputs(shapes, dtype, high=high, names=positional_names(saved.model.forward),
+                                         highs=value_limits(saved.model))
         check_inputs_agree(inputs, keywords, saved.model.forward)
         if weights:
             load_weights(saved.model, weights)
@@ -314,8 +322,10 @@ def load_source(
         source["trust_pickle"] = True
     if not shapes:
         del source["input_shapes"]
-    keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high)
-    inputs = make_example_inputs(shapes, dtype, device=device_name, high=high)
+    keywords = make_keyword_inputs(_named(named_inputs or []), dtype, device=device_name, high=high,
+                                   highs=value_limits(model))
+    inputs = make_example_inputs(shapes, dtype, device=device_name, high=high, names=positional_names(model.forward),
+                                 highs=value_limits(model))
     check_inputs_agree(inputs, keywords, model.forward)
     return model, inputs, source, [], keywords
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from enum import Enum
@@ -62,6 +63,7 @@ def _flag_passes(
     dropout_kind: str,
     dropout_after: list[str],
     dropout_gates: bool,
+    dropout_constants: bool = False,
     init: str | None,
     seed: int,
     keep_bias: bool,
@@ -89,6 +91,8 @@ def _flag_passes(
             entry["activations"] = list(dropout_after)
         if dropout_gates:
             entry["gates"] = True
+        if dropout_constants:
+            entry["constants"] = True
         configs.append(entry)
     if init is not None:
         configs.append(
@@ -144,35 +148,22 @@ def _changes_table(report, every_row: bool) -> tuple[Table, str | None]:
     return made, hint + (f"; {DRIFT_UNIT}" if with_drift else "")
 
 
-def _selection_names(tree) -> list[str]:
-    """Every qualified name a selection can match: modules, inlined blocks, graph nodes."""
-    from graphtricks.fxgraph.nodes import node_where, stack_types
-
-    names = [name for name, _ in tree.model.named_modules() if name]
-    for region in tree.regions():
-        if region.kind == "traced":
-            names += map(region.qualify, stack_types(region.graph_module.graph))
-            names += [node_where(region.path, n) for n in region.graph_module.graph.nodes if n.op.startswith("call_")]
-    return list(dict.fromkeys(names))
+# the CLI flag that gives each pass option a selection error can name
+SELECTION_FLAGS = {"include": "--include", "exclude": "--exclude", "blocks": "--residual"}
 
 
-def _check_selections(tree, residual: list[str], include: list[str]) -> None:
-    """An explicit selection that matches nothing is an error naming it and the closest names."""
-    import fnmatch
+@contextlib.contextmanager
+def _selection_flags(given: dict[str, list[str]]):
+    """A pattern typed on the command line that matches nothing is named by its flag."""
+    from graphtricks.errors import SelectionError
 
-    from graphtricks.fxgraph.nodes import name_glob
-    from graphtricks.suggest import did_you_mean
-
-    names = None
-    for flag, patterns, matches in (
-        ("--residual", residual, lambda p, n: name_glob(p).fullmatch(n) is not None),
-        ("--include", include, fnmatch.fnmatchcase),
-    ):
-        for pattern in patterns:
-            names = names if names is not None else _selection_names(tree)
-            if not any(matches(pattern, n) for n in names):
-                hint = did_you_mean(pattern, names) or " (graphtricks inspect lists the model's blocks)"
-                raise PassError(f"{flag} {pattern!r} matches nothing in this model{hint}")
+    try:
+        yield
+    except SelectionError as e:
+        flag = SELECTION_FLAGS.get(e.option)
+        if flag is None or e.pattern not in given.get(e.option, ()):
+            raise  # from a recipe: the library's message names the pass and its option
+        raise GraphtricksError(f"{flag} {e.pattern!r} matches nothing in this model{e.hint}") from e
 
 
 def _group_warnings(messages: list[str]) -> list[str]:
@@ -199,6 +190,7 @@ def rewrite(
     dropout_kind: Annotated[DropoutKind, typer.Option("--dropout-kind", metavar=choices(DropoutKind), help="element or channel dropout.")] = DropoutKind.element,
     dropout_after: Annotated[list[str] | None, typer.Option("--dropout-after", metavar="ACTIVATION", help="Only after these activations, e.g. ReLU, GELU (repeatable; default: all).")] = None,
     dropout_gates: Annotated[bool, typer.Option("--dropout-gates", help="Also after gates (a sigmoid whose output only scales another tensor: squeeze-excitation, gated units).")] = False,
+    dropout_constants: Annotated[bool, typer.Option("--dropout-constants", help="Also after activations whose value does not depend on the inputs (computed from parameters or buffers only: a learnt sigmoid(alpha), a position-bias MLP).")] = False,
     residual: Annotated[list[str] | None, typer.Option("--residual", metavar="GLOB", help="Wrap blocks whose qualified name matches (repeatable; * and ? stop at dots, ** crosses them).")] = None,
     residual_span: Annotated[list[str] | None, typer.Option("--residual-span", metavar="FIRST:LAST", help="Wrap a node span FIRST:LAST (or REGION/FIRST:LAST) of a traced region.")] = None,
     shortcut: Annotated[Shortcut, typer.Option("--shortcut", metavar=choices(Shortcut), help="Shortcut kind.")] = Shortcut.auto,
@@ -252,7 +244,7 @@ def rewrite(
             residual=residual or [], residual_span=residual_span or [], shortcut=shortcut.value,
             shortcut_norm=shortcut_norm, post_act=post_act.value, gate=gate.value, bn_to_ln=bn_to_ln,
             ln_over=ln_over.value, dropout=dropout, dropout_kind=dropout_kind.value,
-            dropout_after=dropout_after or [], dropout_gates=dropout_gates,
+            dropout_after=dropout_after or [], dropout_gates=dropout_gates, dropout_constants=dropout_constants,
             init=init.value if init else None, seed=seed, keep_bias=keep_bias, fan=fan.value,
             zero_init_residual=zero_init_residual, include_frozen=include_frozen,
             include=include or [], exclude=exclude or [],
@@ -260,10 +252,10 @@ def rewrite(
         with progress("loading and capturing the model…", as_json) as say:
             model, inputs, source, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,
                                                                  trust_pickle, device, named_input, pretrained=pretrained)
-            with warnings.catch_warnings(record=True) as caught:
+            given = {"include": include or [], "exclude": exclude or [], "blocks": residual or []}
+            with warnings.catch_warnings(record=True) as caught, _selection_flags(given):
                 warnings.simplefilter("always")
                 result = run_rewrite(model, planned, inputs, example_kwargs=keywords, inplace=True, progress=say)
-        _check_selections(result.tree, list(residual or []), list(include or []))
         # every warning a pass recorded (notes included), then any other library warning
         messages = list(result.report.warnings)
         messages += [str(w.message) for w in caught if issubclass(w.category, UserWarning) and str(w.message) not in messages]
@@ -297,6 +289,10 @@ def rewrite(
         if gates:
             out.print(f"[dim]dropout: {gates} gate(s) left without dropout (a sigmoid whose output only scales"
                       " another tensor); --dropout-gates includes them[/dim]")
+        constants = result.report.skipped.get("dropout", {}).get("input_independent", 0)
+        if constants:
+            out.print(f"[dim]dropout: {constants} activation(s) that do not depend on the inputs left without dropout"
+                      " (parameters or buffers only); --dropout-constants includes them[/dim]")
         counts = ", ".join(f"{k}: {v}" for k, v in result.report.changes_by_pass().items()) or "no passes"
         action = "would write" if dry_run else "wrote"
         target = f" {action} {out_dir}" if out_dir is not None and not dry_run else (" (dry run: nothing written)" if dry_run else "")

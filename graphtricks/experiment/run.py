@@ -101,9 +101,14 @@ def _rewrite(base: nn.Module, variant: Variant, seed: int, example: torch.Tensor
     passes = variant.build_passes(seed)
     if not passes:
         return copy.deepcopy(base)
+    from graphtricks.errors import SelectionError
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = gt.rewrite(base, passes, example_inputs=(example,))
+        try:
+            result = gt.rewrite(base, passes, example_inputs=(example,))
+        except SelectionError as e:  # a pattern that names nothing in this model
+            raise ExperimentError(f"recipe {variant.name} does not apply to this model: {e}") from e
     done = result.report.changes_by_pass()
     idle = [p.name for p in passes if not done.get(p.name)]
     if idle:

@@ -19,6 +19,7 @@ __all__ = [
     "ACTIVATION_FUNCTIONS",
     "ACTIVATION_METHODS",
     "activation_name",
+    "module_activation_name",
     "activation_kwargs",
     "zoo_activation_name",
     "normalise_activation_name",
@@ -117,14 +118,21 @@ def normalise_activation_name(name: str) -> str:
     return _NAMES[key]
 
 
+def module_activation_name(module: nn.Module) -> str | None:
+    """The activation a module computes (PyTorch's, a subclass of one, or another library's), or None."""
+    name = ACTIVATION_MODULES.get(type(module))
+    if name is not None:
+        return name
+    for cls, name in ACTIVATION_MODULES.items():
+        if isinstance(module, cls):
+            return name
+    return zoo_activation_name(module)
+
+
 def activation_name(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """The activation a node computes (``"ReLU"``, ``"GELU"``, …), or None."""
     if node.op == "call_module":
-        module = submodule(gm, node.target)
-        for cls, name in ACTIVATION_MODULES.items():
-            if type(module) is cls or (isinstance(module, cls) and cls is not nn.Module):
-                return name
-        return zoo_activation_name(module)
+        return module_activation_name(submodule(gm, node.target))
     if node.op == "call_function":
         return ACTIVATION_FUNCTIONS.get(node.target)
     if node.op == "call_method":

@@ -41,7 +41,7 @@ from graphtricks.fxgraph.nodes import (
 )
 from graphtricks.layers.residual import REGISTRY, Residual, ResidualSpan
 
-__all__ = ["Activation", "Reach", "consumer_map", "merge_reach", "residual_norms", "last_norm"]
+__all__ = ["Activation", "Reach", "consumer_map", "data_nodes", "merge_reach", "residual_norms", "last_norm"]
 
 # Ops a value passes through on its way to the nonlinearity that consumes it.
 _THROUGH_MODULES = tuple(
@@ -161,6 +161,33 @@ def _opaque_role(module: nn.Module, where: str) -> tuple[str, object]:
     if next(module.parameters(), None) is None and next(module.children(), None) is None:
         return "through", None  # parameter-free and childless: DropPath, StochasticDepth
     return "unknown", f"feeds opaque {type(module).__name__} at {where}"
+
+
+# -- data: which values depend on the model's inputs -----------------------------------------
+def data_nodes(gm: fx.GraphModule, data_inputs: set[str] | None = None) -> set[fx.Node]:
+    """The nodes whose value depends on the region's data inputs, in one forward pass.
+
+    A value computed only from parameters, buffers, constants and the inputs' shapes
+    (``sigmoid(self.alpha)``, an MLP on a coordinates table, positions from ``x.size(1)``) is no data.
+
+    Args:
+        gm: one traced region.
+        data_inputs: the names of the placeholders that carry data; None = all of them (the
+            root region, or a region whose callers are unknown).
+
+    Example:
+        >>> gate = next(n for n in gm.graph.nodes if n.name == "sigmoid")
+        >>> gate in data_nodes(gm)  # sigmoid(self.alpha)
+        False
+    """
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if data_inputs is None or node.target in data_inputs:
+                found.add(node)
+        elif node.target not in _IGNORED and any(a in found for a in node.all_input_nodes):
+            found.add(node)  # reading a shape is not reading the data
+    return found
 
 
 # -- residual branches ---------------------------------------------------------------------

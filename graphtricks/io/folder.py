@@ -36,7 +36,7 @@ from graphtricks.io.files import from_folder, public_modes, relative_to_folder
 from graphtricks.io.precheck import RECIPE, WEIGHTS, check_output_dir, check_saved_folder, is_saved_model
 from graphtricks.io.specs import file_sha256, load_matching_weights, load_model
 from graphtricks.report import Report
-from graphtricks.rewrite import RewriteResult, rewrite
+from graphtricks.rewrite import RewriteResult, model_structure, rewrite
 
 __all__ = ["save", "load", "load_saved", "SavedModel", "is_saved_model", "check_output_dir"]
 
@@ -48,6 +48,9 @@ STRUCTURE = "structure.json"
 # Change actions that set values without changing the structure: a replay onto the saved
 # weights need not repeat them (init finds its own draws there and leaves them).
 VALUE_ACTIONS = {"initialized"}
+# A model with more parameter bytes than this is rebuilt on the meta device to prove its source
+# (no memory for the weights, no time to initialise them).
+PROOF_ON_META_BYTES = 1 << 30
 
 
 def _source_with_copy(source: dict[str, Any], staging: Path, out: Path) -> dict[str, Any]:
@@ -88,12 +91,21 @@ def save(
     Returns:
         The folder written.
 
+    Before anything is written, ``source`` is proven: the model it builds (on the meta device
+    when the model is large) must have the structure and parameter shapes of the model the
+    rewrite was given, so that :func:`load` can rebuild the folder.
+
     Raises:
         OutputError: ``out_dir`` is a file, or non-empty without ``force``.
+        SpecError: ``source`` has no spec, cannot be built (a missing file), or builds another
+            model (the first difference is named: ``tv:resnet18`` for a model built with
+            ``num_classes=10``).
     """
     from safetensors.torch import save_model
 
     out = check_output_dir(out_dir, force)
+    if not prior_passes:  # a chain's source was proven by the load of the folder it started from
+        _prove_source(result, source, out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(result.model, str(staging / WEIGHTS))
@@ -115,6 +127,46 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _prove_source(result: RewriteResult, source: dict[str, Any], out: Path) -> None:
+    """Refuse, in one line, a source that does not build the model ``result`` was given."""
+    spec = source.get("spec") if isinstance(source, dict) else None
+    if not isinstance(spec, str) or not spec:
+        raise SpecError(f"cannot save {out}: give source={{'spec': ...}}, how to build the model again"
+                          " (e.g. {'spec': 'models/plain_cnn.py:PlainCNN'} or {'spec': 'tv:resnet18', 'model_args': ...})")
+    if result.given is None:
+        return  # a RewriteResult not made by rewrite(): nothing recorded to compare with
+    large = sum(t.numel() * t.element_size() for t in result.model.state_dict().values()) > PROOF_ON_META_BYTES
+    args = source.get("model_args")
+    try:
+        with torch.device("meta" if large else "cpu"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rebuilt = load_model(spec, args, trust_pickle=bool(source.get("trust_pickle")))
+    except GraphtricksError as e:
+        raise SpecError(f"cannot save {out}: its source does not build: {e}") from e
+    except Exception as e:  # the model's own constructor failed
+        raise SpecError(f"cannot save {out}: building {spec} failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+    problem = _first_difference(model_structure(rebuilt), result.given)
+    if problem:
+        given = f"{spec} with model_args {args}" if args else spec
+        raise SpecError(f"cannot save {out}: the source {given} builds another model than the one rewritten: {problem}"
+                          " (give the spec and model_args the model was built with); nothing written")
+
+
+def _first_difference(rebuilt: dict[str, dict], given: dict[str, dict]) -> str | None:
+    """The first way the rebuilt structure differs from the given one, in words, or None."""
+    for what, noun in (("leaves", "module"), ("shapes", "state-dict entry")):
+        mine, theirs = rebuilt[what], given[what]
+        for name in (n for n in mine if n not in theirs):
+            return f"{noun} {name or '<root>'} is in the rebuilt model only"
+        for name in (n for n in theirs if n not in mine):
+            return f"{noun} {name or '<root>'} is missing from the rebuilt model"
+        for name, value in theirs.items():
+            if mine[name] != value and None not in (mine[name], value):
+                kind = "is a" if what == "leaves" else "has shape"
+                return f"{name or '<root>'} {kind} {mine[name]} in the rebuilt model, {value} in the one rewritten"
+    return None
 
 
 @dataclass
@@ -142,7 +194,8 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
             one (e.g. the model's source changed).
     """
     folder = check_saved_folder(path)
-    recipe = read_recipe(folder / RECIPE)
+    # what the release that wrote the folder meant, written out (a chain's prior passes keep it)
+    recipe = read_recipe(folder / RECIPE, unversioned=_written_format(folder)).upgraded()
     source = recipe.source
     if "spec" not in source:
         raise SavedModelError(f"{folder / RECIPE} has no [source] spec; cannot rebuild the model")
@@ -151,6 +204,7 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
         source["spec"] = f"{from_folder(target, folder)}:{name}"
     inputs, kwargs = _saved_inputs(folder, source)
     spec = _resolve_source_spec(folder, source)
+    source["spec"] = spec  # the copy kept in the folder where the file is gone: a chain saves that one
     structure = _read_structure(folder)
     trust = trust_pickle or bool(source.get("trust_pickle"))
     result, moved = _replay(load_model(spec, source.get("model_args"), trust_pickle=trust), recipe, (inputs, kwargs),
@@ -178,6 +232,21 @@ def load_saved(path: str | Path, *, trust_pickle: bool = False) -> SavedModel:
     except (ValueError, TypeError) as e:
         raise SavedModelError(f"{report_path} is not valid JSON: {e}") from e
     return SavedModel(result.model, recipe, report, inputs, result, kwargs)
+
+
+def _written_format(folder: Path) -> int:
+    """The recipe format of a folder whose recipe names none (the first two releases wrote none).
+
+    The second release (format 1) recorded the user's state (``user``) in ``structure.json`` and
+    the sites passes skip by design (``skipped``) in ``report.json``; the first wrote neither.
+    """
+    for name, key in ((STRUCTURE, "user"), (REPORT, "skipped")):
+        try:
+            if key in json.loads((folder / name).read_text()):
+                return 1
+        except (OSError, ValueError, TypeError):
+            continue  # missing or unreadable: the other file, or the first release
+    return 0
 
 
 # -- what a replay needs, and what it is checked against --------------------------------------

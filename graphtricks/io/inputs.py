@@ -14,11 +14,118 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DTYPES", "DTYPE_NAMES", "check_inputs_agree", "make_example_inputs", "make_keyword_inputs", "parse_input_shapes",
+    "DTYPES",
+    "DTYPE_NAMES",
+    "MASK_INPUTS",
+    "VALUED_INPUTS",
+    "check_inputs_agree",
+    "make_example_inputs",
+    "make_keyword_inputs",
+    "make_valued_input",
+    "padded_masks",
+    "parse_input_shapes",
     "parse_named_input",
+    "positional_names",
+    "value_limits",
 ]
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
+
+
+def _end_padded(shape: tuple[int, ...], trailing: int) -> torch.Tensor:
+    """A 0/1 mask valid on a prefix of its ``trailing`` last dimensions in each row, padded after.
+
+    Rows are the leading dimensions. Row 0 is not padded; the others are padded at the end, each
+    to its own length (as far as the size allows), from just under the full size down to half
+    of it, or lower when there are more rows than that leaves lengths (a batch of sentences of
+    different lengths). A single row is padded to half: a padded position is what tests a mask.
+    """
+    import torch
+
+    sizes, lead = shape[-trailing:], shape[:-trailing]
+    rows = 1
+    for d in lead:
+        rows *= d
+    mask = torch.zeros((rows, *sizes), dtype=torch.bool)
+    for r in range(rows):
+        index = []
+        for n in sizes:
+            short = max(1, min(n // 2, n - (rows - 1)))
+            # row 1 the longest padded row (n - 1), the last the shortest (short)
+            keep = n if r == 0 and rows > 1 else short + ((n - 1 - short) * (rows - 1 - r)) // max(rows - 2, 1)
+            index.append(slice(0, max(keep, 1)))
+        mask[(r, *index)] = True
+    return mask.reshape(shape)
+
+
+def _sequence_mask(shape, dtype, high: int, gen) -> torch.Tensor:
+    """``attention_mask``: 1 for tokens, 0 for the padding at the end of shorter rows."""
+    return _end_padded(tuple(shape), 1).to(dtype)
+
+
+def _pixel_mask(shape, dtype, high: int, gen) -> torch.Tensor:
+    """``pixel_mask``: 1 on each image's top-left region, 0 on the padding below and right of it."""
+    return _end_padded(tuple(shape), min(2, len(shape))).to(dtype)
+
+
+def _token_types(shape, dtype, high: int, gen) -> torch.Tensor:
+    """``token_type_ids``: segment 0 then segment 1, split at a seeded place in each row; all 0
+    when the model has one segment type only (``high`` = 1, RoBERTa's ``type_vocab_size``)."""
+    import torch
+
+    length = shape[-1]
+    splits = torch.randint(1, max(length, 2), (*shape[:-1], 1), generator=gen)
+    second = torch.arange(length) >= splits
+    return (second * min(1, max(high - 1, 0))).to(dtype)
+
+
+def _positions(shape, dtype, high: int, gen) -> torch.Tensor:
+    """``position_ids``: 0, 1, 2, ... along the sequence, the same in every row."""
+    import torch
+
+    return torch.arange(shape[-1]).expand(tuple(shape)).to(dtype).contiguous()
+
+
+# Inputs named as Hugging Face names them whose values have a meaning: made valid, not random.
+VALUED_INPUTS = {
+    "attention_mask": _sequence_mask,
+    "decoder_attention_mask": _sequence_mask,
+    "pixel_mask": _pixel_mask,
+    "token_type_ids": _token_types,
+    "position_ids": _positions,
+}
+# The masks among them: a 0 is a padded position.
+MASK_INPUTS = frozenset({"attention_mask", "decoder_attention_mask", "pixel_mask"})
+
+
+def make_valued_input(name: str | None, shape, dtype, seed: int = 0, high: int = 2) -> torch.Tensor | None:
+    """The input ``name`` as deployment sends it (:data:`VALUED_INPUTS`), or None for other names.
+
+    Args:
+        name: The input's name (a forward parameter, an ONNX graph input).
+        shape: Its shape; rank 0 is left to the caller.
+        dtype: A torch dtype: masks are 0/1 in it (``True``/``False`` for bool).
+        seed: Seeds what varies (where segment 1 starts).
+        high: One above the largest valid value (segment types: ``type_vocab_size``).
+    """
+    import torch
+
+    rule = VALUED_INPUTS.get(name or "")
+    if rule is None or not len(shape) or 0 in tuple(shape):
+        return None
+    return rule(tuple(shape), dtype, high, torch.Generator().manual_seed(seed))
+
+
+def value_limits(model) -> dict[str, int]:
+    """One above the largest valid value of the :data:`VALUED_INPUTS` a model's config bounds:
+    ``{"token_type_ids": type_vocab_size}`` for a Hugging Face config that has one."""
+    types = getattr(getattr(model, "config", None), "type_vocab_size", None)
+    return {"token_type_ids": types} if isinstance(types, int) and types > 0 else {}
+
+
+def padded_masks(names, tensors) -> list[str]:
+    """The mask inputs (:data:`MASK_INPUTS`) among ``names`` holding a padded position."""
+    return [n for n, t in zip(names, tensors) if n in MASK_INPUTS and t.numel() and bool((t == 0).any())]
 
 
 def __getattr__(name: str):
@@ -56,9 +163,14 @@ def parse_input_shapes(text: str) -> list[tuple[int, ...]]:
 
 
 def make_example_inputs(
-    shapes: list[tuple[int, ...]], dtype: str = "float32", seed: int = 0, device: str = "cpu", high: int = 100
+    shapes: list[tuple[int, ...]], dtype: str = "float32", seed: int = 0, device: str = "cpu", high: int = 100,
+    names: list[str] | None = None, highs: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Seeded random inputs: normal floats, or integers in ``[0, high)`` for token ids."""
+    """Seeded random inputs: normal floats, or integers in ``[0, high)`` for token ids.
+
+    With ``names`` (the forward's parameters, :func:`positional_names`), an input named as in
+    :data:`VALUED_INPUTS` gets its valid values instead (``highs`` bounds them by name).
+    """
     import torch
 
     if dtype not in DTYPE_NAMES:
@@ -66,8 +178,12 @@ def make_example_inputs(
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for shape in shapes:
-        if torch_dtype.is_floating_point:
+    for i, shape in enumerate(shapes):
+        name = names[i] if names and i < len(names) else None
+        valued = make_valued_input(name, shape, torch_dtype, seed + i, (highs or {}).get(name or "", 2))
+        if valued is not None:
+            t = valued
+        elif torch_dtype.is_floating_point:
             t = torch.randn(shape, generator=gen).to(torch_dtype)
         else:
             t = torch.randint(0, high, shape, generator=gen, dtype=torch_dtype)
@@ -99,17 +215,28 @@ def parse_named_input(text: str) -> tuple[str, tuple[int, ...], str | None]:
 
 
 def make_keyword_inputs(
-    specs: dict[str, str], dtype: str = "float32", seed: int = 1, device: str = "cpu", high: int = 100
+    specs: dict[str, str], dtype: str = "float32", seed: int = 1, device: str = "cpu", high: int = 100,
+    highs: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Seeded random keyword inputs from ``{name: "SHAPE[:DTYPE]"}`` (``dtype`` where none is given).
 
     Each input draws from its own seed (``seed`` + its position), so one input's shape does not
-    change the values of the next.
+    change the values of the next. Inputs named as in :data:`VALUED_INPUTS` get valid values: 0/1 masks padded at the end of
+    all rows but the first, segment ids 0 then 1 (0 only when ``highs`` says one type), positions.
+
+    Args:
+        highs: one above the largest valid value per input name (``{"token_type_ids": 1}``).
     """
+    import torch
+
     out = {}
     for i, (name, text) in enumerate(specs.items()):
         _, shape, own = parse_named_input(f"{name}={text}")
-        out[name] = make_example_inputs([shape], own or dtype, seed=seed + i, device=device, high=high)[0]
+        valued = make_valued_input(name, shape, getattr(torch, own or dtype), seed + i, (highs or {}).get(name, 2))
+        if valued is not None:
+            out[name] = valued.to(device)
+        else:
+            out[name] = make_example_inputs([shape], own or dtype, seed=seed + i, device=device, high=high)[0]
     return out
 
 
@@ -165,7 +292,7 @@ def check_inputs_agree(args: tuple, kwargs: dict, forward=None) -> None:
     Raises:
         InputShapeError: naming the keyword input, the dimension and the size it should have.
     """
-    names = _parameter_names(forward)
+    names = positional_names(forward)
     arg_names = [names[i] if i < len(names) else f"input {i}" for i in range(len(args))]
     named = [(n, t, False) for n, t in zip(arg_names, args)] + [(k, t, True) for k, t in kwargs.items()]
     named = [(n, t, kw) for n, t, kw in named if hasattr(t, "shape") and hasattr(t, "dtype")]
@@ -187,7 +314,7 @@ def check_inputs_agree(args: tuple, kwargs: dict, forward=None) -> None:
                 )
 
 
-def _parameter_names(forward) -> list[str]:
+def positional_names(forward) -> list[str]:
     """The names of ``forward``'s positional parameters (none when it has no signature)."""
     import inspect
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from graphtricks.errors import ValidationError
+from graphtricks.io.inputs import make_valued_input
 
 __all__ = ["InputSet", "as_input_tuple", "random_like", "session_feed"]
 
@@ -61,27 +62,40 @@ def as_input_tuple(inputs: Any, what: str, error: type[Exception]) -> tuple[torc
 
 
 def random_like(
-    examples: Sequence[torch.Tensor], seed: int, batch_size: int | None = None
+    examples: Sequence[torch.Tensor],
+    seed: int,
+    batch_size: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Random inputs with the shapes and dtypes of ``examples``, reproducible from ``seed``.
 
     Floating-point inputs are standard normal; integer inputs (token ids, indices) are drawn in
     ``[0, max(example) + 1)`` so they stay valid indices; bool inputs are fair coin flips.
+    Inputs named as Hugging Face names them (:data:`~graphtricks.io.inputs.VALUED_INPUTS`)
+    get valid values instead: 0/1 masks padded at the end of every row but the first, segment
+    ids 0 then 1 (no higher than the example's), positions 0, 1, 2, ...
 
     Args:
         examples: The example inputs.
         seed: Seeds a private generator: the global RNG is left alone.
         batch_size: When given, replaces dimension 0 of every input of rank >= 1.
+        names: The inputs' names (the graph's input names), to recognise those with a meaning.
 
     Returns:
         The inputs, on CPU.
     """
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for example in examples:
+    for i, example in enumerate(examples):
         shape = list(example.shape)
         if batch_size is not None and shape:
             shape[0] = batch_size
+        high = int(example.max()) + 1 if example.numel() and not example.dtype.is_floating_point else 2
+        valued = make_valued_input(names[i] if names and i < len(names) else None, shape, example.dtype,
+                                   seed + i, high)
+        if valued is not None:
+            out.append(valued)
+            continue
         if example.dtype.is_floating_point:
             t = torch.randn(shape, generator=gen, dtype=torch.float32).to(example.dtype)
         elif example.dtype == torch.bool:

@@ -7,6 +7,10 @@ meets the data in a *consumer* node (``Mul(x, mask)``). The inference graph has 
 Channel dropout exports the same way around a *mask Dropout*, a Dropout of a tensor of ones
 (``x * Dropout(ones(N, C, 1, ..., 1))``, see :func:`mask_dropouts`).
 
+A mask computes from its draw and from constants that are no data (scalars, shapes): where it
+meets data, even data no input reaches (a dropout in Swin V2's relative-position MLP, whose table
+and weights are fixed), that node applies it, and what follows is the model's again.
+
 This module finds those nodes, so the graph comparison can set them aside, and makes the
 deterministic copy of a train graph that check 2a compares with PyTorch: every Dropout ratio 0,
 every random operator replaced by a fixed value (a uniform's lower bound, a normal's mean),
@@ -44,6 +48,7 @@ from graphtricks.onnx.portable import (
 
 __all__ = [
     "RandomSubgraph",
+    "data_values",
     "deterministic_train_copy",
     "dropout_subgraphs",
     "fixed_values",
@@ -88,6 +93,42 @@ def fixed_values(model: onnx.ModelProto) -> set[str]:
     return fixed
 
 
+# Operators whose output depends on their input's shape (and dtype) only, never on its values.
+_SHAPE_READERS = frozenset({"Shape", "Size", "RandomUniformLike", "RandomNormalLike", "EyeLike"})
+
+
+def _is_weight(tensor: onnx.TensorProto) -> bool:
+    """Whether a constant tensor holds data of the model: floating-point, more than one element.
+
+    A mask's own constants are scalars (a keep probability, a scale) and integer shapes; a
+    weight table, a positional embedding or a relative-position table is none of those.
+    """
+    floating = helper.tensor_dtype_to_np_dtype(tensor.data_type).kind in "fc"
+    return floating and int(np.prod(tensor.dims, dtype=np.int64)) > 1
+
+
+def data_values(model: onnx.ModelProto) -> set[str]:
+    """Values computed from the model's data: a graph input or a weight (:func:`_is_weight`).
+
+    A value computed from a shape only (``Shape``, ``Size``, what a random ``*Like`` draws) is
+    not data, whatever it was the shape of. A random subgraph computes from its draw and from
+    fixed values that are not data: a node combining its mask with data applies the mask, even
+    when the data is fixed too (a dropout on an input-independent path, such as Swin V2's
+    relative-position MLP).
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    data = {v.name for v in model.graph.input if v.name not in inits}  # an old IR lists weights as inputs too
+    data |= {name for name, init in inits.items() if _is_weight(init)}
+    for node in model.graph.node:  # graph order is topological
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and _is_weight(value):
+                data.update(o for o in node.output if o)
+        elif node.op_type not in _SHAPE_READERS and any(i in data for i in node.input if i):
+            data.update(o for o in node.output if o)
+    return data
+
+
 def _readers(nodes: Sequence[onnx.NodeProto]) -> dict[str, list[int]]:
     """The nodes reading each value, by index."""
     readers: dict[str, list[int]] = {}
@@ -108,8 +149,9 @@ def _spread(
     """From node ``start``: the nodes computing only from it and constants, the nodes reading
     its values along with other data (consumers), and the values read outside (masks).
 
-    Only the readers of what it taints are visited, in graph order (which is topological), not
-    every later node: a BERT has 147 dropouts and 3000 nodes.
+    ``fixed`` holds the values a mask may compute from besides its draw: constants that are
+    no data (:func:`data_values`). Only the readers of what it taints are visited, in graph
+    order (which is topological), not every later node: a BERT has 147 dropouts and 3000 nodes.
     """
     tainted, members, consumers = {o for o in nodes[start].output if o}, [start], []
     queue = sorted({j for v in tainted for j in readers.get(v, ()) if j > start})
@@ -134,7 +176,7 @@ def _spread(
 def _subgraphs(model: onnx.ModelProto, starts: Sequence[int]) -> list[RandomSubgraph]:
     if not starts:
         return []
-    fixed, nodes = fixed_values(model), model.graph.node
+    fixed, nodes = fixed_values(model) - data_values(model), model.graph.node
     graph_outputs = {o.name for o in model.graph.output}
     readers = _readers(nodes)
     found = []
@@ -300,14 +342,21 @@ def _passed_on(model: onnx.ModelProto) -> dict[str, str]:
 def operator_multiset(model: onnx.ModelProto) -> Counter:
     """Counts ``(domain, op_type)`` of the computation both graphs share.
 
-    Train-only nodes (:func:`train_only_nodes`) are left out, their readers reading the data
-    they pass on, and Transposes are folded as the exporter folds them
+    Only the computation on data is counted (nodes with an output in :func:`data_values`):
+    arithmetic on shapes and constants is the exporter's, which folds it or not depending on
+    the mode (the TorchScript exporter folds constants in the inference graph only, and turns
+    a shape into a constant where it knows it: timm NASNet's ``Conv2dSame`` padding). Train-only
+    nodes (:func:`train_only_nodes`) are left out, their readers reading the data they pass on,
+    and Transposes are folded as the exporter folds them
     (:func:`~graphtricks.onnx.graph.folded_operator_counts`): two Transposes around a Dropout
     cancel out in the inference graph only.
     """
     train_only = train_only_nodes(model) | train_only_output_nodes(model)[0]
-    shared = [n for i, n in enumerate(model.graph.node) if i not in train_only]
-    counts = folded_operator_counts(shared, _passed_on(model), main_outputs(
+    data, nodes = data_values(model), model.graph.node
+    counted = {
+        i for i, n in enumerate(nodes) if i not in train_only and any(o in data for o in n.output)
+    }
+    counts = folded_operator_counts([nodes[i] for i in sorted(counted)], _passed_on(model), main_outputs(
         [o.name for o in model.graph.output]
     ))
     # A portable BatchNorm (batch statistics in primitive ops) is one BatchNormalization, as in
@@ -315,7 +364,7 @@ def operator_multiset(model: onnx.ModelProto) -> Counter:
     for positions in portable_batchnorm_groups(model).values():
         if train_only.issuperset(positions):  # an auxiliary head's: no inference twin
             continue
-        group = Counter(("ai.onnx", model.graph.node[i].op_type) for i in positions)
+        group = Counter(("ai.onnx", nodes[i].op_type) for i in positions if i in counted)
         counts.subtract(group)
         counts[("ai.onnx", "BatchNormalization")] += 1
     return +counts

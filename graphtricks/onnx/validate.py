@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from graphtricks.errors import ValidationError
+from graphtricks.io.inputs import MASK_INPUTS, VALUED_INPUTS, padded_masks
 from graphtricks.onnx.checks.dropout import check_dropout_count, check_dropout_rates
 from graphtricks.onnx.checks.graphs import (
     check_infer_has_no_train_ops,
@@ -97,19 +98,53 @@ def _resized(inputs: Sequence[torch.Tensor], sizes: dict[tuple[int, int], int]) 
     return tuple(out)
 
 
+def _graph_input_names(infer: onnx.ModelProto) -> list[str]:
+    """The inference graph's inputs, by name, in order (initializers listed as inputs aside)."""
+    inits = {i.name for i in infer.graph.initializer}
+    return [v.name for v in infer.graph.input if v.name not in inits]
+
+
 def _input_sets(
     inputs: tuple[torch.Tensor, ...],
     seeds: Sequence[int],
     extra: Sequence[tuple[torch.Tensor, ...]],
     sizes: dict[tuple[int, int], int],
+    names: Sequence[str] = (),
 ) -> list[InputSet]:
-    sets = [InputSet(f"seed={s}", s, random_like(inputs, s)) for s in seeds]
+    """One random set per seed (and with every dynamic dimension grown), then the user's sets.
+
+    A set whose masks (``attention_mask``, ...) have padded positions says so in its label
+    (``seed=0,padded=attention_mask``): the report shows that the padded case was checked.
+    """
+
+    def made(label: str, seed: int, templates: Sequence[torch.Tensor] = inputs) -> InputSet:
+        tensors = random_like(templates, seed, None, names)
+        padded = padded_masks(names, tensors)
+        return InputSet(label + (f",padded={'+'.join(padded)}" if padded else ""), seed, tensors)
+
+    sets = [made(f"seed={s}", s) for s in seeds]
     sets += [InputSet(f"extra_inputs[{i}]", None, x) for i, x in enumerate(extra)]
     if sizes and seeds:
         grown = _resized(inputs, sizes)
         shapes = ";".join("x".join(map(str, t.shape)) for t in grown)
-        sets.append(InputSet(f"seed={seeds[0]},shapes={shapes}", seeds[0], random_like(grown, seeds[0])))
+        sets.append(made(f"seed={seeds[0]},shapes={shapes}", seeds[0], grown))
     return sets
+
+
+def _valued_inputs_note(names: Sequence[str], input_sets: Sequence[InputSet], extra: bool) -> list[str]:
+    """What the random sets gave the inputs named as Hugging Face names them, and what was padded."""
+    valued = [n for n in names if n in VALUED_INPUTS]
+    if not valued or not any(s.seed is not None for s in input_sets):
+        return []
+    padded = sorted({n for s in input_sets if s.seed is not None for n in padded_masks(names, s.tensors)})
+    kinds = {"0/1 masks padded at the end of every row but the first": set(valued) & MASK_INPUTS,
+             "segment ids 0 then 1": "token_type_ids" in valued, "positions 0, 1, 2, ...": "position_ids" in valued}
+    return [
+        f"input(s) {', '.join(valued)} named as Hugging Face names them: random sets give them valid "
+        f"values ({', '.join(k for k, present in kinds.items() if present)})"
+        + (f"; padded {', '.join(padded)} checked" if padded else "")
+        + ("; the extra input sets are used as given" if extra else "")
+    ]
 
 
 def _random_checks(
@@ -261,12 +296,12 @@ def _validate_loaded(
     report = ValidationReport(device=asked, seeds=seeds)
     tolerance = ToleranceTable(asked, atol, rtol)
     sizes = _dynamic_sizes(infer, inputs)
+    names = _graph_input_names(infer)
     if sizes:
-        inits = {i.name for i in infer.graph.initializer}
-        graph_inputs = [v.name for v in infer.graph.input if v.name not in inits]
-        dims = ", ".join(f"{graph_inputs[i]}:{d} at {n}" for (i, d), n in sizes.items())
+        dims = ", ".join(f"{names[i]}:{d} at {n}" for (i, d), n in sizes.items())
         report.notes.append(f"dynamic dimensions: also validated with {dims}")
-    input_sets = _input_sets(inputs, seeds, extra, sizes)
+    input_sets = _input_sets(inputs, seeds, extra, sizes, names)
+    report.notes += _valued_inputs_note(names, input_sets, bool(extra))
     only_train = train_only_names([o.name for o in train.graph.output])
     if only_train:
         report.notes.append(

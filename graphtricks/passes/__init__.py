@@ -8,6 +8,7 @@ from graphtricks.passes.base import (
     GraphtricksPass,
     NoChangeWarning,
     PassNoteWarning,
+    SelectionWarning,
     pass_from_config,
     register_pass,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "GraphtricksPass",
     "NoChangeWarning",
     "PassNoteWarning",
+    "SelectionWarning",
     "pass_from_config",
     "register_pass",
     "AddResidual",

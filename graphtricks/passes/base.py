@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -26,10 +27,15 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from graphtricks.capture import Region, RegionTree
 from graphtricks.capture.probe import Observers
-from graphtricks.errors import GraphtricksError, PassError
+from graphtricks.errors import GraphtricksError, PassError, SelectionError
+from graphtricks.fxgraph.nodes import node_where, stack_types
 from graphtricks.report import Change
+from graphtricks.suggest import did_you_mean
 
-__all__ = ["GraphtricksPass", "NoChangeWarning", "PassNoteWarning", "PASSES", "PassRun", "RunResult", "register_pass", "pass_from_config"]
+__all__ = [
+    "GraphtricksPass", "NoChangeWarning", "PassNoteWarning", "SelectionWarning", "PASSES", "PassRun", "RunResult",
+    "SelectionNames", "as_patterns", "register_pass", "pass_from_config", "selection_names",
+]
 
 
 class NoChangeWarning(UserWarning):
@@ -38,6 +44,84 @@ class NoChangeWarning(UserWarning):
 
 class PassNoteWarning(UserWarning):
     """A pass left something alone and says why (each of a run's notes, as a warning)."""
+
+
+class SelectionWarning(UserWarning):
+    """A selection pattern of a pass built with ``strict=False`` matches nothing in the model."""
+
+
+# -- selections: patterns given by the user, checked against the model's names ----------------
+def as_patterns(value: Any, what: str) -> tuple[str, ...]:
+    """A selection given as one string or a list of strings, as a tuple of patterns.
+
+    A string is one pattern (iterating it would select by single characters: ``"layer1.*"``
+    would be eight patterns, one of them ``*``); anything but strings is refused.
+
+    Raises:
+        PassError: ``value`` is not a string or a list of non-empty strings (names ``what``).
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    elif isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise PassError(f"{what} must be a string or a list of strings, got {type(value).__name__} {value!r}")
+    patterns = tuple(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise PassError(f"{what} patterns must be non-empty strings, got {pattern!r}")
+    return patterns
+
+
+def selection_names(tree: RegionTree) -> list[str]:
+    """Every qualified name a selection can match: modules, blocks inlined in a trace, graph nodes."""
+    names = [name for name, _ in tree.model.named_modules() if name]
+    for region in tree.regions():
+        if region.kind == "traced":
+            names += map(region.qualify, stack_types(region.graph_module.graph))
+            names += [node_where(region.path, n) for n in region.graph_module.graph.nodes if n.op.startswith("call_")]
+    return list(dict.fromkeys(names))
+
+
+def _glob_matches(pattern: str, name: str) -> bool:
+    """``fnmatch`` with the arguments in selection order (``fnmatchcase`` takes the name first)."""
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+class SelectionNames:
+    """The names selections are checked against over one rewrite, read from the tree lazily.
+
+    A name counts once it existed at any point of the rewrite: a later pass may select what an
+    earlier one built (a residual block's ``body``), or name what an earlier one replaced.
+    The tree is read again only when a pattern matches none of the names known so far.
+
+    Args:
+        tree: the region tree being rewritten.
+        now: read its names now (before the passes edit it), not at the first check.
+    """
+
+    def __init__(self, tree: RegionTree, *, now: bool = False):
+        self.tree = tree
+        self._names: dict[str, None] | None = None
+        if now:
+            self._read()
+
+    def _read(self) -> None:
+        self._names = {**(self._names or {}), **dict.fromkeys(selection_names(self.tree))}
+
+    def matched(self, pattern: str, matches: Callable[[str, str], bool]) -> bool:
+        """True when ``matches(pattern, name)`` holds for a name of the model."""
+        if self._names is None:
+            self._read()
+        elif any(matches(pattern, n) for n in self._names):
+            return True
+        else:
+            self._read()  # the tree as the earlier passes left it
+        return any(matches(pattern, n) for n in self._names)
+
+    def hint(self, pattern: str) -> str:
+        """The closest names to ``pattern``, as ``"; did you mean ..."``, or where to look."""
+        return did_you_mean(pattern, self._names or ()) or " (graphtricks inspect lists the model's names)"
 
 
 PASSES: dict[str, type[GraphtricksPass]] = {}
@@ -91,25 +175,32 @@ class GraphtricksPass(PassBase):
     """Base class of graphtricks passes.
 
     Subclasses set ``name`` (registry key), ``preserves_eval`` (True when eval-mode output is
-    unchanged, which the conformance tests then check), implement ``call`` for traced regions
+    unchanged, which the conformance tests then check), ``writes_values`` (True when the pass
+    sets parameter values in place), implement ``call`` for traced regions
     and, where it makes sense, ``call_opaque`` for opaque ones, and return their settings
     from ``options`` so a recipe can replay them.
 
     Args:
-        include: qualified-name globs; when given, only matching places are edited.
+        include: qualified-name globs (one string is one glob); when given, only matching places
+            are edited.
         exclude: qualified-name globs of places never edited.
+        strict: a selection pattern that matches no name in the model is an error
+            (:class:`~graphtricks.errors.SelectionError`); ``False`` makes it a
+            :class:`SelectionWarning` naming it.
     """
 
     name: ClassVar[str] = ""
     preserves_eval: ClassVar[bool] = False
+    # True when the pass writes parameter values in place (an in-place rewrite keeps a copy of
+    # them, to put back if a pass fails)
+    writes_values: ClassVar[bool] = False
 
-    def __init__(self, *, include: tuple[str, ...] | list[str] = (), exclude: tuple[str, ...] | list[str] = ()):
+    def __init__(self, *, include: tuple[str, ...] | list[str] | str = (), exclude: tuple[str, ...] | list[str] | str = (),
+                 strict: bool = True):
         super().__init__()
-        for pattern in (*include, *exclude):
-            if not isinstance(pattern, str) or not pattern:
-                raise PassError(f"{self.name}: include/exclude patterns must be non-empty strings, got {pattern!r}")
-        self.include = tuple(include)
-        self.exclude = tuple(exclude)
+        self.include = as_patterns(include, f"{self.name}: include")
+        self.exclude = as_patterns(exclude, f"{self.name}: exclude")
+        self.strict = bool(strict)
         self._run: PassRun | None = None  # the run in progress, bound by run() / __call__ only
 
     # -- the run in progress -------------------------------------------------------------
@@ -157,6 +248,8 @@ class GraphtricksPass(PassBase):
             out["include"] = list(self.include)
         if self.exclude:
             out["exclude"] = list(self.exclude)
+        if not self.strict:
+            out["strict"] = False
         return out
 
     def __repr__(self) -> str:
@@ -169,6 +262,33 @@ class GraphtricksPass(PassBase):
         if self.include and not any(fnmatch.fnmatchcase(where, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatchcase(where, p) for p in self.exclude)
+
+    def selections(self) -> list[tuple[str, str, Callable[[str, str], bool]]]:
+        """``(option, pattern, matches)`` of every pattern the user gave this pass, to check
+        that each names something in the model (a pass with patterns of its own adds them)."""
+        return [(option, pattern, _glob_matches)
+                for option, patterns in (("include", self.include), ("exclude", self.exclude)) for pattern in patterns]
+
+    def check_selections(self, names: SelectionNames) -> list[str]:
+        """Refuse a pattern that matches no name of the model, naming it and the closest names.
+
+        Returns:
+            One message per such pattern when the pass is not strict (to warn with), else ``[]``.
+
+        Raises:
+            SelectionError: the first such pattern, when the pass is strict.
+        """
+        found = []
+        for option, pattern, matches in self.selections():
+            if names.matched(pattern, matches):
+                continue
+            hint = names.hint(pattern)
+            message = f"{self.name}: {option} pattern {pattern!r} matches nothing in this model{hint}"
+            if self.strict:
+                raise SelectionError(f"{message}; strict=False makes it a warning", option=option, pattern=pattern,
+                                     hint=hint)
+            found.append(message)
+        return found
 
     @property
     def prefix(self) -> str:

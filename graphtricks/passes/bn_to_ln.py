@@ -139,8 +139,8 @@ class BatchNormToLayerNorm(GraphtricksPass):
     name = "bn_to_ln"
     preserves_eval = False
 
-    def __init__(self, *, over: str = "c", include=(), exclude=()):
-        super().__init__(include=include, exclude=exclude)
+    def __init__(self, *, over: str = "c", include=(), exclude=(), strict: bool = True):
+        super().__init__(include=include, exclude=exclude, strict=strict)
         if over not in LN_OVER:
             raise PassError(f"unknown LayerNorm layout over={over!r}; choose one of {', '.join(LN_OVER)}")
         self.over = over
@@ -170,6 +170,10 @@ class BatchNormToLayerNorm(GraphtricksPass):
             self.notes.append(f"{where}: did not run on the example inputs; given the channel form, which fits"
                               " (N, C) and (N, C, L) inputs alike (no drift figure)")
         new = layer_norm_for(bn, max(ranks), self.over)
+        if isinstance(new, NormAct):  # what an earlier pass added beside its act (a dropout it calls) stays
+            for name, child in bn.named_children():
+                if name not in new._modules and name not in batch_norm_extras(bn):
+                    new.add_module(name, child)
         put(new)
         for parent, name in getattr(self.state, "homes", {}).get(id(bn), ()):  # a shared module: every name
             if parent._modules.get(name) is bn:

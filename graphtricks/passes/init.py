@@ -40,7 +40,7 @@ from graphtricks.fxgraph.dataflow import (
 )
 from graphtricks.fxgraph.kinds import NORM_FUNCTIONS, NORM_TYPES
 from graphtricks.layers.residual import Residual
-from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.passes.base import GraphtricksPass, as_patterns, register_pass
 from graphtricks.passes.init_draws import (
     CONV_TYPES,
     RECURRENT_TYPES,
@@ -89,10 +89,12 @@ class Initialize(GraphtricksPass):
 
     name = "init"
     preserves_eval = False
+    writes_values = True
 
     def __init__(self, scheme: str = "auto", *, seed: int = 0, keep_bias: bool = False, fan: str = "fan_in",
-                 zero_init_residual: bool = False, include_frozen: bool = False, types=(), include=(), exclude=()):
-        super().__init__(include=include, exclude=exclude)
+                 zero_init_residual: bool = False, include_frozen: bool = False, types=(), include=(), exclude=(), strict: bool = True):
+        super().__init__(include=include, exclude=exclude, strict=strict)
+        types = as_patterns(types, "init: types")
         if scheme not in SCHEMES:
             raise PassError(f"init: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         if fan not in FAN_MODES:

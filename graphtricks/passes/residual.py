@@ -48,7 +48,7 @@ from graphtricks.layers.residual import (
     choose_shortcut,
     make_shortcut,
 )
-from graphtricks.passes.base import GraphtricksPass, register_pass
+from graphtricks.passes.base import GraphtricksPass, as_patterns, register_pass
 from graphtricks.passes.residual_blocks import (
     SPAN,
     Block,
@@ -96,13 +96,10 @@ class AddResidual(GraphtricksPass):
     preserves_eval = False
 
     def __init__(self, blocks=(), *, spans=(), shortcut="auto", shortcut_norm=False, post_act="none", gate="none",
-                 include=(), exclude=()):
-        super().__init__(include=include, exclude=exclude)
-        self.blocks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
-        self.spans = (spans,) if isinstance(spans, str) else tuple(spans)
-        for pattern in self.blocks:
-            if not isinstance(pattern, str) or not pattern.strip():
-                raise PassError(f"residual: block patterns must be non-empty strings, got {pattern!r}")
+                 include=(), exclude=(), strict: bool = True):
+        super().__init__(include=include, exclude=exclude, strict=strict)
+        self.blocks = as_patterns(blocks, "residual: block")
+        self.spans = as_patterns(spans, "residual: span")
         for span in self.spans:
             if not isinstance(span, str) or not SPAN.fullmatch(span):
                 raise PassError(f"residual: span {span!r} is not FIRST:LAST (graph node names, or REGION/FIRST:LAST)")
@@ -124,6 +121,11 @@ class AddResidual(GraphtricksPass):
 
     def skip_reason(self) -> str | None:
         return None if self.blocks or self.spans else "residual: no blocks or spans named; nothing to wrap"
+
+    def selections(self) -> list:
+        """The block patterns too (matched by segment, as :meth:`_select` does)."""
+        blocks = [("blocks", p, lambda _, name, glob=name_glob(p): glob.fullmatch(name) is not None) for p in self.blocks]
+        return blocks + super().selections()
 
     # -- planning: everything is validated before the first edit ------------------------
     def _planned(self, module: nn.Module) -> list[Block]:
@@ -189,9 +191,7 @@ class AddResidual(GraphtricksPass):
         chosen: dict[str, None] = {}
         for pattern in self.blocks:
             regex = name_glob(pattern)
-            hits = [name for name in names if regex.fullmatch(name)]
-            if not hits:
-                self.notes.append(f"block pattern {pattern!r} matched no module")
+            hits = [name for name in names if regex.fullmatch(name)]  # none: refused by check_selections
             chosen.update(dict.fromkeys(hits))
         wrapped, own = wrapped_names(model)
         out = []

@@ -59,7 +59,7 @@ def test_npz_without_labels(tmp_path, recipe):
 def test_recipe_that_does_not_apply(tmp_path, recipe):
     no_blocks = recipe("res", 'pass = "residual"\nblocks = ["nothing.*"]')
     one_line_error(run(TINY, "--data", "digits", "--recipe", no_blocks, "--out", tmp_path / "exp"),
-                   tmp_path, "recipe res does not apply", "residual changed nothing")
+                   tmp_path, "recipe res does not apply", "blocks pattern 'nothing.*' matches nothing")
 
 
 def test_unknown_technique(tmp_path, recipe):

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphtricks.fxgraph.dataflow import consumer_map, last_norm, merge_reach, residual_norms
+from graphtricks.fxgraph.dataflow import consumer_map, data_nodes, last_norm, merge_reach, residual_norms
 from graphtricks.layers.residual import Residual
 
 
@@ -326,3 +326,27 @@ def test_last_norm_of_a_graph_body():
     assert last_norm(gm) is ln
     gm2 = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), ln, nn.ReLU()))
     assert last_norm(gm2) is None
+
+
+class _Mixed(nn.Module):
+    """Values from the input, from a parameter only, from a buffer only and from the input's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(4))
+        self.register_buffer("table", torch.ones(4))
+
+    def forward(self, x, y):
+        gate = torch.sigmoid(self.alpha)
+        bias = torch.relu(self.table * 2)
+        pos = torch.tanh(torch.arange(x.size(1), dtype=torch.float32))
+        return torch.relu(x) * gate + bias + pos + y
+
+
+def test_data_nodes_follow_the_inputs_only():
+    gm = fx.symbolic_trace(_Mixed())
+    names = {n.name for n in data_nodes(gm)}
+    assert {"x", "y", "relu", "output"} <= names
+    assert not names & {"sigmoid", "relu_1", "tanh", "size", "arange", "alpha", "table"}
+    only_y = {n.name for n in data_nodes(gm, {"y"})}  # x is no data in this region's callers
+    assert "relu" not in only_y and "y" in only_y and "output" in only_y

@@ -141,9 +141,11 @@ def test_opaque_region_activation_is_wrapped_and_keys_kept():
     assert [c.action for c in result.report.changes] == ["wrapped", "wrapped"]
     assert set(model.state_dict()) <= set(result.model.state_dict())
     assert torch.equal(result.model.eval()(x), model(x))
+    assert [c.details["module"] for c in result.report.changes] == ["blocks.0.act_dropout", "blocks.1.act_dropout"]
     result.model.train()
-    dropped = result.model.get_submodule("blocks.0.act.dropout")
+    dropped = result.model.get_submodule("blocks.0.act_dropout")
     assert isinstance(dropped, nn.Dropout) and dropped.training
+    assert type(result.model.get_submodule("blocks.0.act")) is nn.GELU  # the activation itself is unchanged
 
 
 def test_placeholder_dropout_gets_the_requested_p():

@@ -14,7 +14,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import graphtricks as gt
-from graphtricks.errors import PassError
+from graphtricks.errors import PassError, SelectionError
 from graphtricks.layers.residual import PadShortcut, Residual, ResidualSpan, choose_shortcut
 from graphtricks.passes.base import pass_from_config
 from graphtricks.functional import add_residual
@@ -251,9 +251,12 @@ def test_all_blocks_are_validated_before_any_edit():
     assert list(model.state_dict()) == keys and not any(isinstance(m, Residual) for m in model.modules())
 
 
-def test_unmatched_pattern_is_reported_and_options_are_checked():
-    result = _rewrite(PlainVGG(), torch.randn(2, 3, 32, 32), "stages.1", "layer?.0")
-    assert any("'layer?.0' matched no module" in w for w in result.report.warnings)
+def test_unmatched_pattern_is_refused_and_options_are_checked():
+    with pytest.raises(SelectionError, match=r"blocks pattern 'layer\?\.0' matches nothing"):
+        _rewrite(PlainVGG(), torch.randn(2, 3, 32, 32), "stages.1", "layer?.0")
+    result = _rewrite(PlainVGG(), torch.randn(2, 3, 32, 32), "stages.1", "layer?.0", strict=False)
+    assert any("'layer?.0' matches nothing" in w for w in result.report.warnings)
+    assert [c.where for c in result.report.changes] == ["stages.1"]
     bad = [{"shortcut": "conv1x1"}, {"gate": "one"}, {"post_act": "gelu"}, {"spans": ["a-b"]},
            {"shortcut": "pad", "shortcut_norm": True}]
     for kwargs in bad:

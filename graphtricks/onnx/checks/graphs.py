@@ -3,7 +3,11 @@
 Both graphs must be the same model: the same inputs and outputs, identical weights, and the
 same operators once train-only ones are set aside: Dropout, the random subgraphs of stochastic
 depth with the node applying their mask, and the constants only they read
-(:mod:`graphtricks.onnx.train_only`). The inference graph must hold no train-only operator.
+(:mod:`graphtricks.onnx.train_only`). Operators are those computing on data: the arithmetic on
+shapes and constants that an exporter folds in one mode and not the other is no part of the model.
+A dropout on a path that reads no input (an MLP over a fixed relative-position table) is a
+dropout like any other: what feeds it is shared with the inference graph and compared.
+The inference graph must hold no train-only operator.
 
 A model whose own forward differs between modes by more than dropout (``x * 0.5 if
 self.training``) has graphs that rightly differ: :func:`eager_mode_difference` runs it in both
@@ -294,7 +298,7 @@ def check_operators(
         "operator counts differ (train, infer): "
         + ", ".join(f"{op}={counts}" for op, counts in diff.items())
         if diff
-        else f"same {sum(tc.values())} operators besides train-only ones"
+        else f"same {sum(tc.values())} operators on data besides train-only ones"
     )
     if eager:
         calls = ", ".join(f"{name}={counts}" for name, counts in eager.items())

@@ -5,7 +5,7 @@ run interleaved (A, B, then B, A, ...) after a warm-up, each rep gives one ratio
 figure reports the median, min and max of those ratios. Where a figure has several cases
 (models), its headline is the worst case: a goal is met only when every case meets it.
 
-1. ``rewrite_overhead``: ``graphtricks.rewrite`` (dropout, BN→LN, init, and residual on
+1. ``rewrite_overhead``: ``graphtricks.rewriting`` (dropout, BN→LN, init, and residual on
    plain stages) ÷ the same unavoidable work by hand: ``copy.deepcopy``, one
    ``torch.fx.symbolic_trace``, one ``ShapeProp`` forward and init's ``nn.init`` draws
    (``without_copy_and_init``: rewrite without copy and init ÷ trace + forward, a diagnostic).
@@ -424,7 +424,7 @@ _VALIDATE_STAGES = (
 
 
 def _rewrite_stages(passes: list) -> tuple:
-    rewrite_module = importlib.import_module("graphtricks.rewrite")  # the module, not gt.rewrite
+    rewrite_module = importlib.import_module("graphtricks.rewriting")  # the module, not gt.rewrite
 
     def where(function) -> str:  # the file that defines it, wherever it has moved
         path = Path(inspect.getsourcefile(function))
@@ -515,7 +515,7 @@ def _rewrite_overhead_case(name: str, reps: int, warmup: int) -> dict[str, Any]:
 
 
 def bench_rewrite_overhead(models: tuple[str, ...], reps: int, warmup: int = 1) -> dict[str, Any]:
-    """``graphtricks.rewrite`` ÷ ``symbolic_trace`` + one ShapeProp forward, per model."""
+    """``graphtricks.rewriting`` ÷ ``symbolic_trace`` + one ShapeProp forward, per model."""
     cases: dict[str, dict[str, Any]] = {}
     for name in models:
         _log(f"rewrite_overhead: {name}")
@@ -523,7 +523,7 @@ def bench_rewrite_overhead(models: tuple[str, ...], reps: int, warmup: int = 1) 
             cases[name] = _rewrite_overhead_case(name, reps, warmup)
         except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' figures
             cases[name] = {"error": f"{type(e).__name__}: {e}"}
-    what = "graphtricks.rewrite ÷ (copy.deepcopy + fx.symbolic_trace + one ShapeProp forward + init's nn.init draws)"
+    what = "graphtricks.rewriting ÷ (copy.deepcopy + fx.symbolic_trace + one ShapeProp forward + init's nn.init draws)"
     return _figure("rewrite_overhead", what, cases)
 
 

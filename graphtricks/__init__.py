@@ -24,9 +24,9 @@ __version__ = "0.1.0"
 
 # public name -> the module that holds it
 _LAZY: dict[str, str] = {
-    "Region": "graphtricks.capture",
-    "RegionTree": "graphtricks.capture",
-    "capture": "graphtricks.capture",
+    "Region": "graphtricks.capturing",
+    "RegionTree": "graphtricks.capturing",
+    "capture": "graphtricks.capturing",
     "GraphtricksError": "graphtricks.errors",
     "SelectionError": "graphtricks.errors",
     "recipe": "graphtricks.io.recipe",
@@ -38,8 +38,8 @@ _LAZY: dict[str, str] = {
     "validate": "graphtricks.api",
     "Change": "graphtricks.report",
     "Report": "graphtricks.report",
-    "RewriteResult": "graphtricks.rewrite",
-    "rewrite": "graphtricks.rewrite",
+    "RewriteResult": "graphtricks.rewriting",
+    "rewrite": "graphtricks.rewriting",
     "experiment": "graphtricks.experiment",
     **{
         name: "graphtricks.passes"
@@ -69,10 +69,12 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """The package object: importing a submodule never hides the public name it shares.
+    """The package object: importing a module by its old name never hides the public name.
 
-    ``import graphtricks.rewrite`` binds ``graphtricks.rewrite`` to the module; ``gt.rewrite``
-    is the function (as it was when this file imported everything eagerly).
+    Every module's name differs from every public name now; the old names of the renamed modules
+    (``graphtricks.rewrite``, ``graphtricks.capture``: see ``_compat.RENAMED``) and the old path
+    ``graphtricks.recipe`` still import for one release, and must leave ``gt.rewrite``,
+    ``gt.capture`` and ``gt.recipe`` what they are.
     """
 
     def __setattr__(self, name: str, value) -> None:
@@ -85,7 +87,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from graphtricks.capture import Region, RegionTree, capture  # noqa: F401
+    from graphtricks.capturing import Region, RegionTree, capture  # noqa: F401
     from graphtricks.errors import GraphtricksError, SelectionError  # noqa: F401
     from graphtricks.experiment import experiment  # noqa: F401
     from graphtricks.io import recipe  # noqa: F401
@@ -97,4 +99,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         SelectionWarning,
     )
     from graphtricks.report import Change, Report  # noqa: F401
-    from graphtricks.rewrite import RewriteResult, rewrite  # noqa: F401
+    from graphtricks.rewriting import RewriteResult, rewrite  # noqa: F401

@@ -1,7 +1,7 @@
 """``gt.export`` and ``gt.validate``: the command line's ``export`` and ``validate`` for Python users.
 
 Thin wrappers over :func:`graphtricks.onnx.export_pair` and :func:`graphtricks.onnx.validate_pair`
-that take what a Python user holds — a saved folder, a :class:`~graphtricks.rewrite.RewriteResult`
+that take what a Python user holds — a saved folder, a :class:`~graphtricks.rewriting.RewriteResult`
 or a plain module — and return the same report objects the command line prints.
 """
 
@@ -49,7 +49,7 @@ def export(
 
     Args:
         model: a folder written by :func:`graphtricks.save` (the files go into it unless
-            ``out_dir`` is given), a :class:`~graphtricks.rewrite.RewriteResult` (saved to
+            ``out_dir`` is given), a :class:`~graphtricks.rewriting.RewriteResult` (saved to
             ``out_dir`` with ``source`` first, so :func:`validate` can rebuild it), or an
             ``nn.Module`` with ``example_inputs`` (only the ONNX files are written).
         out_dir: where the files go; required unless ``model`` is a saved folder.
@@ -82,7 +82,7 @@ def export(
     """
     from graphtricks.io.folder import is_saved_model, load_saved, save
     from graphtricks.onnx import export_pair
-    from graphtricks.rewrite import RewriteResult
+    from graphtricks.rewriting import RewriteResult
 
     options = {"dynamic_dims": dynamic_dims, "exporter": exporter, "mc_dropout": mc_dropout}
     if isinstance(model, (str, Path)):

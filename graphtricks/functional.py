@@ -12,7 +12,7 @@ from graphtricks.passes.bn_to_ln import BatchNormToLayerNorm
 from graphtricks.passes.dropout import InsertDropout
 from graphtricks.passes.init import Initialize
 from graphtricks.passes.residual import AddResidual
-from graphtricks.rewrite import rewrite
+from graphtricks.rewriting import rewrite
 
 __all__ = ["add_residual", "bn_to_ln", "initialize", "insert_dropout"]
 
@@ -32,7 +32,7 @@ def insert_dropout(model, example_inputs=(), p: float = 0.1, *, kind: str = "ele
         **kwargs: ``activations``, ``gates``, ``include``, ``exclude``, ``strict``.
 
     Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
+        A :class:`~graphtricks.rewriting.RewriteResult` (``.model``, ``.report``).
 
     Example:
         >>> result = insert_dropout(model, (torch.randn(8, 3, 32, 32),), p=0.1)
@@ -53,7 +53,7 @@ def add_residual(model, example_inputs=(), blocks=(), *, inplace: bool = False, 
         **kwargs: ``spans``, ``shortcut``, ``shortcut_norm``, ``post_act``, ``gate``, ``include``, ``exclude``, ``strict``.
 
     Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
+        A :class:`~graphtricks.rewriting.RewriteResult` (``.model``, ``.report``).
 
     Raises:
         PassError: a block cannot be wrapped (the message names it and its shapes); nothing is changed.
@@ -76,7 +76,7 @@ def bn_to_ln(model, example_inputs=(), *, over: str = "c", inplace: bool = False
         **kwargs: ``include``, ``exclude``, ``strict``.
 
     Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
+        A :class:`~graphtricks.rewriting.RewriteResult` (``.model``, ``.report``).
 
     Raises:
         PassError: ``over`` is not ``c`` or ``chw``.
@@ -103,7 +103,7 @@ def initialize(model, example_inputs=(), scheme: str = "auto", *, inplace: bool 
             ``types``, ``include``, ``exclude``, ``strict``.
 
     Returns:
-        A :class:`~graphtricks.rewrite.RewriteResult` (``.model``, ``.report``).
+        A :class:`~graphtricks.rewriting.RewriteResult` (``.model``, ``.report``).
 
     Raises:
         PassError: an unknown scheme, fan or type name.

@@ -17,7 +17,11 @@ or attributes ``b0``, ``b1`` …), then a linear ``head`` with an optional outpu
 - ``to_vec``: channels-first maps to vectors (flatten in three forms, mean, adaptive pooling);
 - ``mode``: a layer block wrapped by a module whose own forward depends on ``self.training``
   (noise, a scale, or functional dropout in train mode);
-- ``branch``: two layer blocks of the same shape behind a data-dependent ``if``.
+- ``branch``: two layer blocks of the same shape behind a data-dependent ``if``;
+- ``tuned``: a layer block, then code that reads plain attributes of its module (a float scale, an
+  int shift, a string choosing the activation, a tuple of weights), which fx bakes into a graph.
+
+With ``checkpoints=True``, some blocks are called through ``torch.utils.checkpoint.checkpoint``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "ACTS",
@@ -38,6 +43,8 @@ __all__ = [
     "ModeDependent",
     "Net",
     "Shared",
+    "TUNED_VALUES",
+    "Tuned",
     "ToVec",
     "activation_sites",
     "architectures",
@@ -253,8 +260,36 @@ class Shared(nn.Module):
         return self.again(self.inner(x))
 
 
+class Tuned(nn.Module):
+    """A block whose own code reads plain attributes: fx bakes their values into its graph."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.inner = LayerBlock(spec["inner"])
+        self.scale = float(spec["scale"])
+        self.shift = int(spec["shift"])
+        self.how = str(spec["how"])
+        self.mix = tuple(spec["mix"])
+
+    def forward(self, x):
+        x = self.inner(x)
+        if self.how == "relu":
+            y = F.relu(x)
+        elif self.how == "tanh":
+            y = torch.tanh(x)
+        else:
+            y = x.abs()
+        y = y * self.scale
+        if self.shift:
+            y = y.roll(self.shift, -1)
+        return y * self.mix[0] + x * self.mix[1]
+
+
+TUNED_VALUES = {"scale": (0.5, 1.0, 2.0), "shift": (0, 1, 2), "how": ("relu", "tanh", "abs"),
+                "mix": ((1.0, 0.0), (0.5, 0.5), (1.0, 1.0))}
+
 _BLOCKS = {"layer": LayerBlock, "to_vec": ToVec, "mode": ModeDependent, "branch": Branch, "counter": Counter,
-           "shared": Shared}
+           "shared": Shared, "tuned": Tuned}
 
 
 class Net(nn.Module):
@@ -272,6 +307,7 @@ class Net(nn.Module):
             self.names = tuple(f"b{i}" for i in range(len(blocks)))
             for name, block in zip(self.names, blocks):
                 self.add_module(name, block)
+        self.checkpointed = tuple(config.get("checkpoint", ()))  # blocks called through checkpoint()
         head = config["head"]
         self.head = nn.Linear(head["cin"], head["cout"])
         self.head_act = dict(head["act"]) if head.get("act") else None
@@ -282,11 +318,12 @@ class Net(nn.Module):
         if self.container == "sequential":
             x = self.body(x)
         elif self.container == "modulelist":
-            for block in self.body:
-                x = block(x)
+            for i, block in enumerate(self.body):
+                x = checkpoint(block, x, use_reentrant=False) if i in self.checkpointed else block(x)
         else:
-            for name in self.names:
-                x = getattr(self, name)(x)
+            for i, name in enumerate(self.names):
+                block = getattr(self, name)
+                x = checkpoint(block, x, use_reentrant=False) if i in self.checkpointed else block(x)
         x = self.head(x)
         a = self.head_act
         if a is None:
@@ -474,7 +511,8 @@ def _layer_block(draw, shape: tuple[int, ...], first: bool, modes: bool = True, 
 
 @st.composite
 def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", "dropout"), branches: str = "any",
-                  untracked_bn: bool = True, min_norm: int = 1, max_blocks: int = 5, state: bool = False):
+                  untracked_bn: bool = True, min_norm: int = 1, max_blocks: int = 5, state: bool = False,
+                  tuned: bool = False, checkpoints: bool = False):
     """Draw an architecture config.
 
     Args:
@@ -492,6 +530,9 @@ def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", 
         max_blocks: the most blocks before the head.
         state: also ``counter`` blocks (buffers updated in forward) and ``shared`` blocks (one
             block under two names, called twice).
+        tuned: also ``tuned`` blocks (code that reads plain attributes; at least one).
+        checkpoints: call some blocks through ``torch.utils.checkpoint.checkpoint`` (at least one;
+            the container is then a ModuleList or attributes).
     """
     rank = draw(st.sampled_from([2, 3, 4]))
     n = 2
@@ -506,8 +547,11 @@ def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", 
     count = draw(st.integers(1, max_blocks))
     kinds = ["layer", "layer", "layer", "to_vec"] + (["mode"] if modes else []) + ([] if branches == "none" else ["branch"])
     kinds += ["counter", "shared"] if state else []
+    kinds += ["tuned", "tuned"] if tuned else []
     for i in range(count):
         kind = draw(st.sampled_from(kinds))
+        if tuned and i == count - 1 and not any(b.get("kind") == "tuned" for b in blocks):
+            kind = "tuned"
         if kind == "to_vec" and len(shape) == 2:
             kind = "layer"
         if kind == "to_vec":
@@ -527,6 +571,9 @@ def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", 
             blocks.append({"kind": "shared", "inner": spec})
         elif kind == "counter":
             blocks.append({"kind": "counter", "inner": spec})
+        elif kind == "tuned":
+            values = {k: draw(st.sampled_from(v)) for k, v in TUNED_VALUES.items()}
+            blocks.append({"kind": "tuned", "inner": spec, **values})
         elif kind == "layer":
             blocks.append(spec)
         elif kind == "mode":
@@ -545,10 +592,13 @@ def architectures(draw, *, modes: bool = True, mode_variants=("noise", "scale", 
     head_act = draw(st.none() | st.builds(
         lambda name, form: {"name": name, "form": form, "inplace": False},
         st.sampled_from(HEAD_ACTS), st.sampled_from(["module", "torch", "method"])))
+    containers = ["modulelist", "attrs"] if checkpoints else ["sequential", "modulelist", "attrs"]
     config = {
         "input": input_shape,
-        "container": draw(st.sampled_from(["sequential", "modulelist", "attrs"])),
+        "container": draw(st.sampled_from(containers)),
         "blocks": blocks,
         "head": {"cin": shape[1], "cout": draw(st.integers(1, 3)), "act": head_act},
     }
+    if checkpoints:
+        config["checkpoint"] = draw(st.lists(st.integers(0, len(blocks) - 1), min_size=1, max_size=2, unique=True))
     return config

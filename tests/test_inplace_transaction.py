@@ -28,7 +28,7 @@ from graphtricks.passes import PASSES
 from graphtricks.passes.base import GraphtricksPass
 from tests.strategies import architectures, build_from_config, wrappable_blocks
 
-DRIVER = importlib.import_module("graphtricks.rewrite")  # the module (gt.rewrite is the function)
+DRIVER = importlib.import_module("graphtricks.rewriting")  # the module (gt.rewrite is the function)
 
 
 class Injected(RuntimeError):

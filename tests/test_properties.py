@@ -20,6 +20,9 @@ Invariants checked for every pass (with a config drawn per architecture):
 - an empty rewrite keeps train-mode behaviour: same output, gradients and BatchNorm
   statistics as the original under the same ``torch.manual_seed``, in train and in mixed modes;
 - chains of 2-4 passes in one rewrite: the same invariants, and the last pass idempotent;
+- values read from attributes and changed after the rewrite (float, int, string, tuple) are
+  honoured (the module is re-specialised) or refused in one line naming one; checkpointed calls
+  stay checkpointed (each block runs as often in forward and backward as in the original);
 - save/load round trip (the architecture is rebuilt from its JSON config by
   ``tests/strategies.py:build_from_config``) and, on fewer examples, the ONNX round trip.
 
@@ -56,12 +59,15 @@ import graphtricks.passes
 from graphtricks.errors import GraphtricksError
 from graphtricks.onnx import export_pair, validate_pair
 from graphtricks.passes import PASSES
-from graphtricks.capture.shapes import propagate_shapes, tensor_meta
+from graphtricks.capturing.shapes import propagate_shapes, tensor_meta
 from graphtricks.io.inputs import make_example_inputs
 from tests.strategies import (
+    TUNED_VALUES,
+    Tuned,
     LayerBlock,
     activation_sites,
     architectures,
+    block_names,
     build_from_config,
     wrappable_blocks,
 )
@@ -659,3 +665,61 @@ def test_residual_keeps_a_trailing_in_place_activation():
     result = _rewrite(model, [PASSES["residual"](["0"], gate="zero")], (x,))
     assert result.passes[0].preserves_eval
     assert torch.equal(_eval_out(result.model, (x,)), _eval_out(model, (x,)))
+
+
+# -- values changed after the rewrite, checkpointed calls ------------------------------------------
+@_settings(25)
+@given(data=st.data(), config=architectures(tuned=True, modes=False, branches="none"))
+def test_attributes_changed_after_the_rewrite_are_honoured(data, config):
+    model, inputs = _build(config)
+    result = _rewrite(model, [gt.InsertDropout(p=0.3)], inputs)
+    rewritten = result.model
+    tuned = [name for name, m in model.named_modules() if isinstance(m, Tuned)]
+    picked = data.draw(st.lists(st.tuples(st.sampled_from(tuned), st.sampled_from(sorted(TUNED_VALUES))),
+                                min_size=1, max_size=3, unique=True), label="changed")
+    changed = {}
+    for name, attr in picked:
+        value = data.draw(st.sampled_from(TUNED_VALUES[attr]), label=f"{name}.{attr}")
+        for m in (model, rewritten):
+            setattr(m.get_submodule(name), attr, value)
+        changed[(name, attr)] = value
+    try:
+        got = _eval_out(rewritten, inputs)
+    except GraphtricksError as e:
+        # Only the string that chooses the activation can remove the node a dropout follows.
+        event("refused")
+        assert any(attr == "how" for _, attr in changed), str(e)
+        assert any(f"Tuned.{attr} was" in str(e) for _, attr in changed) and "rewrite" in str(e)
+        return
+    event("re-specialised")
+    assert torch.equal(got, _eval_out(model, inputs))
+    trained = copy.deepcopy(rewritten).train()
+    trained(*inputs).float().pow(2).mean().backward()
+    for (name, attr), value in changed.items():  # the guard now holds the new values
+        guard = trained.get_submodule(name).__dict__.get("_gt_guard")
+        if guard is not None and ("", None, attr) in guard.entries:
+            assert guard.expected[guard.entries.index(("", None, attr))] == value
+
+
+def _block_calls(model: nn.Module, inputs: tuple, names: list[str]) -> dict[str, int]:
+    """How often each named block is called in one forward and backward in train mode."""
+    m = copy.deepcopy(model).train()
+    counts: dict[str, int] = {}
+    handles = [m.get_submodule(name).register_forward_pre_hook(
+        lambda mod, args, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)) for name in names]
+    torch.manual_seed(0)
+    m(*inputs).float().pow(2).mean().backward()
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+@_settings(20)
+@given(config=architectures(checkpoints=True))
+def test_checkpointed_calls_stay_checkpointed(config):
+    model, inputs = _build(config)
+    result = _rewrite(model, [gt.InsertDropout(p=0.2)], inputs)
+    names = block_names(config)
+    want = _block_calls(model, inputs, names)
+    event(f"a block recomputed in backward: {any(n == 2 for n in want.values())}")
+    assert _block_calls(result.model, inputs, names) == want

@@ -106,9 +106,9 @@ def inspect(
     with user_errors(verbose):
         check_spec_path(spec)  # before torch: a wrong path answers at once
 
-        from graphtricks.capture.summary import summarize
+        from graphtricks.capturing.summary import summarize
         from graphtricks.passes import candidate_blocks
-        from graphtricks.rewrite import rewrite as run_rewrite
+        from graphtricks.rewriting import rewrite as run_rewrite
 
         with status("capturing the model…", as_json):
             model, inputs, _, prior, keywords = load_source(spec, input_shape, input_dtype, model_arg, weights,

@@ -119,7 +119,7 @@ def _export(spec, folder: Path, target: Path, input_shape, input_dtype, named_in
     from graphtricks.io.folder import save
     from graphtricks.io.inputs import positional_inputs
     from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
-    from graphtricks.rewrite import rewrite as run_rewrite
+    from graphtricks.rewriting import rewrite as run_rewrite
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise GraphtricksError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")

@@ -237,7 +237,7 @@ def rewrite(
 
         from graphtricks.io.folder import save
         from graphtricks.io.recipe import read_recipe
-        from graphtricks.rewrite import rewrite as run_rewrite
+        from graphtricks.rewriting import rewrite as run_rewrite
 
         planned = read_recipe(recipe).build_passes() if recipe else []
         planned += _flag_passes(

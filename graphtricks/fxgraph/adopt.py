@@ -18,11 +18,13 @@ import copy
 import inspect
 
 import torch.fx as fx
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch import nn
 from torch.fx.graph_module import _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
 from graphtricks.errors import GraphtricksError
+from graphtricks.fxgraph.fastpath import speed_up
 from graphtricks.fxgraph.lookup import submodule
 
 __all__ = [
@@ -30,9 +32,11 @@ __all__ = [
     "adoption_conflict",
     "adoption_snapshot",
     "compile_when_called",
-    "guard_flags",
+    "Guard",
+    "install_guard",
     "is_adopted",
     "original_class",
+    "release_graph",
 ]
 
 _MARK = "_graphtricks_adopted"
@@ -49,7 +53,8 @@ _INSTANCE_STATE = {
 }
 # Names a class of the user's must not define for GraphModule to work on it.
 _RESERVED = ({n for n in vars(fx.GraphModule) if not n.startswith("__")}
-             | set(_INSTANCE_STATE) | {"_graph", "_code", "_tracer_cls", "_lineno_map", "_prologue_start"})
+             | set(_INSTANCE_STATE) | {"_graph", "_code", "_tracer_cls", "_lineno_map", "_prologue_start",
+                                       "_in_spec", "_out_spec"})
 _adopted_classes: dict[type, type] = {}
 
 
@@ -98,13 +103,13 @@ def _adopted_class(cls: type) -> type:
             "__reduce__": _reduce,
             "__str__": _str,
             "code": property(_code, doc="The graph's generated Python (generated now if an edit made it stale)."),
+            "recompile": _recompile,
             "__jit_unused_properties__": [*getattr(fx.GraphModule, "__jit_unused_properties__", ()), "code"],
             # Each adopted child was compiled when it took its graph; fx would compile the subtree again.
             "_recompile_submodules": lambda self: [],
             "_replicate_for_data_parallel": nn.Module._replicate_for_data_parallel,
         }
         found = type(cls.__name__, (cls, fx.GraphModule), namespace)
-        found.__call__ = _checked_call(found)
         _adopted_classes[cls] = found
     return found
 
@@ -144,6 +149,16 @@ def adopt_graph(module: nn.Module, graph: fx.Graph, *, compile: bool = True) -> 
         module.__dict__["_graph"] = graph  # what the ``graph`` setter does, but the compile
         graph.owning_module = module
         _compile_when_called(module, _placeholder_signature(graph))
+    return module
+
+
+def release_graph(module: nn.Module) -> nn.Module:
+    """Undo :func:`adopt_graph`: ``module`` runs its own class's forward again (same object, its state
+    as it is now, minus what running a graph kept on it)."""
+    if is_adopted(module):
+        for name in _RESERVED | {"_gt_guard"}:
+            module.__dict__.pop(name, None)
+        module.__class__ = original_class(module)
     return module
 
 
@@ -199,6 +214,15 @@ def _placeholder_signature(graph: fx.Graph) -> inspect.Signature | None:
         return None
 
 
+def _recompile(self):
+    """``GraphModule.recompile``; a module with a guard then gets the forward that checks it
+    (``fastpath.speed_up``): copies, pickles and edits never run a graph unchecked."""
+    python_code = fx.GraphModule.recompile(self)
+    if "_gt_guard" in self.__dict__:
+        speed_up(self)
+    return python_code
+
+
 def _code(self) -> str:
     if "_code" not in self.__dict__:
         self.recompile()
@@ -221,41 +245,129 @@ class adoption_snapshot:  # noqa: N801 - used like a function: ``undo = adoption
             module.recompile()
 
 
-def guard_flags(module: nn.Module, reads: list) -> None:
-    """Make ``module`` check, on every call, that the flags its trace read still hold their values.
+class Guard:
+    """The attribute values a module's regenerated forward was specialised on, checked per call.
+
+    fx bakes every value the traced code read into the graph (a flag's branch, a temperature, a
+    pooling mode, the number of blocks in a container). The fast forward (``fastpath.py``) starts
+    with one comparison of the values now against :attr:`expected`; when they differ it calls
+    :meth:`failed`, which re-specialises the module (``respecialise``: its original forward traced
+    again with the values now, the same edits applied again) or refuses in one line.
+
+    Attributes:
+        entries: ``(path, owner, name)`` per value: the owner as a path from the module (or, for
+            a module outside it, the object), the attribute (``flag_reads.LENGTH``: the number of
+            modules of a container).
+        expected: the values, in the order of ``entries``.
+        respecialise: ``fn(module, guard) -> str | None``, a module-level function (pickles by
+            name): it installs a new graph and guard and returns None, or returns why it cannot.
+        context: what ``respecialise`` needs (picklable).
+    """
+
+    def __init__(self, entries: list, expected: tuple, respecialise=None, context: dict | None = None):
+        self.entries, self.expected = entries, expected
+        self.respecialise, self.context = respecialise, context or {}
+
+    def values_source(self, root: str, names) -> tuple[str, dict]:
+        """The source of a tuple expression of the values now (``root`` names the module), and its globals."""
+        globals_ = {}
+        missing = names.new("missing")
+        globals_[missing] = _ABSENT
+        parts = []
+        for path, owner, name in self.entries:
+            if owner is not None:
+                local = names.new("owner")
+                globals_[local] = owner
+                where = local
+            else:
+                where = root + "".join(f"._modules[{p!r}]" for p in path.split(".")) if path else root
+            parts.append(f"len({where}._modules)" if name == _LENGTH else f"getattr({where}, {name!r}, {missing})")
+        return "(" + "".join(p + ", " for p in parts) + ")", globals_
+
+    def now(self, module: nn.Module) -> tuple | None:
+        """The values now (None when an owner is no longer there)."""
+        out = []
+        try:
+            for path, owner, name in self.entries:
+                where = owner if owner is not None else submodule(module, path) if path else module
+                out.append(len(where._modules) if name == _LENGTH else getattr(where, name, _ABSENT))
+        except (AttributeError, KeyError):
+            return None
+        return tuple(out)
+
+    def failed(self, module: nn.Module, now: tuple | None):
+        """Re-specialise ``module`` to the values now and return its new forward, or raise."""
+        changed = self._first_change(now)
+        why = "its regenerated forward cannot be rebuilt"
+        if is_fx_symbolic_tracing():
+            why = "it is being traced (call it once first, then trace it)"
+        elif self.respecialise is not None and now is not None:
+            why = self.respecialise(module, self)
+            if why is None:
+                return module.forward
+        index = self.entries.index(changed)
+        got = "<gone>" if now is None else repr(now[index])
+        raise GraphtricksError(
+            f"{self.describe(module, changed)} was {self.expected[index]!r} when this model was rewritten and is {got}"
+            f" now; {why}: set it back, or set it on the original model and rewrite that again")
+
+    @staticmethod
+    def describe(module: nn.Module, entry: tuple) -> str:
+        """How the message names a guarded value: ``ResNet.drop_rate``, ``len(VisionTransformer.blocks)``."""
+        path, owner, name = entry
+        if owner is not None:
+            where = type(owner).__name__
+        else:
+            where = type(module).__name__ + (f".{path}" if path else "")
+        return f"len({where})" if name == _LENGTH else f"{where}.{name}"
+
+    def _first_change(self, now: tuple | None) -> tuple:
+        if now is None:
+            return self.entries[0]
+        for entry, was, value in zip(self.entries, self.expected, now):
+            if was != value:
+                return entry
+        return self.entries[0]
+
+
+_ABSENT = type("_Absent", (), {"__repr__": lambda self: "<no attribute>", "__reduce__": lambda self: "_ABSENT"})()
+_LENGTH = "__len__"  # capture.flag_reads.LENGTH (capture comes after fxgraph)
+
+
+def install_guard(module: nn.Module, reads: list, respecialise=None, context: dict | None = None,
+                  by_path: bool = True) -> Guard | None:
+    """Make ``module``'s regenerated forward check, on every call, the values its trace read
+    (from its next compile: ``adopt_graph``, ``recompile()``).
 
     Args:
-        module: an adopted region root.
-        reads: ``(submodule, name, value)`` for each ``bool`` attribute the trace read
-            (``capture.flag_reads``); submodules outside ``module`` are left out.
+        module: an adopted module.
+        reads: ``(owner module, name, value)`` for each value read (``capture.flag_reads``).
+        respecialise: what to call when a value changed (see :class:`Guard`); None: refuse.
+        context: what ``respecialise`` needs.
+        by_path: check the module at each owner's path (a submodule replaced later is checked);
+            False: the owner objects themselves (while passes still move modules about).
+
+    Returns:
+        The guard, or None when nothing was read.
     """
-    paths = {id(m): name for name, m in module.named_modules()}
-    flags = [(paths[id(m)], name, value) for m, name, value in reads if id(m) in paths]
-    if flags:
-        module.__dict__["_gt_flags"] = flags
-    else:
-        module.__dict__.pop("_gt_flags", None)
-
-
-def _check_flags(module: nn.Module, flags: list) -> None:
-    for path, name, value in flags:
-        owner = submodule(module, path)
-        if getattr(owner, name, value) is not value:
-            where = f"{path}.{name}" if path else name
-            raise GraphtricksError(
-                f"{type(module).__name__}.{where} was {value} when this model was rewritten, and its graph is"
-                f" specialised on it (fx runs Python conditions once): set it back, or rewrite the model again"
-                f" after setting it")
-
-
-def _checked_call(cls: type):
-    def __call__(self, *args, **kwargs):
-        flags = self.__dict__.get("_gt_flags")
-        if flags:
-            _check_flags(self, flags)
-        return super(cls, self).__call__(*args, **kwargs)
-
-    return __call__
+    paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)} if by_path else {}
+    entries, expected, seen = [], [], set()
+    for owner, name, value in reads:
+        key = (id(owner), name)
+        if key in seen:
+            continue
+        seen.add(key)
+        path = paths.get(id(owner))
+        entries.append((path, None, name) if path is not None else ("", owner, name))
+        # A container's length as it is now: passes add modules to containers (a dropout after an
+        # activation of a Sequential), and the graph calls them by name.
+        expected.append(len(owner._modules) if name == _LENGTH else value)
+    if not entries:
+        module.__dict__.pop("_gt_guard", None)
+        return None
+    guard = Guard(entries, tuple(expected), respecialise, context)
+    module.__dict__["_gt_guard"] = guard
+    return guard
 
 
 def _str(self) -> str:

@@ -12,6 +12,10 @@ made from fx's own generated code (same statements, same order, same early frees
   torch function mode, an fx or TorchScript trace in progress. Skipping returns the input
   itself, as the call does.
 
+- first compares, once per call, the attribute values the graph was specialised on with their
+  values now (the module's guard, ``adopt.Guard``): one tuple comparison; a change re-specialises
+  the module or raises.
+
 The graph, ``gm.code`` and the state dict are untouched. ``recompile()`` (graph edits, pickling)
 makes the fast forward again from the new code; a deep copy gets its own; ``torch.jit.script``
 (which compiles ``forward`` from source) puts fx's forward back.
@@ -20,6 +24,7 @@ makes the fast forward again from the new code; a deep copy gets its own; ``torc
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from collections import Counter
 
@@ -106,12 +111,59 @@ class _Names:
 
 
 def _fast_source(gm: fx.GraphModule, fx_forward) -> tuple[str, dict]:
-    """The fast forward's source and globals: fx's code and globals, submodules bound to locals."""
+    """The fast forward's source and globals: fx's code and globals, the guard's check first,
+    submodules bound to locals (where their call sites can be told apart)."""
     src, globals_ = gm.code, dict(fx_forward.__globals__)
+    names = _Names(src, globals_)
+    guard = gm.__dict__.get("_gt_guard")
+    prologue = _guard_prologue(guard, fx_forward, names, globals_) if guard is not None else []
+    try:
+        src, bound = _bind_submodules(gm, src, names, globals_)
+        prologue += bound
+    except ValueError:
+        if not prologue:
+            raise
+    lines = src.split("\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith("def forward("))
+    if not lines[at].rstrip().endswith(":"):
+        raise ValueError("unexpected multi-line signature")
+    lines[at + 1 : at + 1] = ["    " + line for line in prologue]
+    return "\n".join(lines), globals_
+
+
+def _guard_prologue(guard, fx_forward, names: _Names, globals_: dict) -> list[str]:
+    """Lines that compare the guarded values with those the graph was specialised on, once per call;
+    when they differ, the guard re-specialises the module (or raises) and the call goes to the new forward."""
+    values, more = guard.values_source("self", names)
+    globals_.update(more)
+    now, expected, failed = names.new("now"), names.new("expected"), names.new("guard_failed")
+    globals_[expected], globals_[failed] = guard.expected, guard.failed
+    kinds = inspect.Parameter
+    args = []
+    for p in list(inspect.signature(fx_forward).parameters.values())[1:]:
+        if p.kind is kinds.VAR_POSITIONAL:
+            args.append(f"*{p.name}")
+        elif p.kind is kinds.VAR_KEYWORD:
+            args.append(f"**{p.name}")
+        elif p.kind is kinds.KEYWORD_ONLY:
+            args.append(f"{p.name}={p.name}")
+        else:
+            args.append(p.name)
+    return [
+        "try:",
+        f"    {now} = {values}",
+        "except Exception:",  # an owner that is gone: the guard names it
+        f"    {now} = None",
+        f"if {now} != {expected}:",
+        f"    return {failed}(self, {now})({', '.join(args)})",
+    ]
+
+
+def _bind_submodules(gm: fx.GraphModule, src: str, names: _Names, globals_: dict) -> tuple[str, list[str]]:
+    """fx's code with each submodule call made on a local bound once per call, and the lines that bind them."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     if not calls:
         raise ValueError("no submodule calls")
-    names = _Names(src, globals_)
     locals_ = {target: names.new(target) for target in calls}
     sites = {_format_target("self", target) + "(": target for target in calls}
     found: Counter = Counter()
@@ -152,13 +204,20 @@ def _fast_source(gm: fx.GraphModule, fx_forward) -> tuple[str, dict]:
         all_training = " and ".join(f"{d}.training" for d in dropouts)
         prologue.append(f"if not ({all_training}) and {unobserved}():")
         prologue += [f"    {d} = {stand_in}({d})" for d in dropouts]
+    return src, prologue
 
-    lines = src.split("\n")
-    at = next(i for i, line in enumerate(lines) if line.startswith("def forward("))
-    if not lines[at].rstrip().endswith(":"):
-        raise ValueError("unexpected multi-line signature")
-    lines[at + 1 : at + 1] = ["    " + line for line in prologue]
-    return "\n".join(lines), globals_
+
+def _guarded(fx_forward, guard):
+    """fx's forward behind the guard's check, where no fast forward can be made from its code."""
+
+    @functools.wraps(fx_forward)
+    def forward(self, *args, **kwargs):
+        now = guard.now(self)
+        if now != guard.expected:
+            return guard.failed(self, now)(*args, **kwargs)
+        return fx_forward(self, *args, **kwargs)
+
+    return forward
 
 
 def _above(self: nn.Module, name: str, fn) -> super:
@@ -171,7 +230,8 @@ def _above(self: nn.Module, name: str, fn) -> super:
 def _recompile(self: fx.GraphModule):
     """``GraphModule.recompile``, then the fast forward again from the (possibly edited) graph."""
     python_code = _above(self, "recompile", _recompile).recompile()
-    speed_up(self)
+    if not is_sped_up(self):  # a guarded module's own recompile sped it up already
+        speed_up(self)
     return python_code
 
 
@@ -183,8 +243,9 @@ def _deepcopy(self: fx.GraphModule, memo: dict):
 
 
 def _prepare_scriptable(self: fx.GraphModule):
-    """TorchScript compiles ``forward`` from its source and cannot compile this one: back to fx's."""
-    _above(self, "__prepare_scriptable__", _prepare_scriptable).recompile()
+    """TorchScript compiles ``forward`` from its source and cannot compile this one: back to fx's
+    (which checks no guard: TorchScript compiles the graph's constants as they are)."""
+    fx.GraphModule.recompile(self)
     return self
 
 
@@ -215,7 +276,10 @@ def speed_up(gm: fx.GraphModule) -> bool:
         src, globals_ = _fast_source(gm, fx_forward)
         forward = method_from_src(src, globals_)
     except Exception:  # noqa: BLE001 - any failure (an fx code generator this does not know): keep fx's forward
-        return False
+        guard = gm.__dict__.get("_gt_guard")
+        if guard is None:
+            return False
+        forward = _guarded(fx_forward, guard)  # its checks all the same
     setattr(forward, _MARK, fx_forward)
     # Class attributes (each GraphModule has a class of its own): nothing enters the instance's
     # state, so pickles and state dicts are what they were.
@@ -227,12 +291,13 @@ def speed_up(gm: fx.GraphModule) -> bool:
 
 
 def restore_fx_forward(gm: fx.GraphModule) -> None:
-    """Undo :func:`speed_up`: ``gm`` runs fx's own forward again (to compare, or to debug)."""
+    """Undo :func:`speed_up`: ``gm`` runs fx's own forward again (to compare, or to debug; it checks
+    no guard until its next ``recompile()``)."""
     cls = type(gm)
     for name in _CLASS_ATTRIBUTES:
         if name in vars(cls):
             delattr(cls, name)
-    gm.recompile()
+    fx.GraphModule.recompile(gm)
 
 
 def is_sped_up(gm: nn.Module) -> bool:

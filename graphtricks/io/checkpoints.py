@@ -39,7 +39,7 @@ def map_state_dict(result_or_model, original: Mapping[str, torch.Tensor]) -> Map
     moves passes registered) and sorts out what the model has no place for.
 
     Args:
-        result_or_model: a :class:`~graphtricks.rewrite.RewriteResult` or the rewritten model.
+        result_or_model: a :class:`~graphtricks.rewriting.RewriteResult` or the rewritten model.
         original: the original model's ``state_dict()`` (or a checkpoint of it).
 
     Returns:

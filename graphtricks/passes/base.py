@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from graphtricks.capture import Region, RegionTree
-from graphtricks.capture.probe import Observers
+from graphtricks.capturing import Region, RegionTree
+from graphtricks.capturing.probe import Observers
 from graphtricks.errors import GraphtricksError, PassError, SelectionError
 from graphtricks.fxgraph.nodes import node_where, stack_types
 from graphtricks.report import Change

@@ -19,10 +19,10 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from graphtricks.capture import Region, expand_containers
-from graphtricks.capture.hooks import hook_kinds, move_hooks
-from graphtricks.capture.probe import Observers, probe_forward, watched_forward
-from graphtricks.capture.shapes import copy_output_meta, tensor_meta, transposed_meta
+from graphtricks.capturing import Region, expand_containers
+from graphtricks.capturing.hooks import hook_kinds, move_hooks
+from graphtricks.capturing.probe import Observers, probe_forward, watched_forward
+from graphtricks.capturing.shapes import copy_output_meta, tensor_meta, transposed_meta
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.adopt import compile_when_called
 from graphtricks.fxgraph.kinds import is_builtin_module

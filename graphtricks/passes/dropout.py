@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.capture.shapes import tensor_meta
+from graphtricks.capturing.shapes import tensor_meta
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.activations import activation_name, normalise_activation_name
 from graphtricks.fxgraph.adopt import compile_when_called

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from graphtricks.capture import Region
+from graphtricks.capturing import Region
 from graphtricks.fxgraph.nodes import unique_attr_name
 from graphtricks.layers.caller_dropout import CallerDropout, caller_dropout_of
 from graphtricks.passes.dropout_sites import ActivationCall, opaque_activations, probe_sites

@@ -30,8 +30,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from graphtricks.capture import RegionTree
-from graphtricks.capture.probe import probe_forward
+from graphtricks.capturing import RegionTree
+from graphtricks.capturing.probe import probe_forward
 from graphtricks.fxgraph.activations import ACTIVATION_FUNCTIONS, module_activation_name
 from graphtricks.fxgraph.kinds import DROPOUT_FUNCTIONS, DROPOUT_MODULES, VIEW_METHODS
 from graphtricks.layers.caller_dropout import ActivationView, caller_dropout_of

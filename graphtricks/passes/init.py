@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.capture import Region
+from graphtricks.capturing import Region
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.activations import activation_init
 from graphtricks.fxgraph.dataflow import (

@@ -26,8 +26,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from graphtricks.capture import Region, RegionTree
-from graphtricks.capture.hooks import hook_kinds
+from graphtricks.capturing import Region, RegionTree
+from graphtricks.capturing.hooks import hook_kinds
 from graphtricks.errors import PassError
 from graphtricks.fxgraph.adopt import compile_when_called
 from graphtricks.fxgraph.nodes import (

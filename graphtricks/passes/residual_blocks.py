@@ -24,9 +24,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture import Region, RegionTree
-from graphtricks.capture.probe import FirstCall, first_calls
-from graphtricks.capture.shapes import tensor_meta
+from graphtricks.capturing import Region, RegionTree
+from graphtricks.capturing.probe import FirstCall, first_calls
+from graphtricks.capturing.shapes import tensor_meta
 from graphtricks.fxgraph.kinds import CONTAINERS, is_builtin_module
 from graphtricks.fxgraph.lookup import submodule
 from graphtricks.fxgraph.nodes import (

@@ -12,7 +12,7 @@ from torch import nn
 import graphtricks as gt
 from graphtricks.errors import InputShapeError, PassError
 from graphtricks.passes.base import GraphtricksPass
-from graphtricks.capture.shapes import tensor_meta
+from graphtricks.capturing.shapes import tensor_meta
 from tests.conftest import example
 
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import graphtricks as gt
-from graphtricks.capture.mode_reads import TrainingReads, overrides_train
+from graphtricks.capturing.mode_reads import TrainingReads, overrides_train
 from graphtricks.passes import PASSES
 
-capture_module = importlib.import_module("graphtricks.capture.regions")  # where capture() looks trace_once up
+capture_module = importlib.import_module("graphtricks.capturing.regions")  # where capture() looks trace_once up
 
 
 def _scale(module: nn.Module, x):

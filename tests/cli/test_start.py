@@ -45,7 +45,7 @@ def test_import_graphtricks_is_lazy_and_complete():
     code = (
         "import sys, graphtricks as gt\n"
         "before = 'torch' in sys.modules\n"
-        "import graphtricks.rewrite, graphtricks.capture\n"
+        "import graphtricks.rewriting, graphtricks.capturing.fold as fold\n"
         "missing = [n for n in gt.__all__ if not hasattr(gt, n)]\n"
         "print(before, callable(gt.rewrite), callable(gt.capture), missing)\n"
     )

@@ -66,6 +66,10 @@ def _dropout_calls(monkeypatch) -> list[nn.Module]:
 def test_outputs_match_fx_forward_in_both_modes(spec):
     model, inputs = example(spec)
     passes = lambda: [gt.InsertDropout(p=0.5), gt.BatchNormToLayerNorm()]
+    if not _traced(gt.rewrite(model, passes(), inputs).model):
+        # TinyEncoder: its blocks read the mode (kept as written, their GELU gets dropout at the
+        # caller) and its root's own code has no edit (its own forward): no module runs a graph.
+        pytest.skip("no module of this rewrite runs a graph")
     plain, fast = _pair(model, inputs, passes)
     with torch.no_grad():
         assert torch.equal(plain.eval()(*inputs), fast.eval()(*inputs))
@@ -171,7 +175,9 @@ class _Double(nn.Module):
 def test_deepcopy_is_fast_and_independent():
     plain, fast, inputs = _cnn_pair()
     twin = copy.deepcopy(fast)
-    assert is_sped_up(twin) and is_sped_up(fast) and type(twin) is not type(fast)
+    # The root's own code is unedited (it runs its own forward); its features run a graph.
+    assert is_sped_up(twin.features) and is_sped_up(fast.features)
+    assert type(twin.features) is not type(fast.features)
     with torch.no_grad():
         assert torch.equal(twin.eval()(*inputs), plain.eval()(*inputs))
         setattr(twin.features, "0", nn.Conv2d(3, 16, 3, padding=1, bias=False))
@@ -201,14 +207,14 @@ def test_gradients_match():
 
 def test_graph_code_and_state_dict_untouched():
     model, inputs = example("models/plain_cnn.py:PlainCNN")
-    gm = gt.rewrite(model, [gt.InsertDropout(p=0.5)], inputs).model
+    gm = gt.rewrite(model, [gt.InsertDropout(p=0.5)], inputs).model.features  # the module with the edits
     restore_fx_forward(gm)
     graph, code, keys = str(gm.graph), gm.code, list(gm.state_dict())
     nodes = list(gm.graph.nodes)
     assert speed_up(gm) and speed_up(gm) and is_sped_up(gm)  # twice: harmless
     assert str(gm.graph) == graph and list(gm.graph.nodes) == nodes
     assert gm.code == code and list(gm.state_dict()) == keys
-    twin = gt.rewrite(model, [gt.InsertDropout(p=0.5)], inputs).model
+    twin = gt.rewrite(model, [gt.InsertDropout(p=0.5)], inputs).model.features
     twin.load_state_dict(gm.state_dict())
 
 
@@ -232,13 +238,13 @@ def test_code_it_cannot_read_keeps_fx_forward():
 
 def test_recompile_after_an_edit_keeps_a_matching_fast_forward():
     plain, fast, inputs = _cnn_pair()
-    for model in (plain, fast):
+    for model in (plain.features, fast.features):  # the module with the edits runs a graph
         output = next(n for n in model.graph.nodes if n.op == "output")
         with model.graph.inserting_before(output):
             doubled = model.graph.call_function(torch.mul, (output.args[0], 2.0))
         output.args = (doubled,)
         model.recompile()
-    assert is_sped_up(fast) and "torch.mul" in fast.code
+    assert is_sped_up(fast.features) and "torch.mul" in fast.features.code
     with torch.no_grad():
         assert torch.equal(plain.eval()(*inputs), fast.eval()(*inputs))
 

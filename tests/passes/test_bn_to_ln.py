@@ -20,7 +20,7 @@ from graphtricks.layers import ChannelLayerNorm, NormAct, channel_layer_norm
 from graphtricks.passes import InsertDropout, NoChangeWarning, pass_from_config
 from graphtricks.functional import bn_to_ln
 from graphtricks.passes.bn_to_ln import BatchNormToLayerNorm
-from graphtricks.rewrite import rewrite
+from graphtricks.rewriting import rewrite
 
 
 def _rand_affine(model: nn.Module) -> nn.Module:

@@ -37,7 +37,9 @@ class Outer(nn.Module):
     def forward(self, x):
         if x.sum() > 1e9:  # data-dependent: the root stays opaque, the child is traced alone
             return x
-        return self.inner(x, None)
+        # Not the model output itself: the child's activation gets dropout, so the child's own code
+        # is edited and runs a graph (an unedited child keeps its own forward, specialised on nothing).
+        return self.inner(x, None) * 2.0
 
 
 def _codes(model):

@@ -10,8 +10,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from graphtricks.capture import Region, capture
-from graphtricks.capture.shapes import propagate_shapes
+from graphtricks.capturing import Region, capture
+from graphtricks.capturing.shapes import propagate_shapes
 from graphtricks.fxgraph.nodes import module_nodes, owner_path
 from graphtricks.layers.residual import GATES, REGISTRY, PadShortcut, Residual, ResidualSpan, make_shortcut
 from graphtricks.passes.residual_blocks import (

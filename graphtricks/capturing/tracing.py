@@ -16,11 +16,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.flag_reads import FlagReads
-from graphtricks.capture.hooks import hooks_detached
-from graphtricks.capture.mode_reads import TrainingReads, overrides_train
-from graphtricks.capture.probe import probe_forward
-from graphtricks.capture.state import StateWrites
+from graphtricks.capturing.checkpoints import checkpoint_functions, name_checkpoint_calls, not_traced_through
+from graphtricks.capturing.flag_reads import ValueReads
+from graphtricks.capturing.hooks import hooks_detached
+from graphtricks.capturing.mode_reads import TrainingReads, overrides_train
+from graphtricks.capturing.probe import probe_forward
+from graphtricks.capturing.state import StateWrites
 from graphtricks.errors import CaptureError
 from graphtricks.fxgraph.activations import zoo_activation_name
 from graphtricks.fxgraph.adopt import is_adopted
@@ -75,16 +76,26 @@ class RegionTracer(fx.Tracer):
     """
 
     def __init__(self, leaves: set[int] | None = None):
-        super().__init__()
+        functions, modules = checkpoint_functions()
+        # Checkpointing stays a call in the graph (fx would trace through it, and the block would
+        # run once per forward and backward): the functions are recorded as calls, the modules
+        # they are given as the modules themselves (``get_attr``), captured as regions of their own.
+        super().__init__(autowrap_functions=functions)
+        self._autowrap_search.extend(modules)
         # A default, because pickling a GraphModule re-creates its tracer class with no arguments.
         self.leaves = leaves if leaves is not None else set()
         self.calls: dict[str, InlinedCall] = {}
+        self.quiet = False  # True while graphtricks' own code reads modules (ValueReads ignores it)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if id(m) not in self.leaves and is_adopted(m):
-            return False  # a built-in module a pass gave a graph (an activation with its dropout): traced
-        return (id(m) in self.leaves or is_leaf_layer(m) or zoo_activation_name(m) is not None
-                or super().is_leaf_module(m, module_qualified_name))
+        self.quiet = True
+        try:
+            if id(m) not in self.leaves and is_adopted(m):
+                return False  # a built-in module a pass gave a graph (an activation with its dropout): traced
+            return (id(m) in self.leaves or is_leaf_layer(m) or zoo_activation_name(m) is not None
+                    or super().is_leaf_module(m, module_qualified_name))
+        finally:
+            self.quiet = False
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         def recorded(*a, **k):
@@ -218,20 +229,22 @@ def trace_once(module: nn.Module, leaves: set[int], concrete: dict, training: bo
         ``(graph, None, reads_training, writes)``, or ``(None, (culprit_path, error), True, {})``
         on failure; ``writes`` maps the path of each module whose own forward updated state a
         graph would not keep to what it updated (:class:`StateWrites`). The inlined calls are
-        kept on the graph as ``graph._gt_calls`` (:class:`InlinedCall` by stack key), the flags it
-        read as ``graph._gt_flags`` (:class:`~graphtricks.capture.flag_reads.FlagReads`).
+        kept on the graph as ``graph._gt_calls`` (:class:`InlinedCall` by stack key), the values it
+        read as ``graph._gt_reads`` (:class:`~graphtricks.capturing.flag_reads.ValueReads`).
     """
     module.train(training)
     tracer = RegionTracer(leaves)
     try:
         with (hooks_detached(None), TrainingReads() as reads, StateWrites(module, tracer) as writes,
-              FlagReads(module.modules()) as flags):
+              ValueReads(module.modules(), tracer) as values, not_traced_through()):
             graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as e:  # any failure of user code under tracing makes something opaque
         stack = list(tracer.module_stack.values())
         return None, (stack[-1][0] if stack else "", e), True, {}
+    name_checkpoint_calls(graph)
     graph._gt_calls = tracer.calls
-    graph._gt_flags = list(flags.reads.values())
+    # Reads made while a leaf was being called (its forward is not in the graph) are not the graph's.
+    graph._gt_reads = [r for r in values.reads.values() if not r[0] or r[0][-1] in tracer.calls]
     return graph, None, reads.count > 0 or overrides_train(module), writes.owners
 
 

@@ -7,7 +7,7 @@ records shapes on every traced node, ``modes`` snapshots train/eval flags, and `
 what a captured model is made of (``graphtricks inspect``).
 """
 
-from graphtricks.capture.regions import (
+from graphtricks.capturing.regions import (
     Region,
     RegionTree,
     capture,

@@ -20,10 +20,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.guards import install_input_guards
-from graphtricks.capture.hooks import copy_hooks, hook_kinds
-from graphtricks.capture.modes import ModeSnapshot
-from graphtricks.capture.tracing import (
+from graphtricks.capturing.flag_reads import LENGTH
+from graphtricks.capturing.guards import install_input_guards
+from graphtricks.capturing.hooks import copy_hooks, hook_kinds
+from graphtricks.capturing.modes import ModeSnapshot
+from graphtricks.capturing.tracing import (
     Call,
     concrete_args,
     mode_dependent_owners,
@@ -33,7 +34,7 @@ from graphtricks.capture.tracing import (
     trace_once,
 )
 from graphtricks.errors import CaptureError, InputShapeError
-from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict, guard_flags
+from graphtricks.fxgraph.adopt import adopt_graph, adoption_conflict, install_guard
 from graphtricks.fxgraph.kinds import CONTAINERS, is_builtin_module
 from graphtricks.fxgraph.lookup import submodule
 
@@ -70,6 +71,9 @@ class Region:
     captured: dict[Any, tuple] = field(default_factory=dict, repr=False)
     folded: list[str] = field(default_factory=list)
     inlined: dict[str, str] = field(default_factory=dict)
+    # (reader's stack keys, module, attribute, value) for each value the trace read (flag_reads)
+    reads: list[tuple] = field(default_factory=list, repr=False)
+    concrete: dict[str, Any] = field(default_factory=dict, repr=False)  # arguments it was specialised on
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -240,19 +244,24 @@ class _Capturer:
         restore_placeholder_names(graph, module)
         install_input_guards(graph)  # not fx's _assert_is_none, which breaks fx once unpickled
         gm = _graph_module(module, graph)
+        reads = getattr(graph, "_gt_reads", [])
         region = Region(path, "traced", gm, note, calls=getattr(graph, "_gt_calls", {}) if gm is module else {},
-                        captured={n: (n.target, n.args, n.kwargs) for n in graph.nodes} if gm is module else {})
-        if gm is module:
-            guard_flags(gm, getattr(graph, "_gt_flags", []))
+                        captured={n: (n.target, n.args, n.kwargs) for n in graph.nodes} if gm is module else {},
+                        reads=reads if gm is module else [], concrete=dict(concrete))
+        if gm is module:  # the flat graph holds every module's code: it checks every value read
+            # (by object while passes move modules; container lengths from fold on, as passes add to them)
+            install_guard(gm, [(m, name, value) for _, m, name, value in reads if name != LENGTH], by_path=False)
         graph.__dict__.pop("_gt_calls", None)
-        graph.__dict__.pop("_gt_flags", None)
+        graph.__dict__.pop("_gt_reads", None)
         # Leaves made opaque here are regions of their own, with children captured below them;
-        # a leaf kept for its hooks is captured as any region is.
+        # a leaf kept for its hooks, or given to a checkpointing call, is captured as any region is.
         for node in graph.nodes:
-            if node.op != "call_module":
+            sub = _module_at(gm, node)
+            if sub is None:
                 continue
-            sub = submodule(gm, node.target)
-            if id(sub) not in leaves or id(sub) in self.done:
+            if id(sub) not in leaves and node.op == "get_attr" and id(sub) not in self.done:
+                hooked.setdefault(id(sub), ["checkpointing"])
+            elif id(sub) not in leaves or id(sub) in self.done:
                 continue
             qual = f"{path}.{node.target}" if path else node.target
             if id(sub) in reasons or id(sub) not in hooked:
@@ -291,7 +300,9 @@ class _Capturer:
         if is_builtin_module(child):
             return None
         if isinstance(child, nn.Sequential):  # users index it (``model.layer1[0]``): kept as it is
-            return child, self._opaque(child, path, f"a Sequential with the user's {' and '.join(kinds)} hooks")
+            why = ("given to a checkpointing call" if kinds == ["checkpointing"]
+                   else f"with the user's {' and '.join(kinds)} hooks")
+            return child, self._opaque(child, path, f"a Sequential {why}")
         return self._capture_child(child, path)
 
     def _capture_child(self, child: nn.Module, path: str):
@@ -315,6 +326,20 @@ class _Capturer:
         if not call.consistent:
             return child, self._opaque(child, path, "called with differing non-tensor arguments")
         return self.capture(child, path, call.args, call.kwargs)
+
+
+def _module_at(gm: nn.Module, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls, or a ``get_attr`` node passes (to checkpointing)."""
+    if node.op == "call_module":
+        return submodule(gm, node.target)
+    if node.op == "get_attr":
+        found = gm
+        for name in str(node.target).split("."):
+            found = found.__dict__.get("_modules", {}).get(name)
+            if found is None:
+                return None  # a parameter, a buffer, a constant
+        return found
+    return None
 
 
 def state_reason(what: str) -> str:

@@ -4,7 +4,7 @@ A traced region is one graph: fx inlines every module it goes through. Passes ed
 graph, because their analyses look across module boundaries (the nonlinearity a layer feeds, a
 block's shapes). The model users get back must still be their model: :func:`fold_region` cuts
 the edited flat graph back along the calls the trace went through (recorded by
-:class:`~graphtricks.capture.tracing.RegionTracer`), gives each module its own graph with its
+:class:`~graphtricks.capturing.tracing.RegionTracer`), gives each module its own graph with its
 children as calls (:func:`~graphtricks.fxgraph.adopt.adopt_graph`: same object, same class,
 its hooks fire), and leaves the region root with a graph that calls its children.
 
@@ -12,10 +12,15 @@ A node belongs to the innermost module call in its ``nn_module_stack``; what pas
 the stack of the module they add it to. A call is folded back only when its graph can be cut out
 exactly: it received its inputs as arguments (nothing read from its caller's scope), each value
 once, its result is a tensor or a tuple/list/dict of them, everything of it that its caller uses
-is in that result, and every call of the same module folds to the same graph. A call that cannot
+is in that result, and every call of the same module folds to the same graph (or to graphs that
+differ only in equal modules a pass added to each call: those are unified). A call that cannot
 is left inlined in its caller's graph, as the flat graph had it, and named with the reason
 (:attr:`Fold.inlined`): the computation is the same, but that module is not called (its hooks
 do not fire, ``checkpoint(module)`` runs its original code).
+
+A module whose own code no pass edited, the region root included, keeps its own forward. Each
+module that runs a graph gets a guard of the attribute values its own code read while traced
+(``flag_reads.py``), which re-specialises it when one changes (``respecialise.py``).
 """
 
 from __future__ import annotations
@@ -27,17 +32,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.guards import expect_equal, expect_none, expect_value
-from graphtricks.capture.tracing import InlinedCall, one_line
+from graphtricks.capturing.guards import expect_equal, expect_none, expect_value
+from graphtricks.capturing.hooks import hook_kinds
+from graphtricks.capturing.respecialise import ADDED, respecialise
+from graphtricks.capturing.tracing import InlinedCall, one_line
 from graphtricks.fxgraph.adopt import (
     adopt_graph,
     adoption_conflict,
     adoption_snapshot,
+    install_guard,
     is_adopted,
     original_class,
+    release_graph,
 )
 from graphtricks.fxgraph.codecache import shared_compiles
 
@@ -54,10 +64,13 @@ class Fold:
     Attributes:
         called: module paths (relative to the region) that are called modules with graphs of their own.
         inlined: module path -> why its calls stay inlined in its caller's graph.
+        unified: module path of a module a pass added to one call of a module called more than once
+            -> the equal module, added to its first call, that every call uses now (the other is removed).
     """
 
     called: list[str] = field(default_factory=list)
     inlined: dict[str, str] = field(default_factory=dict)
+    unified: dict[str, str] = field(default_factory=dict)  # a module a pass added -> the equal one used instead
 
 
 class _Unfoldable(Exception):
@@ -161,7 +174,7 @@ class _Folder:
         trace would have specialised on). A node a pass put after a callee's result, standing in
         for it, counts as that result (the callee returns it now).
         """
-        if inst is self.top or inst.added or not self.captured:
+        if inst.added or not self.captured:
             return False
         back = self._results_back
         for node in inst.span:
@@ -180,6 +193,23 @@ class _Folder:
             if self._level(owner, inst):
                 return False
         return True
+
+    def replay_obstacle(self, inst: _Instance) -> str | None:
+        """What a pass did to ``inst``'s own code that re-specialising cannot do again (it adds nodes
+        after others and reroutes their readers; it does not change or erase a node), or None."""
+        if inst.added:
+            return "added this module"
+        for node in inst.span:
+            if self.called_below(node, inst) is not None or node not in self.captured:
+                continue
+            target, args, kwargs = self.captured[node]
+            if node.target != target:
+                return f"changed what {node.name} calls"
+            if _constants(node.args, node.kwargs) != _constants(args, kwargs):
+                return f"changed an argument of {node.name}"
+        if any(self._level(owner, inst) for owner in self.erased_in):
+            return "erased a node of its code"
+        return None
 
     @functools.cached_property
     def _results_back(self) -> dict[fx.Node, fx.Node]:
@@ -353,6 +383,8 @@ class _Folder:
                 g.output(fx.node.map_arg(node.args[0], lambda a: self._get(env, inst, a)))
                 continue
             new = g.node_copy(node, lambda a: self._get(env, inst, a))
+            if self.captured and node not in self.captured:
+                new.meta[ADDED] = True  # a pass's node: calls of one module may differ only in these
             if node.op in ("call_module", "get_attr"):
                 new.target = self.relative(inst, str(node.target))
             new._rename(_local_name(node, inst.path))
@@ -453,6 +485,27 @@ def _map(value, fn):
     return value
 
 
+def _constants(*values) -> list:
+    """The constants of node arguments, in order (nodes left out): what a pass may have changed."""
+    out = []
+
+    def walk(v):
+        if isinstance(v, fx.Node):
+            return
+        if isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                out.append(k)
+                walk(x)
+        else:
+            out.append(repr(v))
+
+    walk(values)
+    return out
+
+
 def _same(a, b) -> bool:
     """``a`` and ``b`` are the same arguments: nodes and objects by identity, constants by value."""
     if a is b:
@@ -537,17 +590,25 @@ def _canonical(g: fx.Graph) -> list:
 
 
 def fold_graph(
-    root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall], captured: dict | None = None
-) -> tuple[fx.Graph, dict, Fold]:
+    root: nn.Module, graph: fx.Graph, calls: dict[str, InlinedCall], captured: dict | None = None,
+    reads: list | tuple = (),
+) -> tuple[fx.Graph | None, dict, Fold, dict]:
     """Cut ``graph`` (the flat graph of region ``root``) into one graph per called module.
 
     ``captured`` (node -> its target, args and kwargs when traced) tells which modules no pass
-    edited: those keep their own forward and get no graph (:meth:`_Folder.unedited`).
+    edited: those keep their own forward and get no graph (:meth:`_Folder.unedited`), the region
+    root included. A module called more than once folds when its calls got equal graphs, or
+    graphs that differ only in equal modules a pass added to each call (one dropout per call of
+    a block): those are unified into the first call's (:attr:`Fold.unified`). ``reads``
+    (``(reader stack keys, module, name, value)``, ``flag_reads``) are given to the graph that
+    holds the code that read them.
 
     Returns:
-        ``(root_graph, graphs, fold)``: the region root's new graph, ``{module: graph}`` for every
-        called module that runs a graph now, and the report of what was folded and what stays
-        inlined. Nothing is installed: :func:`install` does that.
+        ``(root_graph, graphs, fold, guards)``: the region root's new graph (None: it keeps its own
+        forward), ``{id(module): (module, graph)}`` for every called module that runs a graph now,
+        the report of what was folded and what stays inlined, and ``{id(module): (module,
+        [(owner, name, value)])}`` for the values each graph was specialised on. Nothing is
+        installed: :func:`install` does that.
     """
     folder = _Folder(root, graph, calls, captured)
     instances = [i for i in folder.instances.values() if i is not folder.top]
@@ -556,6 +617,7 @@ def fold_graph(
     for _ in range(_MAX_ROUNDS):
         try:
             graphs: dict[int, tuple[nn.Module, fx.Graph, list]] = {}
+            unified: dict[str, str] = {}
             edited = {id(i.module) for i in instances if i.reason is None and not folder.unedited(i)}
             for inst in instances:
                 if inst.reason is not None or id(inst.module) not in edited:
@@ -570,8 +632,14 @@ def fold_graph(
                 if seen is None:
                     graphs[id(inst.module)] = (inst.module, g, _canonical(g))
                 elif seen[2] != _canonical(g):
-                    raise _Unfoldable(inst, "its calls trace to different graphs (called with different arguments)")
+                    renamed = _unify(inst.module, seen[1], g)
+                    if renamed is None:
+                        raise _Unfoldable(inst, "its calls trace to different graphs (called with different"
+                                                " arguments, or edited differently)")
+                    unified.update({_join(inst.path, a): _join(inst.path, b) for a, b in renamed.items()})
             root_graph = folder.emit(folder.top)
+            if folder.unedited(folder.top) and not _keyword_only(root):
+                root_graph = None
             break
         except _Unfoldable as e:
             for inst in instances:  # every call of that module stays inlined
@@ -581,18 +649,94 @@ def fold_graph(
                 raise
     else:
         raise RuntimeError("folding did not settle")
-    fold = Fold()
+    fold = Fold(unified=unified)
     for inst in instances:
         if inst.reason is None:
             if inst.path not in fold.called:
                 fold.called.append(inst.path)
         else:
             fold.inlined.setdefault(inst.path, inst.reason)
-    return root_graph, {k: (m, g) for k, (m, g, _) in graphs.items()}, fold
+    guards = _guarded_reads(folder, graphs, root_graph is not None, reads)
+    for inst in [folder.top, *instances]:  # what stops each graph from being re-specialised
+        if id(inst.module) in guards and (inst is folder.top or inst.reason is None):
+            guards[id(inst.module)][2].setdefault("lossy", folder.replay_obstacle(inst))
+    return root_graph, {k: (m, g) for k, (m, g, _) in graphs.items()}, fold, guards
 
 
-def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
-    """Give every called module its graph (children first), then the region root its own.
+def _keyword_only(module: nn.Module) -> bool:
+    """True when ``module``'s forward has keyword-only parameters: its graph, which takes every input
+    by position too, is kept (exporters feed inputs by position)."""
+    params, _ = _forward_signature(original_class(module))
+    return any(p.kind is p.KEYWORD_ONLY for p in params)
+
+
+def _guarded_reads(folder: _Folder, graphs: dict, root_has_graph: bool, reads) -> dict[int, tuple]:
+    """The values each regenerated forward was specialised on: a read belongs to the graph that holds
+    the code that made it (the reader's call, or the call it is inlined in); a module that keeps its
+    own forward reads its values again on each call and needs no check."""
+    out: dict[int, tuple] = {}
+    for reader, owner, name, value in reads:
+        inst, keys = folder.top, tuple(reader)
+        while keys and keys not in folder.instances:
+            keys = keys[:-1]  # a call a pass moved (into a wrapper): the nearest call around it
+        inst = folder.instances.get(keys, folder.top)
+        while inst is not folder.top and inst.reason is not None:
+            inst = inst.parent
+        if inst is folder.top:
+            if not root_has_graph:
+                continue
+        elif id(inst.module) not in graphs:
+            continue
+        out.setdefault(id(inst.module), (inst.module, [], {}))[1].append((owner, name, value))
+    return out
+
+
+def _unify(module: nn.Module, first: fx.Graph, other: fx.Graph) -> dict[str, str] | None:
+    """Make ``other`` (a second call's graph of ``module``) call the modules a pass added to the first
+    call where it calls equal ones added to itself; ``{its target: the first's}``, or None when the
+    graphs differ otherwise."""
+    a, b = list(first.nodes), list(other.nodes)
+    if len(a) != len(b):
+        return None
+    renamed: dict[str, str] = {}
+    for x, y in zip(a, b):
+        if x.op == y.op == "call_module" and x.target != y.target and x.meta.get(ADDED) and y.meta.get(ADDED):
+            if renamed.setdefault(y.target, x.target) != x.target:
+                return None
+            if not _equal_modules(module.get_submodule(x.target), module.get_submodule(y.target)):
+                return None
+    if not renamed:
+        return None
+    for y in b:
+        if y.op == "call_module" and y.target in renamed:
+            y.target = renamed[y.target]
+    return renamed if _canonical(first) == _canonical(other) else None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _equal_modules(a: nn.Module, b: nn.Module) -> bool:
+    """Same class, settings and tensors, no hooks and no children: one may stand for the other."""
+    if type(a) is not type(b) or any(True for _ in a.children()) or any(True for _ in b.children()):
+        return False
+    if hook_kinds(a) or hook_kinds(b):
+        return False
+    settings = [{k: v for k, v in vars(m).items() if not k.startswith("_")} for m in (a, b)]
+    if settings[0].keys() != settings[1].keys():
+        return False
+    for k, v in settings[0].items():
+        w = settings[1][k]
+        if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor) or type(v) is not type(w) or v != w:
+            return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def install(root: nn.Module, root_graph: fx.Graph | None, graphs: dict) -> None:
+    """Give every called module its graph (children first), then the region root its own
+    (``root_graph`` None: the root runs its own forward again).
 
     All or nothing: if one module cannot take its graph, every module installed so far is put
     back as it was, and the error is raised.
@@ -602,11 +746,38 @@ def install(root: nn.Module, root_graph: fx.Graph, graphs: dict) -> None:
         with shared_compiles():  # blocks of one design: one compile
             for module, g in [*reversed(list(graphs.values())), (root, root_graph)]:
                 undo.append(adoption_snapshot(module))
-                adopt_graph(module, g)
+                if g is None:
+                    release_graph(module)
+                else:
+                    adopt_graph(module, g)
     except Exception:
         for snapshot in reversed(undo):
             snapshot.restore()
         raise
+
+
+def _remove_unified(root: nn.Module, unified: dict[str, str]) -> list[tuple]:
+    """Remove the modules a pass added that equal ones now stand for (no graph calls them); returns
+    what :func:`_undo` needs to put them back where they were (a container's order included)."""
+    undo = []
+    for removed in unified:
+        parent, _, leaf = removed.rpartition(".")
+        modules = root.get_submodule(parent)._modules
+        undo.append((modules, None, dict(modules)))
+        del modules[leaf]
+    return undo
+
+
+def _undo(undo: list[tuple]) -> None:
+    """Put back dict entries: ``(dict, key, old value or None)``, or ``(dict, None, old contents)``."""
+    for where, key, old in reversed(undo):
+        if key is None:
+            where.clear()
+            where.update(old)
+        elif old is None:
+            where.pop(key, None)
+        else:
+            where[key] = old
 
 
 class _FlatView(fx.GraphModule):
@@ -642,19 +813,32 @@ def fold_region(region) -> Fold:
     root graph cannot be cut, keeps its flat graph; the returned fold names why.
     """
     gm = region.module
+    # The flat graph's guard, with paths as they are after the passes (a wrapper moves a block).
+    install_guard(gm, [(m, name, value) for _, m, name, value in region.reads])
     if not is_adopted(gm):
         region.inlined = {region.path: "the region root runs fx's own GraphModule (its class defines a name fx needs)"}
         return Fold(inlined={"": region.inlined[region.path]})
     try:
-        root_graph, graphs, fold = fold_graph(gm, gm.graph, region.calls, region.captured)
+        root_graph, graphs, fold, guards = fold_graph(gm, gm.graph, region.calls, region.captured, region.reads)
         flat = gm.graph
-        install(gm, root_graph, graphs)
+        undo = _remove_unified(gm, fold.unified)
+        # Guards before the graphs: each forward is compiled once, with its checks.
+        for module in [gm] * (root_graph is not None) + [m for m, _ in graphs.values()]:
+            _, reads, context = guards.get(id(module), (module, [], {}))
+            context["concrete"] = region.concrete if module is gm else None
+            undo.append((module.__dict__, "_gt_guard", module.__dict__.get("_gt_guard")))
+            install_guard(module, reads, respecialise, context)
+        try:
+            install(gm, root_graph, graphs)
+        except Exception:
+            _undo(undo)
+            raise
     except Exception as e:  # noqa: BLE001 - a graph this cannot cut keeps running flat, and says why
         reason = e.reason if isinstance(e, _Unfoldable) else f"{type(e).__name__}: {one_line(e)}"
         region.inlined = {region.path: f"its graph was not cut into per-module graphs: {reason}"}
         return Fold(inlined={"": region.inlined[region.path]})
     region.module = flat_view(gm, flat)
-    region.calls, region.captured = {}, {}
+    region.calls, region.captured, region.reads = {}, {}, []
     region.folded = [region.qualify(p) for p in fold.called]
     region.inlined = {region.qualify(p): reason for p, reason in fold.inlined.items()}
     return fold

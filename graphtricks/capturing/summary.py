@@ -8,7 +8,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.regions import RegionTree
+from graphtricks.capturing.regions import RegionTree
 from graphtricks.fxgraph.activations import ACTIVATION_MODULES, activation_name
 from graphtricks.fxgraph.kinds import NORM_FUNCTIONS, NORM_TYPES, is_builtin_module
 from graphtricks.fxgraph.lookup import submodule

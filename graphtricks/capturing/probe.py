@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture.hooks import hooks_detached
-from graphtricks.capture.modes import ModeSnapshot
-from graphtricks.capture.state import StateSnapshot
+from graphtricks.capturing.hooks import hooks_detached
+from graphtricks.capturing.modes import ModeSnapshot
+from graphtricks.capturing.state import StateSnapshot
 
 __all__ = ["probe_forward", "watched_forward", "bind_call", "Observers", "FirstCall", "first_calls"]
 

@@ -16,11 +16,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphtricks.capture import RegionTree, capture
-from graphtricks.capture.fold import fold_region
-from graphtricks.capture.modes import ModeSnapshot, adopt_parent_modes
-from graphtricks.capture.shapes import propagate_shapes
-from graphtricks.capture.transaction import ModelSnapshot
+from graphtricks.capturing import RegionTree, capture
+from graphtricks.capturing.fold import fold_region
+from graphtricks.capturing.modes import ModeSnapshot, adopt_parent_modes
+from graphtricks.capturing.shapes import propagate_shapes
+from graphtricks.capturing.transaction import ModelSnapshot
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
 from graphtricks.fxgraph.fastpath import speed_up
 from graphtricks.passes.base import (

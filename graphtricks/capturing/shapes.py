@@ -17,8 +17,8 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_flatten
 
-from graphtricks.capture.probe import Observers, probe_forward, watched_forward
-from graphtricks.capture.regions import RegionTree, model_rejected
+from graphtricks.capturing.probe import Observers, probe_forward, watched_forward
+from graphtricks.capturing.regions import RegionTree, model_rejected
 from graphtricks.fxgraph.kinds import is_builtin_module
 
 __all__ = ["propagate_shapes", "tensor_meta", "copy_output_meta", "transposed_meta"]

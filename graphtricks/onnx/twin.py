@@ -193,8 +193,10 @@ class TwinMode(TorchFunctionMode):
                 "the inference graph applies dropout: the model drops out in eval mode (an fx graph "
                 "traced in train mode bakes training=True in); trace it in eval mode"
             )
-        out = self._site("dropout", DropoutSite)(x, p, spatial)
-        return x.copy_(out) if inplace else out
+        # in place or not, the result is returned: writing it back into x (copy_) would add an
+        # Expand to the TorchScript graph, and forwards use what dropout returns
+        del inplace
+        return self._site("dropout", DropoutSite)(x, p, spatial)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})

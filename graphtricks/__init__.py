@@ -41,6 +41,8 @@ _LAZY: dict[str, str] = {
     "RewriteResult": "graphtricks.rewriting",
     "rewrite": "graphtricks.rewriting",
     "experiment": "graphtricks.experiment",
+    "MCSamples": "graphtricks.onnx.sampling",
+    "mc_sample": "graphtricks.onnx.sampling",
     **{
         name: "graphtricks.passes"
         for name in (
@@ -98,5 +100,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         PASSES, AddResidual, BatchNormToLayerNorm, GraphtricksPass, Initialize, InsertDropout, NoChangeWarning,
         SelectionWarning,
     )
+    from graphtricks.onnx.sampling import MCSamples, mc_sample  # noqa: F401
     from graphtricks.report import Change, Report  # noqa: F401
     from graphtricks.rewriting import RewriteResult, rewrite  # noqa: F401

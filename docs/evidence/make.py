@@ -41,6 +41,12 @@ GALLERY = {
     "label-smoothing": (models.WideMLP, [R / "label-smoothing.toml"], dict(config=TrainConfig(epochs=30))),
     "l1-l2-head": (models.WideMLP, [R / "l2-head.toml", R / "l1-head.toml"],
                    dict(config=TrainConfig(epochs=20, batch_size=16, lr=2e-3), train_size=300, label_noise=0.2)),
+    # issue 26: trained on digits 0–4; the held-out 5–9 are the unseen classes
+    "mc-dropout": (models.wide_mlp_5, [R / "mc-dropout.toml"], dict(config=TrainConfig(epochs=20), known_classes=5)),
+    # issue 26: identity shortcuts vs a zero-started branch gate, judged against identity, at three depths
+    **{f"residual-gate-{depth}": (models.deep_plain(depth), [R / "residual.toml", R / "residual-zero-branch.toml"],
+                                  dict(config=TrainConfig(epochs=2), baseline="residual"))
+       for depth in (30, 100, 200)},
 }
 
 

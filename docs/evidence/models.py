@@ -67,3 +67,16 @@ def deep_residual():
     plain = DeepPlainMLP()
     result = gt.rewrite(plain, [gt.AddResidual(["blocks.*"], shortcut="identity")], example_inputs=(torch.randn(8, 64),))
     return result.model
+
+
+def wide_mlp_5():
+    """WideMLP with 5 outputs: trained on digits 0–4 only (the MC-dropout panel holds 5–9 out)."""
+    return WideMLP(classes=5)
+
+
+def deep_plain(depth: int):
+    """A factory of DeepPlainMLP at ``depth`` (PyTorch's default init), named after it."""
+    def build():
+        return DeepPlainMLP(depth=depth)
+    build.__name__ = f"DeepPlainMLP{depth}"
+    return build

@@ -38,10 +38,11 @@ def _sizes(text: str | None) -> tuple[int, ...]:
 
 
 def _verdict_table(panels) -> Table:
-    made = table("claims", {"variant": "name", "claim": "text", "original → variant (±std)": "text", "verdict": "name"})
+    made = table("claims", {"variant": "name", "claim": "text", "before → variant (±std)": "text", "verdict": "name"})
     for p in panels:
         color = COLORS[p["verdict"]]
-        made.add_row(escape(p["variant"]), escape(p["claim"]), f"{p['before_mean']:.3g} → {p['after_mean']:.3g} (±{p['spread']:.2g})",
+        made.add_row(escape(p["variant"]), escape(p["claim"]),
+                     f"{escape(p['before_name'])} {p['before_mean']:.3g} → {p['after_mean']:.3g} (±{p['spread']:.2g})",
                       f"[{color}]{p['verdict']}[/{color}]")
     return made
 
@@ -71,6 +72,8 @@ def experiment(
     train_size: Annotated[int | None, typer.Option("--train-size", metavar="N", help="Keep only the first N training examples.")] = None,
     label_noise: Annotated[float, typer.Option("--label-noise", metavar="X", help="Fraction of training labels replaced by a wrong class.")] = 0.0,
     batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", metavar="N,N,...", help="Batch sizes of the BN→LN accuracy-vs-batch-size panel, e.g. 2,8,64.")] = None,
+    known_classes: Annotated[int | None, typer.Option("--known-classes", metavar="K", help="Train on classes 0..K-1 only; MC dropout's panels score the others as unseen.")] = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", metavar="NAME", help="Judge the other variants against this recipe's variant (its file name without .toml) instead of the original, which is then not trained.")] = None,
     model_arg: ModelArgOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -79,7 +82,8 @@ def experiment(
     """Train the original model and each recipe's rewrite (same seeds, batches, optimiser) and judge each claim.
 
     Panels: loss/accuracy curves (every variant), signal propagation at init (init, residual),
-    accuracy against batch size (bn_to_ln), calibration (label smoothing). Verdict per panel:
+    accuracy against batch size (bn_to_ln), calibration (label smoothing), unseen-class detection and
+    calibration of MC dropout against the same network's deterministic prediction (mc_dropout). Verdict per panel:
     held / not shown / reversed, by the rule stated in the report. Needs the report extra:
     pip install -e ".[report]".
 
@@ -105,17 +109,17 @@ def experiment(
 
         _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, momentum, warmup, schedule,
              step_size, gamma, clip_norm, label_smoothing, l1, l2, penalty_layer, precision, loss_weight,
-             train_size, label_noise, batch_sizes, model_arg, force, as_json, torch)
+             train_size, label_noise, batch_sizes, model_arg, force, as_json, torch, known_classes, baseline)
 
 
 def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, momentum, warmup, schedule,
          step_size, gamma, clip_norm, label_smoothing, l1, l2, penalty_layer, precision, loss_weight,
-         train_size, label_noise, batch_sizes, model_arg, force, as_json, torch) -> None:
+         train_size, label_noise, batch_sizes, model_arg, force, as_json, torch, known_classes=None,
+         baseline=None) -> None:
     """The command's body: settings → experiment → table or JSON."""
-    import graphtricks as gt
     from graphtricks.experiment import TrainConfig
     from graphtricks.experiment import experiment as run_experiment
-    from graphtricks.io.specs import parse_model_args
+    from graphtricks.io.specs import load_model, parse_model_args
 
     torch.set_num_threads(1)
     config = TrainConfig(
@@ -124,16 +128,17 @@ def _run(spec, data, recipe, out_dir, seeds, epochs, batch_size, optimizer, lr, 
         label_smoothing=label_smoothing, l1=l1, l2=l2, penalty_layers=tuple(penalty_layer or ()),
         precision=precision.value, loss_weights=tuple(loss_weight or ()))
     kwargs = parse_model_args(model_arg)
-    gt.load_model(spec, kwargs)  # a bad spec fails here, once, before anything else
+    load_model(spec, kwargs)  # a bad spec fails here, once, before anything else
 
     def progress(line: str) -> None:
         err.print(line, style="dim", markup=False, highlight=False)
 
-    result = run_experiment(lambda: gt.load_model(spec, kwargs), data, recipe, seeds=seeds, config=config,
+    result = run_experiment(lambda: load_model(spec, kwargs), data, recipe, seeds=seeds, config=config,
                             batch_sizes=_sizes(batch_sizes), train_size=train_size, label_noise=label_noise,
-                            model_name=spec, out=out_dir, force=force, progress=progress)
+                            known_classes=known_classes, baseline=baseline, model_name=spec, out=out_dir,
+                            force=force, progress=progress)
     if as_json:
-        keys = ("variant", "kind", "claim", "metric", "before", "after", "before_mean", "after_mean",
+        keys = ("variant", "kind", "claim", "metric", "before_name", "before", "after", "before_mean", "after_mean",
                 "difference", "spread", "verdict", "figure")
         payload = {"out": str(out_dir), "report": str(out_dir / "report.html"), "results": str(out_dir / "results.json"),
                    "seconds": result.seconds, "panels": [{k: p[k] for k in keys} for p in result.panels]}

@@ -175,6 +175,42 @@ def _group_warnings(messages: list[str]) -> list[str]:
     return sorted(dict.fromkeys(messages), key=lambda m: order.index(key(m)))
 
 
+def _messages(report, caught, planned: bool) -> list[str]:
+    """Every warning a pass recorded (notes included), then any other library warning, grouped."""
+    messages = list(report.warnings)
+    messages += [str(w.message) for w in caught if issubclass(w.category, UserWarning) and str(w.message) not in messages]
+    messages = _group_warnings(messages)
+    if not planned:
+        messages.insert(0, "no pass requested (see --help); the model is written unchanged")
+    return messages
+
+
+def _print_result(report, out_dir: Path | None, dry_run: bool, verbose: bool) -> None:
+    """The changes table, what was left alone and why, and the closing count line."""
+    if report.changes:
+        changes, hint = _changes_table(report, every_row=verbose)
+        print_table(changes)
+        if hint:
+            out.print(f"[dim]{hint}[/dim]")
+    inlined = report.inlined
+    if inlined:  # same computation, but these modules are not called on their own (hooks, checkpoint)
+        first = ", ".join(f"{path or '<root>'} ({why})" for path, why in list(inlined.items())[:3])
+        more = f" and {len(inlined) - 3} more (--json lists all)" if len(inlined) > 3 else ""
+        out.print(f"[dim]{len(inlined)} module(s) stay inlined in their caller's graph: {first}{more}[/dim]")
+    gates = report.skipped.get("dropout", {}).get("gates", 0)
+    if gates:
+        out.print(f"[dim]dropout: {gates} gate(s) left without dropout (a sigmoid whose output only scales"
+                  " another tensor); --dropout-gates includes them[/dim]")
+    constants = report.skipped.get("dropout", {}).get("input_independent", 0)
+    if constants:
+        out.print(f"[dim]dropout: {constants} activation(s) that do not depend on the inputs left without dropout"
+                  " (parameters or buffers only); --dropout-constants includes them[/dim]")
+    counts = ", ".join(f"{k}: {v}" for k, v in report.changes_by_pass().items()) or "no passes"
+    action = "would write" if dry_run else "wrote"
+    target = f" {action} {out_dir}" if out_dir is not None and not dry_run else (" (dry run: nothing written)" if dry_run else "")
+    out.print(f"{len(report.changes)} changes ({counts}); traced {report.traced_fraction:.0%};{target}")
+
+
 def rewrite(
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="Model spec (file.py:Name, pkg.module:Name, tv:/timm:/hf:NAME) or a saved DIR.")],
     out_dir: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Folder to write the rewritten model to.")] = None,
@@ -256,12 +292,7 @@ def rewrite(
             with warnings.catch_warnings(record=True) as caught, _selection_flags(given):
                 warnings.simplefilter("always")
                 result = run_rewrite(model, planned, inputs, example_kwargs=keywords, inplace=True, progress=say)
-        # every warning a pass recorded (notes included), then any other library warning
-        messages = list(result.report.warnings)
-        messages += [str(w.message) for w in caught if issubclass(w.category, UserWarning) and str(w.message) not in messages]
-        messages = _group_warnings(messages)
-        if not planned:
-            messages.insert(0, "no pass requested (see --help); the model is written unchanged")
+        messages = _messages(result.report, caught, bool(planned))
         if strict and messages:
             warn(messages, False)
             raise GraphtricksError(f"{len(messages)} warning(s) and --strict: nothing written")
@@ -275,25 +306,4 @@ def rewrite(
             print(json.dumps(payload, indent=2, default=str))
             return
         warn(messages, as_json)
-        if result.report.changes:
-            changes, hint = _changes_table(result.report, every_row=verbose)
-            print_table(changes)
-            if hint:
-                out.print(f"[dim]{hint}[/dim]")
-        inlined = result.report.inlined
-        if inlined:  # same computation, but these modules are not called on their own (hooks, checkpoint)
-            first = ", ".join(f"{path or '<root>'} ({why})" for path, why in list(inlined.items())[:3])
-            more = f" and {len(inlined) - 3} more (--json lists all)" if len(inlined) > 3 else ""
-            out.print(f"[dim]{len(inlined)} module(s) stay inlined in their caller's graph: {first}{more}[/dim]")
-        gates = result.report.skipped.get("dropout", {}).get("gates", 0)
-        if gates:
-            out.print(f"[dim]dropout: {gates} gate(s) left without dropout (a sigmoid whose output only scales"
-                      " another tensor); --dropout-gates includes them[/dim]")
-        constants = result.report.skipped.get("dropout", {}).get("input_independent", 0)
-        if constants:
-            out.print(f"[dim]dropout: {constants} activation(s) that do not depend on the inputs left without dropout"
-                      " (parameters or buffers only); --dropout-constants includes them[/dim]")
-        counts = ", ".join(f"{k}: {v}" for k, v in result.report.changes_by_pass().items()) or "no passes"
-        action = "would write" if dry_run else "wrote"
-        target = f" {action} {out_dir}" if out_dir is not None and not dry_run else (" (dry run: nothing written)" if dry_run else "")
-        out.print(f"{len(result.report.changes)} changes ({counts}); traced {result.report.traced_fraction:.0%};{target}")
+        _print_result(result.report, out_dir, dry_run, verbose)

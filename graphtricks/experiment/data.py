@@ -36,6 +36,7 @@ class Dataset:
         n_classes: number of classes (labels are ``0 .. n_classes-1``).
         image_shape: the layout a conv model takes one example in (digits: ``(1, 8, 8)``), or None.
         notes: what was done to the data (subset, label noise), for the report.
+        x_unseen: validation examples of classes held out of training (``known_classes``), or None.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Dataset:
     n_classes: int
     image_shape: tuple[int, ...] | None = None
     notes: tuple[str, ...] = ()
+    x_unseen: torch.Tensor | None = None
 
     def layouts(self) -> list[tuple[int, ...]]:
         """Shapes of one example to try on a model, natural layout first."""
@@ -54,8 +56,9 @@ class Dataset:
 
     def reshaped(self, shape: tuple[int, ...]) -> Dataset:
         """The same data with each example in ``shape``."""
+        unseen = None if self.x_unseen is None else self.x_unseen.reshape(-1, *shape)
         return Dataset(self.name, self.x_train.reshape(-1, *shape), self.y_train, self.x_val.reshape(-1, *shape),
-                       self.y_val, self.n_classes, self.image_shape, self.notes)
+                       self.y_val, self.n_classes, self.image_shape, self.notes, unseen)
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -117,7 +120,18 @@ def _npz(path: Path) -> tuple[np.ndarray, ...]:
     return _split(x.astype(np.float32), y)
 
 
-def load_data(spec: str, *, train_size: int | None = None, label_noise: float = 0.0) -> Dataset:
+def _hold_out(arrays: tuple[np.ndarray, ...], known: int, spec: str) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Training and validation examples of classes ``0 .. known-1``, and the validation examples of the rest."""
+    x_train, y_train, x_val, y_val = arrays
+    top = int(max(y_train.max(), y_val.max())) + 1
+    if isinstance(known, bool) or not isinstance(known, int) or not 2 <= known < top:
+        raise DataError(f"known_classes must be an integer from 2 to {top - 1} ({spec} has {top} classes), got {known!r}")
+    train, val = y_train < known, y_val < known
+    return (x_train[train], y_train[train], x_val[val], y_val[val]), x_val[~val]
+
+
+def load_data(spec: str, *, train_size: int | None = None, label_noise: float = 0.0,
+              known_classes: int | None = None) -> Dataset:
     """The data set ``spec`` names: ``digits``, ``breast-cancer``, ``wine`` or ``npz:FILE``.
 
     Args:
@@ -125,6 +139,8 @@ def load_data(spec: str, *, train_size: int | None = None, label_noise: float = 
             ``x_val``, ``y_val``; otherwise 20 % of ``x`` is held out with a fixed seed).
         train_size: keep only the first ``train_size`` training examples (a small set overfits).
         label_noise: fraction of training labels replaced by a different, random class (fixed seed).
+        known_classes: train and validate on classes ``0 .. K-1`` only; the validation examples of
+            the other classes become ``x_unseen`` (unseen-class detection).
 
     Returns:
         A :class:`Dataset`.
@@ -149,6 +165,10 @@ def load_data(spec: str, *, train_size: int | None = None, label_noise: float = 
     else:
         raise DataError(f"unknown data set {spec!r}; choose one of {', '.join(DATASETS)}, or npz:FILE")
     notes = []
+    unseen = None
+    if known_classes is not None:
+        (x_train, y_train, x_val, y_val), unseen = _hold_out((x_train, y_train, x_val, y_val), known_classes, spec)
+        notes.append(f"trained on classes 0–{known_classes - 1}; {len(unseen)} validation examples of the others held out")
     if train_size is not None:
         if isinstance(train_size, bool) or not isinstance(train_size, int) or not 2 <= train_size:
             raise DataError(f"train_size must be an integer ≥ 2, got {train_size!r}")
@@ -167,4 +187,4 @@ def load_data(spec: str, *, train_size: int | None = None, label_noise: float = 
         raise DataError(f"{spec}: the labels hold a single class; a classifier needs at least two")
     return Dataset(spec, torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train),
                    torch.from_numpy(np.ascontiguousarray(x_val)), torch.from_numpy(y_val), n_classes,
-                   image_shape, tuple(notes))
+                   image_shape, tuple(notes), None if unseen is None else torch.from_numpy(np.ascontiguousarray(unseen)))

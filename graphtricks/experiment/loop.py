@@ -58,7 +58,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int,
-          progress: Callable[[str], None] | None = None, label: str = "") -> dict[str, Any]:
+          progress: Callable[[str], None] | None = None, label: str = "", steps: bool = False) -> dict[str, Any]:
     """Train ``model`` in place and return its history.
 
     Args:
@@ -68,6 +68,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int,
         seed: fixes dropout masks and batch order.
         progress: called with one line per epoch.
         label: names the run in progress lines.
+        steps: also keep the training loss of every step (``"step_loss"``, train mode, NaN once diverged).
 
     Returns:
         ``{"train_loss", "train_acc", "val_loss", "val_acc"}`` (one value per epoch, measured in
@@ -84,6 +85,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int,
         config.schedule, warmup=config.warmup, steps_per_epoch=steps_per_epoch, total=total,
         step_size=config.step_size, gamma=config.gamma))
     history: dict[str, Any] = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+    step_loss: list[float] = []
     diverged = None
     step = 0
     model.train()
@@ -96,7 +98,10 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int,
             loss = multi_head_loss(outputs, data.y_train[index], weights=config.loss_weights,
                                    smoothing=config.label_smoothing)
             loss = loss + penalty(model, l1=config.l1, l2=config.l2, layers=config.penalty_layers)
-            if not math.isfinite(loss.item()):
+            value = loss.item()
+            if steps:
+                step_loss.append(value if math.isfinite(value) else math.nan)
+            if not math.isfinite(value):
                 diverged = step
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -114,5 +119,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int,
             note = f" (diverged at step {diverged})" if diverged is not None else ""
             progress(f"{label} epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.3f}, val acc {val_acc:.3f}{note}")
     model.eval()
+    if steps:
+        history["step_loss"] = step_loss
     history.update(val_probs=probs, diverged=diverged, seconds=time.process_time() - started)
     return history

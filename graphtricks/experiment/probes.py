@@ -1,4 +1,4 @@
-"""Measurements on a model: does it fit the data, signal propagation at init, calibration."""
+"""Measurements on a model: does it fit the data, signal propagation at init, calibration, uncertainty."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from graphtricks.experiment.data import Dataset
 from graphtricks.experiment.errors import ExperimentError
 from graphtricks.experiment.loop import first_head
 
-__all__ = ["calibration", "fit_data", "signal"]
+__all__ = ["ROC_GRID", "auroc", "calibration", "fit_data", "roc_curve", "signal", "uncertainty"]
+
+# False-positive rates at which a run's ROC curve is kept (the figure averages seeds on them).
+ROC_GRID = tuple(i / 20 for i in range(21))
 
 
 def _first_line(e: Exception) -> str:
@@ -121,3 +124,80 @@ def calibration(probs: torch.Tensor, y: torch.Tensor, bins: int = 10) -> dict[st
         rows["accuracy"].append(a)
         rows["count"].append(n)
     return {"ece": ece, **rows}
+
+
+def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the ROC curve of a score that should be higher on ``positives``: the chance that a
+    random positive outscores a random negative, ties counting one half (Mann–Whitney U / (n·m))."""
+    neg, pos = negatives.double().flatten(), positives.double().flatten()
+    if not len(neg) or not len(pos):
+        raise ExperimentError("AUROC needs examples on both sides (known and unseen classes)")
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def roc_curve(negatives: torch.Tensor, positives: torch.Tensor) -> list[float]:
+    """The true-positive rate at each false-positive rate of :data:`ROC_GRID` (thresholds on the score)."""
+    neg = negatives.double().flatten().sort(descending=True).values
+    pos = positives.double().flatten()
+    rates = []
+    for fpr in ROC_GRID:
+        k = int(round(fpr * len(neg)))  # flag the k highest-scoring negatives: everything ≥ the k-th score
+        threshold = neg[k - 1] if k > 0 else float("inf")
+        rates.append(float((pos >= threshold).double().mean()) if k > 0 else 0.0)
+    return rates
+
+
+def _probabilities(model: nn.Module, x: torch.Tensor, samples: int, seed: int):
+    """Softmax probabilities of the first head: deterministic (eval), or the mean of MC samples."""
+    if samples:
+        from graphtricks.onnx.sampling import mc_sample
+
+        mc = mc_sample(model, x, samples, seed=seed, max_rows=8192)
+        return mc.probs, mc.entropy, mc.mutual_information
+    from graphtricks.onnx.sampling import predictive_entropy
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            probs = torch.softmax(first_head(model(x)).double(), 1)
+    finally:
+        model.train(was_training)
+    return probs, predictive_entropy(probs), None
+
+
+def uncertainty(model: nn.Module, data: Dataset, samples: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Unseen-class detection and calibration of a trained model, deterministic and (``samples`` ≥ 2) MC dropout.
+
+    The score is the predictive entropy: of the softmax (deterministic) or of the mean of
+    ``samples`` stochastic softmaxes (MC, :func:`graphtricks.mc_sample`); positives are the
+    validation examples of classes held out of training (``data.x_unseen``), negatives the
+    validation examples of the known classes. MC also scores the mutual information.
+
+    Returns:
+        ``{"deterministic": {...}, "mc": {...}}`` (``mc`` only when sampled), each with ``auroc``,
+        ``roc`` (true-positive rates on :data:`ROC_GRID`), the mean entropy on known and unseen
+        examples, the validation accuracy and :func:`calibration` of its probabilities.
+
+    Raises:
+        ExperimentError: the data holds no unseen classes (load it with ``known_classes``).
+    """
+    if data.x_unseen is None or not len(data.x_unseen):
+        raise ExperimentError("the uncertainty panels need classes held out of training: load the data with "
+                              "known_classes (--known-classes K)")
+    out: dict[str, Any] = {}
+    for name, t in (("deterministic", 0), ("mc", samples)):
+        if name == "mc" and not t:
+            continue
+        probs, known, info = _probabilities(model, data.x_val, t, seed)
+        _, unseen, unseen_info = _probabilities(model, data.x_unseen, t, seed + 1)
+        record = {"auroc": auroc(known, unseen), "roc": roc_curve(known, unseen),
+                  "entropy_known": float(known.mean()), "entropy_unseen": float(unseen.mean()),
+                  "accuracy": float((probs.argmax(1) == data.y_val).double().mean()),
+                  "calibration": calibration(probs, data.y_val)}
+        if info is not None:
+            record["mutual_information_auroc"] = auroc(info, unseen_info)
+        out[name] = record
+    return out

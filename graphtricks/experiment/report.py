@@ -67,7 +67,8 @@ def render_html(result, figures: dict[str, bytes]) -> str:
     for p in result.panels:
         color = COLORS[p["verdict"]]
         verdict = f'<b style="color:{color}">{e(p["verdict"])}</b>'
-        change = f'{_fmt(p["before_mean"])} → {_fmt(p["after_mean"])} (Δ {p["difference"]:+.3g}, ±{_fmt(p["spread"])})'
+        change = (f'{e(p["before_name"])} {_fmt(p["before_mean"])} → {_fmt(p["after_mean"])} '
+                  f'(Δ {p["difference"]:+.3g}, ±{_fmt(p["spread"])})')
         rows.append(f"<tr><td>{e(p['variant'])}</td><td>{e(p['claim'])}</td><td>{e(p['metric'])}</td>"
                     f"<td>{change}</td><td>{verdict}</td></tr>")
         png = base64.b64encode(figures[p["figure"]]).decode()
@@ -76,9 +77,9 @@ def render_html(result, figures: dict[str, bytes]) -> str:
             f'<section><h2>{e(p["variant"])}: {e(p["title"])}</h2>'
             f'<p class="claim">Claim: {e(p["claim"])}. Verdict: {verdict}.</p>'
             f'<img src="data:image/png;base64,{png}" alt="{e(p["figure"])}" data-figure="{e(p["figure"])}">'
-            f'<p>{e(p["metric"])}: original {_fmt(p["before_mean"])}, {e(p["variant"])} {_fmt(p["after_mean"])}; '
+            f'<p>{e(p["metric"])}: {e(p["before_name"])} {_fmt(p["before_mean"])}, {e(p["variant"])} {_fmt(p["after_mean"])}; '
             f'difference {p["difference"]:+.3g}, larger std over seeds {_fmt(p["spread"])}, margin {_fmt(p["margin"])}. '
-            f'Per seed (original → variant): {e(per_seed)}.</p>'
+            f'Per seed ({e(p["before_name"])} → {e(p["variant"])}): {e(per_seed)}.</p>'
             f'<p class="rule">Rule: {e(p["rule"])}.</p></section>')
     variants = "".join(
         f"<li><b>{e(v['name'])}</b>: {e(json.dumps(v.get('passes', []) + v.get('techniques', [])))}"
@@ -99,7 +100,7 @@ img{{max-width:100%}}section{{margin-top:2em}}.rule{{color:#57606a;font-size:13p
 Seeds {', '.join(map(str, result.seeds))}: every variant starts from the original model built under the same seed and sees the same batches in the same order. Settings: {e(config)}. {result.seconds:.0f} CPU seconds.</p>
 {'<p><b>Diverged:</b> ' + e(', '.join(diverged)) + '</p>' if diverged else ''}
 <h2>Verdicts</h2>
-<table><tr><th>variant</th><th>claim</th><th>metric</th><th>original → variant (±std)</th><th>verdict</th></tr>{''.join(rows)}</table>
+<table><tr><th>variant</th><th>claim</th><th>metric</th><th>before → variant (±std)</th><th>verdict</th></tr>{''.join(rows)}</table>
 <ul>{variants}</ul>
 {''.join(sections)}
 </body></html>
@@ -123,12 +124,11 @@ def write_report(result, out: Path, *, force: bool = False) -> Path:
 
     out = Path(out)
     check_out(out, force)
-    names = {}
     figures: dict[str, bytes] = {}
     for p in result.panels:
         p["figure"] = figure_name(p)
-        names.setdefault(p["variant"], ("original", p["variant"]))
-        figures[p["figure"]] = draw(p, result.runs["original"], result.runs[p["variant"]], names[p["variant"]])
+        baseline = p.get("baseline", "original")
+        figures[p["figure"]] = draw(p, result.runs[baseline], result.runs[p["variant"]], (baseline, p["variant"]))
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name, png in figures.items():

@@ -21,7 +21,7 @@ from graphtricks.experiment.data import Dataset, load_data
 from graphtricks.experiment.errors import ExperimentError
 from graphtricks.experiment.loop import train
 from graphtricks.experiment.panels import PANELS, judge, panels_for
-from graphtricks.experiment.probes import calibration, fit_data, signal
+from graphtricks.experiment.probes import calibration, fit_data, signal, uncertainty
 from graphtricks.experiment.techniques import TrainConfig
 from graphtricks.experiment.variants import Variant, read_variant
 
@@ -96,7 +96,7 @@ def _builder(model) -> Callable[[int], nn.Module]:
 
 def _rewrite(base: nn.Module, variant: Variant, seed: int, example: torch.Tensor) -> nn.Module:
     """``variant``'s rewrite of ``base`` (a copy); every pass must have changed something."""
-    import graphtricks as gt
+    from graphtricks.rewriting import rewrite
 
     passes = variant.build_passes(seed)
     if not passes:
@@ -106,7 +106,7 @@ def _rewrite(base: nn.Module, variant: Variant, seed: int, example: torch.Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            result = gt.rewrite(base, passes, example_inputs=(example,))
+            result = rewrite(base, passes, example_inputs=(example,))
         except SelectionError as e:  # a pattern that names nothing in this model
             raise ExperimentError(f"recipe {variant.name} does not apply to this model: {e}") from e
     done = result.report.changes_by_pass()
@@ -117,17 +117,56 @@ def _rewrite(base: nn.Module, variant: Variant, seed: int, example: torch.Tensor
     return result.model
 
 
+def _plan(arms: list[Variant], baseline: str | None, dataset: Dataset) -> tuple[str, list[Variant], dict, dict]:
+    """Who is judged against whom: the baseline's name, the judged variants, each one's panel kinds,
+    and what each run must measure (the baseline measures what any panel needs)."""
+    names = [a.name for a in arms]
+    if not arms:
+        raise ExperimentError("give at least one variant (a recipe) to compare with the original model")
+    if len(set(names)) != len(names) or ORIGINAL in names:
+        raise ExperimentError(f"variant names must be unique and not {ORIGINAL!r}: {names}")
+    if baseline is not None and (baseline not in names or len(names) < 2):
+        raise ExperimentError(f"baseline {baseline!r} must name one of the variants ({', '.join(names)}) "
+                              "and at least one other variant to judge against it")
+    base_name = baseline or ORIGINAL
+    judged = [a for a in arms if a.name != base_name]
+    kinds = {a.name: panels_for(a.entries) for a in judged}
+    needs = {a.name: {PANELS[k].needs for k, _ in kinds[a.name]} - {""} for a in judged}
+    needs[base_name] = set().union(*needs.values())
+    if "uncertainty" in needs[base_name] and dataset.x_unseen is None:
+        raise ExperimentError("MC dropout's panels score classes held out of training: pass known_classes "
+                              "(--known-classes K) to train on classes 0 … K−1")
+    return base_name, judged, kinds, needs
+
+
+def _rewrites(base: nn.Module, arms: list[Variant], seed: int, dataset: Dataset, configs: dict,
+              details: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
+    """Every variant's rewrite of ``base``, before any training (a recipe that does not apply fails at
+    once); ``details`` gets each variant's description the first time."""
+    example = dataset.x_train[:min(len(dataset.x_train), 8)]
+    models = {}
+    for arm in arms:
+        models[arm.name] = _rewrite(base, arm, seed, example)
+        fit_data(models[arm.name], dataset)
+        if arm.name not in details:
+            n_params = sum(p.numel() for p in models[arm.name].parameters())
+            details[arm.name] = {**arm.to_dict(), "config": configs[arm.name].to_dict(), "parameters": n_params}
+    return models
+
+
 def _measure(model, data, config, seed, needs, batch_sizes, label, progress) -> dict[str, Any]:
     """Signal at init (if needed), one training run, then calibration and the batch-size runs (if needed)."""
     record: dict[str, Any] = {"seed": seed}
     if "signal" in needs:
         record["signal"] = signal(model, data.x_train[:SIGNAL_BATCH], data.y_train[:SIGNAL_BATCH], seed)
     initial = copy.deepcopy(model) if "batch" in needs else None
-    history = train(model, data, config, seed, label=label)
+    history = train(model, data, config, seed, label=label, steps="steps" in needs)
     probs = history.pop("val_probs")
     record.update(history=history, diverged=history.pop("diverged"), seconds=history.pop("seconds"))
     if "calibration" in needs:
         record["calibration"] = calibration(probs, data.y_val)
+    if "uncertainty" in needs:
+        record["uncertainty"] = uncertainty(model, data, config.mc_samples, seed)
     if "batch" in needs:
         record["batch"] = {}
         for size in batch_sizes:
@@ -150,6 +189,8 @@ def experiment(
     batch_sizes: Sequence[int] = (),
     train_size: int | None = None,
     label_noise: float = 0.0,
+    known_classes: int | None = None,
+    baseline: str | None = None,
     model_name: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
@@ -166,7 +207,12 @@ def experiment(
         config: the training settings every variant shares (a variant's techniques add to them).
         batch_sizes: batch sizes of the accuracy-against-batch-size panel (BN→LN); default
             ``(2, config.batch_size)``.
-        train_size, label_noise: see :func:`~graphtricks.experiment.data.load_data`.
+        train_size, label_noise, known_classes: see :func:`~graphtricks.experiment.data.load_data`
+            (``known_classes``: train on classes 0 … K−1; the uncertainty panels of MC dropout
+            score the held-out ones).
+        baseline: the name of a variant to judge the others against instead of the original
+            (identity shortcuts against a gated form); the original model is then only the
+            starting point of the rewrites and is not trained.
         model_name: how the report names the model.
         out: also write ``report.html``, one PNG per figure and ``results.json`` to this folder
             (atomically; it must not exist or be empty unless ``force``).
@@ -195,43 +241,34 @@ def experiment(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ExperimentError("give at least one seed")
-    dataset = data if isinstance(data, Dataset) else load_data(data, train_size=train_size, label_noise=label_noise)
+    dataset = data if isinstance(data, Dataset) else load_data(data, train_size=train_size, label_noise=label_noise,
+                                                               known_classes=known_classes)
     arms = [_as_variant(v) for v in variants]
-    if not arms:
-        raise ExperimentError("give at least one variant (a recipe) to compare with the original model")
     names = [a.name for a in arms]
-    if len(set(names)) != len(names) or ORIGINAL in names:
-        raise ExperimentError(f"variant names must be unique and not {ORIGINAL!r}: {names}")
+    base_name, judged, kinds, needs = _plan(arms, baseline, dataset)
     configs = {a.name: a.config(config) for a in arms}
-    kinds = {a.name: panels_for(a.technique_names) for a in arms}
-    needs = {a.name: {PANELS[k].needs for k, _ in kinds[a.name]} - {""} for a in arms}
-    needs[ORIGINAL] = set().union(*needs.values())
     sizes = sorted({int(s) for s in (batch_sizes or (2, config.batch_size))})
     build = _builder(model)
-    runs: dict[str, list[dict[str, Any]]] = {ORIGINAL: [], **{n: [] for n in names}}
+    runs: dict[str, list[dict[str, Any]]] = {**({} if baseline else {ORIGINAL: []}), **{n: [] for n in names}}
     details: dict[str, dict[str, Any]] = {}
     for seed in seed_list:
         base = build(seed)
         dataset = fit_data(base, dataset)
-        example = dataset.x_train[:min(len(dataset.x_train), 8)]
-        models = {ORIGINAL: base}
-        for arm in arms:  # every rewrite before any training: a recipe that does not apply fails at once
-            models[arm.name] = _rewrite(base, arm, seed, example)
-            fit_data(models[arm.name], dataset)
-            if arm.name not in details:
-                n_params = sum(p.numel() for p in models[arm.name].parameters())
-                details[arm.name] = {**arm.to_dict(), "config": configs[arm.name].to_dict(), "parameters": n_params}
+        models = {ORIGINAL: base, **_rewrites(base, arms, seed, dataset, configs, details)}
         for name, m in models.items():
+            if name not in runs:  # the original, when a variant is the baseline
+                continue
             cfg = config if name == ORIGINAL else configs[name]
             runs[name].append(_measure(m, dataset, cfg, seed, needs[name], sizes, name, progress))
-    panels = [judge(kind, claim, a.name, runs[ORIGINAL], runs[a.name]) for a in arms for kind, claim in kinds[a.name]]
+    panels = [judge(kind, claim, a.name, runs[base_name], runs[a.name], base_name)
+              for a in judged for kind, claim in kinds[a.name]]
     if model_name is None:
         model_name = getattr(model, "__name__", None) or type(model).__name__
     result = ExperimentResult(
         model=model_name,
         data={"name": dataset.name, "train": len(dataset.x_train), "val": len(dataset.x_val),
               "classes": dataset.n_classes, "layout": list(dataset.x_train.shape[1:]), "notes": list(dataset.notes)},
-        config={**config.to_dict(), **({"batch_sizes": sizes} if "batch" in needs[ORIGINAL] else {})}, seeds=seed_list,
+        config={**config.to_dict(), **({"batch_sizes": sizes} if "batch" in needs[base_name] else {})}, seeds=seed_list,
         variants=[{"name": ORIGINAL, "parameters": sum(p.numel() for p in build(seed_list[0]).parameters())},
                   *[details[n] for n in names]],
         runs=runs, panels=panels)

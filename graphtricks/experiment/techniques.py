@@ -59,6 +59,8 @@ class TrainConfig:
             on qualified module names, as in the passes' include/exclude; empty: every layer).
         precision: float32, or bfloat16/float16 autocast (bfloat16 only on the CPU).
         loss_weights: weights of the losses of a multi-head model's outputs, in order.
+        mc_samples: T of MC-dropout inference (0: off): after training, the uncertainty panels
+            read the mean of T stochastic forwards (``gt.mc_sample``) beside the deterministic one.
     """
 
     epochs: int = 5
@@ -77,6 +79,7 @@ class TrainConfig:
     penalty_layers: tuple[str, ...] = ()
     precision: str = "float32"
     loss_weights: tuple[float, ...] = ()
+    mc_samples: int = 0
 
     def __post_init__(self):
         checks = [
@@ -92,6 +95,8 @@ class TrainConfig:
             (self.l1 >= 0 and self.l2 >= 0, f"l1/l2 weights must be ≥ 0, got {self.l1!r}, {self.l2!r}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"),
             (all(w >= 0 for w in self.loss_weights), f"loss weights must be ≥ 0, got {list(self.loss_weights)}"),
+            (isinstance(self.mc_samples, int) and not isinstance(self.mc_samples, bool) and self.mc_samples != 1
+             and self.mc_samples >= 0, f"MC dropout samples must be 0 (off) or an integer ≥ 2, got {self.mc_samples!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -230,6 +235,7 @@ TECHNIQUES: dict[str, dict[str, str]] = {
     "precision": {"dtype": "precision"},
     "loss_weights": {"weights": "loss_weights"},
     "optimizer": {"kind": "optimizer", "lr": "lr", "momentum": "momentum"},
+    "mc_dropout": {"samples": "mc_samples"},
 }
 
 

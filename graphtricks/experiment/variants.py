@@ -68,6 +68,11 @@ class Variant:
         return variant
 
     @property
+    def entries(self) -> list[dict[str, Any]]:
+        """Pass and technique entries, graph passes first (each a copy)."""
+        return [dict(e) for e in (*self.passes, *self.techniques)]
+
+    @property
     def technique_names(self) -> list[str]:
         """Pass and technique names, in recipe order."""
         return [e["pass"] for e in (*self.passes, *self.techniques)]

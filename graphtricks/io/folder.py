@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphtricks.errors import GraphtricksError, SavedModelError, SpecError
-from graphtricks.io import user_state
+import graphtricks.io.user_state as user_state
 from graphtricks.io.inputs import make_example_inputs, make_keyword_inputs, named_input_text
 from graphtricks.io.recipe import Recipe, read_recipe, write_recipe
 from graphtricks.io.files import from_folder, public_modes, relative_to_folder

@@ -81,7 +81,9 @@ class DropoutInterceptor(TorchFunctionMode):
 
     Neutralised, a dropout becomes the identity and a random draw takes a fixed value (see
     :mod:`graphtricks.onnx.draws`: stochastic depth then keeps every sample and still scales
-    it by ``1 / keep_prob``).
+    it by ``1 / keep_prob``). Forced, a dropout whose training flag is off drops all the same
+    (MC dropout: a model in eval mode, BatchNorm on running statistics, every dropout on); a
+    site that passes p = 0 in eval mode (``p if self.training else 0.``) stays off.
 
     Attributes:
         calls: The drop probability of each dropout actually applied (p > 0, training on),
@@ -89,9 +91,12 @@ class DropoutInterceptor(TorchFunctionMode):
         draws: Each random draw (stochastic depth masks and the like), in call order.
     """
 
-    def __init__(self, neutralise: bool) -> None:
+    def __init__(self, neutralise: bool, force: bool = False) -> None:
         super().__init__()
+        if neutralise and force:
+            raise ValueError("a dropout cannot be both neutralised and forced")
         self.neutralise = neutralise
+        self.force = force
         self.calls: list[float] = []
         self.draws: list[Draw] = []
 
@@ -112,19 +117,27 @@ class DropoutInterceptor(TorchFunctionMode):
                     args, kwargs, site.training_name, site.training_index, site.training_default
                 )
             )
-        if not (training and p > 0):
+        if not (p > 0 and (training or self.force)):
             return func(*args, **kwargs)
         self.calls.append(p)
         if not self.neutralise:
+            if not training:  # forced: the same call with its training flag on
+                args, kwargs = _with_argument(args, kwargs, site.training_name, site.training_index, True)
             return func(*args, **kwargs)
         if site.elementwise:
             return args[0] if args else kwargs["input"]
-        args = list(args)
-        if site.p_name not in kwargs and site.p_index < len(args):
-            args[site.p_index] = 0.0
-        else:
-            kwargs[site.p_name] = 0.0
+        args, kwargs = _with_argument(args, kwargs, site.p_name, site.p_index, 0.0)
         return func(*args, **kwargs)
+
+
+def _with_argument(args: Sequence, kwargs: dict, name: str, index: int, value: Any) -> tuple[list, dict]:
+    """A call's arguments with one argument (by keyword, else by position) set to ``value``."""
+    args, kwargs = list(args), dict(kwargs)
+    if name not in kwargs and index < len(args):
+        args[index] = value
+    else:
+        kwargs[name] = value
+    return args, kwargs
 
 
 def flatten_outputs(value: Any) -> list[torch.Tensor]:

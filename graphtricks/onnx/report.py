@@ -85,7 +85,7 @@ class CheckResult:
         name: The check, e.g. ``"infer_vs_eager"``, ``"train_deterministic"``, ``"dropout_rate"``.
         passed: Whether the check passed.
         message: One line: what was compared and, on failure, what went wrong.
-        graph: ``"infer"``, ``"train"``, ``"both"`` or ``None`` for model-level checks.
+        graph: ``"infer"``, ``"train"``, ``"mc"`` (MC dropout), ``"both"`` or ``None`` for model-level checks.
         provider: The execution provider that ran the graph (first of ``get_providers()``).
         output: The graph output (or Dropout node) the check is about.
         seed: The seed of the random inputs, ``None`` for user-supplied inputs.

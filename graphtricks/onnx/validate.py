@@ -27,6 +27,7 @@ from graphtricks.onnx.checks.graphs import (
     eager_eval_batch_statistics,
     eager_mode_difference,
 )
+from graphtricks.onnx.checks.mc import check_mc_graph
 from graphtricks.onnx.checks.numeric import (
     NOISE_FACTOR,
     check_infer_vs_eager,
@@ -51,7 +52,7 @@ from graphtricks.onnx.graph import (
     train_mode_batchnorms,
 )
 from graphtricks.onnx.inputs import InputSet, as_input_tuple, random_like, session_feed
-from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE, train_only_names
+from graphtricks.onnx.names import INFER_FILE, MC_FILE, TRAIN_FILE, train_only_names
 from graphtricks.onnx.portable import portable_dropouts
 from graphtricks.onnx.report import CheckResult, ToleranceTable, ValidationReport
 from graphtricks.onnx.runtime import (
@@ -214,6 +215,9 @@ def validate_pair(
 ) -> ValidationReport:
     """Checks ``onnx_dir/model.{train,infer}.onnx`` against ``model`` and against each other.
 
+    Where the folder also holds ``model.mc.onnx`` (MC dropout), it is checked as graph ``mc``
+    (:mod:`graphtricks.onnx.checks.mc`).
+
     Args:
         model: The model the graphs were exported from; it is not changed.
         example_inputs: The example inputs of the export: random inputs copy their shapes and
@@ -257,8 +261,9 @@ def validate_pair(
     with WeightTable() as table:  # memory maps of the data file, shared by both graphs
         train = load_onnx_file(onnx_dir / TRAIN_FILE, "train", table)
         infer = load_onnx_file(onnx_dir / INFER_FILE, "inference", table)
+        mc = load_onnx_file(onnx_dir / MC_FILE, "MC-dropout", table) if (onnx_dir / MC_FILE).exists() else None
         report = _validate_loaded(
-            model, inputs, train, infer, device, atol, rtol, seeds, extra, baseline, progress
+            model, inputs, train, infer, device, atol, rtol, seeds, extra, baseline, progress, mc
         )
     report.seconds = time.perf_counter() - start
     return report
@@ -281,14 +286,16 @@ def _validate_loaded(
     extra: list[tuple[torch.Tensor, ...]],
     baseline: ModelDigest | None,
     progress: Callable[[str], None] | None = None,
+    mc: onnx.ModelProto | None = None,
 ) -> ValidationReport:
     """:func:`validate_pair` on graphs already loaded (their weights held by a table)."""
-    steps = iter(enumerate(_STEPS, 1))
+    names = _STEPS[:1] + (("MC-dropout graph",) if mc is not None else ()) + _STEPS[1:]
+    steps = iter(enumerate(names, 1))
 
     def step() -> None:
         i, what = next(steps)
         if progress is not None:
-            progress(f"validating: {what} (step {i}/{len(_STEPS)})")  # steps, not the check families
+            progress(f"validating: {what} (step {i}/{len(names)})")  # steps, not the check families
 
     asked = resolve_device(device)
     strict = device == "cuda"
@@ -338,6 +345,16 @@ def _validate_loaded(
         report.checks += check_infer_vs_eager(
             sessions[-1], model, input_sets, tolerance, reference, truths[0]
         )
+        if mc is not None:  # before the train checks: their train-mode runs move the copy's running statistics
+            step()
+            found, made, notes = check_mc_graph(
+                model, mc, infer, inputs, input_sets, asked, tolerance, reference=reference,
+                truth=truths[0], strict=strict,
+            )
+            report.checks += found
+            report.notes += notes
+            sessions += made
+            release_graph(mc)
         release_graph(infer)  # its file's weights leave memory before the train graph's come in
 
         step()

@@ -82,3 +82,25 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, recipe, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     result = run(TINY, "--data", "digits", "--recipe", recipe("d", 'pass = "dropout"\np = 0.5'), "--out", tmp_path / "exp")
     one_line_error(result, tmp_path, 'pip install -e ".[report]"')
+
+
+def test_mc_dropout_run_with_known_classes(tmp_path, recipe):
+    mc = recipe("mc", 'pass = "dropout"\np = 0.5', 'pass = "mc_dropout"\nsamples = 3')
+    out = tmp_path / "exp"
+    result = run("tests/experiment/tiny.py:DeepMLP", "--data", "digits", "--recipe", mc, "--out", out, "--seeds", 1,
+                 "--epochs", 1, "--train-size", 100, "--known-classes", 10, "--json")
+    one_line_error(result, tmp_path, "known_classes must be an integer from 2 to 9")
+    result = run(TINY, "--data", "digits", "--recipe", mc, "--out", out, "--seeds", 1, "--epochs", 1,
+                 "--train-size", 100, "--json")
+    one_line_error(result, tmp_path, "--known-classes")
+    result = run(TINY, "--model-arg", "classes=5", "--data", "digits", "--recipe", mc, "--out", out, "--seeds", 1,
+                 "--epochs", 1, "--train-size", 100, "--known-classes", 5, "--json")
+    assert result.exit_code == 0, result.output
+    panels = {p["kind"]: p for p in json.loads(result.stdout)["panels"]}
+    assert panels["unseen"]["before_name"] == "mc, deterministic" and (out / panels["unseen"]["figure"]).is_file()
+
+
+def test_baseline_must_name_a_variant(tmp_path, recipe):
+    result = run(TINY, "--data", "digits", "--recipe", recipe("d", 'pass = "dropout"\np = 0.5'),
+                 "--recipe", recipe("e", 'pass = "dropout"\np = 0.2'), "--out", tmp_path / "exp", "--baseline", "x")
+    one_line_error(result, tmp_path, "baseline 'x' must name one of the variants")

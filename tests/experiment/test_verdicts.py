@@ -20,7 +20,17 @@ def fake_run(seed: int, value: float) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind", sorted(PANELS))
+BETWEEN_RUNS = sorted(k for k, spec in PANELS.items() if spec.before_value is None)
+WITHIN_RUNS = sorted(k for k, spec in PANELS.items() if spec.before_value is not None)
+
+
+def uncertain_run(seed: int, deterministic: float, mc: float) -> dict:
+    """A run carrying MC dropout's measurements: every figure of one side driven by one value."""
+    side = lambda v: {"auroc": v, "calibration": {"ece": v / 10, "confidence": [v], "accuracy": [v], "count": [10]}}  # noqa: E731
+    return {**fake_run(seed, deterministic), "uncertainty": {"deterministic": side(deterministic), "mc": side(mc)}}
+
+
+@pytest.mark.parametrize("kind", BETWEEN_RUNS)
 def test_no_effect_is_not_shown(kind):
     runs = [fake_run(s, v) for s, v in enumerate((0.80, 0.85, 0.90))]
     assert judge(kind, "claim", "v", runs, runs)["verdict"] == "not shown"
@@ -28,7 +38,18 @@ def test_no_effect_is_not_shown(kind):
     assert judge(kind, "claim", "v", runs, swapped)["verdict"] == "not shown"
 
 
-@pytest.mark.parametrize("kind", sorted(PANELS))
+@pytest.mark.parametrize("kind", WITHIN_RUNS)
+def test_within_run_panels_compare_the_variants_own_two_readings(kind):
+    baseline = [uncertain_run(s, 0.1, 0.1) for s in range(3)]  # the original: never read by these panels
+    same = [uncertain_run(s, v, v) for s, v in enumerate((0.80, 0.85, 0.90))]
+    assert judge(kind, "claim", "v", baseline, same)["verdict"] == "not shown"
+    up = [uncertain_run(s, v, v + 0.3) for s, v in enumerate((0.50, 0.51, 0.52))]
+    panel = judge(kind, "claim", "v", baseline, up)
+    assert panel["verdict"] == ("held" if PANELS[kind].higher_is_better else "reversed")
+    assert panel["before"] == [PANELS[kind].before_value(r) for r in up] and panel["before_name"] == "v, deterministic"
+
+
+@pytest.mark.parametrize("kind", BETWEEN_RUNS)
 def test_a_clear_effect_is_held_or_reversed(kind):
     low = [fake_run(s, v) for s, v in enumerate((0.20, 0.21, 0.22))]
     high = [fake_run(s, v) for s, v in enumerate((0.80, 0.81, 0.82))]

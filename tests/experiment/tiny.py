@@ -32,3 +32,16 @@ class TinyBN(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+
+class DeepMLP(nn.Module):
+    """64 → 16, six blocks of Linear(16, 16) + ReLU (``blocks.*``), → 10: a plain net to wrap with shortcuts."""
+
+    def __init__(self, depth: int = 6, width: int = 16):
+        super().__init__()
+        self.stem = nn.Linear(64, width)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(depth)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphtricks.onnx.checks import SIGMAS, binomial_bound
+from graphtricks.onnx.checks.bounds import SIGMAS, binomial_bound
 from graphtricks.onnx.graph import DropoutInfo
 from graphtricks.onnx.inputs import InputSet, session_feed
 from graphtricks.onnx.report import CheckResult
@@ -41,12 +41,16 @@ def _active(info: DropoutInfo) -> bool:
     return info.training is not False and (info.ratio is None or info.ratio > 0)
 
 
-def check_dropout_count(infos: Sequence[DropoutInfo], eager_ps: Sequence[float]) -> CheckResult:
+def check_dropout_count(
+    infos: Sequence[DropoutInfo], eager_ps: Sequence[float], graph: str = "train"
+) -> CheckResult:
     """Compares the train graph's active Dropout nodes with the dropouts PyTorch applies.
 
     Args:
         infos: The train graph's Dropout nodes.
         eager_ps: The drop probability of each dropout one train-mode PyTorch forward applied.
+        graph: Which graph (``"train"``, or ``"mc"``: PyTorch then ran in eval mode with every
+            dropout forced on).
 
     Returns:
         A result that fails when the counts or the sorted probabilities differ.
@@ -58,23 +62,24 @@ def check_dropout_count(infos: Sequence[DropoutInfo], eager_ps: Sequence[float])
     )
     inert = [i.name for i in infos if not _active(i)]
     shown_graph, shown_torch = [round(p, 6) for p in graph_ps], [round(p, 6) for p in torch_ps]
+    mode = "eval mode with dropout forced on" if graph == "mc" else f"{graph} mode"
     message = (
-        f"train graph has {len(graph_ps)} active Dropout node(s) with p={shown_graph}; "
-        f"PyTorch train mode applies {len(torch_ps)} with p={shown_torch}"
+        f"{graph} graph has {len(graph_ps)} active Dropout node(s) with p={shown_graph}; "
+        f"PyTorch {mode} applies {len(torch_ps)} with p={shown_torch}"
     )
     if inert:
         message += f"; inert Dropout node(s) (training_mode off or p=0): {inert}"
     if not same:
         message += "; a dropout was eliminated, added or changed by the export"
     return CheckResult(
-        name="dropout_count", passed=same, message=message, graph="train",
+        name="dropout_count", passed=same, message=message, graph=graph,
         details={"graph_p": graph_ps, "pytorch_p": torch_ps, "inert_nodes": inert},
     )
 
 
 def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult) -> CheckResult:
     """Fills ``base`` with the keep-rate and scaling figures of one Dropout run."""
-    where = f"train Dropout '{info.name}' on {base.inputs}"
+    where = f"{base.graph} Dropout '{info.name}' on {base.inputs}"
     if info.ratio is None:
         base.passed, base.message = False, f"{where}: ratio is not a constant, cannot check it"
         return base
@@ -116,7 +121,8 @@ def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult)
 
 
 def check_dropout_rates(
-    session: Session, infos: Sequence[DropoutInfo], input_sets: Sequence[InputSet]
+    session: Session, infos: Sequence[DropoutInfo], input_sets: Sequence[InputSet],
+    graph: str = "train",
 ) -> list[CheckResult]:
     """Measures every Dropout node of the train graph on every input set.
 
@@ -124,6 +130,7 @@ def check_dropout_rates(
         session: A session of the train graph copy from ``graph.exposed_dropout_copy``.
         infos: The Dropout nodes of the train graph, in graph order.
         input_sets: The inputs to run.
+        graph: Which graph the session runs (``"train"`` or ``"mc"``), for the results.
 
     Returns:
         One result per Dropout node and input set.
@@ -140,14 +147,14 @@ def check_dropout_rates(
         except RunFailure as e:
             results.append(
                 CheckResult(
-                    name="dropout_rate", passed=False, graph="train", provider=session.provider,
+                    name="dropout_rate", passed=False, graph=graph, provider=session.provider,
                     seed=input_set.seed, inputs=input_set.label, message=f"{e}",
                 )
             )
             continue
         for info in infos:
             base = CheckResult(
-                name="dropout_rate", passed=False, message="", graph="train",
+                name="dropout_rate", passed=False, message="", graph=graph,
                 provider=session.provider, output=info.name, seed=input_set.seed,
                 inputs=input_set.label,
             )
@@ -160,7 +167,7 @@ def check_dropout_rates(
             if result.passed and not applied:
                 result.passed = False
                 result.message = (
-                    f"train dropout '{info.name}' on {base.inputs}: its mask is drawn at rate "
+                    f"{graph} dropout '{info.name}' on {base.inputs}: its mask is drawn at rate "
                     "and scale but the output is not data * mask"
                 )
             result.details["mask_applied"] = applied

@@ -213,6 +213,7 @@ def check_infer_vs_eager(
     tolerance: Callable[[torch.dtype], Tolerance],
     reference: nn.Module | None = None,
     truth: Callable[[], nn.Module | None] | None = None,
+    graph: str = "infer",
 ) -> list[CheckResult]:
     """Check 1: the inference graph against a copy of ``model`` in eval mode.
 
@@ -226,6 +227,8 @@ def check_infer_vs_eager(
         truth: Gives a float64 copy (:func:`~graphtricks.onnx.eager.float64_copy`), or None
             when it cannot; called when an output fails the fixed tolerance, the copy's outputs
             then judge both float32 results. None: fixed tolerances only.
+        graph: The graph the session runs: ``"infer"``, or ``"mc"`` (an MC graph with its
+            dropouts neutralised, which must equal eval mode too; its results are ``mc_vs_eager``).
 
     Returns:
         One result per output and input set, plus a failure if PyTorch drops out in eval mode.
@@ -242,7 +245,7 @@ def check_infer_vs_eager(
         eval_dropouts.extend(seen.calls)
         exact = _truth(truth, False, input_set, session.device, neutralise=False)
         results += _compare_all(
-            "infer_vs_eager", "infer", session, input_set, expected, tolerance, exact
+            f"{graph}_vs_eager", graph, session, input_set, expected, tolerance, exact
         )
     if eval_dropouts:
         results.append(

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphtricks.errors import ValidationError
-from graphtricks.onnx.checks import SIGMAS, binomial_bound
+from graphtricks.onnx.checks.bounds import SIGMAS, binomial_bound
 from graphtricks.onnx.draws import Draw
 from graphtricks.onnx.graph import constant_values
 from graphtricks.onnx.report import CheckResult

@@ -17,6 +17,10 @@ figure reports the median, min and max of those ratios. Where a figure has sever
    BERT-base encoder.
 6. ``peak_rss_ratio``: peak resident memory added by a rewrite ÷ the model's parameter bytes,
    each measurement in a fresh subprocess (copy, and ``inplace=True``).
+7. ``export_vs_torch``: ``export_pair`` (train and inference graph, default torch.export path,
+   train graph verified) ÷ ``torch.onnx.export(model.eval(), args, f, dynamo=True)`` of the
+   inference graph alone; the TorchScript pair's time is reported beside them
+   (``torchscript_pair_s``), as is where graphtricks' time goes with ``--breakdown``.
 
 Usage::
 
@@ -76,6 +80,7 @@ __all__ = [
     "bench_rewrite_overhead",
     "bench_rewrite_scaling",
     "bench_train_step_overhead",
+    "bench_export_vs_torch",
     "bench_validate_vs_torch",
     "breakdown",
     "interleave",
@@ -97,6 +102,7 @@ FIGURES = (
     "infer_overhead",
     "validate_vs_torch",
     "peak_rss_ratio",
+    "export_vs_torch",
 )
 GOALS = {
     "rewrite_overhead": 1.3,
@@ -105,6 +111,7 @@ GOALS = {
     "infer_overhead": 1.01,
     "validate_vs_torch": 1.0,
     "peak_rss_ratio": 1.3,
+    "export_vs_torch": 2.2,
 }
 INPLACE_RSS_GOAL = 0.3
 DROPOUT_P = 0.1
@@ -160,6 +167,7 @@ class Preset:
         onnx_reps: repetitions of ``validate_vs_torch``.
         rss_width, rss_depth: the Linear-BN-ReLU MLP whose parameters ``peak_rss_ratio`` weighs.
         rss_reps: subprocess measurements per variant (copy, in place).
+        export_models: the models of ``export_vs_torch`` (repetitions: ``onnx_reps``).
         rss_overlap: start the RSS subprocesses first and let them run beside the timed
             figures (peak RSS is per process, so its figure is unaffected, but the timings are
             disturbed: only for ``tiny``, whose timings nobody reads).
@@ -179,6 +187,7 @@ class Preset:
     rss_depth: int
     rss_reps: int
     rss_overlap: bool = False
+    export_models: tuple[str, ...] = ("mobilenet_v3_small", "resnet18")
 
 
 PRESETS = {
@@ -208,7 +217,7 @@ PRESETS = {
         train_cases=(("plain_vgg_tiny", (2, 3, 16, 16), 1, 1), ("mlp", (4, 32), 1, 2)),
         infer_cases=(("plain_cnn", 1, 2),),
         onnx_models=("plain_vgg_tiny",), onnx_reps=1,
-        rss_width=256, rss_depth=4, rss_reps=1, rss_overlap=True,
+        rss_width=256, rss_depth=4, rss_reps=1, rss_overlap=True, export_models=("plain_vgg_tiny",),
     ),
 }
 
@@ -757,6 +766,73 @@ def bench_validate_vs_torch(models: tuple[str, ...], reps: int, warmup: int = 1)
     return _figure("validate_vs_torch", what, out)
 
 
+# -- 7. export_vs_torch -------------------------------------------------------------------
+_EXPORT_STAGES = (
+    ("export_pair", "graphtricks/onnx/export.py", ("export_pair",)),
+    ("  torch.export capture", "graphtricks/onnx/dynamo.py", ("_capture",)),
+    ("  decompositions", "torch/onnx/_internal/exporter/_fx_passes.py", ("decompose_with_registry",)),
+    ("  ONNX translation (decompositions included)", "graphtricks/onnx/dynamo.py", ("_translate",)),
+    ("  onnxscript optimizer", "graphtricks/onnx/dynamo.py", ("_optimised_proto",)),
+    ("  train graph verified against PyTorch", "graphtricks/onnx/export.py", ("_verify_written_train_graph",)),
+)
+
+
+def _export_case(name: str, reps: int, warmup: int) -> dict[str, Any]:
+    from graphtricks.onnx import export_pair
+
+    model, inputs = _build(name)
+    with _quiet():
+        rewritten = gt.rewrite(model, [PASSES["dropout"](p=DROPOUT_P), PASSES["bn_to_ln"]()], inputs).model
+    rewritten.eval()
+    del model
+    used: list[str] = []
+
+    def pair(exporter: str) -> Callable[[], float]:
+        def run() -> float:
+            with tempfile.TemporaryDirectory() as folder, _quiet():
+                gc.collect()
+                start = time.perf_counter()
+                used.append(export_pair(rewritten, inputs, folder, exporter=exporter).exporter)
+                return time.perf_counter() - start
+        return run
+
+    def theirs() -> float:
+        with tempfile.TemporaryDirectory() as folder, _quiet():
+            gc.collect()
+            start = time.perf_counter()
+            torch.onnx.export(rewritten, inputs, os.path.join(folder, "model.onnx"), dynamo=True)
+            return time.perf_counter() - start
+
+    stats = interleave(pair("dynamo"), theirs, reps, warmup)
+    legacy = [pair("torchscript")() for _ in range(max(1, reps))]
+    stats.update(
+        model=MODELS[name][4], input_shape=list(inputs[0].shape), passes=["dropout", "bn_to_ln"],
+        exporter=used[0], graphtricks_s=stats.pop("a_s"), torch_s=stats.pop("b_s"),
+        torchscript_pair_s=statistics.median(legacy),
+    )
+    if _breakdown_on:
+        stats["breakdown"] = breakdown(pair("dynamo"), _EXPORT_STAGES)
+    return stats
+
+
+def bench_export_vs_torch(models: tuple[str, ...], reps: int, warmup: int = 1) -> dict[str, Any]:
+    """``export_pair`` (both graphs, torch.export path) ÷ torch's dynamo export of the eval graph.
+
+    Wall time: the exporters' work is all on this thread, but the verification's ONNX Runtime
+    session has its own.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name in models:
+        _log(f"export_vs_torch: {name}")
+        try:
+            out[name] = _export_case(name, reps, warmup)
+        except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' figures
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    what = ("graphtricks export_pair (train + inference graph, torch.export) ÷ "
+            "torch.onnx.export(model.eval(), args, f, dynamo=True), wall time; torchscript_pair_s beside")
+    return _figure("export_vs_torch", what, out)
+
+
 # -- 6. peak_rss_ratio ----------------------------------------------------------------------
 def _status_kib(field_name: str) -> int | None:
     try:
@@ -921,6 +997,7 @@ def run_benchmarks(
         "train_step_overhead": lambda: bench_train_step_overhead(preset.train_cases, preset.reps, preset.warmup),
         "infer_overhead": lambda: bench_infer_overhead(preset.infer_cases, preset.reps, preset.warmup),
         "validate_vs_torch": lambda: bench_validate_vs_torch(preset.onnx_models, preset.onnx_reps, preset.warmup),
+        "export_vs_torch": lambda: bench_export_vs_torch(preset.export_models, preset.onnx_reps, preset.warmup),
         "peak_rss_ratio": lambda: bench_peak_rss_ratio(
             preset.rss_width, preset.rss_depth, preset.rss_reps, threads, early
         ),

@@ -41,6 +41,9 @@ def export(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     example_kwargs: dict[str, Any] | None = None,
+    dynamic_dims: dict[str, list[int]] | None = None,
+    exporter: str = "dynamo",
+    mc_dropout: bool = False,
 ) -> ExportResult:
     """Export ``model.train.onnx`` and ``model.infer.onnx``, as ``graphtricks export`` does.
 
@@ -56,6 +59,9 @@ def export(
             inputs named after them (``input_ids``, ``attention_mask``).
         opset: the ONNX opset (``graphtricks.onnx.MIN_OPSET`` to ``MAX_OPSET``).
         dynamic_batch: make dimension 0 symbolic.
+        dynamic_dims: more symbolic dimensions by input name (``{"input_ids": [1]}``).
+        exporter: ``"dynamo"`` (torch.export, the default) or ``"torchscript"``.
+        mc_dropout: also write ``model.mc.onnx`` (eval mode with every dropout on).
         source: for a RewriteResult, how to rebuild the original model (``{"spec": ...}``), as
             for :func:`graphtricks.save`.
         force: replace a non-empty ``out_dir`` when a RewriteResult is saved there.
@@ -78,6 +84,7 @@ def export(
     from graphtricks.onnx import export_pair
     from graphtricks.rewriting import RewriteResult
 
+    options = {"dynamic_dims": dynamic_dims, "exporter": exporter, "mc_dropout": mc_dropout}
     if isinstance(model, (str, Path)):
         if not Path(model).exists():
             raise GraphtricksError(f"{model} does not exist (give a folder written by graphtricks.save)")
@@ -87,7 +94,7 @@ def export(
         kwargs = saved.example_kwargs if example_kwargs is None else example_kwargs
         args, names = _positional(saved.model, saved.example_inputs, kwargs)
         return export_pair(saved.model, args, Path(out_dir or model), opset=opset, dynamic_batch=dynamic_batch,
-                           input_names=names, progress=progress)
+                           input_names=names, progress=progress, **options)
     if out_dir is None:
         raise GraphtricksError("export needs out_dir for a model or a RewriteResult (only a saved folder exports into itself)")
     if isinstance(model, RewriteResult):
@@ -97,14 +104,14 @@ def export(
         kwargs = model.example_kwargs if example_kwargs is None else example_kwargs
         args, names = _positional(model.model, model.example_inputs, kwargs)
         return export_pair(model.model, args, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch,
-                           input_names=names, progress=progress)
+                           input_names=names, progress=progress, **options)
     if example_inputs is None and not example_kwargs:
         raise GraphtricksError("exporting a module needs example_inputs (a tensor or a tuple of its positional inputs)"
                                " or example_kwargs (its keyword inputs by name)")
     inputs = () if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     args, names = _positional(model, inputs, example_kwargs)
     return export_pair(model, args, Path(out_dir), opset=opset, dynamic_batch=dynamic_batch, input_names=names,
-                       progress=progress)
+                       progress=progress, **options)
 
 
 def validate(

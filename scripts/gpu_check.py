@@ -9,9 +9,12 @@ onnxruntime)::
 Each model (the examples of models/, torchvision ResNet-18, timm ConvNeXt-atto, a BERT-style
 encoder from a Hugging Face config: no weights are downloaded) is rewritten with all four
 techniques (dropout, residual shortcuts where a block fits, BatchNorm -> LayerNorm, init),
-exported (portable train graph) and validated with ``--device cuda``. Per model the JSON report,
-the export result and timings go to ``<out>/<name>.json``; ``summary.json`` and
-``nvidia-smi.txt`` sit beside them. Exit code 1 when any model fails.
+exported with the default exporter (torch.export twins; ``--exporter torchscript`` for the
+legacy one; a model torch.export cannot capture falls back and says so), with the MC-dropout
+graph, and validated with ``--device cuda``. Every graph's ops are checked against ONNX Runtime's
+CUDA kernel list (``cuda_gaps``): a gap fails the model. Per model the JSON report, the export
+result (which exporter wrote each graph) and timings go to ``<out>/<name>.json``;
+``summary.json`` and ``nvidia-smi.txt`` sit beside them. Exit code 1 when any model fails.
 """
 
 from __future__ import annotations
@@ -73,10 +76,13 @@ def _passes(inputs: tuple):
     return [gt.InsertDropout(p=0.1), gt.AddResidual(), gt.BatchNormToLayerNorm(), gt.Initialize()]
 
 
-def _check(name: str, model, inputs: tuple, device: str, out: Path) -> dict:
+def _check(name: str, model, inputs: tuple, device: str, out: Path, exporter: str = "dynamo") -> dict:
     """Rewrites, exports and validates one model; returns its record."""
+    import onnx
+
     import graphtricks as gt
     from graphtricks.onnx import export_pair, digest_model, validate_pair
+    from graphtricks.onnx.cuda_kernels import cuda_gaps
 
     record: dict = {"model": name, "device": device}
     start = time.perf_counter()
@@ -93,14 +99,24 @@ def _check(name: str, model, inputs: tuple, device: str, out: Path) -> dict:
         before = digest_model(rewritten)
         with tempfile.TemporaryDirectory() as folder:
             t = time.perf_counter()
-            exported = export_pair(rewritten, inputs, folder)
+            with warnings.catch_warnings(record=True) as leaked:  # none may reach the user
+                warnings.simplefilter("always")
+                exported = export_pair(rewritten, inputs, folder, exporter=exporter, mc_dropout=True)
             record["export"] = exported.to_dict()
             record["export_s"] = round(time.perf_counter() - t, 3)
+            record["leaked_warnings"] = [
+                f"{w.category.__name__}: {w.message}" for w in leaked
+                if issubclass(w.category, (DeprecationWarning, torch.jit.TracerWarning))
+            ]
+            graphs = [exported.train_path, exported.infer_path, exported.mc_path]
+            record["cuda_gaps"] = {p.name: cuda_gaps(onnx.load(str(p), load_external_data=False))
+                                   for p in graphs if p is not None}
             t = time.perf_counter()
             report = validate_pair(rewritten, inputs, folder, device=device, baseline=before)
             record["validate_s"] = round(time.perf_counter() - t, 3)
         record["report"] = report.to_dict()
-        record["passed"] = report.passed
+        record["passed"] = (report.passed and not any(record["cuda_gaps"].values())
+                            and not (exporter == "dynamo" and record["leaked_warnings"]))
     except Exception as e:
         record["passed"] = False
         record["error"] = f"{type(e).__name__}: {e}"
@@ -124,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument("--dry-run", action="store_true", help="validate on CPU instead of CUDA")
     parser.add_argument("--only", nargs="*", default=None, help="model names to run")
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                        help="the ONNX exporter (default: torch.export twins)")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
@@ -160,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a missing optional package: recorded, not fatal
             records.append({"model": name, "passed": False, "error": f"cannot build: {e}"})
             continue
-        record = _check(name, model, tuple(inputs), device, out)
+        record = _check(name, model, tuple(inputs), device, out, args.exporter)
         records.append(record)
         print(f"{name}: {'passed' if record['passed'] else 'FAILED'} ({record['total_s']}s)"
               + (f" {record.get('error', '')}" if not record["passed"] else ""))
@@ -168,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": date, "device": device, "dry_run": args.dry_run,
         "torch": torch.__version__, "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(), "python": platform.python_version(),
-        "models": {r["model"]: {k: r.get(k) for k in ("passed", "error", "total_s")}
+        "exporter": args.exporter,
+        "models": {r["model"]: {"passed": r.get("passed"), "error": r.get("error"),
+                                "total_s": r.get("total_s"),
+                                "exporter": (r.get("export") or {}).get("exporter"),
+                                "cuda_gaps": r.get("cuda_gaps")}
                    for r in records},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

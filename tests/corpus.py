@@ -132,7 +132,7 @@ def _first_tensor(value: Any) -> torch.Tensor:
     return next(v for v in (value.values() if isinstance(value, dict) else value) if isinstance(v, torch.Tensor))
 
 
-def run_entry(entry: Entry, *, validate: bool = True) -> dict[str, Any]:
+def run_entry(entry: Entry, *, validate: bool = True, exporter: str = "dynamo") -> dict[str, Any]:
     """Run the whole check on one architecture; returns a row of the table (never raises)."""
     started = time.perf_counter()
     row: dict[str, Any] = {"model": entry.name, "ok": False}
@@ -167,7 +167,8 @@ def run_entry(entry: Entry, *, validate: bool = True) -> dict[str, Any]:
             from graphtricks.onnx import export_pair, validate_pair
 
             with tempfile.TemporaryDirectory() as folder:
-                export_pair(rewritten, inputs, folder)
+                exported = export_pair(rewritten, inputs, folder, exporter=exporter)
+                row["exporter"] = exported.exporter
                 report = validate_pair(rewritten, inputs, folder, device="cpu", seeds=(0,))
             row["validate"] = report.summary()
             row["validate_passed"] = report.passed
@@ -183,17 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("words", nargs="*", help="only models whose name contains one of these")
     parser.add_argument("--json", action="store_true", help="print only JSON")
     parser.add_argument("--no-validate", action="store_true", help="skip ONNX export + validation")
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="the ONNX exporter")
     args = parser.parse_args(argv)
     entries = [e for e in CORPUS if not args.words or any(w in e.name for w in args.words)]
     rows = []
     for entry in entries:
-        rows.append(run_entry(entry, validate=not args.no_validate))
+        rows.append(run_entry(entry, validate=not args.no_validate, exporter=args.exporter))
         if not args.json:
             r = rows[-1]
             changes = " ".join(f"{k}:{v}" for k, v in r.get("changes", {}).items())
             status = "ok" if r["ok"] else "FAIL"
             detail = r.get("error") or r.get("validate", "")
-            print(f"{r['model']:32} {status:4} traced={r.get('traced_fraction', '-'):<6} {changes:48} {r['seconds']:7.1f}s  {detail}", flush=True)
+            print(f"{r['model']:32} {status:4} {r.get('exporter', ''):11} traced={r.get('traced_fraction', '-'):<6} {changes:48} {r['seconds']:7.1f}s  {detail}", flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

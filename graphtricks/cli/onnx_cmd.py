@@ -37,6 +37,22 @@ from graphtricks.errors import GraphtricksError, ValidationError
 
 OnnxDevice = Enum("OnnxDevice", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
 TrainGraph = Enum("TrainGraph", {k: k for k in ("portable", "standard")}, type=str)
+Exporter = Enum("Exporter", {k: k for k in ("dynamo", "torchscript")}, type=str)
+
+
+def _parse_dynamic_dims(specs: list[str] | None) -> dict[str, list[int]]:
+    """``INPUT:DIM`` options as ``{input: [dims]}``; a malformed one is a one-line error."""
+    dims: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, sep, dim = spec.rpartition(":")
+        try:
+            value = int(dim)
+        except ValueError:
+            value = None
+        if not sep or not name or value is None:
+            raise GraphtricksError(f"--dynamic-dim {spec!r}: write INPUT:DIM, e.g. input_ids:1 (input names as in --input)")
+        dims.setdefault(name, []).append(value)
+    return dims
 
 
 def export(
@@ -51,13 +67,16 @@ def export(
     trust_pickle: TrustPickleOpt = False,
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset (14-20).")] = 18,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dimension 0 symbolic.")] = False,
+    dynamic_dim: Annotated[list[str] | None, typer.Option("--dynamic-dim", metavar="INPUT:DIM", help="Make dimension DIM of input INPUT symbolic (repeatable; names as in --input, e.g. input_ids:1).")] = None,
+    exporter: Annotated[Exporter, typer.Option("--exporter", help="dynamo: torch.export (default; TorchScript for a model it cannot capture, with a note); torchscript: the legacy exporter.")] = Exporter.dynamo,
+    mc_dropout: Annotated[bool, typer.Option("--mc-dropout", help="Also write model.mc.onnx: eval mode with every dropout on (Monte Carlo dropout).")] = False,
     train_graph: Annotated[TrainGraph, typer.Option("--train-graph", help="portable: dropout and BatchNorm as primitive ops any runtime runs as written (running stats as updated.* outputs); standard: ONNX Dropout and train-mode BatchNormalization.")] = TrainGraph.portable,
     external_data: Annotated[bool, typer.Option("--external-data", help="Write the weights once, to model.data beside both graphs (ONNX external data); automatic for graphs over 2 GiB.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs).
+    """Export model.train.onnx and model.infer.onnx (train-mode and inference graphs), and with --mc-dropout model.mc.onnx.
 
     Example:
 
@@ -74,23 +93,29 @@ def export(
         if not saved and out_dir is None:
             raise GraphtricksError(f"exporting the model spec {spec} needs --out DIR (it receives the saved model and"
                                    " the ONNX files)")
+        options = {"dynamic_dims": _parse_dynamic_dims(dynamic_dim), "exporter": exporter.value,
+                   "mc_dropout": mc_dropout}
         in_place = saved and (out_dir is None or Path(out_dir).resolve() == Path(spec).resolve())
         if not in_place:
             check_output_dir(out_dir, force)
         target = Path(spec) if in_place else Path(out_dir)
         if in_place:  # the ONNX files appear in the folder together, or not at all
             _export(spec, target, target, input_shape, input_dtype, named_input, model_arg, weights, pretrained,
-                    trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first=False)
+                    trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first=False,
+                    options=options)
         else:  # the saved model and its graphs appear together, or nothing does
             with staged_folder(target) as folder:
                 _export(spec, folder, target, input_shape, input_dtype, named_input, model_arg, weights,
                         pretrained, trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json,
-                        save_first=True)
+                        save_first=True, options=options)
 
 
 def _export(spec, folder: Path, target: Path, input_shape, input_dtype, named_input, model_arg, weights, pretrained,
-            trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first: bool) -> None:
-    """Export into ``folder`` (saving the model there first when ``save_first``); report as ``target``."""
+            trust_pickle, opset, dynamic_batch, train_graph, external_data, force, as_json, save_first: bool,
+            options: dict) -> None:
+    """Export into ``folder`` (saving the model there first when ``save_first``); report as ``target``.
+
+    ``options``: ``dynamic_dims``, ``exporter`` and ``mc_dropout`` for ``export_pair``."""
     from graphtricks.io.folder import save
     from graphtricks.io.inputs import positional_inputs
     from graphtricks.onnx import MAX_OPSET, MIN_OPSET, export_pair
@@ -113,7 +138,7 @@ def _export(spec, folder: Path, target: Path, input_shape, input_dtype, named_in
     with progress(f"exporting to {target}…", as_json) as say:
         exported = export_pair(
             model, inputs, folder, opset=opset, dynamic_batch=dynamic_batch, train_graph=train_graph.value,
-            external_data=external_data, input_names=names, progress=say,
+            external_data=external_data, input_names=names, progress=say, **options,
         )
     if as_json:
         print(json.dumps({**exported.to_dict(), **_paths_in(exported, folder, target)}, indent=2, default=str))
@@ -122,13 +147,15 @@ def _export(spec, folder: Path, target: Path, input_shape, input_dtype, named_in
     note(exported.notes)
     paths = _paths_in(exported, folder, target)
     data = f" with weights in {Path(paths['data_path']).name}" if paths.get("data_path") else ""
-    out.print(f"wrote {paths['train_path']} and {paths['infer_path']}{data} (opset {exported.opset},"
-              f" {exported.seconds:.1f}s)")
+    mc = f" and {paths['mc_path']}" if paths.get("mc_path") else ""
+    out.print(f"wrote {paths['train_path']} and {paths['infer_path']}{mc}{data} (opset {exported.opset},"
+              f" {exported.exporter} exporter, {exported.seconds:.1f}s)")
 
 
 def _paths_in(exported, folder: Path, target: Path) -> dict[str, str]:
     """The export's file paths as they will be once ``folder`` is renamed to ``target``."""
-    paths = {"train_path": exported.train_path, "infer_path": exported.infer_path, "data_path": exported.data_path}
+    paths = {"train_path": exported.train_path, "infer_path": exported.infer_path, "data_path": exported.data_path,
+             "mc_path": exported.mc_path}
     return {k: str(target / Path(v).name) for k, v in paths.items() if v is not None}
 
 

@@ -15,12 +15,13 @@ check compares two); ``ModelSnapshot``/``snapshot_model`` are its old names, kep
 
 from graphtricks.onnx.eager import ModelDigest, digest_model
 from graphtricks.onnx.export import (
+    EXPORTERS,
     MAX_OPSET,
     MIN_OPSET,
     ExportResult,
     export_pair,
 )
-from graphtricks.onnx.names import INFER_FILE, TRAIN_FILE
+from graphtricks.onnx.names import INFER_FILE, MC_FILE, TRAIN_FILE
 from graphtricks.onnx.report import (
     CheckResult,
     Tolerance,
@@ -33,7 +34,9 @@ from graphtricks.onnx.validate import validate_pair
 ModelSnapshot, snapshot_model = ModelDigest, digest_model  # old names
 
 __all__ = [
+    "EXPORTERS",
     "INFER_FILE",
+    "MC_FILE",
     "MAX_OPSET",
     "MIN_OPSET",
     "TRAIN_FILE",

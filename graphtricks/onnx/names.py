@@ -69,12 +69,13 @@ def _run_mode(twin: nn.Module, inputs: tuple, train: bool) -> Any:
 
 
 def mode_outputs(
-    model: nn.Module, inputs: tuple
+    model: nn.Module, inputs: tuple, copy: nn.Module | None = None
 ) -> tuple[list[tuple[str, Any]], list[str], list[tuple[str, Any]]]:
     """Runs one copy of ``model`` on the example inputs in eval mode, then in train mode.
 
-    One copy serves both runs: only the structure, dtypes and shapes of the outputs are used,
-    which the eval run's effect on the copy's buffers does not change.
+    One copy serves both runs (``copy``, a reference copy of the model, or a new one): only the
+    structure, dtypes and shapes of the outputs are used, which the runs' effect on the copy's
+    buffers does not change.
 
     Returns:
         The eval-mode output tensors with their default graph output names
@@ -85,10 +86,12 @@ def mode_outputs(
         ExportError: The model cannot be copied, rejects the inputs in either mode, or returns
             no tensor in eval mode.
     """
-    try:
-        twin = reference_copy(model, train=False, device="cpu")
-    except ValidationError as e:
-        raise ExportError(str(e)) from e
+    if copy is None:
+        try:
+            copy = reference_copy(model, train=False, device="cpu")
+        except ValidationError as e:
+            raise ExportError(str(e)) from e
+    twin = copy
     value = _run_mode(twin, inputs, train=False)
     named = named_outputs(value)
     if not named:

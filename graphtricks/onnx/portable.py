@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import re
+
 import numpy as np
 import onnx
 import torch
@@ -47,6 +49,7 @@ __all__ = [
     "is_portable_node",
     "main_outputs",
     "make_portable",
+    "name_twin_sites",
     "neutralised_portable_copy",
     "portable_batchnorm_groups",
     "portable_dropouts",
@@ -395,3 +398,134 @@ def neutralised_portable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             fill = 0 if init.name.endswith(".ratio") else 1
             init.CopyFrom(numpy_helper.from_array(np.full_like(value, fill), init.name))
     return out
+
+
+# A twin's site, as the ONNX exporter records it in a node's module stack (graphtricks.onnx.twin)
+_SITE = re.compile(r"(?:^|[/ ])graphtricks\.(dropout|bn|count)\.(\d+):")
+# The roles of a dropout site's nodes, by op type, in the order the twin computes them
+_DROPOUT_ROLES = {"RandomUniformLike": "draw", "GreaterOrEqual": "keep", "Cast": "kept"}
+
+
+# The same in a TorchScript export's node name: /2/dropout.0/RandomUniformLike (the site's scope
+# is the node's own)
+_SCOPED_SITE = re.compile(r"/(dropout|bn|count)\.(\d+)/[^/]+$")
+
+
+def _site_of(node: onnx.NodeProto) -> str | None:
+    """``dropout.<k>`` or ``bn.<k>`` for a node a twin's site wrote, else None."""
+    scope = next((p.value for p in node.metadata_props if p.key == "namespace"), None)
+    found = _SITE.findall(scope) if scope is not None else _SCOPED_SITE.findall(node.name)
+    if not found:
+        return None
+    kind, k = found[-1]
+    return f"{'dropout' if kind == 'dropout' else 'bn'}.{k}"
+
+
+def _own_constant(model: onnx.ModelProto, node: onnx.NodeProto, slot: int, name: str,
+                  values: dict[str, onnx.TensorProto]) -> None:
+    """Gives input ``slot`` of ``node`` an initializer of its own named ``name``, same value."""
+    source = values.get(node.input[slot])
+    if source is None:
+        return
+    if name in values:  # read twice in one site: one copy
+        node.input[slot] = name
+        return
+    clone = onnx.TensorProto()
+    clone.CopyFrom(source)
+    clone.name = name
+    model.graph.initializer.append(clone)
+    values[name] = clone
+    node.input[slot] = name
+
+
+def name_twin_sites(model: onnx.ModelProto, state: set[str] | frozenset = frozenset()) -> list[str]:
+    """Names a twin graph's dropout and batch-norm nodes as :func:`make_portable` does.
+
+    Nodes a site wrote (``graphtricks.onnx.twin``) become ``graphtricks.dropout.<k>.<role>``
+    (``draw``, ``keep``, ``kept``, ``mask``, then ``apply``: the ``Mul`` of the data) and
+    ``graphtricks.bn.<k>.<name>``; the constants they read become initializers of their own under
+    the same prefix (a dropout's ``ratio`` and ``scale``; a batch counter's value), so that
+    validation finds, neutralises and sets them aside as it does for a TorchScript export's.
+
+    Args:
+        model: The graph, with the exporter's node metadata; edited in place.
+        state: The model's parameter and buffer names: never renamed (but a counter is copied).
+
+    Returns:
+        The site names found (``dropout.0``, ``bn.0``, ...).
+    """
+    values = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:  # constants as initializers, so that each site owns its own
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            values.setdefault(node.output[0], tensor)
+    groups = _site_groups(model)
+    for site, nodes in groups.items():
+        prefix = f"graphtricks.{site}"
+        if site.startswith("dropout"):
+            _name_dropout(model, prefix, nodes, values, state)
+            continue
+        for node in nodes:
+            node.name = f"{prefix}.{node.name or node.op_type}"
+            for slot, name in enumerate(node.input):
+                if name in values and name.endswith("num_batches_tracked"):
+                    _own_constant(model, node, slot, f"{prefix}.num_batches_tracked", values)
+                elif name in values and name not in state:
+                    _own_constant(model, node, slot, f"{prefix}.{name}", values)
+    _drop_unused_initializers(model)
+    return sorted(groups)
+
+
+def _site_groups(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes of each site, in graph order, with the shape arithmetic that computes only for
+    sites (sizes read off a symbolic shape, which the trace records outside any site)."""
+    nodes = list(model.graph.node)
+    site_of = {i: _site_of(n) for i, n in enumerate(nodes)}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    outputs = {o.name for o in model.graph.output}
+    # shape arithmetic: Shape/Size, and what computes from them and constants alone
+    constants = {i.name for i in model.graph.initializer}
+    sized: set[str] = set()
+    for node in nodes:
+        fed = [v for v in node.input if v and v not in constants]
+        if node.op_type in ("Shape", "Size") or (node.op_type == "Constant") or (fed and all(v in sized for v in fed)):
+            sized.update(node.output)
+    for i in range(len(nodes) - 1, -1, -1):  # readers come later in graph order: decided first
+        if site_of[i] is not None or not nodes[i].output or not set(nodes[i].output) <= sized:
+            continue
+        read = [site_of.get(j) for o in nodes[i].output for j in readers.get(o, [])]
+        if read and None not in read and not outputs & set(nodes[i].output):
+            site_of[i] = read[0]  # a size several sites read (the batch) goes to the first
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for i, node in enumerate(nodes):
+        if site_of[i] is not None:
+            groups.setdefault(site_of[i], []).append(node)
+    return groups
+
+
+def _name_dropout(model: onnx.ModelProto, prefix: str, nodes: list[onnx.NodeProto],
+                  values: dict[str, onnx.TensorProto], state: set[str] | frozenset) -> None:
+    """A dropout site's nodes by role; its ratio, scale and other constants its own initializers."""
+    producers = {o: n for n in nodes for o in n.output}
+    for node in nodes:
+        role = _DROPOUT_ROLES.get(node.op_type)
+        if node.op_type not in ("GreaterOrEqual", "Mul"):  # a channel mask's Slice bounds
+            for slot, name in enumerate(node.input):
+                if name in values and name not in state:
+                    _own_constant(model, node, slot, f"{prefix}.{name}", values)
+        if role == "keep":
+            _own_constant(model, node, 1, f"{prefix}.ratio", values)
+        if node.op_type == "Mul":
+            fed = [producers.get(i) for i in node.input]
+            if any(f is not None and f.op_type == "Cast" for f in fed):  # kept * scale
+                role = "mask"
+                slot = next(i for i, f in enumerate(fed) if f is None or f.op_type != "Cast")
+                _own_constant(model, node, slot, f"{prefix}.scale", values)
+            else:
+                role = "apply"
+        node.name = f"{prefix}.{role or node.op_type.lower()}" if role else f"{prefix}.{node.name}"

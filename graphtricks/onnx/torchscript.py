@@ -49,7 +49,10 @@ from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx.eager import flatten_outputs, reference_copy
 from graphtricks.onnx.weights import WeightTable, attach_state, is_stub, tensor_value
 
-__all__ = ["export_mode", "export_notes", "feature_dropout", "fx_guards"]
+__all__ = [
+    "describe_warning", "export_mode", "export_notes", "feature_dropout", "first_line", "fx_guards",
+    "silenced_output", "strip_fx_guards",
+]
 
 # torch._assert is what fx traces `assert` and timm's `_assert` into; _assert_is_none guards a
 # concrete_args value of None.
@@ -281,7 +284,7 @@ def _is_noise(w: warnings.WarningMessage) -> bool:
 
 
 @contextlib.contextmanager
-def _silenced_output() -> Iterator[None]:
+def silenced_output() -> Iterator[None]:
     """Discards what C++ code writes to file descriptors 1 and 2 while the block runs.
 
     The exporter turns its ONNX log on whatever the caller asked (its ``setup_onnx_logging``
@@ -305,7 +308,7 @@ def _silenced_output() -> Iterator[None]:
             os.close(copy)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The gist of an exporter error: its first line, without torch's boilerplate tail."""
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     for tail in (" Please feel free to request support", " [Caused by"):
@@ -324,7 +327,7 @@ def fx_guards(model: nn.Module) -> list[tuple[torch.fx.GraphModule, torch.fx.Nod
     ]
 
 
-def _strip_fx_guards(model: nn.Module) -> None:
+def strip_fx_guards(model: nn.Module) -> None:
     """Removes every fx guard, and what only computed its condition, from ``model`` in place."""
     edited, erased = {}, set()
     for module, guard in fx_guards(model):
@@ -344,7 +347,7 @@ def _strip_fx_guards(model: nn.Module) -> None:
 
 def _traceable(twin: nn.Module) -> None:
     """Gives ``twin`` (a copy) ``forward(*inputs)``, returning a flat tuple of tensors."""
-    _strip_fx_guards(twin)  # first: recompiling replaces a GraphModule's forward
+    strip_fx_guards(twin)  # first: recompiling replaces a GraphModule's forward
     forward = twin.forward  # the class's forward, bound
 
     def flat_forward(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -379,6 +382,8 @@ def export_mode(
     opset: int,
     table: WeightTable | None = None,
     updated: list[str] | None = None,
+    twin_role: str | None = None,
+    extra_outputs: list[str] | None = None,
     **kwargs: Any,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Exports a copy of ``model`` in train or eval mode to an in-memory ONNX model.
@@ -397,6 +402,10 @@ def export_mode(
         table: Holds the large weights; None: every weight goes into the graph.
         updated: Receives the names of the buffers the export trace changed (their
             pre-export values are the ones exported).
+        twin_role: ``"train"``, ``"infer"`` or ``"mc"``: exports that twin (:mod:`graphtricks.onnx.twin`) of the
+            model in its mode instead of the model, its running statistics as outputs after
+            ``output_names`` (their names go to ``extra_outputs``).
+        extra_outputs: Receives the names of a twin's ``updated.*`` outputs.
         **kwargs: ``input_names``, ``output_names``, ``dynamic_axes`` for ``torch.onnx.export``.
 
     Returns:
@@ -411,13 +420,29 @@ def export_mode(
         twin = reference_copy(model, train=train, device="cpu")
     except ValidationError as e:
         raise ExportError(str(e)) from e
+    if twin_role is not None:
+        from graphtricks.onnx.twin import make_twin, updated_names
+
+        plain = twin
+        twin, twin_mode = make_twin(twin, mc=twin_role == "mc")
+        try:
+            with torch.no_grad():
+                twin(*inputs)  # registers the sites before the trace, so that scopes name them
+        except NotImplementedError as e:  # what the twin cannot express: the model itself, made portable after
+            if twin_role == "mc":
+                raise ExportError(f"cannot export the MC-dropout graph: {e}") from e
+            twin, twin_mode = plain, None
+        more = updated_names(twin_mode) if twin_mode is not None else []
+        kwargs["output_names"] = list(kwargs.get("output_names") or []) + more
+        if extra_outputs is not None:
+            extra_outputs += more
     _traceable(twin)
     buffer = io.BytesIO()
     training = torch.onnx.TrainingMode.TRAINING if train else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         try:
-            with _silenced_output(), _graphtricks_symbolics(opset), _shape_inference_on_types():
+            with silenced_output(), _graphtricks_symbolics(opset), _shape_inference_on_types():
                 torch.onnx.export(
                     twin, inputs, buffer, dynamo=False, training=training, opset_version=opset,
                     do_constant_folding=False,  # folding would merge weights differently per mode
@@ -426,9 +451,9 @@ def export_mode(
                 )
         except Exception as e:
             raise ExportError(
-                f"TorchScript ONNX export of the {mode} graph failed: {_first_line(e)}"
+                f"TorchScript ONNX export of the {mode} graph failed: {first_line(e)}"
             ) from e
-    shown = list(dict.fromkeys(_describe(w) for w in recorded if not _is_noise(w)))
+    shown = list(dict.fromkeys(describe_warning(w) for w in recorded if not _is_noise(w)))
     graph = onnx.load_from_string(buffer.getvalue())
     state = {
         k: v for k, v in _state(model).items() if v.device.type != "meta"
@@ -457,7 +482,7 @@ def export_mode(
     return graph, shown
 
 
-def _describe(w: warnings.WarningMessage) -> str:
+def describe_warning(w: warnings.WarningMessage) -> str:
     """``"TracerWarning at model.py:29: <first sentence>"``: where in the model, and what."""
     text = (str(w.message).strip().splitlines() or [""])[0]
     first = text.split(". ")[0].rstrip(".")

@@ -67,17 +67,36 @@ from graphtricks.onnx.weights import WeightTable, release_graph
 __all__ = ["validate_pair"]
 
 
-def _dynamic_batch(infer: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> int | None:
-    """A second batch size to try when every ranked graph input has a symbolic dimension 0."""
+def _dynamic_sizes(infer: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> dict[tuple[int, int], int]:
+    """Other sizes to try for every symbolic dimension of the graph inputs: ``(input, dim) ->
+    size + 1``; dimensions sharing a symbol (a batch, a sequence length) take one size."""
     inits = {i.name for i in infer.graph.initializer}
     graph_inputs = [v for v in infer.graph.input if v.name not in inits]
-    ranked = [v for v in graph_inputs if len(v.type.tensor_type.shape.dim) >= 1]
-    if not ranked or len(graph_inputs) != len(inputs):
-        return None
-    if any(v.type.tensor_type.shape.dim[0].HasField("dim_value") for v in ranked):
-        return None
-    first = next((t for t in inputs if t.dim()), None)
-    return None if first is None else int(first.shape[0]) + 1
+    if len(graph_inputs) != len(inputs):
+        return {}
+    sizes: dict[tuple[int, int], int] = {}
+    by_symbol: dict[str, int] = {}
+    for i, (value, tensor) in enumerate(zip(graph_inputs, inputs)):
+        for d, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") or d >= tensor.dim():
+                continue
+            symbol = dim.dim_param or f"{value.name}:{d}"
+            sizes[(i, d)] = by_symbol.setdefault(symbol, int(tensor.shape[d]) + 1)
+    return sizes
+
+
+def _resized(inputs: Sequence[torch.Tensor], sizes: dict[tuple[int, int], int]) -> tuple[torch.Tensor, ...]:
+    """The inputs grown along their dynamic dimensions, repeating their own values (so integer
+    inputs keep their range, masks their form), as templates for :func:`random_like`."""
+    out = []
+    for i, t in enumerate(inputs):
+        for (j, d), size in sizes.items():
+            if j == i and t.shape[d]:
+                reps = -(-size // t.shape[d])
+                t = t.repeat(*[reps if k == d else 1 for k in range(t.dim())])
+                t = t.narrow(d, 0, size)
+        out.append(t)
+    return tuple(out)
 
 
 def _graph_input_names(infer: onnx.ModelProto) -> list[str]:
@@ -90,24 +109,26 @@ def _input_sets(
     inputs: tuple[torch.Tensor, ...],
     seeds: Sequence[int],
     extra: Sequence[tuple[torch.Tensor, ...]],
-    batch: int | None,
+    sizes: dict[tuple[int, int], int],
     names: Sequence[str] = (),
 ) -> list[InputSet]:
-    """One random set per seed (and at the second batch size), then the user's sets as given.
+    """One random set per seed (and with every dynamic dimension grown), then the user's sets.
 
     A set whose masks (``attention_mask``, ...) have padded positions says so in its label
     (``seed=0,padded=attention_mask``): the report shows that the padded case was checked.
     """
 
-    def made(label: str, seed: int, batch_size: int | None = None) -> InputSet:
-        tensors = random_like(inputs, seed, batch_size, names)
+    def made(label: str, seed: int, templates: Sequence[torch.Tensor] = inputs) -> InputSet:
+        tensors = random_like(templates, seed, None, names)
         padded = padded_masks(names, tensors)
         return InputSet(label + (f",padded={'+'.join(padded)}" if padded else ""), seed, tensors)
 
     sets = [made(f"seed={s}", s) for s in seeds]
     sets += [InputSet(f"extra_inputs[{i}]", None, x) for i, x in enumerate(extra)]
-    if batch is not None and seeds:
-        sets.append(made(f"seed={seeds[0]},batch={batch}", seeds[0], batch))
+    if sizes and seeds:
+        grown = _resized(inputs, sizes)
+        shapes = ";".join("x".join(map(str, t.shape)) for t in grown)
+        sets.append(made(f"seed={seeds[0]},shapes={shapes}", seeds[0], grown))
     return sets
 
 
@@ -281,11 +302,12 @@ def _validate_loaded(
     before = baseline if baseline is not None else digest_model(model)
     report = ValidationReport(device=asked, seeds=seeds)
     tolerance = ToleranceTable(asked, atol, rtol)
-    batch = _dynamic_batch(infer, inputs)
-    if batch is not None:
-        report.notes.append(f"dimension 0 is dynamic: also validated at batch size {batch}")
+    sizes = _dynamic_sizes(infer, inputs)
     names = _graph_input_names(infer)
-    input_sets = _input_sets(inputs, seeds, extra, batch, names)
+    if sizes:
+        dims = ", ".join(f"{names[i]}:{d} at {n}" for (i, d), n in sizes.items())
+        report.notes.append(f"dynamic dimensions: also validated with {dims}")
+    input_sets = _input_sets(inputs, seeds, extra, sizes, names)
     report.notes += _valued_inputs_note(names, input_sets, bool(extra))
     only_train = train_only_names([o.name for o in train.graph.output])
     if only_train:

@@ -251,7 +251,7 @@ def attach_state(
             init.raw_data = array.tobytes()
             graph.initializer.append(init)
         else:
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), value.name))
+            graph.initializer.append(numpy_helper.from_array(array.reshape(array.shape), value.name))  # 0-d stays 0-d
     del graph.input[:]
     graph.input.extend(kept)
     _fold_weight_transposes(graph, table)

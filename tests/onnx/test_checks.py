@@ -127,8 +127,13 @@ def test_train_graph_with_inference_batchnorm_fails_deterministic_check(exported
     def to_inference(graph: onnx.ModelProto) -> None:
         if is_portable(graph):  # batch statistics -> the inference-mode BatchNormalization
             group = portable_group(graph, "graphtricks.bn.0")
-            x = next(n for n in group if n.name.endswith(".ncl_view")).input[0]
-            y = next(n for n in group if n.name.endswith(".output")).output[0]
+            made = {o for n in group for o in n.output}
+            inits = {i.name for i in graph.graph.initializer}
+            produced = {o for n in graph.graph.node for o in n.output}
+            # the data the batch statistics read, and their normalised output a later node reads
+            x = next(i for n in group for i in n.input if i in produced and i not in made)
+            y = next(o for n in graph.graph.node if n not in group for o in n.input if o in made)
+            assert x not in inits
             bn = helper.make_node("BatchNormalization", [x, "bn.weight", "bn.bias", "bn.running_mean",
                                   "bn.running_var"], [y], name="bn", training_mode=0)
             remove_nodes(graph, group, [bn])
@@ -313,7 +318,8 @@ class InPlaceDropPath(nn.Module):
 
 
 def _export(model: nn.Module, inputs: tuple, out: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    result = export_pair(model, inputs, out)
+    # TorchScript's graphs: these tests are about the artefacts of its peephole pass and names
+    result = export_pair(model, inputs, out, exporter="torchscript")
     return onnx.load(result.train_path), onnx.load(result.infer_path)
 
 
@@ -407,11 +413,13 @@ def test_untracked_batchnorm_is_no_train_op_but_a_tracked_one_in_train_mode_is(e
     untracked = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False))
     _, infer = _export(untracked, (torch.randn(4, 2),), tmp_path)
     result = check_infer_has_no_train_ops(infer)
-    assert result.passed and result.details["batch_statistics_batchnorms"] == ["/1/BatchNormalization"]
+    # the inference twin writes eval-mode batch statistics as primitive ops (graphtricks.bn.*)
+    assert result.passed and any(n.name.startswith("graphtricks.bn.0") for n in infer.graph.node)
     _, out = exported  # ConvBnNet's inference graph with its BatchNorm turned to train mode
     tracked = onnx.load(out / INFER_FILE)
     (bn,) = [n for n in tracked.graph.node if n.op_type == "BatchNormalization"]
-    bn.attribute.remove(next(a for a in bn.attribute if a.name == "training_mode"))
+    for attribute in [a for a in bn.attribute if a.name == "training_mode"]:  # absent: 0
+        bn.attribute.remove(attribute)
     bn.attribute.append(helper.make_attribute("training_mode", 1))
     flagged = check_infer_has_no_train_ops(tracked)
     assert not flagged.passed and flagged.details["offenders"] == [bn.name]

@@ -81,8 +81,14 @@ def check_random_count(subs: Sequence[RandomSubgraph], draws: Sequence[Draw]) ->
     )
 
 
-def _probe(model: onnx.ModelProto, sub: RandomSubgraph, seed: float) -> onnx.ModelProto | str:
-    """The subgraph drawing ``SAMPLES`` values at once, or why it cannot be cut out."""
+def _probe(
+    model: onnx.ModelProto, sub: RandomSubgraph, seed: float, known: dict | None = None
+) -> onnx.ModelProto | str:
+    """The subgraph drawing ``SAMPLES`` values at once, or why it cannot be cut out.
+
+    ``known`` keeps the model's shape inference from one call to the next (a draw ``like`` a
+    computed value, as torch.export's exporter writes stochastic depth, takes its dtype).
+    """
     nodes, consts = model.graph.node, constant_values(model)
     source, rest = nodes[sub.index], [nodes[j] for j in sub.nodes[1:]]
     if source.op_type not in _DRAWN_AS:
@@ -98,9 +104,12 @@ def _probe(model: onnx.ModelProto, sub: RandomSubgraph, seed: float) -> onnx.Mod
     attrs = {a.name: helper.get_attribute_value(a) for a in source.attribute}
     dtype = attrs.get("dtype")
     if dtype is None and source.input:
-        if source.input[0] not in consts:
-            return "the dtype of its draw depends on a computed value"
-        dtype = helper.np_dtype_to_tensor_dtype(consts[source.input[0]].dtype)
+        if source.input[0] in consts:
+            dtype = helper.np_dtype_to_tensor_dtype(consts[source.input[0]].dtype)
+        else:
+            dtype = _inferred_elem_type(model, source.input[0], {} if known is None else known)
+            if dtype is None:
+                return "the dtype of its draw depends on a computed value"
     kept = {k: v for k, v in attrs.items() if k not in ("shape", "seed", "dtype")}
     draw = helper.make_node(
         _DRAWN_AS[source.op_type], [], list(source.output), shape=[SAMPLES], seed=float(seed),
@@ -114,6 +123,18 @@ def _probe(model: onnx.ModelProto, sub: RandomSubgraph, seed: float) -> onnx.Mod
     probe = helper.make_model(graph, opset_imports=list(model.opset_import))
     probe.ir_version = model.ir_version
     return probe
+
+
+def _inferred_elem_type(model: onnx.ModelProto, name: str, known: dict) -> int | None:
+    """The element type ONNX shape inference gives value ``name``, else None."""
+    if "types" not in known:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        g = inferred.graph
+        known["types"] = {
+            v.name: v.type.tensor_type.elem_type
+            for v in [*g.input, *g.value_info, *g.output] if v.type.tensor_type.elem_type
+        }
+    return known["types"].get(name)
 
 
 def _measure(sub: RandomSubgraph, p: float, random: list, fixed: list, base: CheckResult) -> None:
@@ -178,12 +199,12 @@ def check_random_rates(
         One result per measured subgraph, and the names of subgraphs that could not be
         measured, each with the reason.
     """
-    results, skipped = [], []
+    results, skipped, known = [], [], {}
     for i, (sub, drawn) in enumerate(zip(subs, draws)):
         if drawn.kind != "bernoulli" or drawn.p is None:
             skipped.append(f"{sub.name}: PyTorch's draw is {drawn.kind} without a scalar p")
             continue
-        probe = _probe(train, sub, seed=float(seed * 7919 + i + 1))
+        probe = _probe(train, sub, seed=float(seed * 7919 + i + 1), known=known)
         if isinstance(probe, str):
             skipped.append(f"{sub.name}: {probe}")
             continue

@@ -159,3 +159,39 @@ def test_renamed_modules_import_by_their_old_name_as_the_same_object():
             assert importlib.import_module(old) is new
     assert callable(gt.rewrite) and callable(gt.capture) and callable(gt.experiment)
 
+
+
+def _package_of(module: str, path: pathlib.Path) -> str:
+    return module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+
+
+def test_no_module_imports_through_its_own_package_index():
+    """Inside a package, import the module that holds a name, not the package's ``__init__``.
+
+    ``from graphtricks.onnx import fixups`` in ``onnx/export.py`` runs ``onnx/__init__`` (which imports
+    ``export``) to reach a sibling; ``import graphtricks`` inside the package runs the top index.
+    """
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        if path.name in ("__init__.py", "__main__.py"):  # an index, or a package's own entry point
+            continue
+        package = _package_of(module, path)
+        ancestors = {".".join(package.split(".")[:i]) for i in range(1, package.count(".") + 2)}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in ancestors:
+                found.append(f"{module}: from {node.module} import ...")
+            elif isinstance(node, ast.Import):
+                found += [f"{module}: import {a.name}" for a in node.names if a.name in ancestors]
+    assert not found, found
+
+
+def test_no_function_is_longer_than_a_hundred_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 100:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

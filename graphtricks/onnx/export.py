@@ -34,7 +34,7 @@ from torch import nn
 
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.io.files import public_modes
-from graphtricks.onnx import fixups
+import graphtricks.onnx.fixups as fixups
 from graphtricks.onnx.checks.dropout import check_dropout_count
 from graphtricks.onnx.checks.numeric import check_train_deterministic
 from graphtricks.onnx.checks.stochastic import check_random_count

@@ -374,6 +374,30 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters()) | dict(model.named_buffers())
 
 
+def _twin_or_model(
+    copy: nn.Module, twin_role: str, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, Any],
+    extra_outputs: list[str] | None,
+) -> nn.Module:
+    """The twin of ``copy`` to export (its ``updated.*`` outputs named in ``kwargs`` and
+    ``extra_outputs``), or ``copy`` itself where the twin cannot express the model (made portable
+    after export)."""
+    from graphtricks.onnx.twin import make_twin, updated_names
+
+    twin, twin_mode = make_twin(copy, mc=twin_role == "mc")
+    try:
+        with torch.no_grad():
+            twin(*inputs)  # registers the sites before the trace, so that scopes name them
+    except NotImplementedError as e:
+        if twin_role == "mc":
+            raise ExportError(f"cannot export the MC-dropout graph: {e}") from e
+        return copy
+    more = updated_names(twin_mode)
+    kwargs["output_names"] = list(kwargs.get("output_names") or []) + more
+    if extra_outputs is not None:
+        extra_outputs += more
+    return twin
+
+
 def export_mode(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -421,21 +445,7 @@ def export_mode(
     except ValidationError as e:
         raise ExportError(str(e)) from e
     if twin_role is not None:
-        from graphtricks.onnx.twin import make_twin, updated_names
-
-        plain = twin
-        twin, twin_mode = make_twin(twin, mc=twin_role == "mc")
-        try:
-            with torch.no_grad():
-                twin(*inputs)  # registers the sites before the trace, so that scopes name them
-        except NotImplementedError as e:  # what the twin cannot express: the model itself, made portable after
-            if twin_role == "mc":
-                raise ExportError(f"cannot export the MC-dropout graph: {e}") from e
-            twin, twin_mode = plain, None
-        more = updated_names(twin_mode) if twin_mode is not None else []
-        kwargs["output_names"] = list(kwargs.get("output_names") or []) + more
-        if extra_outputs is not None:
-            extra_outputs += more
+        twin = _twin_or_model(twin, twin_role, inputs, kwargs, extra_outputs)
     _traceable(twin)
     buffer = io.BytesIO()
     training = torch.onnx.TrainingMode.TRAINING if train else torch.onnx.TrainingMode.EVAL

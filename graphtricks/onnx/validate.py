@@ -274,6 +274,82 @@ _STEPS = ("inference graph vs PyTorch eval", "train graph vs PyTorch train", "ra
           "dropout keep-rates", "graph structure, providers, side effects")
 
 
+def _input_sets_with_notes(
+    report: ValidationReport, train: onnx.ModelProto, infer: onnx.ModelProto, inputs: tuple[torch.Tensor, ...],
+    seeds: list[int], extra: list[tuple[torch.Tensor, ...]],
+) -> list[InputSet]:
+    """The input sets to validate on (seeded, given, at other sizes of dynamic dimensions), noted."""
+    sizes = _dynamic_sizes(infer, inputs)
+    names = _graph_input_names(infer)
+    if sizes:
+        dims = ", ".join(f"{names[i]}:{d} at {n}" for (i, d), n in sizes.items())
+        report.notes.append(f"dynamic dimensions: also validated with {dims}")
+    input_sets = _input_sets(inputs, seeds, extra, sizes, names)
+    report.notes += _valued_inputs_note(names, input_sets, bool(extra))
+    only_train = train_only_names([o.name for o in train.graph.output])
+    if only_train:
+        report.notes.append(
+            f"train-only output(s) {', '.join(only_train)}: the model returns them in train mode "
+            "only; they are compared with PyTorch train mode, the outputs both graphs have with "
+            "both modes"
+        )
+    return input_sets
+
+
+def _train_graph_sessions(train: onnx.ModelProto, asked: str, report: ValidationReport) -> tuple[str, tuple[str, ...]]:
+    """Where the train graph runs and which ONNX Runtime optimizers its sessions turn off, noted."""
+    train_device, bns = asked, train_mode_batchnorms(train)
+    if asked == "cuda" and bns and opset_of(train) >= 14:
+        train_device = "cpu"
+        report.notes.append(
+            f"the train graph has {len(bns)} BatchNormalization node(s) with training_mode=1, "
+            "which ONNX Runtime's CUDA provider refuses at opset >= 14 (onnxruntime#16867): "
+            "train-graph checks ran on CPUExecutionProvider, against PyTorch train mode on CPU"
+        )
+    disabled: tuple[str, ...] = ()
+    if bns:
+        disabled = TRAIN_BN_DISABLED_OPTIMIZERS
+        report.notes.append(
+            f"train-graph sessions ran with disabled_optimizers={list(disabled)}: with it, ONNX "
+            "Runtime merges equal initializers and train-mode BatchNormalization then overwrites "
+            "its scale (onnxruntime#29790); run the train graph the same way"
+        )
+    return train_device, disabled
+
+
+def _dropout_checks(
+    train: onnx.ModelProto, input_sets: list[InputSet], eager_ps: list[float],
+    where: tuple[str, bool, tuple[str, ...]], report: ValidationReport, sessions: list[Session],
+    step: Callable[[], None],
+) -> None:
+    """Dropout count, then keep-rates and scales measured on every mask (a session of its own)."""
+    train_device, strict, disabled = where
+    step()
+    portable = portable_dropouts(train)
+    infos = dropout_infos(train) + portable
+    report.checks.append(check_dropout_count(infos, eager_ps))
+    rates = []
+    step()
+    if infos:
+        # One session for every input set: a seeded Dropout moves its generator on at every
+        # run (on CPU the run after seed s draws with s + 1), so each input set gets new
+        # masks and the report is reproducible. ORT seeds 0 and 1 give the same masks (an
+        # LCG maps seed 0 to 1): keep seeds >= 1.
+        first = input_sets[0].seed
+        node_seed = 1 + (first if first is not None else 1_000_003) % (2**31 - 2)
+        exposed = exposed_dropout_copy(train, seed=node_seed, portable=portable)
+        sessions.append(make_session(exposed, train_device, "train_dropout", strict, disabled))
+        rates = check_dropout_rates(sessions[-1], infos, input_sets)
+    report.checks += rates
+    if infos:
+        weak = sorted({str(r.output) for r in rates if r.details.get("conclusive") is False})
+        if weak:
+            report.notes.append(
+                f"Dropout node(s) {weak} see too few non-zero elements for the keep-rate test "
+                "to tell an inert dropout apart; validate with larger inputs"
+            )
+
+
 def _validate_loaded(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -302,37 +378,9 @@ def _validate_loaded(
     before = baseline if baseline is not None else digest_model(model)
     report = ValidationReport(device=asked, seeds=seeds)
     tolerance = ToleranceTable(asked, atol, rtol)
-    sizes = _dynamic_sizes(infer, inputs)
-    names = _graph_input_names(infer)
-    if sizes:
-        dims = ", ".join(f"{names[i]}:{d} at {n}" for (i, d), n in sizes.items())
-        report.notes.append(f"dynamic dimensions: also validated with {dims}")
-    input_sets = _input_sets(inputs, seeds, extra, sizes, names)
-    report.notes += _valued_inputs_note(names, input_sets, bool(extra))
-    only_train = train_only_names([o.name for o in train.graph.output])
-    if only_train:
-        report.notes.append(
-            f"train-only output(s) {', '.join(only_train)}: the model returns them in train mode "
-            "only; they are compared with PyTorch train mode, the outputs both graphs have with "
-            "both modes"
-        )
+    input_sets = _input_sets_with_notes(report, train, infer, inputs, seeds, extra)
 
-    train_device, bns = asked, train_mode_batchnorms(train)
-    if asked == "cuda" and bns and opset_of(train) >= 14:
-        train_device = "cpu"
-        report.notes.append(
-            f"the train graph has {len(bns)} BatchNormalization node(s) with training_mode=1, "
-            "which ONNX Runtime's CUDA provider refuses at opset >= 14 (onnxruntime#16867): "
-            "train-graph checks ran on CPUExecutionProvider, against PyTorch train mode on CPU"
-        )
-    disabled: tuple[str, ...] = ()
-    if bns:
-        disabled = TRAIN_BN_DISABLED_OPTIMIZERS
-        report.notes.append(
-            f"train-graph sessions ran with disabled_optimizers={list(disabled)}: with it, ONNX "
-            "Runtime merges equal initializers and train-mode BatchNormalization then overwrites "
-            "its scale (onnxruntime#29790); run the train graph the same way"
-        )
+    train_device, disabled = _train_graph_sessions(train, asked, report)
     sessions: list[Session] = []
     with torch_numerics(asked):
         sessions.append(make_session(infer, asked, "infer", strict))
@@ -371,30 +419,7 @@ def _validate_loaded(
         step()
         report.checks += _random_checks(train, draws, seeds, report)
 
-        step()
-        portable = portable_dropouts(train)
-        infos = dropout_infos(train) + portable
-        report.checks.append(check_dropout_count(infos, eager_ps))
-        rates = []
-        step()
-        if infos:
-            # One session for every input set: a seeded Dropout moves its generator on at every
-            # run (on CPU the run after seed s draws with s + 1), so each input set gets new
-            # masks and the report is reproducible. ORT seeds 0 and 1 give the same masks (an
-            # LCG maps seed 0 to 1): keep seeds >= 1.
-            first = input_sets[0].seed
-            node_seed = 1 + (first if first is not None else 1_000_003) % (2**31 - 2)
-            exposed = exposed_dropout_copy(train, seed=node_seed, portable=portable)
-            sessions.append(make_session(exposed, train_device, "train_dropout", strict, disabled))
-            rates = check_dropout_rates(sessions[-1], infos, input_sets)
-        report.checks += rates
-        if infos:
-            weak = sorted({str(r.output) for r in rates if r.details.get("conclusive") is False})
-            if weak:
-                report.notes.append(
-                    f"Dropout node(s) {weak} see too few non-zero elements for the keep-rate test "
-                    "to tell an inert dropout apart; validate with larger inputs"
-                )
+        _dropout_checks(train, input_sets, eager_ps, (train_device, strict, disabled), report, sessions, step)
 
     step()
     report.checks += [

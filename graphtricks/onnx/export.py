@@ -368,6 +368,19 @@ def _dynamic_dims(
     return {n: sorted(set(d)) for n, d in dims.items()}
 
 
+def _torchscript_io(
+    names: _Names, dims: dict[str, list[int]], graph_outputs: list[str], tensors: list[torch.Tensor]
+) -> dict[str, Any]:
+    """The TorchScript exporter's input and output names, and its ``dynamic_axes`` for ``dims``."""
+    kwargs: dict[str, Any] = {"input_names": names.inputs, "output_names": graph_outputs}
+    if dims:
+        axes = {n: {d: ("batch" if d == 0 else f"{n}_{d}") for d in dims[n]} for n in dims}
+        if any(0 in d for d in dims.values()):  # outputs keep the batch dimension
+            axes.update({n: {0: "batch"} for n, t in zip(graph_outputs, tensors) if t.dim()})
+        kwargs["dynamic_axes"] = axes
+    return kwargs
+
+
 def _torchscript_pair(
     model: nn.Module, inputs: tuple, names: _Names, dims: dict[str, list[int]], opset: int,
     train_graph: str, table: WeightTable, say: Callable[[str], None],
@@ -375,13 +388,7 @@ def _torchscript_pair(
     """Both graphs from the TorchScript exporter, repaired, the train graph made portable."""
 
     def names_of(graph_outputs: list[str], tensors: list[torch.Tensor]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"input_names": names.inputs, "output_names": graph_outputs}
-        if dims:
-            axes = {n: {d: ("batch" if d == 0 else f"{n}_{d}") for d in dims[n]} for n in dims}
-            if any(0 in d for d in dims.values()):  # outputs keep the batch dimension
-                axes.update({n: {0: "batch"} for n, t in zip(graph_outputs, tensors) if t.dim()})
-            kwargs["dynamic_axes"] = axes
-        return kwargs
+        return _torchscript_io(names, dims, graph_outputs, tensors)
 
     updated: list[str] = []
     extra: list[str] = []
@@ -452,11 +459,12 @@ def _dynamo_graphs(
     return graphs, list(dict.fromkeys(caught + more))
 
 
-def _mc_by_torchscript(model: nn.Module, inputs: tuple, names: _Names, opset: int,
+def _mc_by_torchscript(model: nn.Module, inputs: tuple, names: _Names, dims: dict[str, list[int]], opset: int,
                        table: WeightTable) -> onnx.ModelProto:
-    """The MC-dropout graph when the pair came from TorchScript: the MC twin's eval export."""
-    mc, _ = export_mode(model, inputs, train=False, opset=opset, table=table, input_names=names.inputs,
-                        output_names=names.outputs, twin_role="mc")
+    """The MC-dropout graph when the pair came from TorchScript: the MC twin's eval export, with
+    the pair's dynamic dimensions."""
+    mc, _ = export_mode(model, inputs, train=False, opset=opset, table=table, twin_role="mc",
+                        **_torchscript_io(names, dims, names.outputs, names.out_tensors))
     name_twin_sites(mc, set(dict(model.named_parameters()) | dict(model.named_buffers())))
     return mc
 
@@ -491,7 +499,7 @@ def _export_graphs(
         graphs, repairs, caught = _torchscript_pair(model, inputs, names, dims, opset, train_graph, table, say)
         if mc_dropout:
             say("exporting the MC-dropout graph")
-            graphs[MC_FILE] = _mc_by_torchscript(model, inputs, names, opset, table)
+            graphs[MC_FILE] = _mc_by_torchscript(model, inputs, names, dims, opset, table)
     return graphs, "torchscript", repairs, caught, notes
 
 

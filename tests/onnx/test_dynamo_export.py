@@ -195,6 +195,15 @@ def test_mc_dropout_graph_by_torchscript_too(tmp_path):
     assert len(portable_dropouts(mc)) == 3
 
 
+def test_mc_dropout_graph_by_torchscript_keeps_the_pair_s_dynamic_dimensions(tmp_path):
+    model, x = ConvBnDrop().eval(), torch.randn(4, 3, 8, 8)
+    export_pair(model, (x,), tmp_path, mc_dropout=True, exporter="torchscript", dynamic_batch=True)
+    dims = {p: [d.dim_param or d.dim_value for d in onnx.load(str(tmp_path / p)).graph.input[0].type.tensor_type.shape.dim]
+            for p in (INFER_FILE, MC_FILE)}
+    assert dims[MC_FILE] == dims[INFER_FILE] and isinstance(dims[MC_FILE][0], str)
+    assert validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,)).passed
+
+
 @pytest.mark.parametrize("spec", sorted(EXAMPLE_MODELS), ids=lambda s: s.split(":")[1])
 def test_every_op_the_default_exporter_emits_has_a_cuda_kernel(tmp_path, spec):
     import graphtricks as gt

@@ -31,6 +31,7 @@ from torch import nn
 
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx.eager import reference_copy
+from graphtricks.onnx.names import CONSTANT_PREFIX
 from graphtricks.onnx.portable import name_twin_sites
 from graphtricks.onnx.torchscript import first_line, silenced_output, strip_fx_guards
 from graphtricks.onnx.twin import make_twin, updated_names
@@ -183,7 +184,7 @@ def _name_constants_by_content(model: onnx.ModelProto, state: Mapping[str, torch
         digest = hashlib.blake2b(
             repr((init.data_type, tuple(init.dims))).encode() + array.tobytes(), digest_size=8
         ).hexdigest()
-        renamed[init.name] = f"constant.{digest}"
+        renamed[init.name] = f"{CONSTANT_PREFIX}{digest}"
     taken: set[str] = set()
     kept = []
     for init in model.graph.initializer:

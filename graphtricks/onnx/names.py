@@ -19,7 +19,7 @@ from graphtricks.errors import ExportError, ValidationError
 from graphtricks.onnx.eager import named_outputs, non_tensor_outputs, reference_copy
 
 __all__ = [
-    "INFER_FILE", "MC_FILE", "TRAIN_FILE", "TRAIN_ONLY_PREFIX", "checked_names", "default_input_names",
+    "CONSTANT_PREFIX", "INFER_FILE", "MC_FILE", "TRAIN_FILE", "TRAIN_ONLY_PREFIX", "checked_names", "default_input_names",
     "mode_outputs", "train_only_names", "train_output_names",
 ]
 
@@ -28,6 +28,9 @@ INFER_FILE = "model.infer.onnx"
 MC_FILE = "model.mc.onnx"  # the MC-dropout graph: eval mode with every dropout on
 # The train graph's outputs the model returns in train mode only: train_only.aux_logits1
 TRAIN_ONLY_PREFIX = "train_only."
+# The torch.export-based exporter's own constants (not the model's parameters or buffers), named
+# by content so that equal constants share a name in both graphs: constant.<hash>
+CONSTANT_PREFIX = "constant."
 
 
 def checked_names(given: Any, count: int, default: list[str], what: str) -> list[str]:

@@ -204,6 +204,28 @@ def test_mc_dropout_graph_by_torchscript_keeps_the_pair_s_dynamic_dimensions(tmp
     assert validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,)).passed
 
 
+class _TrainScale(nn.Module):
+    """A model whose own code scales by a constant in train mode only (a one-value constant that
+    the torch.export-based exporter writes as an initializer of the train graph alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        if self.training:
+            x = x * 0.5
+        return self.fc2(F.dropout(x, 0.25, self.training))
+
+
+def test_a_train_only_constant_of_the_model_s_own_code_is_no_weight_difference(tmp_path):
+    model, x = _TrainScale().eval(), torch.randn(4, 3)
+    export_pair(model, (x,), tmp_path)
+    report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,))
+    assert report.passed, report.summary()
+
+
 @pytest.mark.parametrize("spec", sorted(EXAMPLE_MODELS), ids=lambda s: s.split(":")[1])
 def test_every_op_the_default_exporter_emits_has_a_cuda_kernel(tmp_path, spec):
     import graphtricks as gt

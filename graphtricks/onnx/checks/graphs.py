@@ -39,7 +39,7 @@ from graphtricks.onnx.graph import (
     io_signature,
     train_mode_batchnorms,
 )
-from graphtricks.onnx.names import train_only_names
+from graphtricks.onnx.names import CONSTANT_PREFIX, train_only_names
 from graphtricks.onnx.portable import BN_TAG, DROPOUT_TAG, main_outputs
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.train_only import (
@@ -118,11 +118,14 @@ def _content_key(array: np.ndarray) -> tuple:
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The initializers both graphs must share: not a train-only op's parameters, nor those of
     what computes only train-only outputs (an auxiliary head), nor the constants of a portable
-    train graph's dropout and batch statistics."""
+    train graph's dropout and batch statistics, nor the exporter's one-value constants (the
+    ``0.5`` of a model's own ``if self.training: x = x * 0.5``: an operand, as a ``Constant`` node
+    is in a TorchScript graph, judged by the operator check)."""
     skip = train_only_feeds(model) | train_only_output_nodes(model)[1]
     return {
         k: v for k, v in initializer_arrays(model).items()
         if k not in skip and not k.startswith((DROPOUT_TAG, BN_TAG))
+        and not (k.startswith(CONSTANT_PREFIX) and v.size <= 1)
     }
 
 

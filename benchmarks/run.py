@@ -5,7 +5,7 @@ run interleaved (A, B, then B, A, ...) after a warm-up, each rep gives one ratio
 figure reports the median, min and max of those ratios. Where a figure has several cases
 (models), its headline is the worst case: a goal is met only when every case meets it.
 
-1. ``rewrite_overhead``: ``graphtricks.rewriting`` (dropout, BN→LN, init, and residual on
+1. ``rewrite_overhead``: ``gt.rewrite`` (dropout, BN→LN, init, and residual on
    plain stages) ÷ the same unavoidable work by hand: ``copy.deepcopy``, one
    ``torch.fx.symbolic_trace``, one ``ShapeProp`` forward and init's ``nn.init`` draws
    (``without_copy_and_init``: rewrite without copy and init ÷ trace + forward, a diagnostic).
@@ -514,16 +514,22 @@ def _rewrite_overhead_case(name: str, reps: int, warmup: int) -> dict[str, Any]:
     return stats
 
 
-def bench_rewrite_overhead(models: tuple[str, ...], reps: int, warmup: int = 1) -> dict[str, Any]:
-    """``graphtricks.rewriting`` ÷ ``symbolic_trace`` + one ShapeProp forward, per model."""
-    cases: dict[str, dict[str, Any]] = {}
+def _each_model(figure: str, models: tuple[str, ...], case, reps: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """``case(name, reps, warmup)`` per model; one model failing does not lose the others' figures."""
+    out: dict[str, dict[str, Any]] = {}
     for name in models:
-        _log(f"rewrite_overhead: {name}")
+        _log(f"{figure}: {name}")
         try:
-            cases[name] = _rewrite_overhead_case(name, reps, warmup)
-        except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' figures
-            cases[name] = {"error": f"{type(e).__name__}: {e}"}
-    what = "graphtricks.rewriting ÷ (copy.deepcopy + fx.symbolic_trace + one ShapeProp forward + init's nn.init draws)"
+            out[name] = case(name, reps, warmup)
+        except Exception as e:  # noqa: BLE001 - recorded in the figure, the run goes on
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def bench_rewrite_overhead(models: tuple[str, ...], reps: int, warmup: int = 1) -> dict[str, Any]:
+    """``gt.rewrite`` ÷ ``symbolic_trace`` + one ShapeProp forward, per model."""
+    cases = _each_model("rewrite_overhead", models, _rewrite_overhead_case, reps, warmup)
+    what = "gt.rewrite ÷ (copy.deepcopy + fx.symbolic_trace + one ShapeProp forward + init's nn.init draws)"
     return _figure("rewrite_overhead", what, cases)
 
 
@@ -754,13 +760,7 @@ def bench_validate_vs_torch(models: tuple[str, ...], reps: int, warmup: int = 1)
 
     Wall time here, whatever the clock: ONNX Runtime runs on its own threads.
     """
-    out: dict[str, dict[str, Any]] = {}
-    for name in models:
-        _log(f"validate_vs_torch: {name}")
-        try:
-            out[name] = _validate_case(name, reps, warmup)
-        except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' figures
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    out = _each_model("validate_vs_torch", models, _validate_case, reps, warmup)
     what = ("graphtricks export_pair + validate_pair (device=cpu) ÷ "
             "torch.onnx.export(model.eval(), args, f, dynamo=True, verify=True), wall time")
     return _figure("validate_vs_torch", what, out)
@@ -821,13 +821,7 @@ def bench_export_vs_torch(models: tuple[str, ...], reps: int, warmup: int = 1) -
     Wall time: the exporters' work is all on this thread, but the verification's ONNX Runtime
     session has its own.
     """
-    out: dict[str, dict[str, Any]] = {}
-    for name in models:
-        _log(f"export_vs_torch: {name}")
-        try:
-            out[name] = _export_case(name, reps, warmup)
-        except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' figures
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    out = _each_model("export_vs_torch", models, _export_case, reps, warmup)
     what = ("graphtricks export_pair (train + inference graph, torch.export) ÷ "
             "torch.onnx.export(model.eval(), args, f, dynamo=True), wall time; torchscript_pair_s beside")
     return _figure("export_vs_torch", what, out)

@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from graphtricks.collector import collector_paused
 from graphtricks.errors import ValidationError
 from graphtricks.io.inputs import MASK_INPUTS, VALUED_INPUTS, padded_masks
 from graphtricks.onnx.checks.dropout import check_dropout_count, check_dropout_rates
@@ -273,7 +274,7 @@ def validate_pair(
             f"seeds must be integers, and seeds or extra_inputs non-empty; got {seeds!r}"
         )
     onnx_dir = Path(onnx_dir)
-    with WeightTable() as table:  # memory maps of the data file, shared by both graphs
+    with collector_paused(), WeightTable() as table:  # memory maps of the data file, shared by both graphs
         train = load_onnx_file(onnx_dir / TRAIN_FILE, "train", table)
         infer = load_onnx_file(onnx_dir / INFER_FILE, "inference", table)
         mc = load_onnx_file(onnx_dir / MC_FILE, "MC-dropout", table) if (onnx_dir / MC_FILE).exists() else None

@@ -143,7 +143,10 @@ class AlphaDropoutSite(nn.Module):
         """``spatial`` as for :class:`DropoutSite` (``FeatureAlphaDropout``: -1)."""
         kept = torch.rand_like(_mask_like(x, spatial)) >= p
         scale, kept_shift, dropped_shift = alpha_dropout_values(p, x.dtype)
-        shift = torch.where(kept, x.new_full((), kept_shift), x.new_full((), dropped_shift))
+        # constants of x's dtype (a Python float would make a float32 Where), which both exporters
+        # write as initializers or Constant nodes
+        values = [torch.tensor(v, dtype=x.dtype, device=x.device) for v in (kept_shift, dropped_shift)]
+        shift = torch.where(kept, *values)
         return x * (kept.to(x.dtype) * scale) + shift
 
 

@@ -307,14 +307,16 @@ def twin_dropped_value(p: float, dtype: torch.dtype) -> float:
     return alpha_dropout_values(p, dtype)[2]
 
 
-def test_alpha_dropout_and_cumulative_batchnorm_export_on_the_default_path_and_validate(tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_alpha_dropout_and_cumulative_batchnorm_export_as_the_twin_and_validate(exporter, tmp_path):
     torch.manual_seed(0)
     model, x = SeluNet().eval(), torch.randn(8, 3, 10, 10)
     with torch.no_grad():
         model.bn.num_batches_tracked.fill_(4)  # the factor is 1/5: the update rule matters
         model.bn.running_mean.uniform_(-1, 1)
-    result = export_pair(model, (x,), tmp_path, mc_dropout=True)
-    assert result.exporter == "dynamo" and not any("TorchScript" in n for n in result.notes)
+    result = export_pair(model, (x,), tmp_path, mc_dropout=True, exporter=exporter)
+    # the default path keeps them: no fallback to TorchScript
+    assert result.exporter == exporter and not any("instead of torch.export" in n for n in result.notes)
     train = onnx.load(str(tmp_path / TRAIN_FILE))
     drops = portable_dropouts(train)
     assert len(drops) == 2 and all(d.shift for d in drops)

@@ -239,3 +239,11 @@ def test_a_shared_weight_that_differs_or_a_changed_cache_still_fails(tmp_path):
     weight.raw_data = (onnx.numpy_helper.to_array(weight) + 1).astype("float32").tobytes()
     result = check_weights(train, infer, modes)
     assert not result.passed and result.details["differing"] == ["proj.weight"]
+
+
+def test_a_model_whose_train_returns_none_exports_and_validates(tmp_path):
+    torch.manual_seed(0)
+    model, x = CachedBias(), torch.randn(2, 2, 9, 9)  # timm's attention modules as the root
+    assert model.train(False) is None and model.eval() is None  # premise
+    export_pair(model, (x,), tmp_path)
+    _validated(model, x, tmp_path)

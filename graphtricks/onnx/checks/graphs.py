@@ -291,10 +291,10 @@ class _CallCounter(TorchFunctionMode):
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple | None:
-    """:func:`_content_key` of a tensor, None for a dtype numpy lacks (bfloat16)."""
+    """:func:`_content_key` of a tensor, None for a dtype numpy lacks (bfloat16) or no data (meta)."""
     try:
         return _content_key(tensor.detach().cpu().numpy())
-    except (TypeError, RuntimeError):
+    except (TypeError, RuntimeError, NotImplementedError):
         return None
 
 

@@ -16,6 +16,7 @@ specialises is an :class:`~graphtricks.errors.ExportError` naming it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -44,7 +45,6 @@ __all__ = [
     "dynamic_shapes_for",
     "export_copy",
     "export_twin",
-    "shared_translation_tables",
 ]
 
 DYNAMO_MIN_OPSET = 18  # the opset torch's torch.export-based exporter writes natively
@@ -146,46 +146,36 @@ def _weights_as_inputs(model: Any, state: Mapping[str, torch.Tensor]) -> int:
     return n_inputs
 
 
-# The translation tables of one export's graphs, by opset (see shared_translation_tables)
-_TABLES: dict[int, Any] | None = None
+@functools.lru_cache(maxsize=None)
+def _translation_table(opset: int) -> Any:
+    """torch's table of ONNX functions for ``opset``, built once per process.
 
-
-@contextlib.contextmanager
-def shared_translation_tables() -> Iterator[None]:
-    """While the block runs, every graph translated at one opset uses one table of torch's ONNX
-    functions.
-
-    ``torch.onnx.export`` builds that table (``ONNXRegistry.from_torchlib``: every torchlib
-    function's ONNX signature) on every call, about a second on one CPU thread: a third of
-    translating a ResNet-18. The tables are not changed by a translation, so the two or three
-    graphs of a pair can share one. The scope is one export: nothing is kept between exports.
+    ``torch.onnx.export`` builds it (``ONNXRegistry.from_torchlib``: every torchlib function's
+    ONNX signature) on every call: about 0.4 s on one CPU thread, a quarter of exporting a
+    ResNet-18's inference graph. A translation only reads it, so every graph of every export
+    in a process shares one.
     """
-    global _TABLES
-    outer, _TABLES = _TABLES, ({} if _TABLES is None else _TABLES)
-    try:
-        yield
-    finally:
-        _TABLES = outer
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
 
 
 def _translation_call() -> Any:
-    """``torch.onnx.export`` of a program with the scope's shared table, where torch's
-    internal entry point that takes one is there; otherwise the public call."""
+    """``torch.onnx.export`` of a program with the shared table, where torch's internal entry
+    point that takes one is there; otherwise the public call (which builds its own)."""
     try:
         from torch.onnx._internal.exporter import _core, _registration
-    except ImportError:  # private modules (torch 2.14): the public call builds its own table
-        _core = None
-    if _TABLES is None or _core is None or not hasattr(_registration.ONNXRegistry, "from_torchlib"):
+    except ImportError:  # private modules (torch 2.14)
+        _core = _registration = None
+    if _core is None or not hasattr(_registration.ONNXRegistry, "from_torchlib"):
         def public(program, inputs, opset, **names):
             return torch.onnx.export(program, inputs, dynamo=True, optimize=False, verbose=False,
                                      opset_version=opset, external_data=False, **names)
         return public
 
     def shared(program, inputs, opset, **names):
-        if opset not in _TABLES:
-            _TABLES[opset] = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
-        return _core.export(program, inputs, registry=_TABLES[opset], optimize=False, verbose=False,
-                            opset_version=opset, **names)
+        return _core.export(program, inputs, registry=_translation_table(opset), optimize=False,
+                            verbose=False, opset_version=opset, **names)
     return shared
 
 

@@ -47,7 +47,6 @@ from graphtricks.onnx.dynamo import (
     dynamic_shapes_for,
     export_copy,
     export_twin,
-    shared_translation_tables,
 )
 from graphtricks.onnx.names import (
     INFER_FILE,
@@ -444,20 +443,19 @@ def _dynamo_graphs(
     dynamic = dynamic_shapes_for(inputs, names.inputs, dims)
     common = dict(opset=opset, input_names=names.inputs, dynamic=dynamic, table=table,
                   copy=copy if copy is not None else export_copy(model))
-    with shared_translation_tables():
-        say("exporting the train graph")
-        train, caught, updated = export_twin(model, inputs, role="train", output_names=names.train, **common)
-        _check_outputs(train, "train", names.train + updated)
-        say("exporting the inference graph")
-        infer, more, _ = export_twin(model, inputs, role="infer", output_names=names.outputs, **common)
-        _check_outputs(infer, "eval", names.outputs)
-        graphs = {TRAIN_FILE: train, INFER_FILE: infer}
-        if mc_dropout:
-            say("exporting the MC-dropout graph")
-            graphs[MC_FILE], mc_warnings, _ = export_twin(
-                model, inputs, role="mc", output_names=names.outputs, **common
-            )
-            more += mc_warnings
+    say("exporting the train graph")
+    train, caught, updated = export_twin(model, inputs, role="train", output_names=names.train, **common)
+    _check_outputs(train, "train", names.train + updated)
+    say("exporting the inference graph")
+    infer, more, _ = export_twin(model, inputs, role="infer", output_names=names.outputs, **common)
+    _check_outputs(infer, "eval", names.outputs)
+    graphs = {TRAIN_FILE: train, INFER_FILE: infer}
+    if mc_dropout:
+        say("exporting the MC-dropout graph")
+        graphs[MC_FILE], mc_warnings, _ = export_twin(
+            model, inputs, role="mc", output_names=names.outputs, **common
+        )
+        more += mc_warnings
     return graphs, list(dict.fromkeys(caught + more))
 
 

@@ -170,42 +170,57 @@ class CachedBias(nn.Module):
         super().train(mode)
         self.cache = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def bias(self) -> torch.Tensor:
         if self.training:
-            bias = self.biases[:, self.idxs]
-        else:
-            if "bias" not in self.cache:
-                self.cache["bias"] = self.biases[:, self.idxs]
-            bias = self.cache["bias"]
-        return (x + bias).softmax(-1)
+            return self.biases[:, self.idxs]
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.biases[:, self.idxs]
+        return self.cache["bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.bias()).softmax(-1)
+
+
+class CachedBiasPerHead(CachedBias):
+    """Reads the cache one head at a time (timm EfficientViT's cascaded attention): the exporter
+    folds each head's slice of it into a constant of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias()
+        return torch.stack([(x[:, h] + bias[h]).softmax(-1) for h in range(x.shape[1])], 1)
 
 
 class CachedBiasNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, attn: type[CachedBias] = CachedBias) -> None:
         super().__init__()
-        self.proj, self.attn, self.head = nn.Linear(9, 9), CachedBias(), nn.Linear(9, 4)
+        self.proj, self.attn, self.head = nn.Linear(9, 9), attn(), nn.Linear(9, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, heads, 9, 9)
         return self.head(F.dropout(self.attn(self.proj(x)), 0.1, self.training))
 
 
-def _cached_bias_pair(tmp_path, exporter: str = "dynamo"):
+def _cached_bias_pair(tmp_path, exporter: str = "dynamo", attn: type[CachedBias] = CachedBias):
     torch.manual_seed(0)
-    model, x = CachedBiasNet().eval(), torch.randn(2, 2, 9, 9)
+    model, x = CachedBiasNet(attn).eval(), torch.randn(2, 2, 9, 9)
     result = export_pair(model, (x,), tmp_path, exporter=exporter)
     assert result.exporter == exporter
     return model, x, onnx.load(result.train_path), onnx.load(result.infer_path)
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_weights_the_model_reads_in_one_mode_only_are_no_difference(exporter, tmp_path):
-    model, x, train, infer = _cached_bias_pair(tmp_path, exporter)
+@pytest.mark.parametrize(("exporter", "attn"), [("dynamo", CachedBias), ("torchscript", CachedBias),
+                                               ("dynamo", CachedBiasPerHead)])
+def test_weights_the_model_reads_in_one_mode_only_are_no_difference(exporter, attn, tmp_path):
+    model, x, train, infer = _cached_bias_pair(tmp_path, exporter, attn)
     checks = _validated(model, x, tmp_path)
     assert checks["graphs_same_operators"].passed
     weights = checks["graphs_same_weights"]
     if exporter == "dynamo":  # premise: the train graph indexes the table, the inference graph adds the cache
         assert "attn.idxs" in {i.name for i in train.graph.initializer} - {i.name for i in infer.graph.initializer}
         assert "attn.idxs" in weights.details["read_in_one_mode"]
+        # the cache whole, or folded into one constant per head
+        cached = [i.name for i in infer.graph.initializer if i.name.startswith("constant.")
+                  and list(i.dims) == ([2, 9, 9] if attn is CachedBias else [9, 9])]
+        assert len(cached) == (1 if attn is CachedBias else 2) and set(cached) <= set(weights.details["read_in_one_mode"])
     # every weight both forwards read is still compared
     assert {"proj.weight", "head.weight", "head.bias"} <= {
         i.name for i in train.graph.initializer} & {i.name for i in infer.graph.initializer}
@@ -217,7 +232,7 @@ def test_eager_modes_records_what_each_forward_reads():
     modes = eager_modes(model, (x,))
     assert {"attn.biases", "attn.idxs"} <= modes.state["train"] - modes.state["eval"]
     cache = model.attn.biases.detach()[:, model.attn.idxs].numpy()
-    assert len(modes.foreign["eval"] - modes.foreign["train"]) == 1
+    assert len(modes.fixed["eval"] - modes.fixed["train"]) == 1
     assert modes.call_difference()["__getitem__"] == (1, 0)
     assert cache.shape == (2, 9, 9)
 

@@ -149,9 +149,9 @@ def _read_in_one_mode(
 ) -> list[str]:
     """The ``names`` (weights of the ``mine`` mode's graph only) that the model's own ``mine``
     forward reads and its ``other`` forward does not: a parameter or buffer (or its transposed
-    form, ``W.T``), or a tensor it computed earlier and now reads as it is (a cache)."""
+    form, ``W.T``), or one of its constants (a cache an earlier forward made, or a slice of it)."""
     state_only = modes.state[mine] - modes.state[other]
-    foreign_only = modes.foreign[mine] - modes.foreign[other]
+    fixed_only = modes.fixed[mine] - modes.fixed[other]
     known = modes.state[mine] | modes.state[other]
     out = []
     for name in names:
@@ -159,7 +159,7 @@ def _read_in_one_mode(
         if base in known:
             if base in state_only:
                 out.append(name)
-        elif _content_key(arrays[name]) in foreign_only:
+        elif _content_key(arrays[name]) in fixed_only:
             out.append(name)
     return out
 
@@ -244,16 +244,17 @@ class _CallCounter(TorchFunctionMode):
 
     Dropout and random draws, and what computes from a draw (a stochastic-depth mask and the
     ``Mul`` applying it), are not counted: both differ between modes by design. It also records
-    which parameters and buffers the forward reads (``state``), and the tensors it reads that
-    are none of those and that no call of this forward made (``foreign``: a cache an earlier
-    forward filled, which an exporter writes as a constant).
+    which parameters and buffers the forward reads (``state``), and its constants (``fixed``):
+    the tensors it reads that are none of those and that no call of this forward made (a cache
+    an earlier forward filled), and what it computes from them alone (one head's slice of that
+    cache): what an exporter writes, or folds, into constants.
     """
 
     def __init__(self, data: Sequence[torch.Tensor], state: Mapping[int, set[str]]) -> None:
         super().__init__()
         self.calls: Counter = Counter()
         self.state: set[str] = set()
-        self.foreign: dict[int, torch.Tensor] = {}
+        self.fixed: dict[int, torch.Tensor] = {}
         self._data = {id(t): t for t in data}  # holding the tensors keeps their ids unique
         self._inputs = dict(self._data)
         self._state_ids = state
@@ -270,13 +271,15 @@ class _CallCounter(TorchFunctionMode):
             if id(t) in self._state_ids:
                 self.state |= self._state_ids[id(t)]
             elif id(t) not in self._made and id(t) not in self._inputs:
-                self.foreign[id(t)] = t
+                self.fixed[id(t)] = t
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         self._note_reads(read)
         out = func(*args, **kwargs)
+        if read and func not in DRAW_FUNCTIONS and all(id(t) in self.fixed for t in read):
+            self._mark(self.fixed, out)  # computed from constants alone: a constant
         random = any(id(t) in self._random for t in read)
         data = any(id(t) in self._data for t in read)
         if func in DRAW_FUNCTIONS or (random and not data):  # a mask: Tensor.bernoulli_ fills self
@@ -305,13 +308,14 @@ class EagerModes:
     Attributes:
         calls: ``{mode: Counter}`` of the torch calls on data (``"train"``, ``"eval"``).
         state: ``{mode: names}`` of the parameters and buffers the forward reads.
-        foreign: ``{mode: content keys}`` of the tensors it reads that are no input, parameter
-            or buffer and that it did not compute itself (a cache an earlier forward filled).
+        fixed: ``{mode: content keys}`` of its constants: the tensors it reads that are no input,
+            parameter or buffer and that it did not compute itself (a cache an earlier forward
+            filled), and what it computes from them alone.
     """
 
     calls: dict[str, Counter]
     state: dict[str, frozenset[str]]
-    foreign: dict[str, frozenset[tuple]]
+    fixed: dict[str, frozenset[tuple]]
 
     def call_difference(self) -> dict[str, tuple[int, int]]:
         """``{function name: (train count, eval count)}`` for each count that differs."""
@@ -348,7 +352,7 @@ def eager_modes(
     for name, t in [*twin.named_parameters(remove_duplicate=False),
                     *twin.named_buffers(remove_duplicate=False)]:
         state.setdefault(id(t), set()).add(name)
-    calls, reads, foreign = {}, {}, {}
+    calls, reads, fixed = {}, {}, {}
     with torch_numerics(device), torch.no_grad():
         for mode in ("eval", "train"):
             twin.train(mode == "train")
@@ -364,10 +368,10 @@ def eager_modes(
                     "pass example inputs of the shapes and dtypes it expects"
                 ) from e
             calls[mode], reads[mode] = counter.calls, frozenset(counter.state)
-            foreign[mode] = frozenset(
-                k for k in map(_tensor_key, counter.foreign.values()) if k is not None
+            fixed[mode] = frozenset(
+                k for k in map(_tensor_key, counter.fixed.values()) if k is not None
             )
-    return EagerModes(calls, reads, foreign)
+    return EagerModes(calls, reads, fixed)
 
 
 def eager_mode_difference(

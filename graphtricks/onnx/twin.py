@@ -300,8 +300,8 @@ class TwinMode(TorchFunctionMode):
                 self.counters[name.rpartition(".")[0]] = counter
                 return args[0]
         if func is torch.Tensor.__float__ and args and id(args[0]) in self.buffer_names:
-            owner = self.buffer_names[id(args[0])].rpartition(".")[0]
-            if owner in self.counters and self._cumulative(owner):
+            owner, _, buffer = self.buffer_names[id(args[0])].rpartition(".")
+            if buffer == "num_batches_tracked" and owner in self.counters and self._cumulative(owner):
                 # momentum=None: the BatchNorm reads its new count back for 1 / count, a Python
                 # float the trace would fix; _batch_norm uses the counted tensor instead
                 return 1.0

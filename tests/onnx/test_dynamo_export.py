@@ -332,6 +332,8 @@ def test_alpha_dropout_and_cumulative_batchnorm_export_as_the_twin_and_validate(
     for stat in ("running_mean", "running_var"):
         np.testing.assert_allclose(got[f"updated.bn.{stat}"], getattr(reference.bn, stat).numpy(),
                                    rtol=1e-5, atol=1e-6)
+    for name in (TRAIN_FILE, INFER_FILE, MC_FILE):  # alpha dropout's Where and Add run on CUDA too
+        assert cuda_gaps(onnx.load(tmp_path / name)) == [], name
     report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0, 1))
     assert report.passed, report.summary()
     rates = [c for c in report.checks if c.name == "dropout_rate"]

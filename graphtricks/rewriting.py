@@ -6,6 +6,8 @@ import contextlib
 import copy
 import inspect
 import gc
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -196,18 +198,60 @@ def rewrite(
     _check_binds(model, inputs, kwargs)
     with _collector_paused():
         given = model_structure(model)
-        # in place: a transaction (without copying the weights, but those a pass will write)
-        snapshot = ModelSnapshot(model, parameter_values=any(p.writes_values for p in passes)) if inplace else None
+        # in place: a transaction, without copying the weights; values passes write wait for its end
+        snapshot = ModelSnapshot(model) if inplace else None
+        defer = inplace and any(p.writes_values for p in passes)
         try:
-            result = _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent)
+            result = _rewrite(model, passes, inputs, kwargs, inplace, started, progress or _silent, defer)
         except BaseException as e:
-            lost = snapshot.restore() if snapshot is not None else []
-            if lost and hasattr(e, "add_note"):  # a pass wrote values it did not declare (writes_values)
-                e.add_note(f"graphtricks: {len(lost)} tensor value(s) written in place could not be put back: "
-                           + ", ".join(lost[:5]))
+            _restore(snapshot, e)
             raise
+        if defer:
+            try:
+                with _interrupts_held():  # Ctrl-C comes once every value is written
+                    _write_deferred(result.runs)
+            except Exception as e:  # noqa: BLE001 -- a write failed (out of memory): nothing half-done
+                _restore(snapshot, e)
+                raise
     result.given = given
     return result
+
+
+def _restore(snapshot: ModelSnapshot | None, error: BaseException) -> None:
+    """Puts an in-place rewrite's model back; says on ``error`` what could not be."""
+    lost = snapshot.restore() if snapshot is not None else []
+    if lost and hasattr(error, "add_note"):  # a pass wrote values not through write_values
+        error.add_note(f"graphtricks: {len(lost)} tensor value(s) written in place could not be put back: "
+                       + ", ".join(lost[:5]))
+
+
+def _write_deferred(runs: list[PassRun]) -> None:
+    """The parameter values the passes of an in-place rewrite set, written now, in pass order."""
+    with torch.no_grad():
+        for run in runs:
+            writes, run.deferred = run.deferred or [], None
+            for write in writes:
+                write()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Holds Ctrl-C (SIGINT) back while the block runs, then delivers it: writing a rewrite's
+    values is not left half-done. Only the main thread receives signals; elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple] = []
+    previous = signal.signal(signal.SIGINT, lambda *received: caught.append(received))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(*caught[0])
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -233,7 +277,7 @@ def _silent(message: str) -> None:
 
 
 def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplace: bool, started: float,
-             progress: Callable[[str], None] = _silent) -> RewriteResult:
+             progress: Callable[[str], None] = _silent, defer: bool = False) -> RewriteResult:
     snapshot = ModeSnapshot(model)
     try:
         try:
@@ -246,7 +290,7 @@ def _rewrite(model: nn.Module, passes: list, inputs: tuple, kwargs: dict, inplac
         progress(f"rewrite: recording shapes, one forward (2/{steps})")
         # One forward records shapes, and what passes measure, for as long as the model's eval
         # outputs stay as they are: passes record shapes on what they add.
-        runs = [PassRun(tree, inputs, kwargs) for _ in passes]
+        runs = [PassRun(tree, inputs, kwargs, deferred=[] if defer else None) for _ in passes]
         observers = []
         for p, run in zip(passes, runs):
             found = p.observe(run)

@@ -201,3 +201,71 @@ def test_a_copying_rewrite_never_touches_the_model(monkeypatch):
     with pytest.raises(Injected):
         _quiet_rewrite(model, [gt.InsertDropout(0.1)], (torch.randn(2, 4),))
     assert_same(before, model)
+
+
+class _Watcher(GraphtricksPass):
+    """Records every parameter's value as the passes run (not registered: tests only)."""
+
+    name = "watcher"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def begin(self) -> None:
+        self.seen = {k: v.detach().clone() for k, v in self.tree.model.named_parameters()}
+
+    def call(self, graph_module):
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        return PassResult(graph_module, False)
+
+    def call_opaque(self, region):
+        return False
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_in_place_init_writes_once_everything_else_succeeded_and_as_a_copy_would():
+    model, x = _mlp(), (torch.randn(2, 8),)
+    original = {k: v.detach().clone() for k, v in model.named_parameters()}
+    watcher = _Watcher()
+    result = _quiet_rewrite(model, [gt.Initialize("auto", seed=3), watcher], x, inplace=True)
+    # while the rewrite ran, the weights were untouched: nothing to put back on a failure
+    assert all(torch.equal(watcher.seen[k], v) for k, v in original.items())
+    by_copy = _quiet_rewrite(_mlp(), [gt.Initialize("auto", seed=3)], x).model
+    assert result.model is model
+    for (k, v), (_, w) in zip(model.named_parameters(), by_copy.named_parameters()):
+        assert torch.equal(v, w), k  # the deferred draw is the copy's draw
+    assert not torch.equal(model[0].weight, original["0.weight"])
+    assert all(run.deferred is None for run in result.runs)  # nothing waits after the rewrite
+
+
+class _InterruptingInit(gt.Initialize):
+    """Initialize whose first deferred write receives Ctrl-C (not registered: tests only)."""
+
+    name = "interrupting_init"
+
+    def write_values(self, write):
+        import os
+        import signal
+
+        def interrupted():
+            if not getattr(self, "sent", False):
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+            write()
+
+        super().write_values(interrupted)
+
+
+def test_ctrl_c_while_values_are_written_comes_after_every_value_is_written():
+    model, x = _mlp(), (torch.randn(2, 8),)
+    expected = _quiet_rewrite(_mlp(), [gt.Initialize("auto", seed=1)], x).model
+    with pytest.raises(KeyboardInterrupt):
+        _quiet_rewrite(model, [_InterruptingInit("auto", seed=1)], x, inplace=True)
+    for (k, v), (_, w) in zip(model.named_parameters(), expected.named_parameters()):
+        assert torch.equal(v, w), k  # not half-written: the interrupt waited for the last write

@@ -11,9 +11,12 @@ every module its class and the entries of its ``__dict__`` — the ``_modules``,
 ``_buffers`` and hook dicts by content (restored in place, so that the user's hook handles
 still remove their hooks), instance ``forward`` attributes, modes — the class attributes of
 classes that belong to one instance (an adopted or ``GraphModule`` class, where installing a
-graph sets ``forward``), each tensor's ``requires_grad``, the values of buffers, and the values
-of parameters only where a pass will write them (``Initialize``). Restoring a model of N modules
-costs what reading it did: no tensor is copied back unless its version counter moved.
+graph sets ``forward``), each tensor's ``requires_grad``, and the values of buffers. Parameter
+values are not kept: a pass that sets them (``Initialize``) writes through
+``GraphtricksPass.write_values``, which an in-place rewrite defers until everything else has
+succeeded (:func:`graphtricks.rewriting.rewrite`), so a failure finds them untouched and no copy
+of the weights is made. Restoring a model of N modules costs what reading it did: no tensor is
+copied back unless its version counter moved.
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ class ModelSnapshot:
 
     Args:
         model: the model a rewrite is about to edit in place.
-        parameter_values: also keep the parameters' values (a pass will write them in place).
 
     Example:
         >>> snapshot = ModelSnapshot(model)
@@ -62,7 +64,7 @@ class ModelSnapshot:
         ...     raise
     """
 
-    def __init__(self, model: nn.Module, *, parameter_values: bool = False):
+    def __init__(self, model: nn.Module):
         self._modules = []
         self._classes: dict[type, dict] = {}
         tensors: dict[int, tuple[torch.Tensor, bool]] = {}
@@ -79,7 +81,7 @@ class ModelSnapshot:
                     tensors.setdefault(id(t), (t, True))
             for t in module.__dict__.get("_parameters", {}).values():
                 if t is not None:
-                    tensors.setdefault(id(t), (t, parameter_values))
+                    tensors.setdefault(id(t), (t, False))
         self._tensors = [(t, t.requires_grad, t._version, t.detach().clone() if keep and not t.is_meta else None)
                          for t, keep in tensors.values()]
 

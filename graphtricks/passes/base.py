@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -143,6 +144,9 @@ class PassRun:
         stale_shapes: the pass built something no forward has measured (shapes are recomputed
             before the next pass).
         state: the pass's own working data for this run (plans, measurements).
+        deferred: where a pass's writes of parameter values wait (:meth:`GraphtricksPass.write_values`)
+            until the whole rewrite has succeeded, or None to write at once. An in-place rewrite
+            defers them: a failure then finds the weights untouched, and no copy of them is kept.
     """
 
     tree: RegionTree | None = None
@@ -154,6 +158,7 @@ class PassRun:
     skipped: dict[str, int] = field(default_factory=dict)
     stale_shapes: bool = False
     state: SimpleNamespace = field(default_factory=SimpleNamespace)
+    deferred: list[Callable[[], None]] | None = None
 
 
 class RunResult(PassResult):
@@ -191,8 +196,8 @@ class GraphtricksPass(PassBase):
 
     name: ClassVar[str] = ""
     preserves_eval: ClassVar[bool] = False
-    # True when the pass writes parameter values in place (an in-place rewrite keeps a copy of
-    # them, to put back if a pass fails)
+    # True when the pass writes parameter values (through write_values, which an in-place
+    # rewrite defers to its end, so that a failure leaves them as they were)
     writes_values: ClassVar[bool] = False
 
     def __init__(self, *, include: tuple[str, ...] | list[str] | str = (), exclude: tuple[str, ...] | list[str] | str = (),
@@ -217,6 +222,26 @@ class GraphtricksPass(PassBase):
         if self._run is None:
             raise PassError(f"pass {self.name!r} used outside a run; call it on a GraphModule or through rewrite")
         return self._run
+
+    def write_values(self, write: Callable[[], None]) -> None:
+        """Writes parameter values (``write`` does it, in place, under ``no_grad``): at once, or,
+        in an in-place rewrite, once every pass, the fold and the install have succeeded.
+
+        ``write`` must compute what it writes when called (not hold a copy of it): deferred
+        writes wait together, and held values would cost what the deferral saves. Declare
+        ``writes_values = True`` on a pass that calls this.
+        """
+        run = self._run
+        if run is not None and run.deferred is not None:
+            run.deferred.append(write)
+        else:
+            with torch.no_grad():
+                write()
+
+    @property
+    def defers_writes(self) -> bool:
+        """Whether :meth:`write_values` waits for the end of the rewrite (an in-place rewrite)."""
+        return self._run is not None and self._run.deferred is not None
 
     # What a pass reads and writes while it runs: views of the current run.
     region = property(lambda self: self._current().region)

@@ -221,7 +221,7 @@ class Initialize(GraphtricksPass):
         second application records nothing)."""
         p = own.get(pname)
         if self._settable(p, frozen, pname, where) and not bool((p == value).all()):
-            p.fill_(value)
+            self.write_values(lambda: p.fill_(value))
             return True
         return False
 
@@ -348,7 +348,11 @@ class Initialize(GraphtricksPass):
                     self.notes.append(f"{qual}: already holds this seed's {other} draw (gain {held:.4g}); left as it is"
                                       f" instead of {method} with gain {gain:.4g} (another seed draws it again)")
                 return {"changed": False, **info}
-        p.copy_(value)
+        if self.defers_writes:  # draws again when written (the same seeded draw): no copy waits
+            del w, value
+            self.write_values(lambda: p.copy_(drawn(method, gain)[0].to(p.dtype)))
+        else:
+            self.write_values(lambda: p.copy_(value))
         return {"changed": True, **info}
 
 

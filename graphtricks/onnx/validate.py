@@ -8,6 +8,7 @@ statistics), graph vs graph, provenance of every session, and no side effects on
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from graphtricks.onnx.checks.graphs import (
     check_operators,
     check_weights,
     eager_eval_batch_statistics,
-    eager_mode_difference,
+    eager_modes,
 )
 from graphtricks.onnx.checks.mc import check_mc_graph
 from graphtricks.onnx.checks.numeric import (
@@ -443,12 +444,13 @@ def _validate_loaded(
         _dropout_checks(train, input_sets, eager_ps, (train_device, strict, disabled), report, sessions, step)
 
     step()
+    # A model whose own forward differs by mode (beyond dropout/BatchNorm) explains a difference
+    # in operator counts or weights; its eager forwards run only when one differs, once for both.
+    modes = functools.cache(lambda: eager_modes(model, inputs, device=asked))
     report.checks += [
         check_io(train, infer),
-        check_weights(train, infer),
-        # A model whose own forward differs by mode (beyond dropout/BatchNorm) explains a difference
-        # in operator counts; its eager forward is run only when the counts differ.
-        check_operators(train, infer, lambda: eager_mode_difference(model, inputs, device=asked)),
+        check_weights(train, infer, modes),
+        check_operators(train, infer, lambda: modes().call_difference()),
         check_infer_has_no_train_ops(
             infer, lambda: eager_eval_batch_statistics(model, inputs, device=asked)
         ),

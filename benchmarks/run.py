@@ -1036,6 +1036,13 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| `{label}` ({case}) | {f['median']:.3f} | {f['min']:.3f}–{f['max']:.3f} | ≤ {goal:g} | {met} |"
             )
+        if name == "export_vs_torch":  # each exporter's time side by side
+            for case, f in fig["detail"].items():
+                if "torchscript_pair_s" in f:
+                    lines.append(
+                        f"| ↳ seconds ({case}): pair on torch.export {f['graphtricks_s']:.2f}, pair on "
+                        f"TorchScript {f['torchscript_pair_s']:.2f}, torch's eval export {f['torch_s']:.2f} | – | – | – | – |"
+                    )
         cores = {k: v["without_copy_and_init"] for k, v in fig["detail"].items() if "without_copy_and_init" in v}
         if cores:  # rewrite_overhead's diagnostic: no goal of its own
             case = max(cores, key=lambda k: cores[k]["median"])

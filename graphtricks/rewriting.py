@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import gc
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ from graphtricks.capturing.fold import fold_region
 from graphtricks.capturing.modes import ModeSnapshot, adopt_parent_modes
 from graphtricks.capturing.shapes import propagate_shapes
 from graphtricks.capturing.transaction import ModelSnapshot
+from graphtricks.collector import collector_paused
 from graphtricks.errors import GraphtricksError, InputShapeError, PassError
 from graphtricks.fxgraph.fastpath import speed_up
 from graphtricks.passes.base import (
@@ -196,7 +196,7 @@ def rewrite(
     passes = _as_passes(passes)
     inputs, kwargs = _as_inputs(example_inputs, example_kwargs)
     _check_binds(model, inputs, kwargs)
-    with _collector_paused():
+    with collector_paused():
         given = model_structure(model)
         # in place: a transaction, without copying the weights; values passes write wait for its end
         snapshot = ModelSnapshot(model) if inplace else None
@@ -252,24 +252,6 @@ def _interrupts_held():
             previous(*caught[0])
         elif previous != signal.SIG_IGN:
             raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Pause Python's cyclic garbage collector while a rewrite builds its graphs.
-
-    A rewrite allocates many small objects that live until it ends (nodes, proxies, copies of
-    modules); each collection the allocations trigger walks all of them again, which made a
-    rewrite grow faster than the model (25 % of a 4096-layer rewrite). Reference counting
-    still frees everything that is not in a cycle; cycles are collected once it is back on.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _silent(message: str) -> None:

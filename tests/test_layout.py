@@ -22,7 +22,7 @@ PACKAGE = pathlib.Path(gt.__file__).parent
 # lower ones. The longest matching prefix wins.
 RANKS = {
     "graphtricks._compat": 0, "graphtricks.errors": 0, "graphtricks.report": 0, "graphtricks.layers": 0,
-    "graphtricks.suggest": 0, "graphtricks.io.inputs": 0, "graphtricks.io.specs": 0,
+    "graphtricks.suggest": 0, "graphtricks.collector": 0, "graphtricks.io.inputs": 0, "graphtricks.io.specs": 0,
     "graphtricks.fxgraph": 1,
     "graphtricks.capturing": 2,
     "graphtricks.passes": 3,

@@ -159,19 +159,25 @@ def _paths_in(exported, folder: Path, target: Path) -> dict[str, str]:
     return {k: str(target / Path(v).name) for k, v in paths.items() if v is not None}
 
 
-def _read_npz(path: Path) -> list[tuple]:
-    """One input set from an ``.npz`` (arrays in file order), refusing pickled objects."""
+def _read_npz(path: Path) -> list:
+    """One input set from an ``.npz``, refusing pickled objects: by name (``np.savez(f, x=...)``,
+    matched to the graph inputs), or by position where the arrays are unnamed
+    (``np.savez(f, a, b)``: ``arr_0``, ``arr_1``, in that order)."""
+    import re
+
     import numpy as np
     import torch
 
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = [torch.from_numpy(np.array(data[name])) for name in data.files]
+            arrays = {name: torch.from_numpy(np.array(data[name])) for name in data.files}
     except Exception as e:
         raise ValidationError(f"cannot read {path} as .npz arrays: {e}") from e
     if not arrays:
         raise ValidationError(f"{path} holds no arrays")
-    return [tuple(arrays)]
+    if all(re.fullmatch(r"arr_\d+", name) for name in arrays):
+        return [tuple(arrays[name] for name in sorted(arrays, key=lambda n: int(n[4:])))]
+    return [arrays]
 
 
 def validate(
@@ -179,7 +185,7 @@ def validate(
     device: Annotated[OnnxDevice, typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when onnxruntime-gpu and a GPU are present.")] = OnnxDevice.auto,
     atol: Annotated[float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype and device).")] = None,
     rtol: Annotated[float | None, typer.Option("--rtol", metavar="X", help="Relative tolerance (default by dtype and device).")] = None,
-    inputs_file: Annotated[Path | None, typer.Option("--inputs", metavar="FILE", help="Extra inputs: an .npz with one array per model input.")] = None,
+    inputs_file: Annotated[Path | None, typer.Option("--inputs", metavar="FILE", help="Extra inputs: an .npz with one array per graph input, named after it (or unnamed, in input order).")] = None,
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every check, and show tracebacks of errors.")] = False,
 ) -> None:

@@ -5,7 +5,8 @@ An opaque module keeps its own forward, so graphtricks cannot put a dropout node
 change it for everyone: a direct call ``model.block.act(x)``, a hook on ``act``, another module
 sharing that activation object, and the call whose value is the model output would all see the
 dropout. Instead the dropout is applied *at the caller*: while the opaque module's forward runs,
-its attribute ``act`` is an :class:`ActivationThenDropout` view that calls the activation module
+its attribute ``act`` (or item ``acts[1]`` of a ModuleList or ModuleDict it holds) is an
+:class:`ActivationThenDropout` view that calls the activation module
 itself (its hooks fire and see the activation alone), then the dropout, on the calls chosen at
 rewrite time (by their order within one forward: a call whose value is a model output is not
 chosen). Outside that forward ``act`` is the activation module, unchanged.
@@ -23,7 +24,22 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["ActivationThenDropout", "ActivationView", "CallerDropout", "caller_dropout_of"]
+__all__ = ["ActivationThenDropout", "ActivationView", "CallerDropout", "caller_dropout_of", "child_slot"]
+
+# Containers an opaque module indexes but never calls: an activation held in one is its caller's too
+CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+def child_slot(module: nn.Module, name: str) -> tuple[dict, str] | None:
+    """Where the child ``name`` of ``module`` is held: ``(a _modules dict, key)``. A dotted name
+    reaches into containers (``acts.1``: item 1 of the ModuleList ``acts``); None when absent."""
+    *path, key = name.split(".")
+    holder = module
+    for part in path:
+        holder = holder._modules.get(part)
+        if not isinstance(holder, CONTAINERS):
+            return None
+    return holder._modules, key
 
 
 class ActivationView(nn.Module):
@@ -79,25 +95,24 @@ class CallerDropout:
 
     def enter(self, module: nn.Module, args) -> None:
         """Show each activation child to ``module``'s forward through its view."""
-        children = module._modules
         for name, (drop, calls) in self.sites.items():
-            current = children.get(name)
-            dropout = children.get(drop)
+            slot, dropout = child_slot(module, name), module._modules.get(drop)
+            current = slot[0].get(slot[1]) if slot is not None else None
             if isinstance(current, ActivationThenDropout):
                 current.depth += 1  # a nested call of the same module keeps the outer view
             elif current is not None and dropout is not None and dropout.training:
                 # (an eval-mode dropout is the identity: no view, no cost; MC dropout sets it training)
-                children[name] = ActivationThenDropout(current, dropout, calls)
+                slot[0][slot[1]] = ActivationThenDropout(current, dropout, calls)
 
     def leave(self, module: nn.Module, args, output) -> None:
         """Put the activation children back once ``module``'s forward has returned (or raised)."""
-        children = module._modules
         for name in self.sites:
-            current = children.get(name)
+            slot = child_slot(module, name)
+            current = slot[0].get(slot[1]) if slot is not None else None
             if isinstance(current, ActivationThenDropout):
                 current.depth -= 1
                 if current.depth == 0:
-                    children[name] = current.activation
+                    slot[0][slot[1]] = current.activation
 
     def install(self, module: nn.Module) -> None:
         """Register both hooks on ``module``."""

@@ -37,7 +37,7 @@ from graphtricks.onnx.optimise import optimise
 from graphtricks.onnx.portable import name_twin_sites
 from graphtricks.onnx.torchscript import first_line, silenced_output, strip_fx_guards
 from graphtricks.onnx.twin import make_twin, updated_names
-from graphtricks.onnx.weights import WeightTable, attach_state
+from graphtricks.onnx.weights import TRANSPOSED_SUFFIX, WeightTable, attach_state
 
 __all__ = [
     "DYNAMO_MIN_OPSET",
@@ -218,7 +218,10 @@ def _name_constants_by_content(model: onnx.ModelProto, state: Mapping[str, torch
     }
     renamed: dict[str, str] = {}
     for init in model.graph.initializer:
-        if init.name in state or init.name.startswith((DROPOUT_TAG, BN_TAG)) or init.name in in_subgraphs:
+        # a weight folded transposed (W.T) keeps its weight's name: it is the model's, not the exporter's
+        if init.name in state or init.name.removesuffix(TRANSPOSED_SUFFIX) in state:
+            continue
+        if init.name.startswith((DROPOUT_TAG, BN_TAG)) or init.name in in_subgraphs:
             continue
         array = np.ascontiguousarray(tensor_value(init))
         digest = hashlib.blake2b(
@@ -318,7 +321,8 @@ def export_twin(
     """
     from graphtricks.onnx.torchscript import describe_warning
 
-    copy = (copy or export_copy(model)).train(role == "train")
+    copy = copy or export_copy(model)
+    copy.train(role == "train")  # not its result: an overriding train() may return None
     twin, mode = make_twin(copy, mc=role == "mc")
     with _recorded() as recorded:
         with torch.no_grad():

@@ -216,9 +216,10 @@ def reference_copy(
             f"cannot deep-copy the model for reference runs ({type(e).__name__}: {e}); "
             "make its attributes copyable"
         ) from e
-    if memo:
-        return twin.train(train)
-    return twin.to(device).train(train)
+    if not memo:
+        twin = twin.to(device)
+    twin.train(train)  # not its result: a module overriding train() may return None (timm's attention)
+    return twin
 
 
 # Above this many parameter bytes, the float64 reference converts one module's own tensors at a

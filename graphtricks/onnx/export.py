@@ -32,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 
+from graphtricks.collector import collector_paused
 from graphtricks.errors import ExportError, ValidationError
 from graphtricks.io.files import public_modes
 import graphtricks.onnx.fixups as fixups
@@ -636,7 +637,7 @@ def export_pair(
     inputs = as_input_tuple(example_inputs, "example_inputs", ExportError)
     out_dir = Path(out_dir)
     say = _counted(progress, 3 + mc_dropout + verify)
-    with torch_numerics("cpu"), WeightTable() as table:
+    with collector_paused(), torch_numerics("cpu"), WeightTable() as table:
         copy = export_copy(model) if exporter == "dynamo" else None  # for every twin, and the names
         names = _graph_names(model, inputs, input_names, output_names, copy)
         dims = _dynamic_dims(inputs, names.inputs, dynamic_batch, dynamic_dims)

@@ -69,6 +69,8 @@ class DropoutInfo:
         training: The ``training_mode`` input, ``False`` when absent, ``None`` when not a constant.
         mask: For a dropout of the portable train graph (``portable.portable_dropouts``), the
             value holding its scaled mask; ``None`` for an ONNX Dropout node.
+        shift: For an alpha dropout of the portable train graph, the value added after the
+            mask (``output = data * mask + shift``); ``None`` for any other dropout.
     """
 
     name: str
@@ -78,6 +80,7 @@ class DropoutInfo:
     ratio: float | None
     training: bool | None
     mask: str | None = None
+    shift: str | None = None
 
 
 def load_onnx_file(path: Path, role: str, table: WeightTable | None = None) -> onnx.ModelProto:
@@ -275,7 +278,7 @@ def exposed_dropout_copy(
         )
         info = draws.get(i)
         names = (node.input[0], node.output[0]) if info is None else (
-            info.data, info.mask or "", info.output
+            info.data, info.mask or "", info.output, info.shift or ""
         )
         for name in names:
             expose(name)

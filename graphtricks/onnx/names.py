@@ -62,7 +62,8 @@ def _run_mode(twin: nn.Module, inputs: tuple, train: bool) -> Any:
     """The raw output of ``twin`` (a copy) in one mode on the example inputs."""
     try:
         with torch.no_grad():
-            return twin.train(train)(*inputs)
+            twin.train(train)  # not its result: an overriding train() may return None
+            return twin(*inputs)
     except Exception as e:
         mode = "train" if train else "eval"
         raise ExportError(

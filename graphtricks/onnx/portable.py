@@ -335,6 +335,7 @@ def portable_dropouts(model: onnx.ModelProto) -> list[DropoutInfo]:
 
     ``data`` and ``output`` are the values the mask is applied between (``output = data *
     mask``); for channel dropout, the exporter's ``Mul`` applying the ``(N, C, 1, ...)`` mask.
+    An alpha dropout (the twin's) also has its ``shift``: ``output = data * mask + shift``.
     """
     consts = constant_values(model)
     nodes = model.graph.node
@@ -352,15 +353,20 @@ def portable_dropouts(model: onnx.ModelProto) -> list[DropoutInfo]:
             (n.output[0] for n in nodes if n.name in (f"{prefix}.mask",)), None
         )
         apply = next((j for j in readers.get(mask or "", []) if nodes[j].op_type == "Mul"), None)
-        data = output = None
+        data = output = shift = None
         if apply is not None:
             others = [v for v in nodes[apply].input if v != mask]
             data, output = (others[0] if others else None), nodes[apply].output[0]
+            shift = next((n.output[0] for n in nodes if n.name == f"{prefix}.shift"), None)
+            shifted = next((j for j in readers.get(output, []) if nodes[j].op_type == "Add"
+                            and shift in nodes[j].input), None)
+            if shift is not None and shifted is not None:  # alpha dropout: data * mask + shift
+                output = nodes[shifted].output[0]
         infos.append(
             DropoutInfo(
                 name=prefix, index=i, data=data or "", output=output or "",
                 ratio=None if ratio is None else float(np.asarray(ratio)), training=True,
-                mask=mask,
+                mask=mask, shift=shift,
             )
         )
     return infos
@@ -386,24 +392,29 @@ def main_outputs(names: list[str]) -> list[str]:
 
 
 def neutralised_portable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose portable dropouts keep everything unscaled: ratio 0, scale 1.
+    """A copy whose portable dropouts keep everything unscaled: ratio 0, scale 1 (and an alpha
+    dropout's shifts 0).
 
     The ONNX-side twin of ``p=0`` in PyTorch: the draw and the mask's ops still run.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for init in out.graph.initializer:
-        if init.name.startswith(DROPOUT_TAG) and init.name.endswith((".ratio", ".scale")):
+        suffix = next((k for k in _NEUTRAL if init.name.endswith(k)), None)
+        if init.name.startswith(DROPOUT_TAG) and suffix is not None:
             value = numpy_helper.to_array(init)
-            fill = 0 if init.name.endswith(".ratio") else 1
-            init.CopyFrom(numpy_helper.from_array(np.full_like(value, fill), init.name))
+            init.CopyFrom(numpy_helper.from_array(np.full_like(value, _NEUTRAL[suffix]), init.name))
     return out
 
 
 # A twin's site, as the ONNX exporter records it in a node's module stack (graphtricks.onnx.twin)
 _SITE = re.compile(r"(?:^|[/ ])graphtricks\.(dropout|bn|count)\.(\d+):")
-# The roles of a dropout site's nodes, by op type, in the order the twin computes them
-_DROPOUT_ROLES = {"RandomUniformLike": "draw", "GreaterOrEqual": "keep", "Cast": "kept"}
+# The roles of a dropout site's nodes, by op type, in the order the twin computes them; an
+# alpha dropout's shift (Where(keep, kept value, dropped value)) is added after the mask's Mul
+_DROPOUT_ROLES = {"RandomUniformLike": "draw", "GreaterOrEqual": "keep", "Cast": "kept", "Where": "shift",
+                  "Add": "shifted"}
+# The initializers a neutralised copy sets to keep everything unchanged, and to what
+_NEUTRAL = {".ratio": 0, ".scale": 1, ".shift_kept": 0, ".shift_dropped": 0}
 
 
 # The same in a TorchScript export's node name: /2/dropout.0/RandomUniformLike (the site's scope
@@ -514,7 +525,13 @@ def _name_dropout(model: onnx.ModelProto, prefix: str, nodes: list[onnx.NodeProt
     producers = {o: n for n in nodes for o in n.output}
     for node in nodes:
         role = _DROPOUT_ROLES.get(node.op_type)
-        if node.op_type not in ("GreaterOrEqual", "Mul"):  # a channel mask's Slice bounds
+        fed_by = {producers[i].op_type for i in node.input if i in producers}
+        if role in ("shift", "shifted") and not fed_by & {"GreaterOrEqual", "Where"}:
+            role = None  # shape arithmetic of the site, not an alpha dropout's shift
+        if role == "shift":  # alpha dropout: the values a kept and a dropped element get added
+            _own_constant(model, node, 1, f"{prefix}.shift_kept", values)
+            _own_constant(model, node, 2, f"{prefix}.shift_dropped", values)
+        elif node.op_type not in ("GreaterOrEqual", "Mul"):  # a channel mask's Slice bounds
             for slot, name in enumerate(node.input):
                 if name in values and name not in state:
                     _own_constant(model, node, slot, f"{prefix}.{name}", values)

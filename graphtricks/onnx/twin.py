@@ -10,12 +10,16 @@ code calls them (a module, a functional call in an fx-regenerated forward, timm'
 - **dropout** (``F.dropout``, ``F.dropout1d/2d/3d``, ``torch.dropout``, ``torch.feature_dropout``,
   attention's ``dropout_p``) by explicit random ops: ``keep = rand_like(x) >= p``,
   ``mask = keep.to(dtype) * float(1 / (1 - p))``, ``x * mask``; channel dropout draws its mask
-  shaped ``(N, C, 1, ...)``. Survivors equal PyTorch's ``x * (1 / (1 - p))`` bit for bit;
+  shaped ``(N, C, 1, ...)``. Survivors equal PyTorch's ``x * (1 / (1 - p))`` bit for bit.
+  Alpha dropout (``F.alpha_dropout``, ``F.feature_alpha_dropout``, channel masks for the latter)
+  is ``x * (keep * a) + where(keep, alpha a p, alpha a (p - 1))``: PyTorch's affine transform,
+  its values bit for bit (:func:`alpha_dropout_values`);
 - **train-mode BatchNorm** (``F.batch_norm``/``torch.batch_norm`` with ``training=True``) by batch
   statistics, ``d = x - mean``, biased ``var = mean(d * d)`` (two passes),
   ``y = d * (weight / sqrt(var + eps)) + bias``; the running statistics PyTorch would write
-  (unbiased variance, the call's momentum) and ``num_batches_tracked + 1`` are returned as extra
-  outputs named ``updated.<buffer>``: the exported program writes no buffer.
+  (unbiased variance, the call's momentum, or for ``momentum=None`` the cumulative factor
+  ``1 / (num_batches_tracked + 1)`` as a tensor) and ``num_batches_tracked + 1`` are returned as
+  extra outputs named ``updated.<buffer>``: the exported program writes no buffer.
 
 Everything else is the model's own forward in that mode (timm ``DropPath`` keeps drawing its
 per-sample masks in the train twin). A function mode, rather than swapping modules, catches
@@ -46,7 +50,7 @@ from graphtricks.errors import ExportError
 from graphtricks.onnx.draws import call_argument
 from graphtricks.onnx.eager import flatten_outputs
 
-__all__ = ["SITES_ATTRIBUTE", "TwinMode", "make_twin", "updated_names"]
+__all__ = ["SITES_ATTRIBUTE", "TwinMode", "alpha_dropout_values", "make_twin", "updated_names"]
 
 # The attribute of the copy holding the site modules; their names are graphtricks.<kind>.<k>.
 SITES_ATTRIBUTE = "graphtricks"
@@ -64,9 +68,21 @@ _DROPOUTS: dict[Any, tuple[int | None, int, int]] = {
     torch.feature_dropout: (-1, 1, 2),
     torch.feature_dropout_: (-1, 1, 2),
 }
-# Alpha dropout keeps the self-normalising mean and variance: no portable form is written for it
-_ALPHA = (F.alpha_dropout, F.feature_alpha_dropout, torch.alpha_dropout, torch.feature_alpha_dropout)
-_TORCH_LEVEL = (torch.dropout, torch.dropout_, torch.feature_dropout, torch.feature_dropout_)
+# Alpha dropout (SELU networks): function -> (channel mask as in _DROPOUTS, index of p, of the flag)
+_ALPHA: dict[Any, tuple[int | None, int, int]] = {
+    F.alpha_dropout: (None, 1, 2),
+    F.feature_alpha_dropout: (-1, 1, 2),
+    torch.alpha_dropout: (None, 1, 2),
+    torch.alpha_dropout_: (None, 1, 2),
+    torch.feature_alpha_dropout: (-1, 1, 2),
+    torch.feature_alpha_dropout_: (-1, 1, 2),
+}
+_TORCH_LEVEL = (torch.dropout, torch.dropout_, torch.feature_dropout, torch.feature_dropout_,
+                torch.alpha_dropout, torch.alpha_dropout_, torch.feature_alpha_dropout,
+                torch.feature_alpha_dropout_)
+_IN_PLACE = (torch.dropout_, torch.feature_dropout_, torch.alpha_dropout_, torch.feature_alpha_dropout_)
+# SELU's saturation value is -SELU_ALPHA * SELU_SCALE; PyTorch's alpha dropout writes it so
+_SELU_SATURATION = 1.7580993408473766
 _BATCH_NORMS = (F.batch_norm, torch.batch_norm)
 
 
@@ -76,13 +92,62 @@ class DropoutSite(nn.Module):
     def forward(self, x: torch.Tensor, p: float, spatial: int | None) -> torch.Tensor:
         """``x * mask``; ``spatial`` trailing dims of the mask are 1 (channel dropout), or -1:
         all but the first two (``torch.feature_dropout``)."""
-        like = x
-        if spatial is not None:
-            keep = 2 if spatial < 0 else max(x.dim() - spatial, 1)
-            like = x[tuple([slice(None)] * keep + [slice(0, 1)] * (x.dim() - keep))]
-        kept = torch.rand_like(like) >= p
+        kept = torch.rand_like(_mask_like(x, spatial)) >= p
         # float(1 / (1 - p)) in the data's dtype: PyTorch's own scale, so survivors match bit for bit
         return x * (kept.to(x.dtype) * (1.0 / (1.0 - p)))
+
+
+def alpha_dropout_values(p: float, dtype: torch.dtype) -> tuple[float, float, float]:
+    """PyTorch's alpha dropout as values of ``dtype``: the survivors' scale ``a`` and the shift
+    added to a kept and to a dropped element.
+
+    PyTorch (``ATen/native/Dropout.cpp``) computes, with ``noise`` the kept (1) / dropped (0)
+    mask, ``a = 1 / sqrt((alpha^2 p + 1)(1 - p))`` and ``b = (noise - 1) * (alpha a) + alpha a p``
+    in ``dtype``, each scalar rounded to ``dtype`` first, then ``x * (noise * a) + b``: where
+    kept ``x * a + alpha a p``, where dropped ``alpha a (p - 1)``. The same roundings (in numpy:
+    this runs while torch.export traces, where no real tensor can be made) give the same values.
+
+    Raises:
+        ExportError: ``dtype`` is not a float type alpha dropout is written for.
+    """
+    import ml_dtypes
+    import numpy as np
+
+    kinds = {torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
+             torch.float32: np.float32, torch.float64: np.float64}
+    if dtype not in kinds:
+        raise ExportError(f"alpha dropout on {dtype} data has no explicit form; use a float type")
+    kind = kinds[dtype]
+    wide = np.float64 if dtype == torch.float64 else np.float32  # PyTorch's compute type
+    alpha = _SELU_SATURATION
+    a = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p))
+    alpha_a, alpha_a_p = kind(alpha * a), kind(alpha * a * p)
+    dropped = kind(wide(-alpha_a) + wide(alpha_a_p))  # (0 - 1) * alpha a + alpha a p
+    return float(kind(a)), float(alpha_a_p), float(dropped)
+
+
+def _mask_like(x: torch.Tensor, spatial: int | None) -> torch.Tensor:
+    """``x``, or for channel dropout the slice of it a mask is drawn like: ``spatial`` trailing
+    dims set to 1, or -1: all but the first two (``torch.feature_dropout``)."""
+    if spatial is None:
+        return x
+    keep = 2 if spatial < 0 else max(x.dim() - spatial, 1)
+    return x[tuple([slice(None)] * keep + [slice(0, 1)] * (x.dim() - keep))]
+
+
+class AlphaDropoutSite(nn.Module):
+    """One alpha-dropout call of the model (``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``), as
+    explicit random ops: ``x * mask + shift``, the values of :func:`alpha_dropout_values`."""
+
+    def forward(self, x: torch.Tensor, p: float, spatial: int | None) -> torch.Tensor:
+        """``spatial`` as for :class:`DropoutSite` (``FeatureAlphaDropout``: -1)."""
+        kept = torch.rand_like(_mask_like(x, spatial)) >= p
+        scale, kept_shift, dropped_shift = alpha_dropout_values(p, x.dtype)
+        # constants of x's dtype (a Python float would make a float32 Where), which both exporters
+        # write as initializers or Constant nodes
+        values = [torch.tensor(v, dtype=x.dtype, device=x.device) for v in (kept_shift, dropped_shift)]
+        shift = torch.where(kept, *values)
+        return x * (kept.to(x.dtype) * scale) + shift
 
 
 class BatchNormSite(nn.Module):
@@ -91,10 +156,12 @@ class BatchNormSite(nn.Module):
     def forward(
         self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
         running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-        momentum: float, eps: float,
+        momentum: float, eps: float, count: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """The normalised ``x``, then the new running mean and variance when tracked.
 
+        ``count``: the new ``num_batches_tracked`` of a BatchNorm averaging cumulatively
+        (``momentum=None``), whose factor is then ``1 / count`` rather than ``momentum``.
         The statistics reduce every dimension but 1 in place (no view of the data: the exporter
         would move a view's nodes to its reader, out of the site)."""
         dims = [0, *range(2, x.dim())]
@@ -110,10 +177,11 @@ class BatchNormSite(nn.Module):
             y = y + bias.reshape(channel)
         if running_mean is None or running_var is None:
             return (y,)
-        count = x.numel() // x.shape[1]
-        unbiased = var.reshape(-1) * (count / max(count - 1, 1))
-        new_mean = running_mean * (1.0 - momentum) + mean.reshape(-1) * momentum
-        new_var = running_var * (1.0 - momentum) + unbiased * momentum
+        size = x.numel() // x.shape[1]
+        unbiased = var.reshape(-1) * (size / max(size - 1, 1))
+        factor: Any = momentum if count is None else count.to(running_mean.dtype).reciprocal()
+        new_mean = running_mean * (1.0 - factor) + mean.reshape(-1) * factor
+        new_var = running_var * (1.0 - factor) + unbiased * factor
         return y, new_mean, new_var
 
 
@@ -167,10 +235,11 @@ class TwinMode(TorchFunctionMode):
         self.updated: list[tuple[str, torch.Tensor]] = []
         self.counts = {"dropout": 0, "bn": 0}
         self.buffer_names: dict[int, str] = {}
+        self.counters: dict[str, torch.Tensor] = {}  # a BatchNorm's path -> its new batch count
 
     def start(self) -> None:
         """Resets the call counters and reads the buffers' names (as tracing swapped them in)."""
-        self.updated, self.counts = [], {"dropout": 0, "bn": 0}
+        self.updated, self.counts, self.counters = [], {"dropout": 0, "bn": 0}, {}
         self.buffer_names = {id(b): n for n, b in self.root.named_buffers(remove_duplicate=False)}
 
     def _site(self, kind: str, factory: type[nn.Module], counted: bool = True) -> nn.Module:
@@ -187,7 +256,13 @@ class TwinMode(TorchFunctionMode):
             sites[kind][k] = factory()
         return sites[kind][k]
 
-    def _dropout(self, x: torch.Tensor, p: float, spatial: int | None, inplace: bool = False) -> torch.Tensor:
+    def _cumulative(self, owner: str) -> bool:
+        """Whether the module at path ``owner`` is a BatchNorm with ``momentum=None``."""
+        module = self.root.get_submodule(owner) if owner else self.root.__dict__["_graphtricks_model"]
+        return isinstance(module, nn.modules.batchnorm._NormBase) and module.momentum is None
+
+    def _dropout(self, x: torch.Tensor, p: float, spatial: int | None, inplace: bool = False,
+                 alpha: bool = False) -> torch.Tensor:
         if self.inference:
             raise ExportError(
                 "the inference graph applies dropout: the model drops out in eval mode (an fx graph "
@@ -196,41 +271,40 @@ class TwinMode(TorchFunctionMode):
         # in place or not, the result is returned: writing it back into x (copy_) would add an
         # Expand to the TorchScript graph, and forwards use what dropout returns
         del inplace
+        if alpha:
+            return self._site("dropout", AlphaDropoutSite)(x, p, spatial)
         return self._site("dropout", DropoutSite)(x, p, spatial)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func in _ALPHA and float(call_argument(args, kwargs, "p", 1, 0.5)) > 0 and (
-            self.mc or call_argument(args, kwargs, "training" if func in (F.alpha_dropout, F.feature_alpha_dropout)
-                                     else "train", 2, False)
-        ):
-            raise NotImplementedError(f"{func.__name__} in train mode has no portable form in the twin")
-        if func in _DROPOUTS:
-            spatial, p_at, train_at = _DROPOUTS[func]
+        if func in _DROPOUTS or func in _ALPHA:
+            spatial, p_at, train_at = _DROPOUTS[func] if func in _DROPOUTS else _ALPHA[func]
             p = float(call_argument(args, kwargs, "p", p_at, 0.5))
+            # F.alpha_dropout's training flag defaults to False, F.dropout's to True
             flag = call_argument(args, kwargs, "train" if func in _TORCH_LEVEL else "training",
-                                 train_at, True)
+                                 train_at, func in _DROPOUTS)
             if p > 0 and (flag or self.mc):
-                inplace = func in (torch.dropout_, torch.feature_dropout_) or (
+                inplace = func in _IN_PLACE or (
                     func not in _TORCH_LEVEL and bool(call_argument(args, kwargs, "inplace", 3, False)))
                 x = args[0] if args else kwargs["input"]
-                return self._dropout(x, p, spatial, inplace)
+                return self._dropout(x, p, spatial, inplace, alpha=func in _ALPHA)
             return func(*args, **kwargs)
         if func in _BATCH_NORMS and not self.mc:
             return self._batch_norm(func, args, kwargs)
         if func is torch.Tensor.add_ and not self.mc and args and id(args[0]) in self.buffer_names:
             name = self.buffer_names[id(args[0])]
             if name.endswith("num_batches_tracked"):  # the BatchNorm about to run counts a batch
-                owner = self.root.get_submodule(name.rpartition(".")[0]) if "." in name else self.root
-                if getattr(owner, "momentum", 0.1) is None:  # it would read the new count back
-                    raise NotImplementedError(
-                        f"BatchNorm '{name.rpartition('.')[0]}' averages cumulatively (momentum=None): "
-                        "the twin does not write its count back"
-                    )
                 step = args[1] if len(args) > 1 else kwargs.get("other", 1)
                 counter = self._site("count", CounterSite, counted=False)(args[0], step)
                 self.updated.append((name, counter))
+                self.counters[name.rpartition(".")[0]] = counter
                 return args[0]
+        if func is torch.Tensor.__float__ and args and id(args[0]) in self.buffer_names:
+            owner, _, buffer = self.buffer_names[id(args[0])].rpartition(".")
+            if buffer == "num_batches_tracked" and owner in self.counters and self._cumulative(owner):
+                # momentum=None: the BatchNorm reads its new count back for 1 / count, a Python
+                # float the trace would fix; _batch_norm uses the counted tensor instead
+                return 1.0
         if func is F.scaled_dot_product_attention:
             return self._sdpa(func, args, kwargs)
         if func is F.multi_head_attention_forward:
@@ -251,8 +325,11 @@ class TwinMode(TorchFunctionMode):
             return func(*args, **kwargs)
         site = self._site("bn", BatchNormSite)
         momentum = 0.1 if a["momentum"] is None else float(a["momentum"])
+        owner = self.buffer_names.get(id(a["running_mean"]), "").rpartition(".")[0]
+        # momentum=None averages cumulatively: factor 1 / num_batches_tracked, just counted
+        count = self.counters.get(owner) if self._cumulative(owner) else None
         out = site(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"],
-                   momentum, float(a["eps"]))
+                   momentum, float(a["eps"]), count)
         for buffer, value in zip((a["running_mean"], a["running_var"]), out[1:]):
             name = self.buffer_names.get(id(buffer))
             if name is None:

@@ -8,14 +8,17 @@ statistics), graph vs graph, provenance of every session, and no side effects on
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
+from graphtricks.collector import collector_paused
 from graphtricks.errors import ValidationError
 from graphtricks.io.inputs import MASK_INPUTS, VALUED_INPUTS, padded_masks
 from graphtricks.onnx.checks.dropout import check_dropout_count, check_dropout_rates
@@ -25,7 +28,7 @@ from graphtricks.onnx.checks.graphs import (
     check_operators,
     check_weights,
     eager_eval_batch_statistics,
-    eager_mode_difference,
+    eager_modes,
 )
 from graphtricks.onnx.checks.mc import check_mc_graph
 from graphtricks.onnx.checks.numeric import (
@@ -103,6 +106,23 @@ def _graph_input_names(infer: onnx.ModelProto) -> list[str]:
     """The inference graph's inputs, by name, in order (initializers listed as inputs aside)."""
     inits = {i.name for i in infer.graph.initializer}
     return [v.name for v in infer.graph.input if v.name not in inits]
+
+
+def _by_position(given: Any, names: Sequence[str], index: int) -> Any:
+    """An input set given by name (a mapping, an ``.npz``'s arrays) in the graphs' input order;
+    anything else as it is (by position)."""
+    if not isinstance(given, Mapping):
+        return given
+    unknown = [k for k in given if k not in names]
+    missing = [n for n in names if n not in given]
+    if unknown or missing:
+        said = f"names {', '.join(map(str, unknown))} that no graph input has" if unknown else \
+            f"no {', '.join(missing)}"
+        raise ValidationError(
+            f"extra input set {index} has {said}; the graphs take {', '.join(names)} "
+            "(name the arrays after them, or give them unnamed in that order)"
+        )
+    return tuple(given[n] for n in names)
 
 
 def _input_sets(
@@ -209,7 +229,7 @@ def validate_pair(
     atol: float | None = None,
     rtol: float | None = None,
     seeds: Sequence[int] = (0, 1, 2),
-    extra_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+    extra_inputs: Sequence[tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]] | None = None,
     baseline: ModelDigest | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ValidationReport:
@@ -228,7 +248,8 @@ def validate_pair(
         atol: Absolute tolerance for floating-point outputs; by dtype and device when None.
         rtol: Relative tolerance for floating-point outputs; by dtype and device when None.
         seeds: One random input set per seed.
-        extra_inputs: More input sets to compare on, e.g. real data.
+        extra_inputs: More input sets to compare on, e.g. real data: each a tuple in the graphs'
+            input order, or a mapping by input name (``{"input_ids": ..., "attention_mask": ...}``).
         baseline: A snapshot taken before export, so the side-effect check covers it too.
         progress: called with a line as each of the check families starts
             (``"validating: random draws (step 3/6)"``).
@@ -247,21 +268,22 @@ def validate_pair(
     """
     start = time.perf_counter()
     inputs = as_input_tuple(example_inputs, "example_inputs", ValidationError)
-    extra = [
-        as_input_tuple(x, f"extra_inputs[{i}]", ValidationError)
-        for i, x in enumerate(extra_inputs or [])
-    ]
     seeds = list(seeds)
     integers = all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    if not integers or not (seeds or extra):
+    if not integers or not (seeds or extra_inputs):
         raise ValidationError(
             f"seeds must be integers, and seeds or extra_inputs non-empty; got {seeds!r}"
         )
     onnx_dir = Path(onnx_dir)
-    with WeightTable() as table:  # memory maps of the data file, shared by both graphs
+    with collector_paused(), WeightTable() as table:  # memory maps of the data file, shared by both graphs
         train = load_onnx_file(onnx_dir / TRAIN_FILE, "train", table)
         infer = load_onnx_file(onnx_dir / INFER_FILE, "inference", table)
         mc = load_onnx_file(onnx_dir / MC_FILE, "MC-dropout", table) if (onnx_dir / MC_FILE).exists() else None
+        names = _graph_input_names(infer)
+        extra = [
+            as_input_tuple(_by_position(x, names, i), f"extra_inputs[{i}]", ValidationError)
+            for i, x in enumerate(extra_inputs or [])
+        ]
         report = _validate_loaded(
             model, inputs, train, infer, device, atol, rtol, seeds, extra, baseline, progress, mc
         )
@@ -422,12 +444,13 @@ def _validate_loaded(
         _dropout_checks(train, input_sets, eager_ps, (train_device, strict, disabled), report, sessions, step)
 
     step()
+    # A model whose own forward differs by mode (beyond dropout/BatchNorm) explains a difference
+    # in operator counts or weights; its eager forwards run only when one differs, once for both.
+    modes = functools.cache(lambda: eager_modes(model, inputs, device=asked))
     report.checks += [
         check_io(train, infer),
-        check_weights(train, infer),
-        # A model whose own forward differs by mode (beyond dropout/BatchNorm) explains a difference
-        # in operator counts; its eager forward is run only when the counts differ.
-        check_operators(train, infer, lambda: eager_mode_difference(model, inputs, device=asked)),
+        check_weights(train, infer, modes),
+        check_operators(train, infer, lambda: modes().call_difference()),
         check_infer_has_no_train_ops(
             infer, lambda: eager_eval_batch_statistics(model, inputs, device=asked)
         ),

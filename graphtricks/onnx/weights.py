@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 __all__ = [
     "DATA_FILE",
     "EXTERNAL_DATA_THRESHOLD",
+    "TRANSPOSED_SUFFIX",
     "WeightTable",
     "attach_state",
     "checkable",
@@ -65,6 +66,8 @@ _STUB_TYPES = frozenset(
 )
 
 _REGISTRY: dict[str, np.ndarray] = {}
+# A weight folded transposed (MatMul reads W.T) is an initializer named W.T
+TRANSPOSED_SUFFIX = ".T"
 # address of a file map -> (its size, the mmap): what release_pages looks arrays up in
 _MAPS: dict[int, tuple[int, mmap.mmap]] = {}
 # key -> (data file, offset, length) for arrays that are memory maps of a file's bytes
@@ -297,7 +300,7 @@ def _fold_weight_transposes(graph: onnx.GraphProto, table: WeightTable) -> None:
             or perm not in ([], [[1, 0]]) or node.output[0] in renamed
         ):
             continue
-        name = f"{weight.name}.T"
+        name = f"{weight.name}{TRANSPOSED_SUFFIX}"
         if name in taken:
             continue
         taken.add(name)

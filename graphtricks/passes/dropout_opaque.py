@@ -95,7 +95,7 @@ class OpaqueDropout:
         shape = chosen[0].shape
         module = self._dropout(len(shape) if shape is not None else None)
         module.train(parent.training)
-        drop = unique_attr_name(parent, "", f"{name}_dropout")
+        drop = unique_attr_name(parent, "", f"{name.replace('.', '_')}_dropout")
         parent.add_module(drop, module)
         hooks = caller_dropout_of(parent)
         if hooks is None:

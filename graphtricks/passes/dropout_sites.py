@@ -34,7 +34,7 @@ from graphtricks.capturing import RegionTree
 from graphtricks.capturing.probe import probe_forward
 from graphtricks.fxgraph.activations import ACTIVATION_FUNCTIONS, module_activation_name
 from graphtricks.fxgraph.kinds import DROPOUT_FUNCTIONS, DROPOUT_MODULES, VIEW_METHODS
-from graphtricks.layers.caller_dropout import ActivationView, caller_dropout_of
+from graphtricks.layers.caller_dropout import CONTAINERS, ActivationView, caller_dropout_of, child_slot
 
 __all__ = ["ActivationCall", "SiteProbe", "probe_sites", "opaque_activations"]
 
@@ -79,9 +79,15 @@ class SiteProbe:
 
 
 def opaque_activations(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """``(name, child, activation name)`` of each activation child of an opaque module."""
+    """``(name, child, activation name)`` of each activation child of an opaque module, those its
+    ModuleLists and ModuleDicts hold included (``acts.1``: the module indexes them, never calls them)."""
     out = []
-    for name, child in module.named_children():
+    todo = list(module.named_children())
+    while todo:
+        name, child = todo.pop(0)
+        if isinstance(child, CONTAINERS):
+            todo[:0] = [(f"{name}.{n}", c) for n, c in child.named_children()]
+            continue
         act = module_activation_name(child)
         if act is not None:
             out.append((name, child, act))
@@ -200,15 +206,19 @@ def probe_sites(tree: RegionTree, inputs: tuple, kwargs: dict[str, Any] | None =
             for name, _ in names:
                 found.calls[(id(module), name)] = []
 
+    def put(module: nn.Module, name: str, value: nn.Module) -> None:
+        holder, key = child_slot(module, name)
+        holder[key] = value
+
     def enter(module, args, kw):
         flow.frames.append((module, True))
         for name, child in views.get(id(module), ()):
-            module._modules[name] = _RecordingView(child, flow, found.calls[(id(module), name)])
+            put(module, name, _RecordingView(child, flow, found.calls[(id(module), name)]))
 
     def leave(module, args, kw, out):
         flow.frames.pop()
         for name, child in views.get(id(module), ()):
-            module._modules[name] = child
+            put(module, name, child)
 
     pre, post = [(m, enter) for m in opaque], [(m, leave) for m in opaque]
     ids = {id(m) for m in opaque}
@@ -228,7 +238,7 @@ def probe_sites(tree: RegionTree, inputs: tuple, kwargs: dict[str, Any] | None =
     finally:
         for module in opaque:  # also when the forward raised
             for name, child in views.get(id(module), ()):
-                module._modules[name] = child
+                put(module, name, child)
     for t in _tensors(output):
         call = flow.views.get(t)
         if call is not None:

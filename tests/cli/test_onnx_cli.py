@@ -114,3 +114,15 @@ def test_unsupported_opset_is_one_line(tmp_path):
     result = runner.invoke(app, ["export", CNN, "--input-shape", "2,3,32,32", "--out", str(tmp_path / "o"), "--opset", "9"])
     assert result.exit_code == 1 and "opset 9 is not supported" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_validate_inputs_file_arrays_by_name_or_unnamed_in_order(exported, tmp_path):
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "unnamed.npz", x)
+    result = runner.invoke(app, ["validate", str(exported), "--inputs", str(tmp_path / "unnamed.npz")])
+    assert result.exit_code == 0, result.output
+    np.savez(tmp_path / "misnamed.npz", image=x)
+    result = runner.invoke(app, ["validate", str(exported), "--inputs", str(tmp_path / "misnamed.npz")])
+    assert result.exit_code == 1
+    assert "names image that no graph input has; the graphs take x" in result.output
+    assert "Traceback" not in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -16,7 +17,7 @@ from graphtricks.errors import ExportError
 from graphtricks.onnx import INFER_FILE, TRAIN_FILE, export_pair, validate_pair
 from graphtricks.onnx.names import MC_FILE
 from graphtricks.onnx.portable import BN_TAG, DROPOUT_TAG, portable_dropouts
-from graphtricks.onnx.twin import make_twin
+from graphtricks.onnx.twin import alpha_dropout_values, make_twin
 from graphtricks.onnx.cuda_kernels import cuda_gaps
 from tests.conftest import EXAMPLE_MODELS, example
 
@@ -260,3 +261,97 @@ def test_bert_with_a_dynamic_sequence_validates_at_another_length_and_has_cuda_k
     assert report.passed, report.summary()
     for name in (TRAIN_FILE, INFER_FILE, MC_FILE):
         assert cuda_gaps(onnx.load(tmp_path / name)) == [], name
+
+
+class SeluNet(nn.Module):
+    """A self-normalising net: element and channel alpha dropout, a cumulative-average BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=None)
+        self.drop = nn.AlphaDropout(0.2)
+        self.conv2, self.drop2d = nn.Conv2d(8, 8, 1), nn.FeatureAlphaDropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(F.selu(self.bn(self.conv1(x))))
+        return self.drop2d(F.selu(self.conv2(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channel", [False, True])
+def test_twin_alpha_dropout_equals_pytorchs_for_the_same_mask_bit_for_bit(dtype, channel):
+    torch.manual_seed(0)
+    x, p = (torch.randn(32, 16, 5, 5) * 3).to(dtype), 0.3
+    alpha = 1.7580993408473766  # ATen's alpha dropout, step by step, on PyTorch's own mask
+    a = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p))
+    expected = (F.feature_alpha_dropout if channel else F.alpha_dropout)(x, p, True)
+    module = (nn.FeatureAlphaDropout if channel else nn.AlphaDropout)(p).train()
+    twin, _ = make_twin(module)
+    (y,) = twin(x)
+    # the twin's own draw, element or channel, keeps 1 - p
+    dropped = y == twin_dropped_value(p, dtype)
+    assert abs(dropped.float().mean().item() - p) < 0.1
+    if channel:  # each (sample, channel) dropped whole (in half precision a kept x may round to it)
+        share = dropped.flatten(2).float().mean(-1)
+        assert ((share == 1) | (share < 0.5)).all()
+    # PyTorch's mask, read off its output, through the twin's formula gives PyTorch's values
+    noise = (expected != twin_dropped_value(p, dtype)).to(dtype)
+    b = noise.add(-1).mul_(alpha * a).add_(alpha * a * p)
+    assert torch.equal(x * noise.mul(a) + b, expected)  # premise: ATen's formula, reproduced
+    scale, kept_shift, dropped_shift = alpha_dropout_values(p, dtype)
+    shift = torch.where(noise.bool(), x.new_full((), kept_shift), x.new_full((), dropped_shift))
+    assert torch.equal(x * (noise * scale) + shift, expected)
+
+
+def twin_dropped_value(p: float, dtype: torch.dtype) -> float:
+    return alpha_dropout_values(p, dtype)[2]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_alpha_dropout_and_cumulative_batchnorm_export_as_the_twin_and_validate(exporter, tmp_path):
+    torch.manual_seed(0)
+    model, x = SeluNet().eval(), torch.randn(8, 3, 10, 10)
+    with torch.no_grad():
+        model.bn.num_batches_tracked.fill_(4)  # the factor is 1/5: the update rule matters
+        model.bn.running_mean.uniform_(-1, 1)
+    result = export_pair(model, (x,), tmp_path, mc_dropout=True, exporter=exporter)
+    # the default path keeps them: no fallback to TorchScript
+    assert result.exporter == exporter and not any("instead of torch.export" in n for n in result.notes)
+    train = onnx.load(str(tmp_path / TRAIN_FILE))
+    drops = portable_dropouts(train)
+    assert len(drops) == 2 and all(d.shift for d in drops)
+    assert "BatchNormalization" not in _ops(tmp_path / TRAIN_FILE)
+    # the running statistics of one train step, as PyTorch writes them
+    session = ort.InferenceSession(str(tmp_path / TRAIN_FILE), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x.numpy()})))
+    reference = SeluNet()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.train()(x)
+    assert int(got["updated.bn.num_batches_tracked"]) == 5
+    for stat in ("running_mean", "running_var"):
+        np.testing.assert_allclose(got[f"updated.bn.{stat}"], getattr(reference.bn, stat).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    for name in (TRAIN_FILE, INFER_FILE, MC_FILE):  # alpha dropout's Where and Add run on CUDA too
+        assert cuda_gaps(onnx.load(tmp_path / name)) == [], name
+    report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0, 1))
+    assert report.passed, report.summary()
+    rates = [c for c in report.checks if c.name == "dropout_rate"]
+    assert {c.graph for c in rates} == {"train", "mc"}  # the MC graph's alpha dropouts too
+    assert len(rates) == 8 and all(c.details["shift_values"] and c.details["mask_applied"] for c in rates)
+
+
+@pytest.mark.parametrize("constant", ["shift_dropped", "shift_kept", "scale"])
+def test_an_alpha_dropout_with_wrong_values_fails_validation(constant, tmp_path):
+    torch.manual_seed(0)
+    model, x = SeluNet().eval(), torch.randn(8, 3, 10, 10)
+    export_pair(model, (x,), tmp_path)
+    train = onnx.load(str(tmp_path / TRAIN_FILE))
+    (init,) = [i for i in train.graph.initializer if i.name == f"{DROPOUT_TAG}0.{constant}"]
+    # what a plain dropout's form would give: no shift, or the 1/(1-p) scale
+    wrong = 0.0 if constant.startswith("shift") else 1.0 / (1.0 - 0.2)
+    init.CopyFrom(onnx.numpy_helper.from_array(np.full_like(onnx.numpy_helper.to_array(init), wrong), init.name))
+    onnx.save(train, str(tmp_path / TRAIN_FILE))
+    report = validate_pair(model, (x,), tmp_path, device="cpu", seeds=(0,))
+    failed = {c.name for c in report.checks if not c.passed}
+    assert "dropout_rate" in failed, report.summary()

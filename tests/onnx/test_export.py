@@ -56,16 +56,15 @@ class AttentionNet(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
-class AlphaDropoutNet(nn.Module):
-    """AlphaDropout in train mode has no TorchScript ONNX symbolic: export must fail cleanly."""
+class QrNet(nn.Module):
+    """``torch.linalg.qr`` has no ONNX form in either exporter: export must fail cleanly."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
-        self.drop = nn.AlphaDropout(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.conv(x))
+        return torch.linalg.qr(self.conv(x))[0]
 
 
 @pytest.fixture
@@ -137,8 +136,8 @@ def test_unsupported_opset_is_a_one_line_export_error(tmp_path, cnn, opset):
 
 
 def test_exporter_failure_writes_nothing_and_prints_nothing(tmp_path, capfd):
-    model = AlphaDropoutNet()
-    with pytest.raises(ExportError, match="alpha_dropout") as info:
+    model = QrNet()
+    with pytest.raises(ExportError, match="linalg_qr") as info:
         export_pair(model, (torch.randn(2, 3, 4, 4),), tmp_path / "out")
     assert "\n" not in str(info.value) and info.value.__cause__ is not None
     assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ from torch import nn
 
 import graphtricks as gt
 from graphtricks.onnx import export_pair, validate_pair
-from graphtricks.onnx.checks.graphs import check_operators, check_weights
+from graphtricks.onnx.checks.graphs import check_operators, check_weights, eager_modes
 from graphtricks.onnx.train_only import data_values, dropout_subgraphs, train_only_feeds
 
 
@@ -153,3 +153,112 @@ def test_shape_arithmetic_folded_in_one_mode_only_is_not_the_model(tmp_path):
     infer.graph.node.append(helper.make_node("Neg", ["pre"], [name]))
     wrong = check_operators(train, infer)
     assert not wrong.passed and "Neg=(0, 1)" in wrong.message
+
+
+class CachedBias(nn.Module):
+    """Adds a bias table read by index in train mode and, in eval mode, a cache of it that the
+    first eval forward fills (timm EfficientFormerV2's and LeViT's attention biases); like
+    timm's, its ``train()`` clears the cache and returns None."""
+
+    def __init__(self, heads: int = 2, n: int = 3) -> None:
+        super().__init__()
+        self.biases = nn.Parameter(torch.randn(heads, n * n))
+        self.register_buffer("idxs", torch.randint(0, n * n, (n * n, n * n)))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):  # noqa: D102 -- returns None, as timm's does
+        super().train(mode)
+        self.cache = {}
+
+    def bias(self) -> torch.Tensor:
+        if self.training:
+            return self.biases[:, self.idxs]
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.biases[:, self.idxs]
+        return self.cache["bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.bias()).softmax(-1)
+
+
+class CachedBiasPerHead(CachedBias):
+    """Reads the cache one head at a time (timm EfficientViT's cascaded attention): the exporter
+    folds each head's slice of it into a constant of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias()
+        return torch.stack([(x[:, h] + bias[h]).softmax(-1) for h in range(x.shape[1])], 1)
+
+
+class CachedBiasNet(nn.Module):
+    def __init__(self, attn: type[CachedBias] = CachedBias) -> None:
+        super().__init__()
+        self.proj, self.attn, self.head = nn.Linear(9, 9), attn(), nn.Linear(9, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, heads, 9, 9)
+        return self.head(F.dropout(self.attn(self.proj(x)), 0.1, self.training))
+
+
+def _cached_bias_pair(tmp_path, exporter: str = "dynamo", attn: type[CachedBias] = CachedBias):
+    torch.manual_seed(0)
+    model, x = CachedBiasNet(attn).eval(), torch.randn(2, 2, 9, 9)
+    result = export_pair(model, (x,), tmp_path, exporter=exporter)
+    assert result.exporter == exporter
+    return model, x, onnx.load(result.train_path), onnx.load(result.infer_path)
+
+
+@pytest.mark.parametrize(("exporter", "attn"), [("dynamo", CachedBias), ("torchscript", CachedBias),
+                                               ("dynamo", CachedBiasPerHead)])
+def test_weights_the_model_reads_in_one_mode_only_are_no_difference(exporter, attn, tmp_path):
+    model, x, train, infer = _cached_bias_pair(tmp_path, exporter, attn)
+    checks = _validated(model, x, tmp_path)
+    assert checks["graphs_same_operators"].passed
+    weights = checks["graphs_same_weights"]
+    if exporter == "dynamo":  # premise: the train graph indexes the table, the inference graph adds the cache
+        assert "attn.idxs" in {i.name for i in train.graph.initializer} - {i.name for i in infer.graph.initializer}
+        assert "attn.idxs" in weights.details["read_in_one_mode"]
+        # the cache whole, or folded into one constant per head
+        cached = [i.name for i in infer.graph.initializer if i.name.startswith("constant.")
+                  and list(i.dims) == ([2, 9, 9] if attn is CachedBias else [9, 9])]
+        assert len(cached) == (1 if attn is CachedBias else 2) and set(cached) <= set(weights.details["read_in_one_mode"])
+    # every weight both forwards read is still compared
+    assert {"proj.weight", "head.weight", "head.bias"} <= {
+        i.name for i in train.graph.initializer} & {i.name for i in infer.graph.initializer}
+
+
+def test_eager_modes_records_what_each_forward_reads():
+    torch.manual_seed(0)
+    model, x = CachedBiasNet().eval(), torch.randn(2, 2, 9, 9)
+    modes = eager_modes(model, (x,))
+    assert {"attn.biases", "attn.idxs"} <= modes.state["train"] - modes.state["eval"]
+    cache = model.attn.biases.detach()[:, model.attn.idxs].numpy()
+    assert len(modes.fixed["eval"] - modes.fixed["train"]) == 1
+    assert modes.call_difference()["__getitem__"] == (1, 0)
+    assert cache.shape == (2, 9, 9)
+
+
+def test_a_shared_weight_that_differs_or_a_changed_cache_still_fails(tmp_path):
+    model, x, train, infer = _cached_bias_pair(tmp_path)
+    modes = lambda: eager_modes(model, (x,))  # noqa: E731
+    assert check_weights(train, infer, modes).passed
+    inits = {i.name: i for i in infer.graph.initializer}
+    # the eval cache made from other values is no longer what the model reads
+    (cache,) = [i for i in infer.graph.initializer if list(i.dims) == [2, 9, 9]]
+    original = cache.raw_data
+    cache.raw_data = (onnx.numpy_helper.to_array(cache) + 1).astype("float32").tobytes()
+    result = check_weights(train, infer, modes)
+    assert not result.passed and cache.name in result.details["only_infer"]
+    cache.raw_data = original
+    # a weight both forwards read, changed in one graph, fails whatever the modes read
+    weight = inits["proj.weight"]
+    weight.raw_data = (onnx.numpy_helper.to_array(weight) + 1).astype("float32").tobytes()
+    result = check_weights(train, infer, modes)
+    assert not result.passed and result.details["differing"] == ["proj.weight"]
+
+
+def test_a_model_whose_train_returns_none_exports_and_validates(tmp_path):
+    torch.manual_seed(0)
+    model, x = CachedBias(), torch.randn(2, 2, 9, 9)  # timm's attention modules as the root
+    assert model.train(False) is None and model.eval() is None  # premise
+    export_pair(model, (x,), tmp_path)
+    _validated(model, x, tmp_path)

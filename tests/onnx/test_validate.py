@@ -359,3 +359,28 @@ def test_sessions_only_read_the_prepared_arrays(tmp_path, monkeypatch):
     assert any("running_var" in name for name in prepared.names)
     assert all(np.array_equal(a, b) for a, b in zip(prepared.arrays, before))
     assert all(np.array_equal(runs[0], run) for run in runs[1:])
+
+
+class _Difference(nn.Module):
+    """Two inputs of different shapes, so that their order matters: a - 2 b, b broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Linear(4, 4)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.scale(a - 2 * b)
+
+
+def test_extra_inputs_given_by_name_are_matched_to_the_graph_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = _Difference().eval()
+    a, b = torch.randn(2, 4), torch.randn(2, 1)
+    export_pair(model, (a, b), tmp_path)
+    # stored b first (an .npz keeps the order it was written in): fed by name, not by order
+    report = validate_pair(model, (a, b), tmp_path, device="cpu", seeds=(), extra_inputs=[{"b": b, "a": a}])
+    assert report.passed
+    with pytest.raises(ValidationError, match=r"names c that no graph input has; the graphs take a, b"):
+        validate_pair(model, (a, b), tmp_path, device="cpu", seeds=(), extra_inputs=[{"a": a, "c": b}])
+    with pytest.raises(ValidationError, match=r"has no b; the graphs take a, b"):
+        validate_pair(model, (a, b), tmp_path, device="cpu", seeds=(), extra_inputs=[{"a": a}])

@@ -345,3 +345,54 @@ def test_dropout_at_the_caller_survives_a_later_batchnorm_swap():
     rewritten[1].act_dropout.register_forward_hook(lambda m, i, o: ran.append(m))
     rewritten(x)
     assert len(ran) == 1 and type(rewritten[1]).__name__ == "NormAct"
+
+
+class ListedActs(nn.Module):
+    """Opaque (branches on data), its activations held in a ModuleList and a ModuleDict."""
+
+    def __init__(self):
+        super().__init__()
+        self.lins = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.acts = nn.ModuleList([nn.ReLU(), nn.GELU()])
+        self.by_name = nn.ModuleDict({"last": nn.SiLU()})
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x + 1
+        for lin, act in zip(self.lins, self.acts):
+            x = act(lin(x))
+        return self.lins[2](self.by_name["last"](x))
+
+
+class ListedHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = ListedActs()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_activations_an_opaque_module_holds_in_containers_get_dropout_at_the_caller(tmp_path):
+    model = ListedHolder().eval()
+    result = _rewrite(model)
+    rewritten = result.model
+    where = sorted(c.where for c in result.report.changes)
+    assert where == ["block.acts.0", "block.acts.1", "block.by_name.last"]
+    assert type(rewritten.block.acts[0]) is nn.ReLU and type(rewritten.block.by_name["last"]) is nn.SiLU
+    assert torch.equal(rewritten.eval()(X), model(X))
+    rewritten.train()
+    ran = []
+    for name in ("acts_0_dropout", "acts_1_dropout", "by_name_last_dropout"):
+        getattr(rewritten.block, name).register_forward_hook(lambda m, i, o: ran.append(m))
+    rewritten(X)
+    assert len(ran) == 3
+    assert type(rewritten.block.acts[1]) is nn.GELU  # the views are gone after the forward
+    loaded = copy.deepcopy(rewritten)
+    torch.manual_seed(4)
+    want = rewritten(X)
+    torch.manual_seed(4)
+    assert torch.equal(loaded(X), want)
+    written = export_pair(rewritten, (X[:4],), tmp_path)
+    assert len(portable_dropouts(onnx.load(written.train_path))) == 3

@@ -9,7 +9,11 @@ was eliminated, or left in inference mode, keeps everything and fails.
 A dropout of the portable train graph (``graphtricks.onnx.portable``) is measured on its mask,
 one independent draw per element (per sample and channel for channel dropout): among all mask
 elements the kept fraction and the survivors' value 1 / (1 - p), and then the output must be
-exactly ``data * mask``, so a mask drawn but not applied fails too.
+exactly ``data * mask``, so a mask drawn but not applied fails too. An alpha dropout
+(``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``) keeps at rate ``1 - p`` too, but its survivors'
+mask value is ``a = 1 / sqrt((alpha^2 p + 1)(1 - p))``, and its output is ``data * mask + shift``
+whose shift must be PyTorch's value where kept and where dropped
+(:func:`graphtricks.onnx.twin.alpha_dropout_values`).
 
 The count of Dropout nodes is checked against the dropouts PyTorch applies in one train-mode
 forward, since a Dropout missing from the graph cannot be measured at all.
@@ -21,12 +25,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from graphtricks.errors import ExportError
 from graphtricks.onnx.checks.bounds import SIGMAS, binomial_bound
 from graphtricks.onnx.graph import DropoutInfo
 from graphtricks.onnx.inputs import InputSet, session_feed
 from graphtricks.onnx.report import CheckResult
 from graphtricks.onnx.runtime import RunFailure, Session
+from graphtricks.onnx.twin import alpha_dropout_values
 
 __all__ = ["check_dropout_count", "check_dropout_rates"]
 
@@ -77,8 +84,21 @@ def check_dropout_count(
     )
 
 
-def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult) -> CheckResult:
-    """Fills ``base`` with the keep-rate and scaling figures of one Dropout run."""
+def _alpha_values(info: DropoutInfo, dtype: np.dtype) -> tuple[float, float, float] | None:
+    """An alpha dropout's survivor scale and shifts (kept, dropped) for data of ``dtype``, None
+    for another dropout or a dtype alpha dropout has no values for."""
+    if info.shift is None or info.ratio is None:
+        return None
+    try:
+        return alpha_dropout_values(info.ratio, torch.from_numpy(np.zeros(1, dtype)).dtype)
+    except (TypeError, ExportError):
+        return None
+
+
+def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult,
+             scale: float | None = None) -> CheckResult:
+    """Fills ``base`` with the keep-rate and scaling figures of one Dropout run; survivors must
+    be ``x * scale`` (by default ``1 / (1 - p)``)."""
     where = f"{base.graph} Dropout '{info.name}' on {base.inputs}"
     if info.ratio is None:
         base.passed, base.message = False, f"{where}: ratio is not a constant, cannot check it"
@@ -90,7 +110,7 @@ def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult)
     k = int(np.count_nonzero(kept))
     bound = binomial_bound(n, p)
     rate_ok = abs(k - n * (1 - p)) <= bound if p > 0 else k == n
-    scale = 1.0 / (1.0 - p)
+    scale = 1.0 / (1.0 - p) if scale is None else scale
     ratios = y[kept].astype(np.float64) / x[kept].astype(np.float64)
     scale_err = float(np.abs(ratios / scale - 1).max()) if k else 0.0
     rtol = _SCALE_RTOL.get(x.dtype, 1.6e-2)
@@ -110,7 +130,7 @@ def _measure(info: DropoutInfo, x: np.ndarray, y: np.ndarray, base: CheckResult)
             base.message += " (nothing dropped: eliminated or in inference mode)"
     elif scale_err > rtol:
         base.message = (
-            f"{where}: survivors scaled by up to {scale_err:.3g} relative off 1/(1-p)={scale:.6g} "
+            f"{where}: survivors scaled by up to {scale_err:.3g} relative off {scale:.6g} "
             f"(rtol {rtol:g})"
         )
     else:
@@ -161,26 +181,53 @@ def check_dropout_rates(
             if info.mask is None:
                 results.append(_measure(info, values[info.data], values[info.output], base))
                 continue
-            mask = values[info.mask]
-            result = _measure(info, np.ones_like(mask), mask, base)
-            applied = _applied(values.get(info.data), mask, values.get(info.output))
-            if result.passed and not applied:
-                result.passed = False
-                result.message = (
-                    f"{graph} dropout '{info.name}' on {base.inputs}: its mask is drawn at rate "
-                    "and scale but the output is not data * mask"
-                )
-            result.details["mask_applied"] = applied
-            results.append(result)
+            results.append(_measure_mask(info, values, base, graph))
     return results
 
 
-def _applied(data: np.ndarray | None, mask: np.ndarray, output: np.ndarray | None) -> bool:
-    """Whether ``output`` is exactly ``data * mask`` (broadcast, as the graph multiplies)."""
+def _measure_mask(info: DropoutInfo, values: dict[str, np.ndarray], base: CheckResult,
+                  graph: str) -> CheckResult:
+    """A portable dropout's mask at rate and scale, applied: ``output = data * mask``, or for an
+    alpha dropout ``data * mask + shift`` with PyTorch's shift where kept and where dropped."""
+    mask = values[info.mask]
+    alpha = _alpha_values(info, mask.dtype)
+    if info.shift is not None and alpha is None:
+        base.message = f"{graph} alpha dropout '{info.name}' on {base.inputs}: no values for {mask.dtype}"
+        return base
+    result = _measure(info, np.ones_like(mask), mask, base, alpha[0] if alpha else None)
+    shift = values.get(info.shift) if info.shift is not None else None
+    applied = _applied(values.get(info.data), mask, values.get(info.output), shift)
+    if alpha is not None:
+        # p is read back from a float32 ratio: PyTorch's values for it, within the scale's rtol
+        expected = np.where(mask != 0, alpha[1], alpha[2])
+        rtol = _SCALE_RTOL.get(mask.dtype, 1.6e-2)
+        shifted = shift is not None and shift.shape == mask.shape and bool(
+            np.allclose(shift, expected, rtol=rtol, atol=0))
+        result.details["shift_values"] = shifted
+        if result.passed and not shifted:
+            result.passed = False
+            result.message = (
+                f"{graph} alpha dropout '{info.name}' on {base.inputs}: its shift is not PyTorch's "
+                f"({alpha[1]:.6g} where kept, {alpha[2]:.6g} where dropped)"
+            )
+    if result.passed and not applied:
+        result.passed = False
+        result.message = (
+            f"{graph} dropout '{info.name}' on {base.inputs}: its mask is drawn at rate "
+            f"and scale but the output is not data * mask{' + shift' if info.shift else ''}"
+        )
+    result.details["mask_applied"] = applied
+    return result
+
+
+def _applied(data: np.ndarray | None, mask: np.ndarray, output: np.ndarray | None,
+             shift: np.ndarray | None = None) -> bool:
+    """Whether ``output`` is exactly ``data * mask`` (broadcast, as the graph multiplies), plus
+    ``shift`` when given (alpha dropout)."""
     if data is None or output is None:
         return False
     try:
-        expected = data * mask
+        expected = data * mask if shift is None else data * mask + shift
     except ValueError:
         return False
     return expected.shape == output.shape and bool(np.array_equal(expected, output, equal_nan=True))

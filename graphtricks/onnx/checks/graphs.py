@@ -11,7 +11,10 @@ The inference graph must hold no train-only operator.
 
 A model whose own forward differs between modes by more than dropout (``x * 0.5 if
 self.training``) has graphs that rightly differ: :func:`eager_mode_difference` runs it in both
-modes and counts the torch calls on its data, so the operator check can tell that apart.
+modes and counts the torch calls on its data, so the operator check can tell that apart; and a
+model whose forwards read different tensors (an eval-mode cache of a weight-derived tensor, read
+in place of the weights the train forward indexes) has weights that rightly differ:
+:func:`eager_modes` records what each mode reads, so the weight check can tell that apart.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,15 +52,17 @@ from graphtricks.onnx.train_only import (
     train_only_feeds,
     train_only_output_nodes,
 )
-from graphtricks.onnx.weights import release_pages
+from graphtricks.onnx.weights import TRANSPOSED_SUFFIX, release_pages
 
 __all__ = [
+    "EagerModes",
     "check_infer_has_no_train_ops",
     "check_io",
     "check_operators",
     "check_weights",
     "eager_eval_batch_statistics",
     "eager_mode_difference",
+    "eager_modes",
 ]
 
 
@@ -138,12 +144,44 @@ def _unmatched(mine: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray])
     return sorted(k for k, v in absent.items() if _content_key(v) not in keys)
 
 
-def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult:
+def _read_in_one_mode(
+    names: Sequence[str], arrays: Mapping[str, np.ndarray], modes: EagerModes, mine: str, other: str
+) -> list[str]:
+    """The ``names`` (weights of the ``mine`` mode's graph only) that the model's own ``mine``
+    forward reads and its ``other`` forward does not: a parameter or buffer (or its transposed
+    form, ``W.T``), or one of its constants (a cache an earlier forward made, or a slice of it)."""
+    state_only = modes.state[mine] - modes.state[other]
+    fixed_only = modes.fixed[mine] - modes.fixed[other]
+    known = modes.state[mine] | modes.state[other]
+    out = []
+    for name in names:
+        base = name.removesuffix(TRANSPOSED_SUFFIX)
+        if base in known:
+            if base in state_only:
+                out.append(name)
+        elif _content_key(arrays[name]) in fixed_only:
+            out.append(name)
+    return out
+
+
+def check_weights(
+    train: onnx.ModelProto,
+    infer: onnx.ModelProto,
+    modes: Callable[[], EagerModes] | None = None,
+) -> CheckResult:
     """Identical weights: every initializer equal bit for bit, matched by name, else by content.
+
+    A weight one graph alone holds fails the check unless the model's own forward reads it in
+    that mode only (``modes``, called only then, e.g. :func:`eager_modes`): a parameter the
+    train forward indexes while the eval forward reads a cache made from it (timm
+    EfficientFormerV2's attention biases), and that cache. A weight both graphs hold must
+    still be equal.
 
     Args:
         train: The train graph.
         infer: The inference graph.
+        modes: Gives what the model's own forward reads in each mode; None: the graphs must
+            hold the same weights.
 
     Returns:
         The result, naming the first differing weights and the largest difference.
@@ -160,6 +198,13 @@ def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult
         release_pages(a)
         release_pages(b)
     only_train, only_infer = _unmatched(tw, iw), _unmatched(iw, tw)
+    by_mode: list[str] = []
+    if (only_train or only_infer) and modes is not None:
+        eager = modes()
+        by_mode = _read_in_one_mode(only_train, tw, eager, "train", "eval")
+        by_mode += _read_in_one_mode(only_infer, iw, eager, "eval", "train")
+        only_train = [n for n in only_train if n not in by_mode]
+        only_infer = [n for n in only_infer if n not in by_mode]
     problems = []
     if differing:
         problems.append(f"weights differ: {differing[:5]} (max abs difference {max_abs:.3g})")
@@ -168,12 +213,19 @@ def check_weights(train: onnx.ModelProto, infer: onnx.ModelProto) -> CheckResult
     if only_infer:
         problems.append(f"only in infer graph: {only_infer[:5]}")
     shared = len(set(tw) & set(iw))
+    message = "; ".join(problems) or f"{shared} weight(s) identical in both graphs"
+    if by_mode:
+        message += (
+            f"; {len(by_mode)} weight(s) in one graph only as the model's own forward reads them "
+            f"in that mode only: {by_mode[:5]}"
+        )
     return CheckResult(
         name="graphs_same_weights", passed=not problems, graph="both",
         max_abs=max_abs if differing else 0.0, atol=0.0, rtol=0.0,
-        message="; ".join(problems) or f"{shared} weight(s) identical in both graphs",
+        message=message,
         details={
             "differing": differing, "only_train": only_train, "only_infer": only_infer,
+            "read_in_one_mode": by_mode,
             "train_count": len(tw), "infer_count": len(iw),
         },
     )
@@ -191,13 +243,22 @@ class _CallCounter(TorchFunctionMode):
     """Counts the torch calls computing on data: the inputs, the weights, what comes from them.
 
     Dropout and random draws, and what computes from a draw (a stochastic-depth mask and the
-    ``Mul`` applying it), are not counted: both differ between modes by design.
+    ``Mul`` applying it), are not counted: both differ between modes by design. It also records
+    which parameters and buffers the forward reads (``state``), and its constants (``fixed``):
+    the tensors it reads that are none of those and that no call of this forward made (a cache
+    an earlier forward filled), and what it computes from them alone (one head's slice of that
+    cache): what an exporter writes, or folds, into constants.
     """
 
-    def __init__(self, data: Sequence[torch.Tensor]) -> None:
+    def __init__(self, data: Sequence[torch.Tensor], state: Mapping[int, set[str]]) -> None:
         super().__init__()
         self.calls: Counter = Counter()
+        self.state: set[str] = set()
+        self.fixed: dict[int, torch.Tensor] = {}
         self._data = {id(t): t for t in data}  # holding the tensors keeps their ids unique
+        self._inputs = dict(self._data)
+        self._state_ids = state
+        self._made: dict[int, torch.Tensor] = {}
         self._random: dict[int, torch.Tensor] = {}
 
     def _mark(self, marks: dict[int, torch.Tensor], value: Any) -> list[torch.Tensor]:
@@ -205,10 +266,20 @@ class _CallCounter(TorchFunctionMode):
         marks.update((id(t), t) for t in tensors)
         return tensors
 
+    def _note_reads(self, read: Sequence[torch.Tensor]) -> None:
+        for t in read:
+            if id(t) in self._state_ids:
+                self.state |= self._state_ids[id(t)]
+            elif id(t) not in self._made and id(t) not in self._inputs:
+                self.fixed[id(t)] = t
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self._note_reads(read)
+        out = func(*args, **kwargs)
+        if read and func not in DRAW_FUNCTIONS and all(id(t) in self.fixed for t in read):
+            self._mark(self.fixed, out)  # computed from constants alone: a constant
         random = any(id(t) in self._random for t in read)
         data = any(id(t) in self._data for t in read)
         if func in DRAW_FUNCTIONS or (random and not data):  # a mask: Tensor.bernoulli_ fills self
@@ -218,7 +289,89 @@ class _CallCounter(TorchFunctionMode):
             counted = not random and func not in DROPOUT_FUNCTIONS
             if self._mark(self._data, out) and counted:
                 self.calls[getattr(func, "__name__", repr(func))] += 1
+        self._mark(self._made, out)
         return out
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple | None:
+    """:func:`_content_key` of a tensor, None for a dtype numpy lacks (bfloat16) or no data (meta)."""
+    try:
+        return _content_key(tensor.detach().cpu().numpy())
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
+@dataclass(frozen=True)
+class EagerModes:
+    """What one train-mode and one eval-mode forward of the model compute and read.
+
+    Attributes:
+        calls: ``{mode: Counter}`` of the torch calls on data (``"train"``, ``"eval"``).
+        state: ``{mode: names}`` of the parameters and buffers the forward reads.
+        fixed: ``{mode: content keys}`` of its constants: the tensors it reads that are no input,
+            parameter or buffer and that it did not compute itself (a cache an earlier forward
+            filled), and what it computes from them alone.
+    """
+
+    calls: dict[str, Counter]
+    state: dict[str, frozenset[str]]
+    fixed: dict[str, frozenset[tuple]]
+
+    def call_difference(self) -> dict[str, tuple[int, int]]:
+        """``{function name: (train count, eval count)}`` for each count that differs."""
+        trains, evals = self.calls["train"], self.calls["eval"]
+        return {
+            name: (trains[name], evals[name])
+            for name in sorted(set(trains) | set(evals))
+            if trains[name] != evals[name]
+        }
+
+
+def eager_modes(
+    model: nn.Module, inputs: Sequence[torch.Tensor], device: str = "cpu"
+) -> EagerModes:
+    """Runs the model in eval then train mode, twice each, recording the second forward.
+
+    The first forward of each mode runs as export runs the twin before tracing it: a model that
+    caches a tensor derived from its weights in eval mode (timm EfficientFormerV2's and LeViT's
+    attention biases) reads the cache from then on, and so does the traced graph.
+
+    Args:
+        model: The model (not changed: a copy runs, eval mode first).
+        inputs: The example inputs.
+        device: Where the copy runs.
+
+    Returns:
+        The calls and reads of each mode.
+
+    Raises:
+        ValidationError: The model cannot be copied or rejects the inputs.
+    """
+    twin = reference_copy(model, train=False, device=device)
+    state: dict[int, set[str]] = {}
+    for name, t in [*twin.named_parameters(remove_duplicate=False),
+                    *twin.named_buffers(remove_duplicate=False)]:
+        state.setdefault(id(t), set()).add(name)
+    calls, reads, fixed = {}, {}, {}
+    with torch_numerics(device), torch.no_grad():
+        for mode in ("eval", "train"):
+            twin.train(mode == "train")
+            moved = [t.to(device) for t in inputs]
+            counter = _CallCounter(moved + list(twin.parameters()), state)
+            try:
+                twin(*moved)  # as export's run before the trace: caches fill
+                with counter:
+                    twin(*moved)
+            except Exception as e:
+                raise ValidationError(
+                    f"the model rejects the validation inputs ({type(e).__name__}: {e}); "
+                    "pass example inputs of the shapes and dtypes it expects"
+                ) from e
+            calls[mode], reads[mode] = counter.calls, frozenset(counter.state)
+            fixed[mode] = frozenset(
+                k for k in map(_tensor_key, counter.fixed.values()) if k is not None
+            )
+    return EagerModes(calls, reads, fixed)
 
 
 def eager_mode_difference(
@@ -227,7 +380,7 @@ def eager_mode_difference(
     """The torch calls on data whose counts differ between a train- and an eval-mode forward.
 
     Dropout, random draws and what computes from them are not counted; empty when the model's
-    own forward does the same computation in both modes.
+    own forward does the same computation in both modes (:func:`eager_modes`).
 
     Args:
         model: The model (not changed: a copy runs, eval mode first).
@@ -240,27 +393,7 @@ def eager_mode_difference(
     Raises:
         ValidationError: The model cannot be copied or rejects the inputs.
     """
-    twin, counts = reference_copy(model, train=False, device=device), []
-    with torch_numerics(device), torch.no_grad():
-        for train in (False, True):
-            twin.train(train)
-            moved = [t.to(device) for t in inputs]
-            counter = _CallCounter(moved + list(twin.parameters()))
-            try:
-                with counter:
-                    twin(*moved)
-            except Exception as e:
-                raise ValidationError(
-                    f"the model rejects the validation inputs ({type(e).__name__}: {e}); "
-                    "pass example inputs of the shapes and dtypes it expects"
-                ) from e
-            counts.append(counter.calls)
-    evals, trains = counts
-    return {
-        name: (trains[name], evals[name])
-        for name in sorted(set(trains) | set(evals))
-        if trains[name] != evals[name]
-    }
+    return eager_modes(model, inputs, device).call_difference()
 
 
 def check_operators(

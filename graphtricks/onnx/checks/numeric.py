@@ -203,7 +203,9 @@ def _reference(model: nn.Module, copy: nn.Module | None, train: bool, device: st
     """``copy`` switched to the mode, else a new reference copy of ``model``."""
     if copy is None:
         return reference_copy(model, train=train, device=device)
-    return copy.to(device).train(train)
+    copy = copy.to(device)
+    copy.train(train)  # not its result: an overriding train() may return None (timm's attention)
+    return copy
 
 
 def check_infer_vs_eager(

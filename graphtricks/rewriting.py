@@ -238,8 +238,8 @@ def _write_deferred(runs: list[PassRun]) -> None:
 def _interrupts_held():
     """Holds Ctrl-C (SIGINT) back while the block runs, then delivers it: writing a rewrite's
     values is not left half-done. Only the main thread receives signals; elsewhere it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler not installed from Python, which Python cannot put back)
         return
     caught: list[tuple] = []
     previous = signal.signal(signal.SIGINT, lambda *received: caught.append(received))

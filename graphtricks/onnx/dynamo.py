@@ -39,13 +39,7 @@ from graphtricks.onnx.torchscript import first_line, silenced_output, strip_fx_g
 from graphtricks.onnx.twin import make_twin, updated_names
 from graphtricks.onnx.weights import TRANSPOSED_SUFFIX, WeightTable, attach_state
 
-__all__ = [
-    "DYNAMO_MIN_OPSET",
-    "CaptureFailed",
-    "dynamic_shapes_for",
-    "export_copy",
-    "export_twin",
-]
+__all__ = ["DYNAMO_MIN_OPSET", "CaptureFailed", "dynamic_shapes_for", "export_copy", "export_twin"]
 
 DYNAMO_MIN_OPSET = 18  # the opset torch's torch.export-based exporter writes natively
 
@@ -160,23 +154,19 @@ def _translation_table(opset: int) -> Any:
     return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
 
 
-def _translation_call() -> Any:
-    """``torch.onnx.export`` of a program with the shared table, where torch's internal entry
-    point that takes one is there; otherwise the public call (which builds its own)."""
+def _exported(program: torch.export.ExportedProgram, inputs: tuple, opset: int, **names: Any) -> Any:
+    """``torch.onnx.export`` of a captured program, unoptimised, with the process's shared table
+    where torch's internal entry point that takes one is there (torch 2.14); otherwise the public
+    call, which builds its own."""
     try:
-        from torch.onnx._internal.exporter import _core, _registration
-    except ImportError:  # private modules (torch 2.14)
-        _core = _registration = None
-    if _core is None or not hasattr(_registration.ONNXRegistry, "from_torchlib"):
-        def public(program, inputs, opset, **names):
-            return torch.onnx.export(program, inputs, dynamo=True, optimize=False, verbose=False,
-                                     opset_version=opset, external_data=False, **names)
-        return public
+        from torch.onnx._internal.exporter import _core
 
-    def shared(program, inputs, opset, **names):
-        return _core.export(program, inputs, registry=_translation_table(opset), optimize=False,
-                            verbose=False, opset_version=opset, **names)
-    return shared
+        table = _translation_table(opset)
+    except (ImportError, AttributeError):
+        return torch.onnx.export(program, inputs, dynamo=True, optimize=False, verbose=False,
+                                 opset_version=opset, external_data=False, **names)
+    return _core.export(program, inputs, registry=table, optimize=False, verbose=False,
+                        opset_version=opset, **names)
 
 
 def _translate(program: torch.export.ExportedProgram, inputs: tuple, opset: int,
@@ -184,7 +174,7 @@ def _translate(program: torch.export.ExportedProgram, inputs: tuple, opset: int,
     """The ONNX IR model of a captured program, unoptimised."""
     try:
         with silenced_output():
-            onnx_program = _translation_call()(
+            onnx_program = _exported(
                 program, inputs, opset, input_names=list(in_names), output_names=list(out_names)
             )
     except Exception as e:  # noqa: BLE001 -- an op the translator lacks: fall back, with its reason

@@ -26,7 +26,8 @@ from torch import nn
 
 __all__ = ["ActivationThenDropout", "ActivationView", "CallerDropout", "caller_dropout_of", "child_slot"]
 
-# Containers an opaque module indexes but never calls: an activation held in one is its caller's too
+# The containers capture looks into for a module's children (fxgraph.kinds.CONTAINERS, which
+# this earlier stage cannot import): an activation held in one is its holder's child too
 CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 

@@ -32,9 +32,10 @@ from torch.utils._pytree import tree_flatten
 
 from graphtricks.capturing import RegionTree
 from graphtricks.capturing.probe import probe_forward
+from graphtricks.capturing.regions import expand_containers
 from graphtricks.fxgraph.activations import ACTIVATION_FUNCTIONS, module_activation_name
 from graphtricks.fxgraph.kinds import DROPOUT_FUNCTIONS, DROPOUT_MODULES, VIEW_METHODS
-from graphtricks.layers.caller_dropout import CONTAINERS, ActivationView, caller_dropout_of, child_slot
+from graphtricks.layers.caller_dropout import ActivationView, caller_dropout_of, child_slot
 
 __all__ = ["ActivationCall", "SiteProbe", "probe_sites", "opaque_activations"]
 
@@ -80,17 +81,13 @@ class SiteProbe:
 
 def opaque_activations(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(name, child, activation name)`` of each activation child of an opaque module, those its
-    ModuleLists and ModuleDicts hold included (``acts.1``: the module indexes them, never calls them)."""
+    ModuleLists and ModuleDicts hold included (``acts.1``), as capture sees its children."""
     out = []
-    todo = list(module.named_children())
-    while todo:
-        name, child = todo.pop(0)
-        if isinstance(child, CONTAINERS):
-            todo[:0] = [(f"{name}.{n}", c) for n, c in child.named_children()]
-            continue
-        act = module_activation_name(child)
-        if act is not None:
-            out.append((name, child, act))
+    for child_name, child in module.named_children():
+        for name, sub, _ in expand_containers(module, child_name, child):
+            act = module_activation_name(sub)
+            if act is not None:
+                out.append((name, sub, act))
     return out
 
 

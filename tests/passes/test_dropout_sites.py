@@ -396,3 +396,37 @@ def test_activations_an_opaque_module_holds_in_containers_get_dropout_at_the_cal
     assert torch.equal(loaded(X), want)
     written = export_pair(rewritten, (X[:4],), tmp_path)
     assert len(portable_dropouts(onnx.load(written.train_path))) == 3
+
+
+class CalledDict(nn.ModuleDict):
+    """A ModuleDict with a forward of its own (as torchvision's IntermediateLayerGetter). Capture
+    looks into it as into any ModuleDict (it is no region), so its activations are its holder's."""
+
+    def forward(self, x):
+        for module in self.values():
+            x = module(x)
+        return x
+
+
+class HoldsCalledDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = CalledDict({"lin": nn.Linear(8, 8), "act": nn.ReLU()})
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # opaque
+            x = x + 1
+        return self.head(self.body(x))
+
+
+def test_a_called_container_s_activation_gets_one_dropout_at_its_holder():
+    model = HoldsCalledDict().eval()
+    result = _rewrite(nn.Sequential(model))
+    assert [c.where for c in result.report.changes] == ["0.body.act"]
+    assert [r.path for r in result.tree.regions()] == ["", "0"]  # body is no region: no second dropout
+    rewritten = result.model.train()
+    ran = []
+    rewritten[0].body_act_dropout.register_forward_hook(lambda m, i, o: ran.append(m))
+    rewritten(X)
+    assert len(ran) == 1  # applied where body calls its ReLU, inside the holder's forward
